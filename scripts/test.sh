@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every test tier that needs no GPU: format, lints, unit/property/golden tests, and the
+# end-to-end tests on the local control plane. `.ci/run` calls this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy (warnings are errors)"
+cargo clippy --all-targets --locked -- -D warnings
+echo "==> cargo test"
+cargo test --locked --all-targets

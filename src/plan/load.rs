@@ -1,0 +1,91 @@
+//! Per-expert token counts over a window of batches, and the parsers for the formats we read.
+
+use serde::{Deserialize, Serialize};
+
+/// Token counts `W[b][l][e]`: tokens routed to expert `e` of MoE layer `l` in batch `b`.
+/// An aggregate-only input (no batch axis) is a window with one batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoadWindow {
+    /// Model layer index of each MoE layer in the window.
+    layer_ids: Vec<u32>,
+    experts: usize,
+    batches: usize,
+    /// Batch-major: `counts[(b * layers + l) * experts + e]`.
+    counts: Vec<f64>,
+}
+
+impl LoadWindow {
+    /// Build a window from batch-major counts. Every count must be finite and non-negative.
+    pub fn new(layer_ids: Vec<u32>, experts: usize, counts: Vec<f64>) -> Result<Self, String> {
+        let layers = layer_ids.len();
+        if layers == 0 || experts == 0 {
+            return Err("a load window needs at least one MoE layer and one expert".into());
+        }
+        let per_batch = layers * experts;
+        if counts.is_empty() || counts.len() % per_batch != 0 {
+            return Err(format!(
+                "{} counts do not fill whole batches of {layers} layers x {experts} experts",
+                counts.len()
+            ));
+        }
+        if let Some(i) = counts.iter().position(|c| !c.is_finite() || *c < 0.0) {
+            let (b, l, e) = (i / per_batch, (i % per_batch) / experts, i % experts);
+            return Err(format!(
+                "batch {b}, layer {}, expert {e}: count {} is not a finite non-negative number",
+                layer_ids[l], counts[i]
+            ));
+        }
+        Ok(Self {
+            batches: counts.len() / per_batch,
+            layer_ids,
+            experts,
+            counts,
+        })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.layer_ids.len()
+    }
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+    pub fn batches(&self) -> usize {
+        self.batches
+    }
+    pub fn layer_ids(&self) -> &[u32] {
+        &self.layer_ids
+    }
+
+    /// Counts of one batch and layer (by position in the window, not model layer id).
+    pub fn row(&self, batch: usize, layer: usize) -> &[f64] {
+        let start = (batch * self.layers() + layer) * self.experts;
+        &self.counts[start..start + self.experts]
+    }
+
+    /// Window totals per expert of one layer.
+    pub fn layer_totals(&self, layer: usize) -> Vec<f64> {
+        let mut out = vec![0.0; self.experts];
+        for b in 0..self.batches {
+            for (o, c) in out.iter_mut().zip(self.row(b, layer)) {
+                *o += c;
+            }
+        }
+        out
+    }
+
+    /// Total routed tokens in the window.
+    pub fn total_tokens(&self) -> f64 {
+        self.counts.iter().sum()
+    }
+
+    /// A window of the batches `range` of this one.
+    pub fn slice_batches(&self, range: std::ops::Range<usize>) -> Self {
+        let per_batch = self.layers() * self.experts;
+        Self {
+            layer_ids: self.layer_ids.clone(),
+            experts: self.experts,
+            batches: range.len(),
+            counts: self.counts[range.start * per_batch..range.end * per_batch].to_vec(),
+        }
+    }
+}
