@@ -4,3 +4,4 @@
 //! depend on it, never the other way round.
 
 pub mod plan;
+pub mod worker;
