@@ -3,5 +3,7 @@
 //! Module boundaries follow DESIGN.md: `plan` is pure planning with no I/O; the other modules
 //! depend on it, never the other way round.
 
+pub mod charts;
+pub mod cli;
 pub mod plan;
 pub mod worker;

@@ -1,1 +1,245 @@
-//! balance
+//! The objective: balancedness of GPU load, and the replay of a load window through a placement.
+//!
+//! For one layer and one batch, `bal = mean_g(load_g) / max_g(load_g)`, where `load_g` is the tokens
+//! GPU `g` computes for that layer; a batch with no tokens counts as perfectly balanced. The plan
+//! figure is the mean over batches, then over layers. vLLM's form is `Σ mean_g / Σ max_g` over all
+//! (layer, batch) pairs.
+
+use super::expert_plan::{ExpertPlan, LayerPlan};
+use super::load::LoadWindow;
+
+/// One layer's loads in the layout the replay wants: expert-major, `data[e * batches + b]`, f32 so
+/// that the inner loop (one AXPY per replica over the batches) vectorises.
+#[derive(Clone, Debug)]
+pub struct LayerMatrix {
+    pub experts: usize,
+    pub batches: usize,
+    pub data: Vec<f32>,
+    /// Window totals per expert.
+    pub totals: Vec<f64>,
+    /// Tokens per batch.
+    pub batch_totals: Vec<f32>,
+}
+
+impl LayerMatrix {
+    pub fn from_window(window: &LoadWindow, layer: usize) -> Self {
+        let (experts, batches) = (window.experts(), window.batches());
+        let mut data = vec![0f32; experts * batches];
+        let mut totals = vec![0f64; experts];
+        let mut batch_totals = vec![0f32; batches];
+        for b in 0..batches {
+            for (e, &c) in window.row(b, layer).iter().enumerate() {
+                data[e * batches + b] = c as f32;
+                totals[e] += c;
+                batch_totals[b] += c as f32;
+            }
+        }
+        Self {
+            experts,
+            batches,
+            data,
+            totals,
+            batch_totals,
+        }
+    }
+
+    pub fn expert(&self, e: usize) -> &[f32] {
+        &self.data[e * self.batches..(e + 1) * self.batches]
+    }
+}
+
+/// Balancedness of one layer over a window, both forms' ingredients.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LayerBalance {
+    /// Mean over batches of mean_g / max_g.
+    pub balancedness: f64,
+    /// Σ_b mean_g(b) and Σ_b max_g(b): the ingredients of vLLM's form.
+    pub sum_mean: f64,
+    pub sum_max: f64,
+}
+
+/// Reusable buffers for replays, so the benefit table allocates nothing per candidate.
+#[derive(Default)]
+pub struct ReplayScratch {
+    gpu_loads: Vec<f32>,
+}
+
+impl ReplayScratch {
+    /// Per-GPU loads of every batch, `[g * batches + b]`, for the replicas `(gpu, expert, share)`.
+    pub fn gpu_loads<'a>(
+        &'a mut self,
+        m: &LayerMatrix,
+        gpus: usize,
+        replicas: impl Iterator<Item = (usize, usize, f32)>,
+    ) -> &'a [f32] {
+        let bsz = m.batches;
+        self.gpu_loads.clear();
+        self.gpu_loads.resize(gpus * bsz, 0.0);
+        for (g, e, share) in replicas {
+            let dst = &mut self.gpu_loads[g * bsz..(g + 1) * bsz];
+            for (d, s) in dst.iter_mut().zip(m.expert(e)) {
+                *d += share * s;
+            }
+        }
+        &self.gpu_loads
+    }
+
+    /// Replay the window through the replicas and measure the layer's balancedness.
+    pub fn replay(
+        &mut self,
+        m: &LayerMatrix,
+        gpus: usize,
+        replicas: impl Iterator<Item = (usize, usize, f32)>,
+    ) -> LayerBalance {
+        let loads = self.gpu_loads(m, gpus, replicas);
+        balance_of(loads, gpus, m.batches, &m.batch_totals)
+    }
+}
+
+/// Balancedness from per-GPU loads `[g * batches + b]`.
+pub fn balance_of(
+    loads: &[f32],
+    gpus: usize,
+    batches: usize,
+    batch_totals: &[f32],
+) -> LayerBalance {
+    let mut max = vec![0f32; batches];
+    for g in 0..gpus {
+        for (m, &x) in max.iter_mut().zip(&loads[g * batches..(g + 1) * batches]) {
+            *m = m.max(x);
+        }
+    }
+    let mut out = LayerBalance::default();
+    for (b, &mx) in max.iter().enumerate() {
+        let mean = batch_totals[b] as f64 / gpus as f64;
+        out.sum_mean += mean;
+        out.sum_max += mx as f64;
+        out.balancedness += if mx > 0.0 {
+            (mean / mx as f64).min(1.0)
+        } else {
+            1.0
+        };
+    }
+    out.balancedness /= batches.max(1) as f64;
+    out
+}
+
+/// The replicas of a layer plan as `(gpu, expert, share)`.
+pub fn plan_replicas(lp: &LayerPlan) -> impl Iterator<Item = (usize, usize, f32)> + '_ {
+    lp.slots
+        .iter()
+        .zip(&lp.shares)
+        .enumerate()
+        .flat_map(|(g, (slots, shares))| {
+            slots
+                .iter()
+                .zip(shares)
+                .map(move |(&e, &s)| (g, e as usize, s as f32))
+        })
+}
+
+/// How a plan does on a window: per layer and overall.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Evaluation {
+    pub layers: Vec<LayerEvaluation>,
+    /// Mean over layers of the per-layer balancedness.
+    pub balancedness: f64,
+    /// vLLM's form: Σ mean_g / Σ max_g over layers and batches.
+    pub balancedness_vllm: f64,
+    /// Mean over layers and batches of max_g / mean_g (the slowdown the hottest GPU causes).
+    pub max_over_mean: f64,
+    pub replica_bytes_per_gpu: u64,
+    pub batches: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerEvaluation {
+    pub layer: u32,
+    pub balancedness: f64,
+    pub balancedness_vllm: f64,
+    pub max_over_mean: f64,
+    /// Extra replicas in this layer (physical experts minus logical experts).
+    pub extra_replicas: usize,
+}
+
+/// Replay `window` through `plan`. The window's layers are matched to the plan's by model layer
+/// index, so a plan can be judged on a load it was not made from.
+pub fn evaluate(plan: &ExpertPlan, window: &LoadWindow) -> Result<Evaluation, String> {
+    if window.experts() != plan.model.experts as usize {
+        return Err(format!(
+            "the load has {} experts per layer but the plan's model has {}",
+            window.experts(),
+            plan.model.experts
+        ));
+    }
+    let d = plan.gpus as usize;
+    let mut scratch = ReplayScratch::default();
+    let mut layers = Vec::new();
+    let (mut sum_mean, mut sum_max) = (0.0, 0.0);
+    for (wl, &id) in window.layer_ids().iter().enumerate() {
+        let lp = plan.layers.iter().find(|lp| lp.layer == id).ok_or_else(|| {
+            let have: Vec<u32> = plan.layers.iter().map(|l| l.layer).collect();
+            format!("the load has layer {id} but the plan has no such MoE layer (plan layers: {have:?})")
+        })?;
+        let m = LayerMatrix::from_window(window, wl);
+        let loads = scratch.gpu_loads(&m, d, plan_replicas(lp));
+        let lb = balance_of(loads, d, m.batches, &m.batch_totals);
+        let mut mom = 0.0;
+        for b in 0..m.batches {
+            let mean = m.batch_totals[b] as f64 / d as f64;
+            let mx = (0..d)
+                .map(|g| loads[g * m.batches + b])
+                .fold(0f32, f32::max) as f64;
+            mom += if mean > 0.0 { mx / mean } else { 1.0 };
+        }
+        sum_mean += lb.sum_mean;
+        sum_max += lb.sum_max;
+        layers.push(LayerEvaluation {
+            layer: id,
+            balancedness: lb.balancedness,
+            balancedness_vllm: ratio(lb.sum_mean, lb.sum_max),
+            max_over_mean: mom / m.batches.max(1) as f64,
+            extra_replicas: lp.physical_experts().saturating_sub(window.experts()),
+        });
+    }
+    let n = layers.len().max(1) as f64;
+    Ok(Evaluation {
+        balancedness: layers.iter().map(|l| l.balancedness).sum::<f64>() / n,
+        max_over_mean: layers.iter().map(|l| l.max_over_mean).sum::<f64>() / n,
+        balancedness_vllm: ratio(sum_mean, sum_max),
+        replica_bytes_per_gpu: plan.replica_bytes_per_gpu,
+        batches: window.batches(),
+        layers,
+    })
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        (a / b).min(1.0)
+    } else {
+        1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perfectly_even_load_is_one_and_skew_is_less() {
+        let w = LoadWindow::new(
+            vec![0],
+            4,
+            vec![10.0, 10.0, 10.0, 10.0, 40.0, 0.0, 0.0, 0.0],
+        )
+        .unwrap();
+        let m = LayerMatrix::from_window(&w, 0);
+        let mut s = ReplayScratch::default();
+        let lb = s.replay(&m, 4, (0..4).map(|e| (e, e, 1.0)));
+        // Batch 0 is even (1.0); batch 1 puts everything on GPU 0 (mean 10 / max 40).
+        assert!((lb.balancedness - (1.0 + 0.25) / 2.0).abs() < 1e-9);
+        assert!((lb.sum_mean - 20.0).abs() < 1e-9 && (lb.sum_max - 50.0).abs() < 1e-9);
+    }
+}

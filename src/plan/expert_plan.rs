@@ -197,26 +197,40 @@ impl ExpertPlan {
         let d = self.gpus as usize;
         let e = self.model.experts as usize;
         if d == 0 || self.nodes == 0 || d % self.nodes as usize != 0 {
-            return Err(format!("gpus ({d}) must be a positive multiple of nodes ({})", self.nodes));
+            return Err(format!(
+                "gpus ({d}) must be a positive multiple of nodes ({})",
+                self.nodes
+            ));
         }
         for lp in &self.layers {
             let l = lp.layer;
             if lp.slots.len() != d || lp.shares.len() != d {
-                return Err(format!("layer {l}: expected {d} GPUs, found {}", lp.slots.len()));
+                return Err(format!(
+                    "layer {l}: expected {d} GPUs, found {}",
+                    lp.slots.len()
+                ));
             }
             let mut share_sum = vec![0.0f64; e];
             let mut count = vec![0usize; e];
             for (g, (slots, shares)) in lp.slots.iter().zip(&lp.shares).enumerate() {
                 if slots.len() != shares.len() {
-                    return Err(format!("layer {l} gpu {g}: {} slots but {} shares", slots.len(), shares.len()));
+                    return Err(format!(
+                        "layer {l} gpu {g}: {} slots but {} shares",
+                        slots.len(),
+                        shares.len()
+                    ));
                 }
                 for (&x, &s) in slots.iter().zip(shares) {
                     let x = x as usize;
                     if x >= e {
-                        return Err(format!("layer {l} gpu {g}: expert {x} out of range (experts = {e})"));
+                        return Err(format!(
+                            "layer {l} gpu {g}: expert {x} out of range (experts = {e})"
+                        ));
                     }
                     if !(0.0..=1.0).contains(&s) {
-                        return Err(format!("layer {l} gpu {g}: share {s} of expert {x} outside [0, 1]"));
+                        return Err(format!(
+                            "layer {l} gpu {g}: share {s} of expert {x} outside [0, 1]"
+                        ));
                     }
                     share_sum[x] += s;
                     count[x] += 1;
@@ -227,7 +241,10 @@ impl ExpertPlan {
                     return Err(format!("layer {l}: expert {x} has no replica"));
                 }
                 if (share_sum[x] - 1.0).abs() > 1e-4 {
-                    return Err(format!("layer {l}: shares of expert {x} sum to {} instead of 1", share_sum[x]));
+                    return Err(format!(
+                        "layer {l}: shares of expert {x} sum to {} instead of 1",
+                        share_sum[x]
+                    ));
                 }
             }
         }
@@ -283,7 +300,8 @@ mod tests {
     #[test]
     fn hash_is_stable_through_json() {
         let p = tiny().seal();
-        let back: ExpertPlan = serde_json::from_str(&serde_json::to_string_pretty(&p).unwrap()).unwrap();
+        let back: ExpertPlan =
+            serde_json::from_str(&serde_json::to_string_pretty(&p).unwrap()).unwrap();
         assert_eq!(back.compute_hash(), p.hash);
         assert_eq!(p.hash.len(), 64);
         p.check().unwrap();

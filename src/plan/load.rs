@@ -89,3 +89,27 @@ impl LoadWindow {
         }
     }
 }
+
+impl LoadWindow {
+    /// The same window over the model layers `ids` (ascending): layers the window lacks get zero
+    /// counts, layers it has keep theirs. Errors if the window has a layer outside `ids`.
+    pub fn with_layers(&self, ids: &[u32]) -> Result<Self, String> {
+        if let Some(id) = self.layer_ids.iter().find(|id| !ids.contains(id)) {
+            return Err(format!(
+                "the load has layer {id}, which is not a MoE layer of the model (MoE layers {}..={})",
+                ids.first().copied().unwrap_or(0),
+                ids.last().copied().unwrap_or(0)
+            ));
+        }
+        let e = self.experts;
+        let mut counts = vec![0.0; self.batches * ids.len() * e];
+        for b in 0..self.batches {
+            for (l, id) in self.layer_ids.iter().enumerate() {
+                let to = ids.iter().position(|x| x == id).expect("checked above");
+                let dst = (b * ids.len() + to) * e;
+                counts[dst..dst + e].copy_from_slice(self.row(b, l));
+            }
+        }
+        Self::new(ids.to_vec(), e, counts)
+    }
+}

@@ -12,8 +12,11 @@ pub mod craft;
 pub mod eplb;
 pub mod expert_plan;
 pub mod load;
+pub mod load_formats;
 pub mod model;
+pub mod planner;
+pub mod reference;
 
 pub use expert_plan::{Algorithm, ExpertPlan, LayerPlan};
 pub use load::LoadWindow;
-pub use model::{Dtype, ModelShape, Topology};
+pub use model::{parse_byte_size, Dtype, ModelShape, Topology};

@@ -112,7 +112,129 @@ mod tests {
     #[test]
     fn topology_rejects_uneven_nodes() {
         assert!(Topology::new(64, 8).is_ok());
-        assert!(Topology::new(10, 4).unwrap_err().contains("multiple of nodes"));
+        assert!(Topology::new(10, 4)
+            .unwrap_err()
+            .contains("multiple of nodes"));
         assert_eq!(Topology::new(64, 8).unwrap().node_of(17), 2);
+    }
+}
+
+/// Parse a byte size: a plain number of bytes, or a number with a unit. Binary units (`Ki`, `Mi`,
+/// `Gi`, `Ti`, with or without a trailing `B`) are powers of 1024, as in Kubernetes quantities;
+/// decimal units (`k`/`K`, `M`, `G`, `T`, optionally with `B`) are powers of 1000.
+pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a size: expected a number with an optional unit, e.g. 2GiB or 512Mi")
+    })?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "k" | "K" | "kB" | "KB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "T" | "TB" => 1_000_000_000_000,
+        "Ki" | "KiB" => 1 << 10,
+        "Mi" | "MiB" => 1 << 20,
+        "Gi" | "GiB" => 1 << 30,
+        "Ti" | "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?}; use B, KiB, MiB, GiB, TiB or K, M, G, T"
+            ))
+        }
+    };
+    let bytes = value * mult as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::parse_byte_size;
+
+    #[test]
+    fn sizes_in_both_unit_systems() {
+        assert_eq!(parse_byte_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_byte_size("2Gi").unwrap(), 2 << 30);
+        assert_eq!(parse_byte_size("1.5G").unwrap(), 1_500_000_000);
+        assert_eq!(parse_byte_size("4096").unwrap(), 4096);
+        assert!(parse_byte_size("2 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_byte_size("GiB").is_err());
+    }
+}
+
+/// The shape of a MoE model from a HuggingFace `config.json` (Mixtral, Qwen2/3-MoE, OLMoE,
+/// DeepSeek-V2/V3 field names).
+pub fn from_hf_config(v: &serde_json::Value) -> Result<ModelShape, String> {
+    let int = |keys: &[&str]| -> Option<u64> {
+        keys.iter().find_map(|k| v.get(*k).and_then(|x| x.as_u64()))
+    };
+    let need = |keys: &[&str]| -> Result<u64, String> {
+        int(keys).ok_or_else(|| format!("config.json has none of {keys:?} (a positive integer)"))
+    };
+    let layers = need(&["num_hidden_layers"])?;
+    let experts = need(&["num_local_experts", "num_experts", "n_routed_experts"])?;
+    let top_k = need(&["num_experts_per_tok"])?;
+    let hidden_size = need(&["hidden_size"])?;
+    let expert_intermediate_size = need(&["moe_intermediate_size", "intermediate_size"])?;
+    let first_moe_layer = int(&["first_k_dense_replace"]).unwrap_or(0);
+    let fp8 = v
+        .pointer("/quantization_config/quant_method")
+        .and_then(|x| x.as_str())
+        .is_some_and(|m| m.eq_ignore_ascii_case("fp8"));
+    let small = |x: u64, what: &str| {
+        u32::try_from(x).map_err(|_| format!("config.json: {what} {x} is too large"))
+    };
+    let shape = ModelShape {
+        layers: small(layers, "num_hidden_layers")?,
+        first_moe_layer: small(first_moe_layer, "first_k_dense_replace")?,
+        experts: small(experts, "number of experts")?,
+        top_k: small(top_k, "num_experts_per_tok")?,
+        hidden_size,
+        expert_intermediate_size,
+        dtype: if fp8 { Dtype::Fp8 } else { Dtype::Bf16 },
+    };
+    if shape.first_moe_layer >= shape.layers || shape.top_k == 0 || shape.top_k > shape.experts {
+        return Err(format!(
+            "config.json: inconsistent shape (layers {}, first MoE layer {}, experts {}, top-k {})",
+            shape.layers, shape.first_moe_layer, shape.experts, shape.top_k
+        ));
+    }
+    Ok(shape)
+}
+
+#[cfg(test)]
+mod hf_tests {
+    use super::*;
+
+    #[test]
+    fn deepseek_v3_config() {
+        let v = serde_json::json!({
+            "num_hidden_layers": 61, "n_routed_experts": 256, "num_experts_per_tok": 8,
+            "hidden_size": 7168, "moe_intermediate_size": 2048, "intermediate_size": 18432,
+            "first_k_dense_replace": 3, "quantization_config": {"quant_method": "fp8"}
+        });
+        let m = from_hf_config(&v).unwrap();
+        assert_eq!(
+            (
+                m.layers,
+                m.first_moe_layer,
+                m.experts,
+                m.expert_intermediate_size
+            ),
+            (61, 3, 256, 2048)
+        );
+        assert_eq!(m.dtype, Dtype::Fp8);
+        assert!(from_hf_config(&serde_json::json!({"num_hidden_layers": 2}))
+            .unwrap_err()
+            .contains("num_local_experts"));
     }
 }

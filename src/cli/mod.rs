@@ -1,0 +1,36 @@
+//! `moectl`: plan offline, evaluate and compare plans, drive workers, inspect deployments.
+
+mod plan_cmd;
+
+use clap::{Parser, Subcommand};
+
+pub use plan_cmd::{CompareArgs, EvaluateArgs, PlanArgs};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "moectl",
+    version,
+    about = "Plan, evaluate and drive Mixture-of-Experts expert placement"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Compute an expert replication plan from a load file.
+    Plan(PlanArgs),
+    /// Replay a load file through a plan and report balancedness.
+    Evaluate(EvaluateArgs),
+    /// Compare algorithms across replica budgets (table and chart).
+    Compare(CompareArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Plan(a) => plan_cmd::plan(a),
+        Command::Evaluate(a) => plan_cmd::evaluate(a),
+        Command::Compare(a) => plan_cmd::compare(a),
+    }
+}

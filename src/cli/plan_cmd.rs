@@ -1,0 +1,531 @@
+//! `moectl plan`, `evaluate` and `compare`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::charts::{self, Heatmap, Series};
+use crate::plan::balance::{evaluate as replay, Evaluation, LayerMatrix, ReplayScratch};
+use crate::plan::craft::CraftOptions;
+use crate::plan::load_formats::read_load_file;
+use crate::plan::planner::{make_plan, Budget, PlanRequest, DEFAULT_AUTO_MIN_GAIN};
+use crate::plan::{
+    parse_byte_size, Algorithm, Dtype, ExpertPlan, LoadWindow, ModelShape, Topology,
+};
+
+/// Model shape: from a config file, else from flags, else what the load file implies.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ModelArgs {
+    /// A HuggingFace config.json, or a ModelShape JSON (camelCase fields of the plan's `model`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Total decoder layers (default: one past the highest layer in the load).
+    #[arg(long)]
+    pub layers: Option<u32>,
+    /// First MoE layer (default: the lowest layer in the load).
+    #[arg(long)]
+    pub first_moe_layer: Option<u32>,
+    #[arg(long)]
+    pub top_k: Option<u32>,
+    #[arg(long)]
+    pub hidden_size: Option<u64>,
+    #[arg(long)]
+    pub intermediate_size: Option<u64>,
+    /// bf16 or fp8.
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn resolve(&self, window: &LoadWindow) -> anyhow::Result<ModelShape> {
+        let mut m = match &self.model {
+            Some(path) => read_model_file(path)?,
+            None => {
+                let ids = window.layer_ids();
+                ModelShape {
+                    layers: ids.iter().max().map_or(1, |x| x + 1),
+                    first_moe_layer: ids.iter().min().copied().unwrap_or(0),
+                    experts: window.experts() as u32,
+                    top_k: 8.min(window.experts() as u32),
+                    hidden_size: 0,
+                    expert_intermediate_size: 0,
+                    dtype: Dtype::Bf16,
+                }
+            }
+        };
+        if let Some(x) = self.layers {
+            m.layers = x;
+        }
+        if let Some(x) = self.first_moe_layer {
+            m.first_moe_layer = x;
+        }
+        if let Some(x) = self.top_k {
+            m.top_k = x;
+        }
+        if let Some(x) = self.hidden_size {
+            m.hidden_size = x;
+        }
+        if let Some(x) = self.intermediate_size {
+            m.expert_intermediate_size = x;
+        }
+        if let Some(d) = &self.dtype {
+            m.dtype = match d.to_ascii_lowercase().as_str() {
+                "bf16" | "bfloat16" => Dtype::Bf16,
+                "fp8" | "fp8_e4m3" | "float8_e4m3fn" => Dtype::Fp8,
+                other => bail!("--dtype {other:?}: expected bf16 or fp8"),
+            };
+        }
+        Ok(m)
+    }
+}
+
+/// A model shape file: our own `ModelShape` JSON, or a HuggingFace `config.json`.
+pub fn read_model_file(path: &Path) -> anyhow::Result<ModelShape> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    if v.get("expertIntermediateSize").is_some() {
+        return serde_json::from_value(v)
+            .with_context(|| format!("{}: not a model shape", path.display()));
+    }
+    crate::plan::model::from_hf_config(&v).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BudgetArgs {
+    /// Extra expert slots per GPU, summed over layers (R).
+    #[arg(long, group = "budget_form")]
+    pub replicas_per_gpu: Option<u32>,
+    /// Replica memory per GPU, e.g. 2GiB or 512Mi.
+    #[arg(long, group = "budget_form")]
+    pub memory_per_gpu: Option<String>,
+    /// `auto`: the knee of balancedness against replica memory.
+    #[arg(long, group = "budget_form")]
+    pub budget: Option<String>,
+}
+
+impl BudgetArgs {
+    fn resolve(&self) -> anyhow::Result<Budget> {
+        if let Some(r) = self.replicas_per_gpu {
+            return Ok(Budget::ReplicasPerGpu(r));
+        }
+        if let Some(m) = &self.memory_per_gpu {
+            return Ok(Budget::MemoryPerGpu(
+                parse_byte_size(m).map_err(|e| anyhow::anyhow!("--memory-per-gpu: {e}"))?,
+            ));
+        }
+        match self.budget.as_deref() {
+            None => Ok(Budget::ReplicasPerGpu(0)),
+            Some("auto") => Ok(Budget::Auto {
+                min_gain_per_replica: DEFAULT_AUTO_MIN_GAIN,
+            }),
+            Some(other) => bail!("--budget {other:?}: the only named budget is `auto`"),
+        }
+    }
+}
+
+/// Planner variants, for measuring each improvement on its own.
+#[derive(Args, Debug, Clone, Default)]
+pub struct VariantArgs {
+    /// Split an expert's tokens evenly over its replicas (the paper) instead of balancing GPUs.
+    #[arg(long)]
+    pub even_shares: bool,
+    /// Skip the local search on the final placement.
+    #[arg(long)]
+    pub no_local_search: bool,
+    /// Expert groups for EPLB's hierarchical policy (default: 1, the global policy).
+    #[arg(long)]
+    pub eplb_groups: Option<usize>,
+}
+
+impl VariantArgs {
+    fn options(&self) -> CraftOptions {
+        CraftOptions {
+            balanced_shares: !self.even_shares,
+            local_search: !self.no_local_search,
+            ..CraftOptions::default()
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// Load file: SGLang expert distribution, OLMoE/Mixtral routing counts, or a moe-load-trace.
+    #[arg(long)]
+    pub load: PathBuf,
+    #[arg(long)]
+    pub gpus: usize,
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    #[arg(long, default_value = "craft")]
+    pub algo: Algorithm,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub variant: VariantArgs,
+    /// The plan in force: replicas that stay on a GPU keep their slot.
+    #[arg(long)]
+    pub previous: Option<PathBuf>,
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Also draw per-layer x per-GPU load before (no replication) and after this plan.
+    #[arg(long)]
+    pub heatmap: Option<PathBuf>,
+}
+
+fn load(path: &Path) -> anyhow::Result<LoadWindow> {
+    read_load_file(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+pub fn read_plan(path: &Path) -> anyhow::Result<ExpertPlan> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let plan: ExpertPlan = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a plan document", path.display()))?;
+    plan.check()
+        .map_err(|e| anyhow::anyhow!("{}: invalid plan: {e}", path.display()))?;
+    Ok(plan)
+}
+
+pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
+    let window = load(&a.load)?;
+    let model = a.model.resolve(&window)?;
+    let topology =
+        Topology::new(a.gpus, a.nodes).map_err(|e| anyhow::anyhow!("--gpus/--nodes: {e}"))?;
+    let previous = a.previous.as_deref().map(read_plan).transpose()?;
+    let req = PlanRequest {
+        algorithm: a.algo,
+        model,
+        topology,
+        budget: a.budget.resolve()?,
+        eplb_groups: a.variant.eplb_groups,
+        craft: a.variant.options(),
+    };
+    let t = Instant::now();
+    let plan = make_plan(&req, &window, previous.as_ref())?;
+    let took = t.elapsed();
+    let json = serde_json::to_string_pretty(&plan)?;
+    std::fs::write(&a.out, json + "\n").with_context(|| format!("writing {}", a.out.display()))?;
+    let stats = plan.stats.as_ref().expect("plans carry stats");
+    println!(
+        "{} plan {} written to {}: R = {} ({} per GPU), balancedness {:.4} (vLLM form {:.4}), planned in {:.1} ms",
+        plan.algorithm,
+        plan.short_hash(),
+        a.out.display(),
+        plan.replicas_per_gpu,
+        human_bytes(plan.replica_bytes_per_gpu),
+        stats.balancedness,
+        stats.balancedness_vllm,
+        took.as_secs_f64() * 1e3
+    );
+    if let Some(t) = &plan.transition {
+        let experts: u64 = t.per_gpu.iter().map(|g| g.experts_to_load).sum();
+        let worst = t.per_gpu.iter().map(|g| g.bytes_to_load).max().unwrap_or(0);
+        println!(
+            "from {}: {experts} experts to load in all, at most {} on one GPU",
+            &t.previous_hash[..t.previous_hash.len().min(12)],
+            human_bytes(worst)
+        );
+    }
+    if let Some(path) = &a.heatmap {
+        let mut none_req = req.clone();
+        none_req.algorithm = Algorithm::None;
+        none_req.budget = Budget::ReplicasPerGpu(0);
+        let before = make_plan(&none_req, &window, None)?;
+        let svg = charts::heatmaps_svg(&[
+            heatmap_panel("before: contiguous, no replicas", &before, &window),
+            heatmap_panel(
+                &format!("after: {} R={}", plan.algorithm, plan.replicas_per_gpu),
+                &plan,
+                &window,
+            ),
+        ])
+        .map_err(anyhow::Error::msg)?;
+        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+        println!("heatmap written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Per-layer x per-GPU window load under a plan, relative to each layer's mean.
+pub fn heatmap_panel(title: &str, plan: &ExpertPlan, window: &LoadWindow) -> Heatmap {
+    let d = plan.gpus as usize;
+    let mut rows = Vec::new();
+    let mut labels = Vec::new();
+    let mut scratch = ReplayScratch::default();
+    for (wl, &id) in window.layer_ids().iter().enumerate() {
+        let Some(lp) = plan.layers.iter().find(|l| l.layer == id) else {
+            continue;
+        };
+        let m = LayerMatrix::from_window(window, wl);
+        let loads = scratch.gpu_loads(&m, d, crate::plan::balance::plan_replicas(lp));
+        let per_gpu: Vec<f64> = (0..d)
+            .map(|g| {
+                loads[g * m.batches..(g + 1) * m.batches]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .sum()
+            })
+            .collect();
+        let mean = per_gpu.iter().sum::<f64>() / d as f64;
+        rows.push(
+            per_gpu
+                .iter()
+                .map(|x| if mean > 0.0 { x / mean } else { 1.0 })
+                .collect(),
+        );
+        labels.push(id.to_string());
+    }
+    Heatmap {
+        title: title.to_string(),
+        row_labels: labels,
+        values: rows,
+    }
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.2} {}", UNITS[u])
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct EvaluateArgs {
+    #[arg(long)]
+    pub plan: PathBuf,
+    /// Load to replay; may differ from the one the plan was made from (how stale plans are judged).
+    #[arg(long)]
+    pub load: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn evaluate(a: EvaluateArgs) -> anyhow::Result<()> {
+    let plan = read_plan(&a.plan)?;
+    let window = load(&a.load)?;
+    let ev = replay(&plan, &window).map_err(|e| anyhow::anyhow!("{}: {e}", a.load.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&ev)?);
+        return Ok(());
+    }
+    print_evaluation(&plan, &ev);
+    Ok(())
+}
+
+fn print_evaluation(plan: &ExpertPlan, ev: &Evaluation) {
+    println!(
+        "plan {} ({}, R = {}, {} replica memory per GPU) on {} batches",
+        plan.short_hash(),
+        plan.algorithm,
+        plan.replicas_per_gpu,
+        human_bytes(plan.replica_bytes_per_gpu),
+        ev.batches
+    );
+    println!(
+        "{:>6} {:>14} {:>10} {:>9} {:>8}",
+        "layer", "balancedness", "vLLM form", "max/mean", "extra"
+    );
+    for l in &ev.layers {
+        println!(
+            "{:>6} {:>14.4} {:>10.4} {:>9.3} {:>8}",
+            l.layer, l.balancedness, l.balancedness_vllm, l.max_over_mean, l.extra_replicas
+        );
+    }
+    println!(
+        "{:>6} {:>14.4} {:>10.4} {:>9.3}",
+        "all", ev.balancedness, ev.balancedness_vllm, ev.max_over_mean
+    );
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    #[arg(long)]
+    pub load: PathBuf,
+    #[arg(long)]
+    pub gpus: usize,
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// Replica budgets R (extra slots per GPU) to try for CRAFT.
+    #[arg(long, value_delimiter = ',', default_value = "0,2,4,8,16,32")]
+    pub budgets: Vec<u32>,
+    /// Algorithms to compare.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "none,placement,eplb,craft-reference,craft"
+    )]
+    pub algos: Vec<Algorithm>,
+    /// Fraction of batches held out for evaluation (plans never see them); 0 evaluates in-sample.
+    #[arg(long, default_value_t = 0.5)]
+    pub holdout: f64,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub variant: VariantArgs,
+    /// Write the chart of balancedness against replica memory per GPU.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Print JSON rows instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One cell of the comparison.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompareRow {
+    pub algorithm: String,
+    pub replicas_per_gpu: u32,
+    pub replica_bytes_per_gpu: u64,
+    pub balancedness: f64,
+    pub balancedness_vllm: f64,
+    pub plan_ms: f64,
+}
+
+/// Split a window into the batches plans see and those they are judged on.
+pub fn split_holdout(window: &LoadWindow, holdout: f64) -> (LoadWindow, LoadWindow) {
+    let b = window.batches();
+    if b < 2 || holdout <= 0.0 {
+        return (window.clone(), window.clone());
+    }
+    let test = ((b as f64 * holdout).round() as usize).clamp(1, b - 1);
+    (
+        window.slice_batches(0..b - test),
+        window.slice_batches(b - test..b),
+    )
+}
+
+pub fn compare_rows(
+    window: &LoadWindow,
+    model: &ModelShape,
+    topology: Topology,
+    budgets: &[u32],
+    algos: &[Algorithm],
+    holdout: f64,
+    variant: &VariantArgs,
+) -> anyhow::Result<Vec<CompareRow>> {
+    let (train, test) = split_holdout(window, holdout);
+    let moe_layers = model.moe_layers();
+    let mut rows = Vec::new();
+    for &algo in algos {
+        let rs: Vec<u32> = match algo {
+            Algorithm::None | Algorithm::Placement => vec![0],
+            // EPLB replicates uniformly: one and two redundant experts per GPU in every layer.
+            Algorithm::Eplb => vec![moe_layers, 2 * moe_layers],
+            Algorithm::Craft | Algorithm::CraftReference => budgets.to_vec(),
+        };
+        for r in rs {
+            let req = PlanRequest {
+                algorithm: algo,
+                model: model.clone(),
+                topology,
+                budget: Budget::ReplicasPerGpu(r),
+                eplb_groups: variant.eplb_groups,
+                craft: variant.options(),
+            };
+            let t = Instant::now();
+            let plan =
+                make_plan(&req, &train, None).with_context(|| format!("{algo} at R = {r}"))?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let ev = replay(&plan, &test).map_err(anyhow::Error::msg)?;
+            rows.push(CompareRow {
+                algorithm: algo.to_string(),
+                replicas_per_gpu: plan.replicas_per_gpu,
+                replica_bytes_per_gpu: plan.replica_bytes_per_gpu,
+                balancedness: ev.balancedness,
+                balancedness_vllm: ev.balancedness_vllm,
+                plan_ms: ms,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+pub fn compare(a: CompareArgs) -> anyhow::Result<()> {
+    let window = load(&a.load)?;
+    let model = a.model.resolve(&window)?;
+    let topology =
+        Topology::new(a.gpus, a.nodes).map_err(|e| anyhow::anyhow!("--gpus/--nodes: {e}"))?;
+    let rows = compare_rows(
+        &window, &model, topology, &a.budgets, &a.algos, a.holdout, &a.variant,
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        let (train, test) = split_holdout(&window, a.holdout);
+        println!(
+            "{} batches: plans made on {}, judged on {}{}",
+            window.batches(),
+            train.batches(),
+            test.batches(),
+            if window.batches() < 2 {
+                " (in-sample: the load has one batch)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "{:<16} {:>4} {:>14} {:>13} {:>10} {:>10}",
+            "algorithm", "R", "replica mem", "balancedness", "vLLM form", "plan ms"
+        );
+        for r in &rows {
+            println!(
+                "{:<16} {:>4} {:>14} {:>13.4} {:>10.4} {:>10.1}",
+                r.algorithm,
+                r.replicas_per_gpu,
+                human_bytes(r.replica_bytes_per_gpu),
+                r.balancedness,
+                r.balancedness_vllm,
+                r.plan_ms
+            );
+        }
+    }
+    if let Some(path) = &a.plot {
+        let use_bytes = model.bytes_per_expert() > 0;
+        let mut series: Vec<Series> = Vec::new();
+        for r in &rows {
+            let x = if use_bytes {
+                r.replica_bytes_per_gpu as f64 / (1u64 << 30) as f64
+            } else {
+                r.replicas_per_gpu as f64
+            };
+            match series.iter_mut().find(|s| s.name == r.algorithm) {
+                Some(s) => s.points.push((x, r.balancedness)),
+                None => series.push(Series {
+                    name: r.algorithm.clone(),
+                    points: vec![(x, r.balancedness)],
+                }),
+            }
+        }
+        let x_label = if use_bytes {
+            "replica memory per GPU (GiB)"
+        } else {
+            "replica slots per GPU (R)"
+        };
+        let svg = charts::line_chart_svg(
+            "balancedness against replica memory",
+            x_label,
+            "balancedness",
+            &series,
+        )
+        .map_err(anyhow::Error::msg)?;
+        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+        println!("chart written to {}", path.display());
+    }
+    Ok(())
+}
