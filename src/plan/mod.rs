@@ -12,6 +12,7 @@ pub mod craft;
 pub mod eplb;
 pub mod expert_plan;
 pub mod load;
+pub mod load_formats;
 pub mod model;
 
 pub use expert_plan::{Algorithm, ExpertPlan, LayerPlan};
