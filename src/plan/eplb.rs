@@ -426,37 +426,58 @@ pub fn eplb_plan(
     )
     .map_err(|e| e.to_string())?;
 
-    let mut plans = Vec::with_capacity(window.layers());
-    let mut seen = vec![0usize; experts];
-    for (l, (p2l, cnt)) in res.phy2log.iter().zip(&res.logcnt).enumerate() {
-        seen.iter_mut().for_each(|x| *x = 0);
-        let mut share_sum = vec![0.0f64; experts];
-        let mut slots = Vec::with_capacity(topo.gpus);
-        let mut shares = Vec::with_capacity(topo.gpus);
-        for gpu in p2l.chunks_exact(per_gpu) {
-            slots.push(gpu.iter().map(|&e| e as u32).collect::<Vec<_>>());
-            shares.push(
-                gpu.iter()
-                    .map(|&e| {
-                        seen[e] += 1;
-                        let share = if seen[e] == cnt[e] {
-                            round_share(1.0 - share_sum[e])
-                        } else {
-                            round_share(1.0 / cnt[e] as f64)
-                        };
-                        share_sum[e] += share;
-                        share
-                    })
-                    .collect::<Vec<_>>(),
-            );
+    Ok(res
+        .phy2log
+        .iter()
+        .enumerate()
+        .map(|(l, p2l)| {
+            let slots = p2l
+                .chunks_exact(per_gpu)
+                .map(|gpu| gpu.iter().map(|&e| e as u32).collect())
+                .collect();
+            even_split_plan(window.layer_ids()[l], slots, experts)
+        })
+        .collect())
+}
+
+/// A [`LayerPlan`] that splits every expert's tokens evenly among its replicas: each share is
+/// `1 / replicas` rounded with [`round_share`], and the last replica (in GPU, then slot order)
+/// takes the remainder so that the shares of an expert sum to 1.
+pub(crate) fn even_split_plan(layer: u32, slots: Vec<Vec<u32>>, experts: usize) -> LayerPlan {
+    let mut cnt = vec![0usize; experts];
+    for &e in slots.iter().flatten() {
+        if let Some(c) = cnt.get_mut(e as usize) {
+            *c += 1;
         }
-        plans.push(LayerPlan {
-            layer: window.layer_ids()[l],
-            slots,
-            shares,
-        });
     }
-    Ok(plans)
+    let mut seen = vec![0usize; experts];
+    let mut share_sum = vec![0.0f64; experts];
+    let shares = slots
+        .iter()
+        .map(|gpu| {
+            gpu.iter()
+                .map(|&e| {
+                    let e = e as usize;
+                    if e >= experts {
+                        return 0.0;
+                    }
+                    seen[e] += 1;
+                    let share = if seen[e] == cnt[e] {
+                        round_share(1.0 - share_sum[e])
+                    } else {
+                        round_share(1.0 / cnt[e] as f64)
+                    };
+                    share_sum[e] += share;
+                    share
+                })
+                .collect()
+        })
+        .collect();
+    LayerPlan {
+        layer,
+        slots,
+        shares,
+    }
 }
 
 #[cfg(test)]

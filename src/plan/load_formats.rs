@@ -772,6 +772,17 @@ impl Drift {
 ///   largest-remainder rounding).
 ///
 /// Layers get model ids `0..layers`. Same arguments, same window.
+///
+/// Per-layer max/mean expert load for 58 layers x 256 experts, top-8 (seed 1, no drift):
+///
+/// | skew | min | median | p90 | max |
+/// |---|---|---|---|---|
+/// | 0.2 | 2.0 | 2.9 | 5.6 | 30.0 |
+/// | 0.3 | 2.0 | 3.7 | 10.8 | 31.9 |
+/// | 0.4 | 2.2 | 5.3 | 20.9 | 31.9 |
+/// | 0.5 | 2.5 | 7.2 | 28.1 | 32.0 |
+///
+/// (32 is the top-8 cap: one expert gets at most every token.)
 #[allow(clippy::too_many_arguments)]
 pub fn synthetic_window(
     layers: usize,

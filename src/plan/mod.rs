@@ -14,6 +14,7 @@ pub mod expert_plan;
 pub mod load;
 pub mod load_formats;
 pub mod model;
+pub mod reference;
 
 pub use expert_plan::{Algorithm, ExpertPlan, LayerPlan};
 pub use load::LoadWindow;
