@@ -408,14 +408,19 @@ pub fn eplb_plan(
     }
     let per_gpu = experts.div_ceil(topo.gpus) + redundant_per_gpu_per_layer;
     let num_replicas = per_gpu * topo.gpus;
-    let weight: Vec<Vec<f32>> = (0..window.layers())
-        .map(|l| {
-            window
-                .layer_totals(l)
-                .into_iter()
-                .map(|x| x as f32)
-                .collect()
-        })
+    // Window totals in one sequential pass (batch-major storage), summed in batch order like
+    // `LoadWindow::layer_totals`.
+    let mut acc = vec![0.0f64; window.layers() * experts];
+    for b in 0..window.batches() {
+        for (l, a) in acc.chunks_exact_mut(experts).enumerate() {
+            a.iter_mut()
+                .zip(window.row(b, l))
+                .for_each(|(a, c)| *a += c);
+        }
+    }
+    let weight: Vec<Vec<f32>> = acc
+        .chunks_exact(experts)
+        .map(|t| t.iter().map(|&x| x as f32).collect())
         .collect();
     let res = rebalance_experts(
         &weight,
