@@ -499,7 +499,9 @@ pub fn parse_load_bytes(file: &str, bytes: &[u8]) -> Result<LoadWindow, LoadErro
         return from_logical_count(file, t);
     }
     // JSON Lines trace: the first line alone is a complete trace header without batches.
-    if let Some(first) = text.lines().next() {
+    // Headers are short; skip the probe on a long first line (a one-line document) so that big
+    // files are not parsed twice.
+    if let Some(first) = text.lines().next().filter(|l| l.len() < 1 << 16) {
         if let Ok(h) = serde_json::from_str::<TraceHeader>(first) {
             if h.batches.is_none() && h.format == TRACE_FORMAT {
                 return parse_jsonl(file, text, h);
