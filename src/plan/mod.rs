@@ -1,10 +1,12 @@
 //! Pure expert-replication planning: no I/O, no clocks, no randomness without a seed.
 //!
 //! The pieces, in the order a plan is made:
-//! - [`load`]: per-expert token counts over a window of batches ([`LoadWindow`]) and their parsers.
+//! - [`load`]: per-expert token counts over a window of batches ([`LoadWindow`]); [`load_formats`]: the parsers.
 //! - [`balance`]: the objective (balancedness) and the replay of a window through a placement.
 //! - [`eplb`]: a faithful port of DeepSeek's EPLB (`rebalance_experts`).
 //! - [`craft`]: CRAFT (replicate, slot capacities, place, benefit table, knapsack DP).
+//! - [`reference`]: the CRAFT authors' reference heuristic, kept as a baseline.
+//! - [`planner`]: the front door: request + window in, sealed plan out.
 //! - [`expert_plan`]: the plan document (JSON contract of DESIGN.md), its hash and plan diffs.
 
 pub mod balance;
