@@ -19,6 +19,9 @@ pub struct LayerMatrix {
     pub totals: Vec<f64>,
     /// Tokens per batch.
     pub batch_totals: Vec<f32>,
+    /// Per-expert standard deviation of the per-batch load, scaled by the batch count so that it is
+    /// in the units of `totals`.
+    pub spread: Vec<f64>,
 }
 
 impl LayerMatrix {
@@ -27,20 +30,47 @@ impl LayerMatrix {
         let mut data = vec![0f32; experts * batches];
         let mut totals = vec![0f64; experts];
         let mut batch_totals = vec![0f32; batches];
+        // Batch-major reads, expert-major writes: consecutive batches write the same cache line of
+        // each expert, so one layer's lines stay in L1.
         for b in 0..batches {
-            for (e, &c) in window.row(b, layer).iter().enumerate() {
+            let row = window.row(b, layer);
+            let mut sum = 0f64;
+            for (e, &c) in row.iter().enumerate() {
                 data[e * batches + b] = c as f32;
                 totals[e] += c;
-                batch_totals[b] += c as f32;
+                sum += c;
             }
+            batch_totals[b] = sum as f32;
         }
+        let spread = (0..experts)
+            .map(|e| {
+                let mean = totals[e] / batches as f64;
+                let x = &data[e * batches..(e + 1) * batches];
+                let var =
+                    x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / batches as f64;
+                var.sqrt() * batches as f64
+            })
+            .collect();
         Self {
             experts,
             batches,
             data,
             totals,
             batch_totals,
+            spread,
         }
+    }
+
+    /// Window load plus `z` standard deviations, per expert: what replication ranks experts by.
+    pub fn risk_weights(&self, z: f64) -> Vec<f64> {
+        if z == 0.0 {
+            return self.totals.clone();
+        }
+        self.totals
+            .iter()
+            .zip(&self.spread)
+            .map(|(w, s)| w + z * s)
+            .collect()
     }
 
     pub fn expert(&self, e: usize) -> &[f32] {
@@ -174,45 +204,72 @@ pub fn evaluate(plan: &ExpertPlan, window: &LoadWindow) -> Result<Evaluation, St
             plan.model.experts
         ));
     }
-    let d = plan.gpus as usize;
-    let mut scratch = ReplayScratch::default();
-    let mut layers = Vec::new();
-    let (mut sum_mean, mut sum_max) = (0.0, 0.0);
+    let mut pairs = Vec::new();
     for (wl, &id) in window.layer_ids().iter().enumerate() {
         let lp = plan.layers.iter().find(|lp| lp.layer == id).ok_or_else(|| {
             let have: Vec<u32> = plan.layers.iter().map(|l| l.layer).collect();
             format!("the load has layer {id} but the plan has no such MoE layer (plan layers: {have:?})")
         })?;
-        let m = LayerMatrix::from_window(window, wl);
-        let loads = scratch.gpu_loads(&m, d, plan_replicas(lp));
+        pairs.push((lp, LayerMatrix::from_window(window, wl)));
+    }
+    Ok(evaluate_layers(
+        plan,
+        pairs.iter().map(|(lp, m)| (*lp, m)),
+        window.batches(),
+    ))
+}
+
+/// Replay pairs of (plan layer, that layer's load matrix).
+pub fn evaluate_layers<'a>(
+    plan: &ExpertPlan,
+    pairs: impl Iterator<Item = (&'a LayerPlan, &'a LayerMatrix)>,
+    batches: usize,
+) -> Evaluation {
+    let d = plan.gpus as usize;
+    let mut scratch = ReplayScratch::default();
+    let mut layers = Vec::new();
+    let (mut sum_mean, mut sum_max) = (0.0, 0.0);
+    for (lp, m) in pairs {
+        let loads = scratch.gpu_loads(m, d, plan_replicas(lp));
         let lb = balance_of(loads, d, m.batches, &m.batch_totals);
-        let mut mom = 0.0;
-        for b in 0..m.batches {
-            let mean = m.batch_totals[b] as f64 / d as f64;
-            let mx = (0..d)
-                .map(|g| loads[g * m.batches + b])
-                .fold(0f32, f32::max) as f64;
-            mom += if mean > 0.0 { mx / mean } else { 1.0 };
+        let mut max = vec![0f32; m.batches];
+        for g in 0..d {
+            for (x, &l) in max
+                .iter_mut()
+                .zip(&loads[g * m.batches..(g + 1) * m.batches])
+            {
+                *x = x.max(l);
+            }
         }
+        let mom: f64 = (0..m.batches)
+            .map(|b| {
+                let mean = m.batch_totals[b] as f64 / d as f64;
+                if mean > 0.0 {
+                    max[b] as f64 / mean
+                } else {
+                    1.0
+                }
+            })
+            .sum();
         sum_mean += lb.sum_mean;
         sum_max += lb.sum_max;
         layers.push(LayerEvaluation {
-            layer: id,
+            layer: lp.layer,
             balancedness: lb.balancedness,
             balancedness_vllm: ratio(lb.sum_mean, lb.sum_max),
             max_over_mean: mom / m.batches.max(1) as f64,
-            extra_replicas: lp.physical_experts().saturating_sub(window.experts()),
+            extra_replicas: lp.physical_experts().saturating_sub(m.experts),
         });
     }
     let n = layers.len().max(1) as f64;
-    Ok(Evaluation {
+    Evaluation {
         balancedness: layers.iter().map(|l| l.balancedness).sum::<f64>() / n,
         max_over_mean: layers.iter().map(|l| l.max_over_mean).sum::<f64>() / n,
         balancedness_vllm: ratio(sum_mean, sum_max),
         replica_bytes_per_gpu: plan.replica_bytes_per_gpu,
-        batches: window.batches(),
+        batches,
         layers,
-    })
+    }
 }
 
 fn ratio(a: f64, b: f64) -> f64 {

@@ -28,6 +28,9 @@ pub struct CraftOptions {
     pub spread_across_nodes: bool,
     /// Largest replica count per layer considered in the benefit table (None: `2 * gpus`).
     pub max_extra_per_layer: Option<usize>,
+    /// Weight of per-batch spread: replicate and place by `mean + z * std` of each replica's
+    /// per-batch load (GPU spreads add in quadrature) instead of the mean alone. 0 is the paper.
+    pub risk_z: f64,
 }
 
 impl Default for CraftOptions {
@@ -37,6 +40,7 @@ impl Default for CraftOptions {
             local_search: true,
             spread_across_nodes: true,
             max_extra_per_layer: None,
+            risk_z: 0.0,
         }
     }
 }
@@ -188,12 +192,33 @@ pub fn place(
     topo: Topology,
     opts: &CraftOptions,
 ) -> Placement {
+    place_with_risk(w, &[], counts, caps, topo, opts)
+}
+
+/// [`place`], scoring each GPU by `mean + z * sqrt(variance)` of its per-batch load when
+/// `opts.risk_z > 0` and `spread` (per-expert standard deviation, in the units of `w`) is given.
+pub fn place_with_risk(
+    w: &[f64],
+    spread: &[f64],
+    counts: &[u32],
+    caps: &[u32],
+    topo: Topology,
+    opts: &CraftOptions,
+) -> Placement {
     let d = topo.gpus;
+    let z = if spread.len() == w.len() {
+        opts.risk_z
+    } else {
+        0.0
+    };
+    let sd = |e: usize| if z > 0.0 { spread[e] } else { 0.0 };
     let mut order: Vec<usize> = (0..w.len()).collect();
     order.sort_by(|&a, &b| {
-        let (x, y) = (w[a] / counts[a] as f64, w[b] / counts[b] as f64);
+        let x = (w[a] + z * sd(a)) / counts[a] as f64;
+        let y = (w[b] + z * sd(b)) / counts[b] as f64;
         y.total_cmp(&x).then(a.cmp(&b))
     });
+    let mut var = vec![0f64; d];
     let mut load = vec![0f64; d];
     let mut slots: Vec<Vec<u32>> = caps
         .iter()
@@ -202,6 +227,11 @@ pub fn place(
     let mut on_gpu = vec![false; d];
     let mut on_node = vec![false; topo.nodes];
     let mut used_gpus = Vec::new();
+    let mut open: BinaryHeap<(std::cmp::Reverse<Score>, std::cmp::Reverse<usize>)> = (0..d)
+        .filter(|&g| caps[g] > 0)
+        .map(|g| (std::cmp::Reverse(Score(0.0)), std::cmp::Reverse(g)))
+        .collect();
+    let mut stale = vec![false; d];
     for e in order {
         let per = w[e] / counts[e] as f64;
         for &g in &used_gpus {
@@ -210,15 +240,41 @@ pub fn place(
         }
         used_gpus.clear();
         for _ in 0..counts[e] {
+            if counts[e] == 1 && z == 0.0 {
+                // A lone replica has no sibling to avoid: the least-loaded open GPU, from the heap.
+                let g = loop {
+                    let (_, std::cmp::Reverse(g)) =
+                        open.pop().expect("capacities cover every replica");
+                    if slots[g].len() < caps[g] as usize && !stale[g] {
+                        break g;
+                    }
+                    stale[g] = false;
+                    if slots[g].len() < caps[g] as usize {
+                        open.push((std::cmp::Reverse(Score(load[g])), std::cmp::Reverse(g)));
+                    }
+                };
+                slots[g].push(e as u32);
+                load[g] += per;
+                if slots[g].len() < caps[g] as usize {
+                    open.push((std::cmp::Reverse(Score(load[g])), std::cmp::Reverse(g)));
+                }
+                continue;
+            }
             let mut best: Option<(bool, bool, f64, usize)> = None;
             for g in 0..d {
                 if slots[g].len() >= caps[g] as usize {
                     continue;
                 }
+                let risk = if z > 0.0 {
+                    let s = sd(e) / counts[e] as f64;
+                    z * (var[g] + s * s).sqrt()
+                } else {
+                    0.0
+                };
                 let key = (
                     opts.spread_across_nodes && on_node[topo.node_of(g)],
                     on_gpu[g],
-                    load[g],
+                    load[g] + risk,
                     g,
                 );
                 let better = match &best {
@@ -235,6 +291,10 @@ pub fn place(
             let g = best.map(|b| b.3).expect("capacities cover every replica");
             slots[g].push(e as u32);
             load[g] += per;
+            let s = sd(e) / counts[e] as f64;
+            var[g] += s * s;
+            // The heap entry of g now holds an old load: refresh it lazily when it surfaces.
+            stale[g] = true;
             on_gpu[g] = true;
             on_node[topo.node_of(g)] = true;
             used_gpus.push(g);
@@ -332,8 +392,8 @@ pub fn balance_shares(p: &mut Placement, w: &[f64]) {
     }
 }
 
-/// Objective of the local search: Σ_b max_g load_g(b). The per-batch mean is fixed, so lowering it
-/// raises balancedness.
+/// Objective of the local search: Σ_b max_g load_g(b). The per-batch mean is fixed, so lowering
+/// it raises balancedness.
 fn sum_of_max(loads: &[f32], gpus: usize, batches: usize) -> f64 {
     (0..batches)
         .map(|b| {
@@ -344,6 +404,9 @@ fn sum_of_max(loads: &[f32], gpus: usize, batches: usize) -> f64 {
         .sum()
 }
 
+/// Swaps whose exact effect the local search replays per round.
+const SCREENED_SWAPS: usize = 8;
+
 /// Swap two replicas between the bottleneck GPU and another when that lowers Σ_b max_g load.
 /// Bounded: at most `rounds` improving swaps; each round tries the hottest GPU against all others.
 pub fn local_search(p: &mut Placement, m: &LayerMatrix, rounds: usize) {
@@ -352,8 +415,6 @@ pub fn local_search(p: &mut Placement, m: &LayerMatrix, rounds: usize) {
     let mut scratch = ReplayScratch::default();
     let mut loads = scratch.gpu_loads(m, d, p.replicas()).to_vec();
     let mut cur = sum_of_max(&loads, d, bsz);
-    let mut tmp_a = vec![0f32; bsz];
-    let mut tmp_b = vec![0f32; bsz];
     // Best, second and third GPU per batch, to know the max of the GPUs a swap leaves alone.
     let mut top = vec![[(f32::MIN, usize::MAX); 3]; bsz];
     for _ in 0..rounds {
@@ -383,37 +444,58 @@ pub fn local_search(p: &mut Placement, m: &LayerMatrix, rounds: usize) {
         let hot = (0..d)
             .max_by_key(|&g| (hits[g], std::cmp::Reverse(g)))
             .unwrap_or(0);
-        let mut best: Option<(f64, usize, usize, usize)> = None;
-        for (ia, &ea) in p.slots[hot].iter().enumerate() {
-            let sa = p.shares[hot][ia];
-            for other in 0..d {
-                if other == hot {
-                    continue;
-                }
+        // Screen every swap by the window-mean loads it leaves on the two GPUs, then replay only
+        // the most promising few over every batch: the exact check is O(batches) per candidate.
+        let mean = |g: usize| {
+            loads[g * bsz..(g + 1) * bsz]
+                .iter()
+                .map(|&x| x as f64)
+                .sum::<f64>()
+        };
+        let hot_mean = mean(hot);
+        let mut screened: Vec<(f64, usize, usize, usize)> = Vec::new();
+        for other in (0..d).filter(|&o| o != hot) {
+            let other_mean = mean(other);
+            for (ia, &ea) in p.slots[hot].iter().enumerate() {
+                let wa = p.shares[hot][ia] as f64 * m.totals[ea as usize];
                 for (ic, &ec) in p.slots[other].iter().enumerate() {
-                    if ea == ec || p.slots[other].contains(&ea) || p.slots[hot].contains(&ec) {
+                    let wc = p.shares[other][ic] as f64 * m.totals[ec as usize];
+                    if wc >= wa
+                        || ea == ec
+                        || p.slots[other].contains(&ea)
+                        || p.slots[hot].contains(&ec)
+                    {
                         continue;
                     }
-                    let sc = p.shares[other][ic];
-                    let xa = m.expert(ea as usize);
-                    let xc = m.expert(ec as usize);
-                    let mut total = 0f64;
-                    for b in 0..bsz {
-                        let delta = sc * xc[b] - sa * xa[b];
-                        tmp_a[b] = loads[hot * bsz + b] + delta;
-                        tmp_b[b] = loads[other * bsz + b] - delta;
-                        let t = &top[b];
-                        let rest = t
-                            .iter()
-                            .find(|(_, g)| *g != hot && *g != other)
-                            .map_or(0.0, |x| x.0);
-                        total += tmp_a[b].max(tmp_b[b]).max(rest) as f64;
-                    }
-                    if total < cur - 1e-6 * cur.abs().max(1.0) && best.is_none_or(|bb| total < bb.0)
-                    {
-                        best = Some((total, ia, other, ic));
-                    }
+                    let worst = (hot_mean - wa + wc).max(other_mean + wa - wc);
+                    screened.push((worst, ia, other, ic));
                 }
+            }
+        }
+        screened.sort_by(|a, b| {
+            a.0.total_cmp(&b.0)
+                .then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3)))
+        });
+        screened.truncate(SCREENED_SWAPS);
+        let mut best: Option<(f64, usize, usize, usize)> = None;
+        for &(_, ia, other, ic) in &screened {
+            let (ea, ec) = (p.slots[hot][ia], p.slots[other][ic]);
+            let (sa, sc) = (p.shares[hot][ia], p.shares[other][ic]);
+            let (xa, xc) = (m.expert(ea as usize), m.expert(ec as usize));
+            let mut total = 0f64;
+            for b in 0..bsz {
+                let delta = sc * xc[b] - sa * xa[b];
+                let t = &top[b];
+                let rest = t
+                    .iter()
+                    .find(|(_, g)| *g != hot && *g != other)
+                    .map_or(0.0, |x| x.0);
+                total += (loads[hot * bsz + b] + delta)
+                    .max(loads[other * bsz + b] - delta)
+                    .max(rest) as f64;
+            }
+            if total < cur - 1e-6 * cur.abs().max(1.0) && best.is_none_or(|bb| total < bb.0) {
+                best = Some((total, ia, other, ic));
             }
         }
         let Some((total, ia, other, ic)) = best else {
@@ -436,6 +518,9 @@ pub fn local_search(p: &mut Placement, m: &LayerMatrix, rounds: usize) {
     }
 }
 
+/// Improving swaps the local search makes at most per layer.
+pub const LOCAL_SEARCH_ROUNDS: usize = 32;
+
 /// Steps 1 to 3 for one layer with `extra` replicas and the given slot capacities.
 pub fn plan_layer(
     m: &LayerMatrix,
@@ -447,12 +532,12 @@ pub fn plan_layer(
     polish: bool,
 ) -> Placement {
     let counts = replica_counts(m.experts, &order[..extra.min(order.len())]);
-    let mut p = place(&m.totals, &counts, caps, topo, opts);
+    let mut p = place_with_risk(&m.totals, &m.spread, &counts, caps, topo, opts);
     if opts.balanced_shares {
         balance_shares(&mut p, &m.totals);
     }
     if polish && opts.local_search {
-        local_search(&mut p, m, 64);
+        local_search(&mut p, m, LOCAL_SEARCH_ROUNDS);
         if opts.balanced_shares {
             balance_shares(&mut p, &m.totals);
         }
@@ -468,11 +553,12 @@ pub fn candidate_set(max: usize) -> Vec<usize> {
     while x <= max {
         k.push(x);
         x += match x {
-            0..16 => 1,
-            16..32 => 2,
-            32..64 => 4,
-            64..128 => 8,
-            _ => 16,
+            0..8 => 1,
+            8..16 => 2,
+            16..32 => 4,
+            32..64 => 8,
+            64..128 => 16,
+            _ => 32,
         };
     }
     if k.last() != Some(&max) {
@@ -491,7 +577,7 @@ pub fn benefit_table(
 ) -> Vec<Vec<f64>> {
     let kmax = candidates.last().copied().unwrap_or(0);
     let one_layer = |m: &LayerMatrix| -> Vec<f64> {
-        let order = replication_order(&m.totals, kmax, topo.gpus);
+        let order = replication_order(&m.risk_weights(opts.risk_z), kmax, topo.gpus);
         let mut scratch = ReplayScratch::default();
         let mut out = Vec::with_capacity(candidates.len());
         let mut base = 0.0;
@@ -645,7 +731,7 @@ pub fn craft_layers(
 ) -> Vec<Placement> {
     let work: Vec<(usize, &LayerMatrix)> = mats.iter().enumerate().collect();
     parallel_map(&work, |&(l, m)| {
-        let order = replication_order(&m.totals, extra[l], topo.gpus);
+        let order = replication_order(&m.risk_weights(opts.risk_z), extra[l], topo.gpus);
         plan_layer(m, &order, extra[l], &caps[l], topo, opts, true)
     })
 }
@@ -683,9 +769,9 @@ mod tests {
     #[test]
     fn candidate_set_is_dense_then_coarse() {
         let k = candidate_set(40);
-        assert_eq!(&k[..17], &(0..=16).collect::<Vec<_>>()[..]);
-        assert_eq!(k.last(), Some(&40));
-        assert!(k.contains(&36));
+        assert_eq!(&k[..9], &(0..=8).collect::<Vec<_>>()[..]);
+        assert_eq!(&k[9..], &[10, 12, 14, 16, 20, 24, 28, 32, 40]);
+        assert_eq!(candidate_set(5), vec![0, 1, 2, 3, 4, 5]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The planner's front door: a request (algorithm, model, topology, budget) and a load window in,
 //! a sealed [`ExpertPlan`] out. Deterministic: the same input gives the same plan, byte for byte.
 
-use super::balance::{evaluate, LayerMatrix};
+use super::balance::{evaluate_layers, LayerMatrix};
 use super::craft::{self, CraftOptions, Placement};
 use super::expert_plan::{
     round_share, Algorithm, ExpertPlan, GpuTransition, LayerPlan, PlanStats, Transition,
@@ -92,10 +92,15 @@ pub fn make_plan(
             "the model has no MoE layer (firstMoeLayer >= layers)".into(),
         ));
     }
-    let full = window.with_layers(&ids).map_err(PlanError::Load)?;
-    let mats: Vec<LayerMatrix> = (0..full.layers())
-        .map(|l| LayerMatrix::from_window(&full, l))
-        .collect();
+    // Plan every MoE layer; layers the load lacks count as idle. No copy when the load already
+    // covers exactly the model's MoE layers.
+    let full = if window.layer_ids() == ids.as_slice() {
+        std::borrow::Cow::Borrowed(window)
+    } else {
+        std::borrow::Cow::Owned(window.with_layers(&ids).map_err(PlanError::Load)?)
+    };
+    let layer_index: Vec<usize> = (0..full.layers()).collect();
+    let mats = craft::parallel_map(&layer_index, |&l| LayerMatrix::from_window(&full, l));
     let bytes = model.bytes_per_expert();
     let layers = ids.len();
 
@@ -130,7 +135,7 @@ pub fn make_plan(
             }
             let lps = super::eplb::eplb_plan(&full, model, topo, r / layers, req.eplb_groups)
                 .map_err(PlanError::Algorithm)?;
-            return finish(req, window, previous, lps, r);
+            return finish(req, window, &mats, previous, lps, r);
         }
         Algorithm::CraftReference => {
             let r = replicas_per_gpu(req.budget, bytes)?;
@@ -141,7 +146,7 @@ pub fn make_plan(
                 .map(|lp| lp.physical_experts() - e)
                 .sum::<usize>()
                 / topo.gpus;
-            return finish(req, window, previous, lps, r);
+            return finish(req, window, &mats, previous, lps, r);
         }
         Algorithm::Craft => craft_plan(req, &mats, bytes)?,
     };
@@ -150,7 +155,7 @@ pub fn make_plan(
         .zip(placements)
         .map(|(&layer, p)| layer_plan(layer, p, e))
         .collect();
-    finish(req, window, previous, lps, r)
+    finish(req, window, &mats, previous, lps, r)
 }
 
 /// R for an explicit budget.
@@ -257,6 +262,7 @@ pub fn layer_plan(layer: u32, p: Placement, experts: usize) -> LayerPlan {
 fn finish(
     req: &PlanRequest,
     window: &LoadWindow,
+    mats: &[LayerMatrix],
     previous: Option<&ExpertPlan>,
     mut layers: Vec<LayerPlan>,
     r: usize,
@@ -280,7 +286,15 @@ fn finish(
     plan.check().map_err(|m| {
         PlanError::Algorithm(format!("internal: the plan breaks an invariant: {m}"))
     })?;
-    let ev = evaluate(&plan, window).map_err(PlanError::Load)?;
+    // Judge the plan on the layers the load has (the matrices are already built).
+    let have: Vec<usize> = (0..plan.layers.len())
+        .filter(|&l| window.layer_ids().contains(&plan.layers[l].layer))
+        .collect();
+    let ev = evaluate_layers(
+        &plan,
+        have.iter().map(|&l| (&plan.layers[l], &mats[l])),
+        window.batches(),
+    );
     plan.stats = Some(PlanStats {
         balancedness: ev.balancedness,
         balancedness_vllm: ev.balancedness_vllm,
