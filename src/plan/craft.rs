@@ -26,7 +26,8 @@ pub struct CraftOptions {
     pub local_search: bool,
     /// Prefer a node that does not hold the expert yet when placing a replica.
     pub spread_across_nodes: bool,
-    /// Largest replica count per layer considered in the benefit table (None: `2 * gpus`).
+    /// Largest replica count per layer considered in the benefit table (None: the larger of
+    /// `2 * gpus` and four times the budget's average per layer).
     pub max_extra_per_layer: Option<usize>,
     /// Weight of per-batch spread: replicate and place by `mean + z * std` of each replica's
     /// per-batch load (GPU spreads add in quadrature) instead of the mean alone. 0 is the paper.

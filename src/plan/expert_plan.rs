@@ -196,7 +196,7 @@ impl ExpertPlan {
     pub fn check(&self) -> Result<(), String> {
         let d = self.gpus as usize;
         let e = self.model.experts as usize;
-        if d == 0 || self.nodes == 0 || d % self.nodes as usize != 0 {
+        if d == 0 || self.nodes == 0 || !d.is_multiple_of(self.nodes as usize) {
             return Err(format!(
                 "gpus ({d}) must be a positive multiple of nodes ({})",
                 self.nodes

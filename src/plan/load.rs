@@ -22,7 +22,7 @@ impl LoadWindow {
             return Err("a load window needs at least one MoE layer and one expert".into());
         }
         let per_batch = layers * experts;
-        if counts.is_empty() || counts.len() % per_batch != 0 {
+        if counts.is_empty() || !counts.len().is_multiple_of(per_batch) {
             return Err(format!(
                 "{} counts do not fill whole batches of {layers} layers x {experts} experts",
                 counts.len()

@@ -65,7 +65,7 @@ impl Topology {
         if gpus == 0 || nodes == 0 {
             return Err("gpus and nodes must be at least 1".into());
         }
-        if gpus % nodes != 0 {
+        if !gpus.is_multiple_of(nodes) {
             return Err(format!(
                 "gpus ({gpus}) must be a multiple of nodes ({nodes}): every node holds the same number of GPUs"
             ));

@@ -106,7 +106,7 @@ pub fn make_plan(
 
     let (placements, r): (Vec<Placement>, usize) = match req.algorithm {
         Algorithm::None => {
-            if e % topo.gpus != 0 && e < topo.gpus {
+            if e < topo.gpus {
                 return Err(PlanError::Algorithm(format!(
                     "policy none needs at least as many experts ({e}) as GPUs ({})",
                     topo.gpus
@@ -191,12 +191,16 @@ fn craft_plan(
         Budget::Auto { .. } => AUTO_MAX_REPLICAS_PER_GPU,
         b => replicas_per_gpu(b, bytes)?,
     };
+    // Candidate counts per layer: at least 2D, and four times the average share of the budget so
+    // that a model with few layers can put most of it where it pays.
+    let total = r_max * d;
+    let default_max = (2 * d).max(4 * total.div_ceil(mats.len().max(1)));
     let kmax = req
         .craft
         .max_extra_per_layer
-        .unwrap_or(2 * d)
+        .unwrap_or(default_max)
         .min(per_layer_cap)
-        .min(r_max * d);
+        .min(total);
     let candidates = craft::candidate_set(kmax);
     let table = craft::benefit_table(mats, &candidates, topo, &req.craft);
     // The most the candidate set can place, rounded down to whole slots per GPU.
@@ -316,7 +320,7 @@ fn keep_slots(prev: &ExpertPlan, layers: &mut [LayerPlan], bytes: u64, gpus: usi
     ];
     for lp in layers.iter_mut() {
         let old = prev.layers.iter().find(|o| o.layer == lp.layer);
-        for g in 0..gpus {
+        for (g, moved) in per_gpu.iter_mut().enumerate() {
             let old_slots: &[u32] = old
                 .and_then(|o| o.slots.get(g))
                 .map_or(&[], |v| v.as_slice());
@@ -345,8 +349,8 @@ fn keep_slots(prev: &ExpertPlan, layers: &mut [LayerPlan], bytes: u64, gpus: usi
                     // Held in another slot index: reused on the device, not loaded again.
                     held.swap_remove(pos);
                 } else {
-                    per_gpu[g].experts_to_load += 1;
-                    per_gpu[g].bytes_to_load += bytes;
+                    moved.experts_to_load += 1;
+                    moved.bytes_to_load += bytes;
                 }
             }
             let (s, sh): (Vec<u32>, Vec<f64>) = out
