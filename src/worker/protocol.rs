@@ -73,7 +73,9 @@ pub enum ProtocolError {
     UnsupportedDtype { expected: &'static str, found: u8 },
     #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
     FrameTooLarge { len: usize, max: usize },
-    #[error("{rows} rows of hidden size {hidden} need {expected} payload bytes, the frame has {found}")]
+    #[error(
+        "{rows} rows of hidden size {hidden} need {expected} payload bytes, the frame has {found}"
+    )]
     LengthMismatch {
         rows: u32,
         hidden: u32,
@@ -278,8 +280,18 @@ pub fn encode_request<'a>(
 }
 
 /// Encode an output reply frame (length prefix included). `output.len()` must be `rows * hidden`.
-pub fn encode_output(request_id: u64, rank: u32, layer: u32, hidden: u32, output: &[f32]) -> Vec<u8> {
-    let rows = if hidden == 0 { 0 } else { output.len() / hidden as usize };
+pub fn encode_output(
+    request_id: u64,
+    rank: u32,
+    layer: u32,
+    hidden: u32,
+    output: &[f32],
+) -> Vec<u8> {
+    let rows = if hidden == 0 {
+        0
+    } else {
+        output.len() / hidden as usize
+    };
     let mut out = Vec::with_capacity(4 + HEADER_LEN + SHAPE_LEN + 4 * output.len());
     out.extend_from_slice(&[0; 4]);
     header(&mut out, KIND_OUTPUT, DTYPE_F32, request_id);
@@ -354,10 +366,17 @@ pub fn peek_request_id(body: &[u8]) -> u64 {
 }
 
 /// (rank, layer, rows, hidden) and the payload after them, checking the payload length.
-fn decode_shape(body: &[u8], bytes_per_row_base: u128, bytes_per_hidden: u128) -> Result<(u32, u32, u32, u32, &[u8]), ProtocolError> {
+fn decode_shape(
+    body: &[u8],
+    bytes_per_row_base: u128,
+    bytes_per_hidden: u128,
+) -> Result<(u32, u32, u32, u32, &[u8]), ProtocolError> {
     let need = HEADER_LEN + SHAPE_LEN;
     if body.len() < need {
-        return Err(ProtocolError::TooShort { len: body.len(), need });
+        return Err(ProtocolError::TooShort {
+            len: body.len(),
+            need,
+        });
     }
     let at = HEADER_LEN;
     let (rank, layer, rows, hidden) = (
@@ -465,7 +484,10 @@ pub fn decode_reply(body: &[u8]) -> Result<Reply, ProtocolError> {
         KIND_ERROR => {
             let need = HEADER_LEN + 8;
             if body.len() < need {
-                return Err(ProtocolError::TooShort { len: body.len(), need });
+                return Err(ProtocolError::TooShort {
+                    len: body.len(),
+                    need,
+                });
             }
             let code = ErrorCode::from_u16(u16_at(body, HEADER_LEN));
             let len = u32_at(body, HEADER_LEN + 4);
@@ -539,7 +561,10 @@ pub async fn read_frame_len<R: AsyncRead + Unpin>(
 }
 
 /// Read a frame body of `len` bytes.
-pub async fn read_frame_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>, ReadFrameError> {
+pub async fn read_frame_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+) -> Result<Vec<u8>, ReadFrameError> {
     let mut body = vec![0u8; len];
     let mut got = 0;
     while got < len {
@@ -598,12 +623,19 @@ mod tests {
         let frame = encode_output(9, 2, 4, 8, &out);
         match decode_reply(&frame[4..]).unwrap() {
             Reply::Output(o) => {
-                assert_eq!((o.request_id, o.rank, o.layer, o.rows, o.hidden_size), (9, 2, 4, 3, 8));
+                assert_eq!(
+                    (o.request_id, o.rank, o.layer, o.rows, o.hidden_size),
+                    (9, 2, 4, 3, 8)
+                );
                 assert_eq!(o.output, out);
             }
             other => panic!("expected output, got {other:?}"),
         }
-        let frame = encode_error(11, ErrorCode::NotResident, "layer 3 expert 9 is not resident");
+        let frame = encode_error(
+            11,
+            ErrorCode::NotResident,
+            "layer 3 expert 9 is not resident",
+        );
         assert_eq!(
             decode_reply(&frame[4..]).unwrap(),
             Reply::Error(ErrorReply {
@@ -629,30 +661,51 @@ mod tests {
         let req = sample_request(2, 4, 0);
         let mut frame = req.encode();
         frame[4] = b'X';
-        assert!(matches!(decode_request(&frame[4..]), Err(ProtocolError::BadMagic(_))));
+        assert!(matches!(
+            decode_request(&frame[4..]),
+            Err(ProtocolError::BadMagic(_))
+        ));
 
         let mut frame = req.encode();
         frame[8] = 9;
-        assert_eq!(decode_request(&frame[4..]), Err(ProtocolError::UnsupportedVersion(9)));
+        assert_eq!(
+            decode_request(&frame[4..]),
+            Err(ProtocolError::UnsupportedVersion(9))
+        );
 
         let frame = req.encode();
         let short = &frame[4..frame.len() - 1];
-        assert!(matches!(decode_request(short), Err(ProtocolError::LengthMismatch { rows: 2, .. })));
+        assert!(matches!(
+            decode_request(short),
+            Err(ProtocolError::LengthMismatch { rows: 2, .. })
+        ));
 
         let mut bad = req.clone();
         bad.router_weights[1] = f32::NAN;
         assert_eq!(
             decode_request(&bad.encode()[4..]),
-            Err(ProtocolError::NonFinite { row: 1, what: "router weight" })
+            Err(ProtocolError::NonFinite {
+                row: 1,
+                what: "router weight"
+            })
         );
         assert_eq!(
             check_frame_len((1u32 << 30).to_le_bytes(), 1 << 20),
-            Err(ProtocolError::FrameTooLarge { len: 1 << 30, max: 1 << 20 })
+            Err(ProtocolError::FrameTooLarge {
+                len: 1 << 30,
+                max: 1 << 20
+            })
         );
         // A request is not a reply and vice versa.
-        assert!(matches!(decode_reply(&frame[4..]), Err(ProtocolError::UnexpectedKind { found: 1, .. })));
+        assert!(matches!(
+            decode_reply(&frame[4..]),
+            Err(ProtocolError::UnexpectedKind { found: 1, .. })
+        ));
         let err = encode_error(0, ErrorCode::Compute, "x");
-        assert!(matches!(decode_request(&err[4..]), Err(ProtocolError::UnexpectedKind { found: 3, .. })));
+        assert!(matches!(
+            decode_request(&err[4..]),
+            Err(ProtocolError::UnexpectedKind { found: 3, .. })
+        ));
     }
 
     #[test]
@@ -660,7 +713,10 @@ mod tests {
         let mut frame = sample_request(1, 4, 0).encode();
         // rows = u32::MAX, hidden = u32::MAX: the product must not overflow or allocate.
         frame[4 + HEADER_LEN + 8..4 + HEADER_LEN + 16].copy_from_slice(&[0xff; 8]);
-        assert!(matches!(decode_request(&frame[4..]), Err(ProtocolError::LengthMismatch { .. })));
+        assert!(matches!(
+            decode_request(&frame[4..]),
+            Err(ProtocolError::LengthMismatch { .. })
+        ));
     }
 
     #[tokio::test]
@@ -684,7 +740,9 @@ mod tests {
         let mut big = &frame[..];
         assert!(matches!(
             read_frame(&mut big, 10).await,
-            Err(ReadFrameError::Protocol(ProtocolError::FrameTooLarge { .. }))
+            Err(ReadFrameError::Protocol(
+                ProtocolError::FrameTooLarge { .. }
+            ))
         ));
     }
 
