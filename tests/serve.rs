@@ -67,6 +67,8 @@ impl ExpertWeights {
 /// Exact f32 expert FFN: `w * down(silu(gate(x)) * up(x))`.
 struct ExactFfn {
     experts: HashMap<ExpertKey, ExpertWeights>,
+    /// Time every forward call takes on top of the arithmetic (to make requests queue up).
+    step_delay: Duration,
 }
 
 impl ExpertCompute for ExactFfn {
@@ -78,6 +80,7 @@ impl ExpertCompute for ExactFfn {
                 batch.hidden.len()
             )));
         }
+        std::thread::sleep(self.step_delay);
         let mut out = vec![0f32; batch.experts.len() * h];
         for (r, (&e, &w)) in batch.experts.iter().zip(batch.router_weights).enumerate() {
             let wts = self
@@ -117,6 +120,7 @@ impl ExpertCompute for ExactFfn {
 struct TestLoader {
     fail: AtomicBool,
     delay_ms: AtomicU64,
+    step_delay_ms: AtomicU64,
     loads: AtomicU64,
 }
 
@@ -139,6 +143,7 @@ impl ExpertLoader for TestLoader {
                 .iter()
                 .map(|&(l, e)| ((l, e), ExpertWeights::new(l, e)))
                 .collect(),
+            step_delay: Duration::from_millis(self.step_delay_ms.load(Ordering::Relaxed)),
         }))
     }
 }
@@ -631,6 +636,7 @@ async fn outputs_are_the_backend_outputs_and_request_errors_keep_the_connection(
             .map(|(l, e)| ((l, e), ExpertWeights::new(l, e)))
             .into_iter()
             .collect(),
+        step_delay: Duration::ZERO,
     };
     let expected = reference.forward(2, &req.as_batch()).unwrap();
     assert_eq!(out.output, expected, "outputs travel as exact f32");
@@ -902,4 +908,96 @@ async fn loadgen_checks_its_inputs_and_is_reproducible() {
     );
     w0.shutdown().await;
     w1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_for_one_rank_are_batched_and_split_back_exactly() {
+    let loader = Arc::new(TestLoader::default());
+    // Each compute step takes 50 ms, so requests arriving meanwhile queue up and form one batch.
+    loader.step_delay_ms.store(50, Ordering::Relaxed);
+    let w = start_worker(0, loader, Some(plan_a()), |c| {
+        // A budget of a few frames: the connections also wait for each other here.
+        c.max_inflight_bytes = 8 << 10;
+    })
+    .await;
+    let reference = ExactFfn {
+        experts: [(1, 0), (1, 1)]
+            .map(|(l, e)| ((l, e), ExpertWeights::new(l, e)))
+            .into_iter()
+            .collect(),
+        step_delay: Duration::ZERO,
+    };
+    let reference = Arc::new(reference);
+    let mut tasks = Vec::new();
+    for c in 0..12u64 {
+        let addr = w.dispatch_addr;
+        let reference = reference.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            for i in 0..3u64 {
+                let id = c * 100 + i;
+                let experts: Vec<u32> = (0..=(id % 5) as u32).map(|r| (r + c as u32) % 2).collect();
+                let req = request(id, 0, 1, &experts);
+                let out = expect_output(call(&mut s, &req.encode()).await);
+                assert_eq!(out.request_id, id);
+                assert_eq!(out.output, reference.forward(1, &req.as_batch()).unwrap());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (_, text) = http(w.metrics_addr, "GET", "/metrics", None, "").await;
+    let steps: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("moe_worker_step_seconds_count "))
+        .expect("step count")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        steps < 36,
+        "36 requests took {steps} steps: nothing was batched"
+    );
+    w.shutdown().await;
+}
+
+#[test]
+fn the_worker_binary_explains_a_missing_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe-worker"))
+        .args([
+            "--gpus-per-node",
+            "2",
+            "--device",
+            "cpu",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--admin-token-file")
+        .arg(&token)
+        .env_remove("MOE_NODE_RANK")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no compute backend"), "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe-worker"))
+        .args(["--gpus-per-node", "2"])
+        .env_remove("MOE_ADMIN_TOKEN")
+        .env_remove("MOE_ADMIN_TOKEN_FILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs a bearer token"), "{err}");
 }
