@@ -1001,3 +1001,129 @@ fn the_worker_binary_explains_a_missing_backend() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs a bearer token"), "{err}");
 }
+
+/// Transport-only backend for measuring the router and protocol: output = weight * x.
+struct ScaleBackend {
+    resident: Vec<ExpertKey>,
+}
+
+impl ExpertCompute for ScaleBackend {
+    fn forward(&self, _layer: u32, batch: &RowBatch<'_>) -> Result<Vec<f32>, ComputeError> {
+        let h = batch.hidden_size;
+        let mut out = vec![0f32; batch.hidden.len()];
+        for ((o, x), &w) in out
+            .chunks_exact_mut(h)
+            .zip(batch.hidden.chunks_exact(h))
+            .zip(batch.router_weights)
+        {
+            for (o, v) in o.iter_mut().zip(x) {
+                *o = w * v.to_f32();
+            }
+        }
+        Ok(out)
+    }
+    fn resident(&self) -> Vec<ExpertKey> {
+        self.resident.clone()
+    }
+    fn backend(&self) -> String {
+        "test-scale".into()
+    }
+}
+
+struct ScaleLoader;
+
+impl ExpertLoader for ScaleLoader {
+    fn load(
+        &self,
+        wanted: &[ExpertKey],
+        _previous: Option<&Arc<dyn ExpertCompute>>,
+    ) -> anyhow::Result<Arc<dyn ExpertCompute>> {
+        Ok(Arc::new(ScaleBackend {
+            resident: wanted.to_vec(),
+        }))
+    }
+}
+
+/// Router + protocol throughput on loopback at a Qwen3-30B-A3B-like shape (hidden 2048, 128
+/// experts, top-8), 4 ranks on 2 workers, with a backend that does no FFN work.
+/// `cargo test --test serve -- --ignored --nocapture loopback_transport_throughput`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "measurement, prints a report"]
+async fn loopback_transport_throughput() {
+    let (layers, experts, hidden) = (4u32, 128u32, 2048u64);
+    let m = ModelShape {
+        layers,
+        first_moe_layer: 0,
+        experts,
+        top_k: 8,
+        hidden_size: hidden,
+        expert_intermediate_size: 768,
+        dtype: Dtype::Bf16,
+    };
+    let per_gpu = experts / 4;
+    let p = ExpertPlan {
+        format_version: PLAN_FORMAT_VERSION,
+        algorithm: Algorithm::None,
+        bytes_per_expert: m.bytes_per_expert(),
+        replica_bytes_per_gpu: 0,
+        model: m,
+        gpus: 4,
+        nodes: 2,
+        replicas_per_gpu: 0,
+        layers: (0..layers)
+            .map(|layer| LayerPlan {
+                layer,
+                slots: (0..4)
+                    .map(|g| (g * per_gpu..(g + 1) * per_gpu).collect())
+                    .collect(),
+                shares: vec![vec![1.0; per_gpu as usize]; 4],
+            })
+            .collect(),
+        stats: None,
+        transition: None,
+        hash: String::new(),
+    }
+    .seal();
+    let mut workers = Vec::new();
+    for node in 0..2 {
+        let mut serve = ServeConfig::new(node, 2);
+        serve.max_frame_bytes = 1 << 30;
+        workers.push(
+            start(
+                WorkerOptions {
+                    serve,
+                    listen: loopback(),
+                    metrics_listen: loopback(),
+                    admin_listen: loopback(),
+                    admin_token: TOKEN.into(),
+                    initial_plan: Some(p.clone()),
+                },
+                vec![Arc::new(ScaleLoader)],
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let counts: Vec<f64> = (0..layers * experts)
+        .map(|i| 1.0 + (i % 17) as f64)
+        .collect();
+    let window = LoadWindow::new((0..layers).collect(), experts as usize, counts).unwrap();
+    for tokens in [64, 512] {
+        let mut cfg = LoadgenConfig::new(
+            p.clone(),
+            workers
+                .iter()
+                .map(|w| w.dispatch_addr.to_string())
+                .collect(),
+            window.clone(),
+        );
+        cfg.batches = 20;
+        cfg.tokens_per_batch = tokens;
+        let r = run_loadgen(&cfg).await.unwrap();
+        assert_clean(&r);
+        println!("{}", r.table());
+    }
+    for w in workers {
+        w.shutdown().await;
+    }
+}

@@ -272,9 +272,7 @@ pub fn encode_request<'a>(
         debug_assert_eq!(x.len(), h, "hidden vector length");
         out.extend_from_slice(&expert.to_le_bytes());
         out.extend_from_slice(&weight.to_le_bytes());
-        for v in x {
-            out.extend_from_slice(&v.to_bits().to_le_bytes());
-        }
+        put_bf16(&mut out, x);
     }
     finish(out)
 }
@@ -296,8 +294,11 @@ pub fn encode_output(
     out.extend_from_slice(&[0; 4]);
     header(&mut out, KIND_OUTPUT, DTYPE_F32, request_id);
     shape(&mut out, rank, layer, rows as u32, hidden);
-    for v in output {
-        out.extend_from_slice(&v.to_le_bytes());
+    let start = out.len();
+    out.resize(start + 4 * output.len(), 0);
+    // Fixed-size chunks: the compiler turns this into a plain copy on little-endian targets.
+    for (dst, v) in out[start..].chunks_exact_mut(4).zip(output) {
+        dst.copy_from_slice(&v.to_le_bytes());
     }
     finish(out)
 }
@@ -318,6 +319,20 @@ pub fn encode_error(request_id: u64, code: ErrorCode, message: &str) -> Vec<u8> 
     out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
     out.extend_from_slice(msg);
     finish(out)
+}
+
+/// Append bf16 values as little-endian bytes.
+fn put_bf16(out: &mut Vec<u8>, x: &[bf16]) {
+    let start = out.len();
+    out.resize(start + 2 * x.len(), 0);
+    for (dst, v) in out[start..].chunks_exact_mut(2).zip(x) {
+        dst.copy_from_slice(&v.to_bits().to_le_bytes());
+    }
+}
+
+/// True when a bf16 bit pattern is infinite or NaN (all exponent bits set).
+fn bf16_bits_non_finite(bits: u16) -> bool {
+    bits & 0x7f80 == 0x7f80
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -434,16 +449,20 @@ pub fn decode_request(body: &[u8]) -> Result<DispatchRequest, ProtocolError> {
             });
         }
         router_weights.push(w);
-        for v in row[8..].chunks_exact(2) {
-            let x = bf16::from_bits(u16::from_le_bytes([v[0], v[1]]));
-            if !x.is_finite() {
-                return Err(ProtocolError::NonFinite {
-                    row: r as u32,
-                    what: "hidden value",
-                });
-            }
-            hidden_vals.push(x);
+        let x = &row[8..];
+        // Check first, then convert: two simple loops the compiler vectorises.
+        if x.chunks_exact(2)
+            .any(|v| bf16_bits_non_finite(u16::from_le_bytes([v[0], v[1]])))
+        {
+            return Err(ProtocolError::NonFinite {
+                row: r as u32,
+                what: "hidden value",
+            });
         }
+        hidden_vals.extend(
+            x.chunks_exact(2)
+                .map(|v| bf16::from_bits(u16::from_le_bytes([v[0], v[1]]))),
+        );
     }
     Ok(DispatchRequest {
         request_id: h.request_id,
@@ -706,6 +725,26 @@ mod tests {
             decode_request(&err[4..]),
             Err(ProtocolError::UnexpectedKind { found: 3, .. })
         ));
+    }
+
+    #[test]
+    fn non_finite_check_matches_bf16_for_every_bit_pattern() {
+        for bits in 0..=u16::MAX {
+            assert_eq!(
+                bf16_bits_non_finite(bits),
+                !bf16::from_bits(bits).is_finite(),
+                "{bits:#06x}"
+            );
+        }
+        let mut req = sample_request(3, 4, 1);
+        req.hidden[9] = bf16::INFINITY;
+        assert_eq!(
+            decode_request(&req.encode()[4..]),
+            Err(ProtocolError::NonFinite {
+                row: 2,
+                what: "hidden value"
+            })
+        );
     }
 
     #[test]
