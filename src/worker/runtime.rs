@@ -110,6 +110,20 @@ pub struct WorkerOptions {
     pub initial_plan: Option<ExpertPlan>,
 }
 
+impl std::fmt::Debug for WorkerOptions {
+    /// The admin token is left out so that it never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerOptions")
+            .field("serve", &self.serve)
+            .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("admin_listen", &self.admin_listen)
+            .field("admin_token", &"<redacted>")
+            .field("initial_plan", &self.initial_plan.as_ref().map(|p| p.hash.as_str()))
+            .finish()
+    }
+}
+
 /// A started worker: its bound addresses and the way to stop it.
 pub struct WorkerHandle {
     pub worker: Arc<Worker>,
@@ -284,5 +298,50 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str], token: &Path) -> WorkerArgs {
+        let mut argv = vec!["moe-worker", "--admin-token-file", token.to_str().unwrap()];
+        argv.extend_from_slice(extra);
+        WorkerArgs::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn ranks_come_from_node_or_first_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "abc\n").unwrap();
+
+        let o = resolve(&args(&["--gpus-per-node", "4", "--node", "3"], &token)).unwrap();
+        assert_eq!(o.serve.ranks(), 12..16);
+        assert_eq!(o.admin_token, "abc\n");
+        assert!(o.initial_plan.is_none());
+
+        let o = resolve(&args(&["--gpus-per-node", "2", "--rank", "6"], &token)).unwrap();
+        assert_eq!(o.serve.ranks(), 6..8);
+        let e = resolve(&args(&["--gpus-per-node", "2", "--rank", "5"], &token)).unwrap_err();
+        assert!(
+            e.to_string().contains("not the first rank of a node"),
+            "{e}"
+        );
+
+        let e = resolve(&args(&[], &token)).unwrap_err();
+        assert!(e.to_string().contains("--gpus-per-node"), "{e}");
+
+        let e = resolve(&args(&["--plan", "/nonexistent/plan.json"], &token)).unwrap_err();
+        assert!(format!("{e:#}").contains("/nonexistent/plan.json"), "{e:#}");
+
+        let bad = dir.path().join("plan.json");
+        std::fs::write(&bad, "{\"formatVersion\": 1}").unwrap();
+        let e = resolve(&args(&["--plan", bad.to_str().unwrap()], &token)).unwrap_err();
+        assert!(format!("{e:#}").contains("as a plan document"), "{e:#}");
+
+        assert!(WorkerArgs::try_parse_from(["moe-worker", "--node", "1", "--rank", "2"]).is_err());
     }
 }
