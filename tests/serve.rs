@@ -814,7 +814,10 @@ async fn plan_swap_under_continuous_load_fails_no_request() {
     // Slow loads, so that the old plan serves for a while during each swap.
     loader.delay_ms.store(300, Ordering::Relaxed);
 
-    let old_cfg = loadgen_cfg(plan_a(), &[&w0, &w1], 4000, 16, 11);
+    // The old router runs until told to stop, however fast this machine is.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut old_cfg = loadgen_cfg(plan_a(), &[&w0, &w1], usize::MAX, 16, 11);
+    old_cfg.stop = Some(stop.clone());
     let old_router = tokio::spawn(async move { run_loadgen(&old_cfg).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Roll plan C (expert 0 moves GPU) through the workers one at a time, as the operator does.
@@ -826,16 +829,17 @@ async fn plan_swap_under_continuous_load_fails_no_request() {
         assert!(body["loadSeconds"].as_f64().unwrap() >= 0.29, "{body}");
     }
     // Routers switch to the new plan while old ones are still in flight.
-    let new_cfg = loadgen_cfg(c.clone(), &[&w0, &w1], 300, 16, 12);
-    let new_router = tokio::spawn(async move { run_loadgen(&new_cfg).await });
-    assert!(
-        !old_router.is_finished(),
-        "the old router finished before the swap: make its run longer"
-    );
+    let new = run_loadgen(&loadgen_cfg(c.clone(), &[&w0, &w1], 100, 16, 12))
+        .await
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
     let old = old_router.await.unwrap().unwrap();
-    let new = new_router.await.unwrap().unwrap();
     assert_clean(&old);
     assert_clean(&new);
+    assert_eq!(new.batches, 100);
+    // The old router kept sending through both swaps (each load takes 300 ms).
+    assert!(old.wall_seconds > 0.8, "{}", old.table());
+    assert!(old.batches > 10, "{}", old.table());
     for w in [&w0, &w1] {
         assert_eq!(plan_in_force(w).await, c.hash);
     }

@@ -12,6 +12,8 @@
 pub mod route;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -41,6 +43,8 @@ pub struct LoadgenConfig {
     pub hidden_pool: usize,
     /// Largest reply frame accepted.
     pub max_frame_bytes: usize,
+    /// When set (by another task), the run ends after the batch in progress.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl LoadgenConfig {
@@ -54,6 +58,7 @@ impl LoadgenConfig {
             seed: 0,
             hidden_pool: 64,
             max_frame_bytes: 1 << 30,
+            stop: None,
         }
     }
 }
@@ -103,6 +108,7 @@ pub struct LoadgenReport {
     pub plan_hash: String,
     pub workers: usize,
     pub ranks: u32,
+    /// Batches run (fewer than asked when stopped early).
     pub batches: usize,
     pub tokens_per_batch: usize,
     pub top_k: u32,
@@ -299,7 +305,7 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
     }
 
     let n_layers = plan.layers.len();
-    let mut step_samples: Vec<Vec<f64>> = vec![Vec::with_capacity(cfg.batches); n_layers];
+    let mut step_samples: Vec<Vec<f64>> = vec![Vec::with_capacity(cfg.batches.min(4096)); n_layers];
     let mut bal_sum = vec![0.0f64; n_layers];
     let mut bal_n = vec![0u64; n_layers];
     let mut expert_rows = vec![vec![0u64; experts]; n_layers];
@@ -315,7 +321,12 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
     let mut rows: Vec<Vec<(u32, f32, u32)>> = vec![Vec::new(); d];
     let started = Instant::now();
 
+    let mut batches_done = 0;
     for b in 0..cfg.batches {
+        if cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+            break;
+        }
+        batches_done += 1;
         for (li, lp) in plan.layers.iter().enumerate() {
             let sampler = TopKSampler::new(cfg.window.row(b % cfg.window.batches(), layer_of[li]));
             for r in rows.iter_mut() {
@@ -412,7 +423,7 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
         }
     }
     let wall = started.elapsed();
-    let tokens = (cfg.batches * cfg.tokens_per_batch) as u64;
+    let tokens = (batches_done as u64).saturating_mul(cfg.tokens_per_batch as u64);
     let layers: Vec<LayerReport> = plan
         .layers
         .iter()
@@ -440,7 +451,7 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
         plan_hash: plan.hash.clone(),
         workers: cfg.workers.len(),
         ranks: plan.gpus,
-        batches: cfg.batches,
+        batches: batches_done,
         tokens_per_batch: cfg.tokens_per_batch,
         top_k: plan.model.top_k,
         tokens,
