@@ -1131,3 +1131,52 @@ async fn loopback_transport_throughput() {
         w.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_and_mutated_frames_never_take_the_worker_down() {
+    use rand::{Rng, SeedableRng};
+    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |c| {
+        c.max_frame_bytes = 1 << 16;
+        c.frame_read_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+    let valid = request(1, 1, 2, &[2, 3, 3]).encode();
+    for case in 0..150 {
+        let mut bytes = if case % 2 == 0 {
+            // Random bytes behind a random (often huge) length prefix.
+            let n = rng.random_range(0..200);
+            (0..n).map(|_| rng.random::<u8>()).collect::<Vec<u8>>()
+        } else {
+            // A valid frame with a few bytes flipped (the length prefix included at times).
+            let mut f = valid.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let i = rng.random_range(0..f.len());
+                f[i] ^= rng.random_range(1..=255u8);
+            }
+            f
+        };
+        if case % 7 == 0 {
+            bytes.truncate(rng.random_range(0..bytes.len().max(1)));
+        }
+        let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
+        let _ = s.write_all(&bytes).await;
+        let _ = s.shutdown().await;
+        // Whatever comes back must be well-formed replies, then the end of the stream.
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(body)) = read_frame(&mut s, 1 << 20).await {
+                decode_reply(&body).expect("the worker only sends well-formed replies");
+            }
+        })
+        .await;
+        assert!(
+            read.is_ok(),
+            "case {case}: the worker neither answered nor closed"
+        );
+    }
+    // Still serving, and the outputs still right.
+    let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
+    let out = expect_output(call(&mut s, &valid).await);
+    assert_eq!(out.rows, 3);
+    w.shutdown().await;
+}
