@@ -533,3 +533,49 @@ impl LoadgenArgs {
             .block_on(self.run(window))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: LoadgenArgs,
+    }
+
+    #[test]
+    fn args_parse_and_read_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = dir.path().join("plan.json");
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--workers",
+            "10.0.0.1:9400,10.0.0.2:9400",
+            "--load",
+            "trace.json",
+            "--batches",
+            "7",
+            "--tokens",
+            "256",
+            "--seed",
+            "3",
+            "--json",
+        ])
+        .unwrap();
+        let a = cli.args;
+        assert_eq!(a.workers, vec!["10.0.0.1:9400", "10.0.0.2:9400"]);
+        assert_eq!((a.batches, a.tokens, a.seed, a.json), (7, 256, 3, true));
+        assert!(Cli::try_parse_from(["loadgen", "--plan", "p", "--load", "l"]).is_err());
+
+        let window = LoadWindow::new(vec![0], 2, vec![1.0, 1.0]).unwrap();
+        let e = a.config(window.clone()).unwrap_err();
+        assert!(format!("{e:#}").contains("plan.json"), "{e:#}");
+        std::fs::write(&plan, "not json").unwrap();
+        let e = a.config(window).unwrap_err();
+        assert!(format!("{e:#}").contains("as a plan document"), "{e:#}");
+    }
+}
