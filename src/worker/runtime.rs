@@ -119,7 +119,10 @@ impl std::fmt::Debug for WorkerOptions {
             .field("metrics_listen", &self.metrics_listen)
             .field("admin_listen", &self.admin_listen)
             .field("admin_token", &"<redacted>")
-            .field("initial_plan", &self.initial_plan.as_ref().map(|p| p.hash.as_str()))
+            .field(
+                "initial_plan",
+                &self.initial_plan.as_ref().map(|p| p.hash.as_str()),
+            )
             .finish()
     }
 }
