@@ -5,5 +5,6 @@
 
 pub mod charts;
 pub mod cli;
+pub mod loadgen;
 pub mod plan;
 pub mod worker;

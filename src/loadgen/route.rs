@@ -1,0 +1,272 @@
+//! Pure routing for the load generator: draw each token's top-k experts from a layer's load,
+//! pick a replica by the plan's shares, and measure the balance that results. Seeded, no I/O.
+
+use rand::Rng;
+
+use crate::plan::expert_plan::Replica;
+
+/// Successive weighted sampling without replacement over one layer's expert loads.
+pub struct TopKSampler {
+    /// Prefix sums of the weights (exclusive of index): `cum[e + 1] - cum[e] = w[e]`.
+    cum: Vec<f64>,
+    positive: usize,
+}
+
+impl TopKSampler {
+    /// `weights` are one batch's token counts per expert (finite, non-negative).
+    pub fn new(weights: &[f64]) -> Self {
+        let mut cum = Vec::with_capacity(weights.len() + 1);
+        let mut acc = 0.0;
+        cum.push(0.0);
+        let mut positive = 0;
+        for &w in weights {
+            let w = if w.is_finite() && w > 0.0 { w } else { 0.0 };
+            positive += usize::from(w > 0.0);
+            acc += w;
+            cum.push(acc);
+        }
+        Self { cum, positive }
+    }
+
+    pub fn experts(&self) -> usize {
+        self.cum.len() - 1
+    }
+
+    fn weight(&self, e: usize) -> f64 {
+        self.cum[e + 1] - self.cum[e]
+    }
+
+    /// Draw `k` distinct experts into `out` (cleared first). Each draw picks among the experts not
+    /// yet drawn with probability proportional to its weight (rejection on already drawn ones,
+    /// which is the same distribution). When fewer than `k` experts have weight, the rest are drawn
+    /// uniformly among the weightless ones. `k` is clamped to the number of experts.
+    pub fn sample<R: Rng>(&self, rng: &mut R, k: usize, out: &mut Vec<u32>) {
+        out.clear();
+        let n = self.experts();
+        let k = k.min(n);
+        let total = self.cum[n];
+        let mut positive_left = self.positive;
+        while out.len() < k {
+            let pick = if positive_left > 0 {
+                self.draw_weighted(rng, total, out)
+            } else {
+                self.draw_uniform_weightless(rng, out)
+            };
+            if self.weight(pick) > 0.0 {
+                positive_left -= 1;
+            }
+            out.push(pick as u32);
+        }
+    }
+
+    fn draw_weighted<R: Rng>(&self, rng: &mut R, total: f64, taken: &[u32]) -> usize {
+        let n = self.experts();
+        // Rejection is cheap while the drawn experts hold little of the mass; fall back to an
+        // exact scan over the rest when they hold most of it.
+        for _ in 0..32 {
+            let r = rng.random::<f64>() * total;
+            // First e with cum[e + 1] > r.
+            let e = self.cum[1..].partition_point(|&c| c <= r).min(n - 1);
+            if self.weight(e) > 0.0 && !taken.contains(&(e as u32)) {
+                return e;
+            }
+        }
+        let rest: f64 = (0..n)
+            .filter(|e| !taken.contains(&(*e as u32)))
+            .map(|e| self.weight(e))
+            .sum();
+        let mut r = rng.random::<f64>() * rest;
+        let mut last = None;
+        for e in (0..n).filter(|e| !taken.contains(&(*e as u32))) {
+            let w = self.weight(e);
+            if w <= 0.0 {
+                continue;
+            }
+            last = Some(e);
+            if r < w {
+                return e;
+            }
+            r -= w;
+        }
+        last.expect("a weighted expert is left")
+    }
+
+    fn draw_uniform_weightless<R: Rng>(&self, rng: &mut R, taken: &[u32]) -> usize {
+        let free: Vec<usize> = (0..self.experts())
+            .filter(|&e| self.weight(e) <= 0.0 && !taken.contains(&(e as u32)))
+            .collect();
+        free[rng.random_range(0..free.len())]
+    }
+}
+
+/// Replica choice for one expert by the plan's token shares.
+pub struct ReplicaPicker {
+    /// Per expert: (gpu, cumulative share).
+    per_expert: Vec<Vec<(u32, f64)>>,
+}
+
+impl ReplicaPicker {
+    pub fn new(replicas: &[Vec<Replica>]) -> Self {
+        let per_expert = replicas
+            .iter()
+            .map(|list| {
+                let mut acc = 0.0;
+                list.iter()
+                    .map(|r| {
+                        acc += r.share.max(0.0);
+                        (r.gpu, acc)
+                    })
+                    .collect()
+            })
+            .collect();
+        Self { per_expert }
+    }
+
+    /// The GPU that computes this token of `expert`; `None` for an expert without replicas.
+    pub fn pick<R: Rng>(&self, rng: &mut R, expert: u32) -> Option<u32> {
+        let list = self.per_expert.get(expert as usize)?;
+        let &(last_gpu, total) = list.last()?;
+        if list.len() == 1 {
+            return Some(last_gpu);
+        }
+        if total <= 0.0 {
+            return Some(list[rng.random_range(0..list.len())].0);
+        }
+        let r = rng.random::<f64>() * total;
+        Some(
+            list.iter()
+                .find(|(_, c)| r < *c)
+                .map_or(last_gpu, |(g, _)| *g),
+        )
+    }
+}
+
+/// Random router weights for one token's top-k experts, summing to 1.
+pub fn router_weights<R: Rng>(rng: &mut R, k: usize, out: &mut Vec<f32>) {
+    out.clear();
+    let mut sum = 0.0f32;
+    for _ in 0..k {
+        let w = 0.05 + rng.random::<f32>();
+        sum += w;
+        out.push(w);
+    }
+    for w in out.iter_mut() {
+        *w /= sum;
+    }
+}
+
+/// mean_g / max_g of the rows each GPU got; `None` when no GPU got any.
+pub fn balancedness(rows_per_gpu: &[u64]) -> Option<f64> {
+    let max = *rows_per_gpu.iter().max()?;
+    if max == 0 {
+        return None;
+    }
+    let mean = rows_per_gpu.iter().sum::<u64>() as f64 / rows_per_gpu.len() as f64;
+    Some(mean / max as f64)
+}
+
+/// Nearest-rank percentile of sorted values (`p` in 0..=1); 0 for no values.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn top_k_is_distinct_and_follows_the_weights() {
+        let weights = [10.0, 0.0, 30.0, 60.0, 0.0, 0.0];
+        let s = TopKSampler::new(&weights);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut out = Vec::new();
+        let mut first = [0u32; 6];
+        for _ in 0..20_000 {
+            s.sample(&mut rng, 2, &mut out);
+            assert_eq!(out.len(), 2);
+            assert_ne!(out[0], out[1]);
+            assert!(out.iter().all(|&e| weights[e as usize] > 0.0), "{out:?}");
+            first[out[0] as usize] += 1;
+        }
+        // The first draw is proportional to the weights: 10% / 30% / 60%.
+        let f = |e: usize| first[e] as f64 / 20_000.0;
+        assert!((f(0) - 0.1).abs() < 0.015, "{first:?}");
+        assert!((f(2) - 0.3).abs() < 0.02, "{first:?}");
+        assert!((f(3) - 0.6).abs() < 0.02, "{first:?}");
+    }
+
+    #[test]
+    fn top_k_fills_with_weightless_experts_when_too_few_have_load() {
+        let s = TopKSampler::new(&[0.0, 5.0, 0.0, 0.0]);
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            s.sample(&mut rng, 3, &mut out);
+            assert_eq!(out[0], 1);
+            let mut sorted = out.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted.len(), 3);
+        }
+        // k larger than the expert count is clamped.
+        s.sample(&mut rng, 9, &mut out);
+        assert_eq!(out.len(), 4);
+        // All weightless: uniform, still distinct.
+        TopKSampler::new(&[0.0; 5]).sample(&mut rng, 5, &mut out);
+        out.sort();
+        assert_eq!(out, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn top_k_handles_one_dominant_expert() {
+        // The rejection loop mostly hits the drawn expert; the exact fallback must take over.
+        let s = TopKSampler::new(&[1e12, 1.0, 1.0]);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut out = Vec::new();
+        s.sample(&mut rng, 3, &mut out);
+        assert_eq!(out[0], 0);
+        out.sort();
+        assert_eq!(out, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn replicas_are_picked_by_share() {
+        let r = |gpu, share| Replica {
+            gpu,
+            slot: 0,
+            share,
+        };
+        let p = ReplicaPicker::new(&[vec![r(0, 1.0)], vec![r(1, 0.25), r(3, 0.75)], vec![]]);
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        assert_eq!(p.pick(&mut rng, 0), Some(0));
+        assert_eq!(p.pick(&mut rng, 2), None);
+        assert_eq!(p.pick(&mut rng, 7), None);
+        let on3 = (0..10_000)
+            .filter(|_| p.pick(&mut rng, 1) == Some(3))
+            .count();
+        assert!((on3 as f64 / 10_000.0 - 0.75).abs() < 0.02, "{on3}");
+    }
+
+    #[test]
+    fn balance_and_percentiles() {
+        assert_eq!(balancedness(&[2, 2, 2, 2]), Some(1.0));
+        assert_eq!(balancedness(&[4, 0, 0, 0]), Some(0.25));
+        assert_eq!(balancedness(&[0, 0]), None);
+        assert_eq!(balancedness(&[]), None);
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&v, 1.0), 100.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut w = Vec::new();
+        router_weights(&mut rng, 8, &mut w);
+        assert!((w.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,350 @@
+//! Process wiring for `moe-worker`: arguments, listeners, start-up plan, shutdown. The binary's
+//! `main` only parses arguments, sets up logging and calls [`run`] with the backend's loaders.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::plan::ExpertPlan;
+use crate::worker::compute::ExpertLoader;
+use crate::worker::http::{admin_router, metrics_router, AdminToken};
+use crate::worker::protocol::DEFAULT_MAX_FRAME_BYTES;
+use crate::worker::server::{serve_dispatch, ServeConfig, Worker};
+
+/// `moe-worker` command line. Every flag can also come from the pod's environment.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "moe-worker",
+    about = "Expert runtime of one node: serves the experts the plan gives its GPUs"
+)]
+pub struct WorkerArgs {
+    /// Plan JSON to apply at start (the plan ConfigMap, mounted). Without it the worker starts
+    /// unready and waits for `PUT /v1/plan`.
+    #[arg(long, env = "MOE_PLAN_FILE")]
+    pub plan: Option<PathBuf>,
+    /// Directory of the model checkpoint (config.json and safetensors shards).
+    #[arg(long, env = "MOE_CHECKPOINT_DIR")]
+    pub checkpoint: Option<PathBuf>,
+    /// Node index of this worker; it serves EP ranks node*G .. (node+1)*G.
+    #[arg(long, env = "MOE_NODE_RANK", default_value_t = 0)]
+    pub node: u32,
+    /// First global EP rank of this worker, instead of --node (a multiple of --gpus-per-node).
+    #[arg(long, env = "MOE_RANK", conflicts_with = "node")]
+    pub rank: Option<u32>,
+    /// EP ranks (GPUs) on this node. Default: the plan's gpus / nodes.
+    #[arg(long, env = "MOE_GPUS_PER_NODE")]
+    pub gpus_per_node: Option<u32>,
+    /// Dispatch protocol listen address.
+    #[arg(long, env = "MOE_LISTEN", default_value = "0.0.0.0:9400")]
+    pub listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    #[arg(long, env = "MOE_METRICS_LISTEN", default_value = "0.0.0.0:9401")]
+    pub metrics_listen: SocketAddr,
+    /// Admin API (`/v1/plan`), bearer token required.
+    #[arg(long, env = "MOE_ADMIN_LISTEN", default_value = "0.0.0.0:9402")]
+    pub admin_listen: SocketAddr,
+    /// File holding the admin bearer token; otherwise the MOE_ADMIN_TOKEN environment variable.
+    #[arg(long, env = "MOE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Compute device: cpu, cuda:N (local rank i uses cuda:N+i) or auto.
+    #[arg(long, env = "MOE_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "MOE_LOG_JSON")]
+    pub log_json: bool,
+    /// Largest dispatch frame accepted, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_FRAME_BYTES)]
+    pub max_frame_bytes: usize,
+    /// Dispatch frame bytes buffered or computing at once, over all connections.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_inflight_bytes: usize,
+    /// Rows batched into one compute step of one rank.
+    #[arg(long, default_value_t = 16384)]
+    pub max_batch_rows: usize,
+    /// Seconds a replaced plan keeps serving requests routed by it.
+    #[arg(long, default_value_t = 30)]
+    pub previous_plan_grace_seconds: u64,
+}
+
+/// Set up tracing (RUST_LOG, default info).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The compute backend's loader for one local rank. Placeholder until the backends are merged:
+/// the lead replaces this body with `loader_for_device(device, checkpoint, local_rank)`.
+pub fn backend_loader(
+    device: &str,
+    checkpoint: Option<&Path>,
+    local_rank: u32,
+) -> anyhow::Result<Arc<dyn ExpertLoader>> {
+    let _ = (checkpoint, local_rank);
+    anyhow::bail!(
+        "no compute backend is compiled into this build (asked for --device {device}); \
+         the CPU and CUDA backends plug in through crate::worker::backend_loader"
+    )
+}
+
+/// Everything a worker needs to start, resolved from the arguments (or built by a test).
+pub struct WorkerOptions {
+    pub serve: ServeConfig,
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub admin_token: String,
+    pub initial_plan: Option<ExpertPlan>,
+}
+
+impl std::fmt::Debug for WorkerOptions {
+    /// The admin token is left out so that it never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerOptions")
+            .field("serve", &self.serve)
+            .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("admin_listen", &self.admin_listen)
+            .field("admin_token", &"<redacted>")
+            .field(
+                "initial_plan",
+                &self.initial_plan.as_ref().map(|p| p.hash.as_str()),
+            )
+            .finish()
+    }
+}
+
+/// A started worker: its bound addresses and the way to stop it.
+pub struct WorkerHandle {
+    pub worker: Arc<Worker>,
+    pub dispatch_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Stop accepting and wait for the servers to end (open dispatch connections are dropped).
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {flag} {addr} (is another process on that port?)"))
+}
+
+/// Bind the three ports, start serving, then apply the start-up plan if there is one (the health
+/// endpoints answer meanwhile; `/readyz` turns ready when the plan is in force).
+pub async fn start(
+    opts: WorkerOptions,
+    loaders: Vec<Arc<dyn ExpertLoader>>,
+) -> anyhow::Result<WorkerHandle> {
+    let token = Arc::new(AdminToken::new(&opts.admin_token).context("admin token")?);
+    let worker = Worker::start(opts.serve, loaders)?;
+    let dispatch = bind(opts.listen, "--listen").await?;
+    let metrics = bind(opts.metrics_listen, "--metrics-listen").await?;
+    let admin = bind(opts.admin_listen, "--admin-listen").await?;
+    let (dispatch_addr, metrics_addr, admin_addr) = (
+        dispatch.local_addr()?,
+        metrics.local_addr()?,
+        admin.local_addr()?,
+    );
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = vec![tokio::spawn(serve_dispatch(
+        worker.clone(),
+        dispatch,
+        rx.clone(),
+    ))];
+    for (listener, router) in [
+        (metrics, metrics_router(worker.clone())),
+        (admin, admin_router(worker.clone(), token)),
+    ] {
+        let mut stop = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "http server failed");
+            }
+        }));
+    }
+    tracing::info!(%dispatch_addr, %metrics_addr, %admin_addr, ranks = ?worker.config().ranks(), "worker listening");
+    let handle = WorkerHandle {
+        worker,
+        dispatch_addr,
+        metrics_addr,
+        admin_addr,
+        shutdown: tx,
+        tasks,
+    };
+    if let Some(plan) = opts.initial_plan {
+        if let Err(e) = handle.worker.apply_plan(plan).await {
+            handle.shutdown().await;
+            return Err(anyhow::Error::new(e).context("applying the start-up plan (--plan)"));
+        }
+    }
+    Ok(handle)
+}
+
+fn read_plan(path: &Path) -> anyhow::Result<ExpertPlan> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading plan file {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("parsing plan file {} as a plan document", path.display()))
+}
+
+fn read_token(args: &WorkerArgs) -> anyhow::Result<String> {
+    if let Some(path) = &args.admin_token_file {
+        return std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "reading the admin token file {} (--admin-token-file)",
+                path.display()
+            )
+        });
+    }
+    std::env::var("MOE_ADMIN_TOKEN").map_err(|_| {
+        anyhow::anyhow!("the admin API needs a bearer token: pass --admin-token-file FILE or set MOE_ADMIN_TOKEN")
+    })
+}
+
+/// Resolve the arguments into options: node and ranks per node (from the flags or the plan).
+pub fn resolve(args: &WorkerArgs) -> anyhow::Result<WorkerOptions> {
+    let plan = args.plan.as_deref().map(read_plan).transpose()?;
+    let gpus_per_node = match (args.gpus_per_node, &plan) {
+        (Some(g), _) => g,
+        (None, Some(p)) if p.nodes > 0 => p.gpus / p.nodes,
+        _ => anyhow::bail!(
+            "--gpus-per-node (or MOE_GPUS_PER_NODE) is required when no --plan is given"
+        ),
+    };
+    anyhow::ensure!(gpus_per_node > 0, "--gpus-per-node must be at least 1");
+    let node = match args.rank {
+        Some(r) => {
+            anyhow::ensure!(
+                r % gpus_per_node == 0,
+                "--rank {r} is not the first rank of a node ({gpus_per_node} ranks per node); use --node"
+            );
+            r / gpus_per_node
+        }
+        None => args.node,
+    };
+    let mut serve = ServeConfig::new(node, gpus_per_node);
+    serve.max_frame_bytes = args.max_frame_bytes;
+    serve.max_inflight_bytes = args.max_inflight_bytes;
+    serve.max_batch_rows = args.max_batch_rows;
+    serve.previous_plan_grace = Duration::from_secs(args.previous_plan_grace_seconds);
+    Ok(WorkerOptions {
+        serve,
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        admin_listen: args.admin_listen,
+        admin_token: read_token(args)?,
+        initial_plan: plan,
+    })
+}
+
+/// Run a worker until SIGTERM or Ctrl-C. `loader_for_rank(i)` gives the loader of local rank `i`.
+pub async fn run(
+    args: WorkerArgs,
+    loader_for_rank: impl Fn(u32) -> anyhow::Result<Arc<dyn ExpertLoader>>,
+) -> anyhow::Result<()> {
+    let opts = resolve(&args)?;
+    let loaders = (0..opts.serve.gpus_per_node)
+        .map(&loader_for_rank)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let handle = start(opts, loaders).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str], token: &Path) -> WorkerArgs {
+        let mut argv = vec!["moe-worker", "--admin-token-file", token.to_str().unwrap()];
+        argv.extend_from_slice(extra);
+        WorkerArgs::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn ranks_come_from_node_or_first_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "abc\n").unwrap();
+
+        let o = resolve(&args(&["--gpus-per-node", "4", "--node", "3"], &token)).unwrap();
+        assert_eq!(o.serve.ranks(), 12..16);
+        assert_eq!(o.admin_token, "abc\n");
+        assert!(o.initial_plan.is_none());
+
+        let o = resolve(&args(&["--gpus-per-node", "2", "--rank", "6"], &token)).unwrap();
+        assert_eq!(o.serve.ranks(), 6..8);
+        let e = resolve(&args(&["--gpus-per-node", "2", "--rank", "5"], &token)).unwrap_err();
+        assert!(
+            e.to_string().contains("not the first rank of a node"),
+            "{e}"
+        );
+
+        let e = resolve(&args(&[], &token)).unwrap_err();
+        assert!(e.to_string().contains("--gpus-per-node"), "{e}");
+
+        let e = resolve(&args(&["--plan", "/nonexistent/plan.json"], &token)).unwrap_err();
+        assert!(format!("{e:#}").contains("/nonexistent/plan.json"), "{e:#}");
+
+        let bad = dir.path().join("plan.json");
+        std::fs::write(&bad, "{\"formatVersion\": 1}").unwrap();
+        let e = resolve(&args(&["--plan", bad.to_str().unwrap()], &token)).unwrap_err();
+        assert!(format!("{e:#}").contains("as a plan document"), "{e:#}");
+
+        assert!(WorkerArgs::try_parse_from(["moe-worker", "--node", "1", "--rank", "2"]).is_err());
+    }
+}
