@@ -25,6 +25,8 @@ pub enum Command {
     Evaluate(EvaluateArgs),
     /// Compare algorithms across replica budgets (table and chart).
     Compare(CompareArgs),
+    /// Drive workers with routed token batches drawn from a load trace (the router side).
+    Loadgen(crate::loadgen::LoadgenArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -32,5 +34,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(a) => plan_cmd::plan(a),
         Command::Evaluate(a) => plan_cmd::evaluate(a),
         Command::Compare(a) => plan_cmd::compare(a),
+        Command::Loadgen(a) => {
+            let window = crate::plan::load_formats::read_load_file(&a.load).map_err(|e| anyhow::anyhow!("{e}"))?;
+            a.run_blocking(window).map(|_| ())
+        }
     }
 }
