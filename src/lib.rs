@@ -3,5 +3,6 @@
 //! Module boundaries follow DESIGN.md: `plan` is pure planning with no I/O; the other modules
 //! depend on it, never the other way round.
 
+pub mod api;
 pub mod plan;
 pub mod worker;
