@@ -4,5 +4,6 @@
 //! depend on it, never the other way round.
 
 pub mod api;
+pub mod controller;
 pub mod plan;
 pub mod worker;
