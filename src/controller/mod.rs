@@ -3,3 +3,4 @@
 
 pub mod build;
 pub mod rollout;
+pub mod status;

@@ -18,6 +18,9 @@
 //!   the `PUT` for an in-flight push is safe (the worker treats the same plan as a no-op or joins
 //!   the load in progress), which is how a restarted operator finishes one.
 
+use k8s_openapi::api::core::v1::Pod;
+
+use super::build::{ANNOTATION_PLAN_HASH, ANNOTATION_SPEC_HASH, LABEL_NODE_RANK};
 use crate::api::RolloutStrategy;
 
 /// Annotation written on a worker pod just before its plan is pushed in place.
@@ -38,6 +41,38 @@ pub struct WorkerState {
     pub spec_hash: Option<String>,
     /// The pod's [`ANNOTATION_TARGET_PLAN`] annotation.
     pub target_plan_hash: Option<String>,
+}
+
+impl WorkerState {
+    /// Read a worker pod as the rollout sees it. `scraped_plan_hash` is the hash its
+    /// `moe_worker_plan_info` reports, when the last scrape reached it. `None` for pods that are not
+    /// worker pods (no numeric node-rank label).
+    pub fn from_pod(pod: &Pod, scraped_plan_hash: Option<&str>) -> Option<Self> {
+        let labels = pod.metadata.labels.as_ref()?;
+        let rank = labels.get(LABEL_NODE_RANK)?.parse().ok()?;
+        let ann = |k: &str| {
+            pod.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(k))
+                .cloned()
+        };
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        Some(WorkerState {
+            rank,
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+            ready,
+            plan_hash: scraped_plan_hash
+                .map(str::to_string)
+                .or_else(|| ann(ANNOTATION_PLAN_HASH)),
+            spec_hash: ann(ANNOTATION_SPEC_HASH),
+            target_plan_hash: ann(ANNOTATION_TARGET_PLAN),
+        })
+    }
 }
 
 /// The rollout's goal and limits.
@@ -227,6 +262,42 @@ mod tests {
             spec_hash: Some(format!("spec{rank}")),
             target_plan_hash: None,
         }
+    }
+
+    #[test]
+    fn worker_state_from_pod() {
+        use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+        let mut pod = Pod::default();
+        assert_eq!(WorkerState::from_pod(&pod, None), None);
+        pod.metadata.labels = Some([(LABEL_NODE_RANK.to_string(), "3".to_string())].into());
+        pod.metadata.annotations = Some(
+            [
+                (ANNOTATION_PLAN_HASH.to_string(), "started".to_string()),
+                (ANNOTATION_SPEC_HASH.to_string(), "spec".to_string()),
+                (ANNOTATION_TARGET_PLAN.to_string(), "next".to_string()),
+            ]
+            .into(),
+        );
+        pod.status = Some(PodStatus {
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let w = WorkerState::from_pod(&pod, None).unwrap();
+        assert_eq!((w.rank, w.ready, w.terminating), (3, true, false));
+        assert_eq!(w.plan_hash.as_deref(), Some("started"));
+        assert_eq!(w.target_plan_hash.as_deref(), Some("next"));
+        // What the worker reports wins over the annotation it was started with.
+        assert_eq!(
+            WorkerState::from_pod(&pod, Some("next"))
+                .unwrap()
+                .plan_hash
+                .as_deref(),
+            Some("next")
+        );
     }
 
     #[test]
