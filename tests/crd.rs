@@ -118,7 +118,7 @@ fn cel_rules_are_present_with_messages() {
         "self.model.experts % (self.topology.nodes * self.topology.gpusPerNode) == 0",
         "self.rollout.maxUnavailable <= self.topology.nodes",
         "has(self.replicasPerGpu) ? 1 : 0",
-        "quantity(self.memoryPerGpu).sign() >= 0",
+        "!quantity(self.memoryPerGpu).isLessThan(quantity('0'))",
         "self.layers == oldSelf.layers",
         "self.source != 'Prometheus' || has(self.prometheus)",
     ] {

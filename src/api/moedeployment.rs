@@ -275,7 +275,7 @@ fn default_window() -> IntOrString {
         "reason": "FieldValueInvalid"
     },
     {
-        "rule": "!has(self.memoryPerGpu) || (isQuantity(self.memoryPerGpu) && quantity(self.memoryPerGpu).sign() >= 0)",
+        "rule": "!has(self.memoryPerGpu) || (isQuantity(self.memoryPerGpu) && !quantity(self.memoryPerGpu).isLessThan(quantity('0')))",
         "message": "replication.budget.memoryPerGpu must be a non-negative quantity such as 2Gi or 512Mi",
         "fieldPath": ".memoryPerGpu",
         "reason": "FieldValueInvalid"
@@ -471,7 +471,7 @@ impl ImagePullPolicy {
     {
         "rule": "self.dispatch != self.metrics && self.dispatch != self.admin && self.metrics != self.admin",
         "message": "worker.ports.dispatch, metrics and admin must be three different ports",
-        "reason": "FieldValueDuplicate"
+        "reason": "FieldValueInvalid"
     }
 ]))]
 pub struct WorkerPorts {
