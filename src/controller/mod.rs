@@ -2,5 +2,7 @@
 //! I/O (fetch, server-side apply, scraping, status) lives beside them and calls into these.
 
 pub mod build;
+pub mod load;
+pub mod replan;
 pub mod rollout;
 pub mod status;
