@@ -164,3 +164,25 @@ fn names_columns_and_subresources() {
         Some(1.0)
     );
 }
+
+/// The README's "Bad input" table quotes every CEL message; keep them in step with the CRD.
+#[test]
+fn readme_quotes_every_cel_message() {
+    let readme = repo("README.md");
+    let mut nodes = Vec::new();
+    walk(&schema(), "", &mut nodes);
+    for (path, node) in &nodes {
+        for r in node
+            .get("x-kubernetes-validations")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let msg = r["message"].as_str().unwrap();
+            assert!(
+                readme.contains(msg),
+                "README.md does not quote the CEL message at {path}: {msg:?}"
+            );
+        }
+    }
+}
