@@ -3,8 +3,10 @@
 //! Module boundaries follow DESIGN.md: `plan` is pure planning with no I/O; the other modules
 //! depend on it, never the other way round.
 
+pub mod api;
 pub mod charts;
 pub mod cli;
+pub mod controller;
 pub mod loadgen;
 pub mod plan;
 pub mod worker;

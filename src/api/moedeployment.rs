@@ -1,0 +1,597 @@
+//! The `MoEDeployment` custom resource (`moe.craft.dev/v1alpha1`).
+//!
+//! Integers are `i32`/`i64` on purpose: unsigned Rust integers make schemars emit
+//! `format: uint32/uint64`, which Kubernetes 1.34+ warns about. Every integer carries a minimum
+//! instead, and [`super::validate`] converts to the planner's unsigned types.
+//!
+//! Cross-field rules live in CEL (`x-kubernetes-validations`) on the struct that holds all the
+//! fields a rule reads, so the apiserver refuses bad objects at `kubectl apply`; what CEL cannot
+//! express is checked by [`super::validate`].
+
+// kube's `printcolumn(type_ = ..)` repeats per column, which clippy mistakes for a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    ConfigMapKeySelector, EnvVar, HostPathVolumeSource, PersistentVolumeClaimVolumeSource,
+    ResourceRequirements, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Go-style duration (`30s`, `5m`, `1h30m`), as the apiserver's CEL `duration()` reads it.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+
+/// Serve a Mixture-of-Experts model on GPU worker pods and keep its experts balanced.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "moe.craft.dev",
+    version = "v1alpha1",
+    kind = "MoEDeployment",
+    plural = "moedeployments",
+    singular = "moedeployment",
+    shortname = "moed",
+    category = "moe",
+    namespaced,
+    status = "MoEDeploymentStatus",
+    derive = "PartialEq",
+    doc = "A Mixture-of-Experts model served by one worker pod per node, with an expert replication plan kept balanced by the operator.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Plan", type_ = "string", json_path = ".status.plan.shortHash"),
+    printcolumn(
+        name = "R",
+        type_ = "integer",
+        json_path = ".status.plan.replicasPerGpu",
+        description = "extra expert replicas per GPU, summed over layers"
+    ),
+    printcolumn(
+        name = "Balancedness",
+        type_ = "number",
+        json_path = ".status.observed.balancedness",
+        description = "observed mean/max GPU load over the last window"
+    ),
+    printcolumn(
+        name = "Workers",
+        type_ = "string",
+        json_path = ".status.workers.summary",
+        description = "ready/desired worker pods"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.replication.policy == 'Craft' || self.model.experts % (self.topology.nodes * self.topology.gpusPerNode) == 0",
+        "message": "model.experts must be divisible by topology.nodes * topology.gpusPerNode (the EP ranks) unless replication.policy is Craft: Eplb, PlacementOnly and None give every GPU the same number of expert slots",
+        "fieldPath": ".model.experts",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "self.rollout.maxUnavailable <= self.topology.nodes",
+        "message": "rollout.maxUnavailable must not exceed topology.nodes (there is one worker pod per node)",
+        "fieldPath": ".rollout.maxUnavailable",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct MoEDeploymentSpec {
+    pub model: ModelSpec,
+    pub topology: TopologySpec,
+    #[serde(default)]
+    pub replication: ReplicationSpec,
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+    pub worker: WorkerSpec,
+    /// A load trace (the format `moectl plan --load` reads) to plan from until the workers report
+    /// load. Without it the first plan is placement-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_load: Option<ConfigMapKeySelector>,
+}
+
+/// The model: the shape fields mirror [`crate::plan::ModelShape`] and cannot change after
+/// creation (a different model is a different MoEDeployment); the checkpoint can.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.topK <= self.experts",
+        "message": "model.topK must be at most model.experts",
+        "fieldPath": ".topK",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "self.firstMoeLayer < self.layers",
+        "message": "model.firstMoeLayer must be less than model.layers (at least one MoE layer)",
+        "fieldPath": ".firstMoeLayer",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "self.layers == oldSelf.layers && self.firstMoeLayer == oldSelf.firstMoeLayer && self.experts == oldSelf.experts && self.topK == oldSelf.topK && self.hiddenSize == oldSelf.hiddenSize && self.expertIntermediateSize == oldSelf.expertIntermediateSize && self.dtype == oldSelf.dtype",
+        "message": "the model shape (layers, firstMoeLayer, experts, topK, hiddenSize, expertIntermediateSize, dtype) is immutable: create a new MoEDeployment for a different model",
+        "reason": "FieldValueForbidden"
+    }
+]))]
+pub struct ModelSpec {
+    /// Total decoder layers, dense ones included.
+    #[schemars(range(min = 1, max = 4096))]
+    pub layers: i32,
+    /// Index of the first MoE layer; layers before it are dense.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 4095))]
+    pub first_moe_layer: i32,
+    /// Routed (logical) experts per MoE layer.
+    #[schemars(range(min = 1, max = 65536))]
+    pub experts: i32,
+    /// Experts each token is routed to.
+    #[schemars(range(min = 1, max = 65536))]
+    pub top_k: i32,
+    #[schemars(range(min = 1, max = 1048576))]
+    pub hidden_size: i64,
+    /// Intermediate size of one routed expert's FFN.
+    #[schemars(range(min = 1, max = 1048576))]
+    pub expert_intermediate_size: i64,
+    #[serde(default)]
+    pub dtype: ModelDtype,
+    pub checkpoint: CheckpointSpec,
+}
+
+/// Weight precision of the routed experts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelDtype {
+    #[default]
+    Bf16,
+    /// FP8 E4M3 with 128x128 f32 block scales (DeepSeek-V3 layout).
+    Fp8,
+}
+
+/// Where the safetensors shards are, as the worker sees them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointSpec {
+    /// Absolute path of the checkpoint directory inside the worker container.
+    #[schemars(length(min = 1, max = 4096))]
+    pub path: String,
+    /// The volume mounted (read-only) at `path`. Without it the path must exist in the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<CheckpointVolume>,
+}
+
+/// A volume source for the checkpoint: exactly one of the fields.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.persistentVolumeClaim) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) == 1",
+        "message": "model.checkpoint.volume needs exactly one of persistentVolumeClaim or hostPath",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct CheckpointVolume {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<PersistentVolumeClaimVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathVolumeSource>,
+}
+
+/// Expert-parallel topology: `nodes` worker pods of `gpusPerNode` GPUs, D = nodes x gpusPerNode ranks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopologySpec {
+    #[schemars(range(min = 1, max = 1024))]
+    pub nodes: i32,
+    #[schemars(range(min = 1, max = 64))]
+    pub gpus_per_node: i32,
+}
+
+/// How experts are placed and replicated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ReplicationPolicy {
+    /// CRAFT: per-layer replica counts under one memory budget, uneven slot counts allowed.
+    #[default]
+    Craft,
+    /// DeepSeek's EPLB: the same number of replicas in every layer.
+    Eplb,
+    /// Load-aware placement, no replicas.
+    PlacementOnly,
+    /// Contiguous placement, experts/D per GPU, never re-planned.
+    None,
+}
+
+impl ReplicationPolicy {
+    /// Whether the policy adds replicas (and so reads the budget).
+    pub fn replicates(self) -> bool {
+        matches!(self, ReplicationPolicy::Craft | ReplicationPolicy::Eplb)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationSpec {
+    #[serde(default)]
+    pub policy: ReplicationPolicy,
+    /// Replica memory budget, read by Craft and Eplb.
+    #[serde(default)]
+    pub budget: BudgetSpec,
+    /// Roll out a new plan only when its predicted balancedness beats the plan in force by at
+    /// least this much (absolute, 0..1).
+    #[serde(default = "default_min_improvement")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_improvement: f64,
+    /// Least time between two rollouts of a new plan.
+    #[serde(default = "default_cooldown")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 64)
+    )]
+    pub cooldown: String,
+    /// The load window planned on: an integer counts metrics intervals, a string is a duration.
+    #[serde(default = "default_window")]
+    pub window: IntOrString,
+}
+
+impl Default for ReplicationSpec {
+    fn default() -> Self {
+        Self {
+            policy: ReplicationPolicy::default(),
+            budget: BudgetSpec::default(),
+            min_improvement: default_min_improvement(),
+            cooldown: default_cooldown(),
+            window: default_window(),
+        }
+    }
+}
+
+fn default_min_improvement() -> f64 {
+    0.02
+}
+fn default_cooldown() -> String {
+    "5m".into()
+}
+fn default_window() -> IntOrString {
+    IntOrString::Int(10)
+}
+
+/// Replica memory per GPU, in exactly one form.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.replicasPerGpu) ? 1 : 0) + (has(self.memoryPerGpu) ? 1 : 0) + (has(self.auto) && self.auto ? 1 : 0) == 1",
+        "message": "replication.budget needs exactly one of replicasPerGpu, memoryPerGpu or auto: true",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.memoryPerGpu) || (isQuantity(self.memoryPerGpu) && !quantity(self.memoryPerGpu).isLessThan(quantity('0')))",
+        "message": "replication.budget.memoryPerGpu must be a non-negative quantity such as 2Gi or 512Mi",
+        "fieldPath": ".memoryPerGpu",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct BudgetSpec {
+    /// Extra expert slots per GPU, summed over MoE layers (R).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1048576))]
+    pub replicas_per_gpu: Option<i32>,
+    /// Replica memory per GPU as a quantity (`2Gi`); R = floor(memoryPerGpu / bytes per expert).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub memory_per_gpu: Option<String>,
+    /// Let the planner choose R: the smallest R past which one more replica per GPU gains less
+    /// than `minImprovement` in predicted balancedness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<bool>,
+}
+
+impl Default for BudgetSpec {
+    fn default() -> Self {
+        Self {
+            replicas_per_gpu: None,
+            memory_per_gpu: None,
+            auto: Some(true),
+        }
+    }
+}
+
+/// Where per-expert load comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MetricsSource {
+    /// Scrape each ready worker's `/metrics`.
+    #[default]
+    Workers,
+    /// Query a Prometheus server.
+    Prometheus,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.source != 'Prometheus' || has(self.prometheus)",
+        "message": "metrics.prometheus (url and query) is required when metrics.source is Prometheus",
+        "fieldPath": ".prometheus",
+        "reason": "FieldValueRequired"
+    }
+]))]
+pub struct MetricsSpec {
+    #[serde(default)]
+    pub source: MetricsSource,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSpec>,
+    /// Time between two load samples.
+    #[serde(default = "default_interval")]
+    #[schemars(
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        length(max = 64)
+    )]
+    pub interval: String,
+}
+
+impl Default for MetricsSpec {
+    fn default() -> Self {
+        Self {
+            source: MetricsSource::default(),
+            prometheus: None,
+            interval: default_interval(),
+        }
+    }
+}
+
+fn default_interval() -> String {
+    "30s".into()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusSpec {
+    /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring:9090`.
+    #[schemars(length(min = 1, max = 2048))]
+    pub url: String,
+    /// PromQL giving per-expert token rates with `layer` and `expert` labels, e.g.
+    /// `sum by (layer, expert) (increase(moe_expert_tokens_total{namespace="x"}[1m]))`.
+    #[schemars(length(min = 1, max = 8192))]
+    pub query: String,
+}
+
+/// How workers move to a new plan.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RolloutStrategy {
+    /// `PUT /v1/plan` to the running workers; pods stay.
+    #[default]
+    InPlace,
+    /// Replace worker pods, each ready before the next.
+    Recreate,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    #[serde(default)]
+    pub strategy: RolloutStrategy,
+    /// Workers that may be off the serving path at once (being updated or replaced).
+    #[serde(default = "default_max_unavailable")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_unavailable: i32,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            strategy: RolloutStrategy::default(),
+            max_unavailable: default_max_unavailable(),
+        }
+    }
+}
+
+fn default_max_unavailable() -> i32 {
+    1
+}
+
+/// Which compute backend the worker runs its experts on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerDevice {
+    #[default]
+    Cuda,
+    Cpu,
+}
+
+impl WorkerDevice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerDevice::Cuda => "cuda",
+            WorkerDevice::Cpu => "cpu",
+        }
+    }
+}
+
+/// The worker pods.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    /// The `moe-worker` image.
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+    /// Container resources. `nvidia.com/gpu` is set from `topology.gpusPerNode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Added to the `nvidia.com/gpu` toleration the operator always sets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    #[serde(default)]
+    pub device: WorkerDevice,
+    #[serde(default)]
+    pub ports: WorkerPorts,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ImagePullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl ImagePullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImagePullPolicy::Always => "Always",
+            ImagePullPolicy::IfNotPresent => "IfNotPresent",
+            ImagePullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// Container ports of the worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.dispatch != self.metrics && self.dispatch != self.admin && self.metrics != self.admin",
+        "message": "worker.ports.dispatch, metrics and admin must be three different ports",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct WorkerPorts {
+    /// Token dispatch (binary frames from the router/loadgen).
+    #[serde(default = "default_dispatch_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub dispatch: i32,
+    /// Prometheus `/metrics`.
+    #[serde(default = "default_metrics_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub metrics: i32,
+    /// Admin API (`PUT /v1/plan`, `/healthz`, `/readyz`), bearer token.
+    #[serde(default = "default_admin_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub admin: i32,
+}
+
+impl Default for WorkerPorts {
+    fn default() -> Self {
+        Self {
+            dispatch: default_dispatch_port(),
+            metrics: default_metrics_port(),
+            admin: default_admin_port(),
+        }
+    }
+}
+
+fn default_dispatch_port() -> i32 {
+    9000
+}
+fn default_metrics_port() -> i32 {
+    9090
+}
+fn default_admin_port() -> i32 {
+    9091
+}
+
+/// What the operator observed and did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MoEDeploymentStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing, Degraded, PlanReady, MetricsAvailable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<ObservedLoad>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<WorkersStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Condition types the operator sets.
+pub mod condition {
+    pub const READY: &str = "Ready";
+    pub const PROGRESSING: &str = "Progressing";
+    pub const DEGRADED: &str = "Degraded";
+    pub const PLAN_READY: &str = "PlanReady";
+    pub const METRICS_AVAILABLE: &str = "MetricsAvailable";
+}
+
+/// The plan in force (or being rolled out).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanStatus {
+    pub hash: String,
+    /// First 12 hex digits of `hash`, for the printer column.
+    pub short_hash: String,
+    /// none, placement, eplb, craft.
+    pub algorithm: String,
+    #[schemars(range(min = 0))]
+    pub replicas_per_gpu: i32,
+    #[schemars(range(min = 0))]
+    pub replica_bytes_per_gpu: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_balancedness: Option<f64>,
+    /// Predicted balancedness of the plan this one replaced, on the same window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_balancedness: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub computed_at: Option<Time>,
+}
+
+/// Load seen over the last window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedLoad {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balancedness: Option<f64>,
+    #[schemars(range(min = 0))]
+    pub tokens: i64,
+    #[schemars(range(min = 0))]
+    pub window_batches: i64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkersStatus {
+    #[schemars(range(min = 0))]
+    pub desired: i32,
+    #[schemars(range(min = 0))]
+    pub ready: i32,
+    #[schemars(range(min = 0))]
+    pub on_current_plan: i32,
+    /// `ready/desired`, for the printer column.
+    pub summary: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    pub target_hash: String,
+    #[schemars(range(min = 0))]
+    pub updated: i32,
+    #[schemars(range(min = 0))]
+    pub total: i32,
+}

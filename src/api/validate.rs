@@ -1,0 +1,757 @@
+//! Validation of a `MoEDeployment` spec beyond the CRD's schema and CEL rules.
+//!
+//! The reconciler runs this before building anything; a non-empty result becomes a Degraded
+//! condition and a Warning event naming each field, and nothing is rolled out. The cross-field
+//! rules CEL already enforces are checked again here, because an object stored before the CRD was
+//! updated (or applied with validation off) must not crash the operator or be served half-right.
+
+use std::fmt;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::moedeployment::{MetricsSource, MoEDeploymentSpec, ModelDtype, ModelSpec};
+use super::units::{parse_duration, parse_quantity};
+use crate::plan::{Dtype, ModelShape};
+
+/// One problem in a spec: where, and what to do about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON path under the object, e.g. `spec.replication.budget.memoryPerGpu`.
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Environment variables the operator sets on every worker; the spec may not override them.
+pub const RESERVED_ENV: &[&str] = &[
+    "MOE_NODE_RANK",
+    "MOE_NODES",
+    "MOE_GPUS_PER_NODE",
+    "MOE_PLAN_FILE",
+    "MOE_CHECKPOINT",
+    "MOE_ADMIN_TOKEN_FILE",
+    "MOE_DEVICE",
+];
+
+/// GPU resource name the operator requests per worker pod.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// Shortest metrics interval: scraping faster than this loads the workers for no planning gain.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+impl ModelSpec {
+    /// The planner's view of the model. Fails on negative numbers, which the schema refuses.
+    pub fn shape(&self) -> Result<ModelShape, FieldError> {
+        fn nonneg<T: TryFrom<i64>>(v: i64, field: &str) -> Result<T, FieldError> {
+            T::try_from(v).map_err(|_| FieldError {
+                path: format!("spec.model.{field}"),
+                message: format!("{v} is out of range: use a positive number"),
+            })
+        }
+        Ok(ModelShape {
+            layers: nonneg(self.layers.into(), "layers")?,
+            first_moe_layer: nonneg(self.first_moe_layer.into(), "firstMoeLayer")?,
+            experts: nonneg(self.experts.into(), "experts")?,
+            top_k: nonneg(self.top_k.into(), "topK")?,
+            hidden_size: nonneg(self.hidden_size, "hiddenSize")?,
+            expert_intermediate_size: nonneg(
+                self.expert_intermediate_size,
+                "expertIntermediateSize",
+            )?,
+            dtype: match self.dtype {
+                ModelDtype::Bf16 => Dtype::Bf16,
+                ModelDtype::Fp8 => Dtype::Fp8,
+            },
+        })
+    }
+}
+
+/// Check a spec. An empty list means the operator may act on it.
+pub fn validate(spec: &MoEDeploymentSpec) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    let mut err = |path: &str, message: String| {
+        errs.push(FieldError {
+            path: path.to_string(),
+            message,
+        })
+    };
+    let m = &spec.model;
+    let t = &spec.topology;
+
+    // Model and topology (also CEL / schema; see the module comment).
+    for (field, v) in [
+        ("layers", m.layers),
+        ("experts", m.experts),
+        ("topK", m.top_k),
+    ] {
+        if v < 1 {
+            err(
+                &format!("spec.model.{field}"),
+                format!("{v} must be at least 1"),
+            );
+        }
+    }
+    for (field, v) in [
+        ("hiddenSize", m.hidden_size),
+        ("expertIntermediateSize", m.expert_intermediate_size),
+    ] {
+        if v < 1 {
+            err(
+                &format!("spec.model.{field}"),
+                format!("{v} must be at least 1"),
+            );
+        }
+    }
+    if m.first_moe_layer < 0 || m.first_moe_layer >= m.layers {
+        err(
+            "spec.model.firstMoeLayer",
+            format!(
+                "{} must be in 0..{} (less than model.layers)",
+                m.first_moe_layer, m.layers
+            ),
+        );
+    }
+    if m.top_k > m.experts {
+        err(
+            "spec.model.topK",
+            format!("{} exceeds model.experts ({})", m.top_k, m.experts),
+        );
+    }
+    if t.nodes < 1 || t.gpus_per_node < 1 {
+        err(
+            "spec.topology",
+            format!(
+                "nodes ({}) and gpusPerNode ({}) must be at least 1",
+                t.nodes, t.gpus_per_node
+            ),
+        );
+    }
+    let ranks = i64::from(t.nodes.max(0)) * i64::from(t.gpus_per_node.max(0));
+    let policy = spec.replication.policy;
+    if ranks > 0 && policy != super::ReplicationPolicy::Craft && i64::from(m.experts) % ranks != 0 {
+        err(
+            "spec.model.experts",
+            format!(
+                "{} experts do not spread evenly over {ranks} GPUs, which replication.policy {policy:?} needs: use policy Craft or a topology whose GPU count divides the experts",
+                m.experts
+            ),
+        );
+    }
+    if ranks > 0 && i64::from(m.experts) < ranks && policy != super::ReplicationPolicy::Craft {
+        err(
+            "spec.topology",
+            format!(
+                "{ranks} GPUs for {} experts leaves GPUs without an expert: use fewer GPUs",
+                m.experts
+            ),
+        );
+    }
+
+    // Checkpoint.
+    let ck = &m.checkpoint;
+    if !ck.path.starts_with('/') {
+        err(
+            "spec.model.checkpoint.path",
+            format!("{:?} is not absolute: give the directory as the worker container sees it, e.g. /models/deepseek-v3", ck.path),
+        );
+    } else if ck.path.split('/').any(|c| c == "..") {
+        err(
+            "spec.model.checkpoint.path",
+            format!("{:?} contains '..': give the path without it", ck.path),
+        );
+    } else if ck.path.trim_end_matches('/').is_empty() {
+        err(
+            "spec.model.checkpoint.path",
+            "\"/\" is not a checkpoint directory: name the directory holding the shards".into(),
+        );
+    }
+    if let Some(v) = &ck.volume {
+        let forms =
+            usize::from(v.persistent_volume_claim.is_some()) + usize::from(v.host_path.is_some());
+        if forms != 1 {
+            err(
+                "spec.model.checkpoint.volume",
+                format!("{forms} volume sources given: set exactly one of persistentVolumeClaim or hostPath"),
+            );
+        }
+        if let Some(pvc) = &v.persistent_volume_claim {
+            if pvc.claim_name.trim().is_empty() {
+                err(
+                    "spec.model.checkpoint.volume.persistentVolumeClaim.claimName",
+                    "empty: name the PersistentVolumeClaim holding the checkpoint".into(),
+                );
+            }
+        }
+        if let Some(hp) = &v.host_path {
+            if !hp.path.starts_with('/') {
+                err(
+                    "spec.model.checkpoint.volume.hostPath.path",
+                    format!("{:?} is not an absolute host path", hp.path),
+                );
+            }
+        }
+    }
+
+    // Replication budget.
+    let b = &spec.replication.budget;
+    let forms = usize::from(b.replicas_per_gpu.is_some())
+        + usize::from(b.memory_per_gpu.is_some())
+        + usize::from(b.auto == Some(true));
+    if forms != 1 {
+        err(
+            "spec.replication.budget",
+            format!("{forms} budget forms given: set exactly one of replicasPerGpu, memoryPerGpu or auto: true"),
+        );
+    }
+    let moe_layers = i64::from(m.layers - m.first_moe_layer.max(0)).max(0);
+    if let Some(r) = b.replicas_per_gpu {
+        if r < 0 {
+            err(
+                "spec.replication.budget.replicasPerGpu",
+                format!("{r} is negative: use 0 or more"),
+            );
+        } else if policy.replicates() && i64::from(r) > moe_layers * i64::from(m.experts) {
+            err(
+                "spec.replication.budget.replicasPerGpu",
+                format!(
+                    "{r} exceeds {moe_layers} MoE layers x {} experts, more replicas than a GPU can hold distinct experts for: use a smaller number",
+                    m.experts
+                ),
+            );
+        }
+    }
+    if let Some(q) = &b.memory_per_gpu {
+        match parse_quantity(q) {
+            Err(e) => err(
+                "spec.replication.budget.memoryPerGpu",
+                format!("{e}: write a quantity such as 2Gi or 512Mi"),
+            ),
+            Ok(bytes) if policy.replicates() => {
+                if let Ok(shape) = m.shape() {
+                    let per_expert = u128::from(shape.bytes_per_expert());
+                    if bytes < per_expert {
+                        err(
+                            "spec.replication.budget.memoryPerGpu",
+                            format!(
+                                "{q} ({bytes} bytes) holds no expert replica: one {:?} expert of this model takes {per_expert} bytes ({:.1} MiB); raise it or use replicasPerGpu",
+                                m.dtype,
+                                per_expert as f64 / (1u64 << 20) as f64
+                            ),
+                        );
+                    }
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+    if !(0.0..=1.0).contains(&spec.replication.min_improvement) {
+        err(
+            "spec.replication.minImprovement",
+            format!(
+                "{} is outside 0..1: it is a balancedness difference, e.g. 0.02",
+                spec.replication.min_improvement
+            ),
+        );
+    }
+    if let Err(e) = parse_duration(&spec.replication.cooldown) {
+        err(
+            "spec.replication.cooldown",
+            format!("{e}: write a duration such as 5m"),
+        );
+    }
+
+    // Metrics.
+    let interval = match parse_duration(&spec.metrics.interval) {
+        Err(e) => {
+            err(
+                "spec.metrics.interval",
+                format!("{e}: write a duration such as 30s"),
+            );
+            None
+        }
+        Ok(d) if d < MIN_INTERVAL => {
+            err(
+                "spec.metrics.interval",
+                format!(
+                    "{} is shorter than {}s: use 1s or more",
+                    spec.metrics.interval,
+                    MIN_INTERVAL.as_secs()
+                ),
+            );
+            None
+        }
+        Ok(d) => Some(d),
+    };
+    match &spec.replication.window {
+        IntOrString::Int(n) if *n < 1 => {
+            err(
+                "spec.replication.window",
+                format!("{n} intervals: use 1 or more"),
+            );
+        }
+        IntOrString::Int(_) => {}
+        IntOrString::String(s) => match parse_duration(s) {
+            Err(e) => err(
+                "spec.replication.window",
+                format!("{e}: write a number of metrics intervals (10) or a duration (5m)"),
+            ),
+            Ok(w) => {
+                if let Some(i) = interval {
+                    if w < i {
+                        err(
+                            "spec.replication.window",
+                            format!("{s} is shorter than one metrics.interval ({}): the window would hold no sample", spec.metrics.interval),
+                        );
+                    }
+                }
+            }
+        },
+    }
+    match (spec.metrics.source, &spec.metrics.prometheus) {
+        (MetricsSource::Prometheus, None) => {
+            err("spec.metrics.prometheus", "required when metrics.source is Prometheus: give url and query".into())
+        }
+        (MetricsSource::Prometheus, Some(p)) => {
+            let rest = p.url.strip_prefix("http://").or_else(|| p.url.strip_prefix("https://"));
+            match rest {
+                Some(r) if !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace) => {}
+                _ => err(
+                    "spec.metrics.prometheus.url",
+                    format!("{:?} is not an http(s) URL with a host, e.g. http://prometheus.monitoring:9090", p.url),
+                ),
+            }
+            if p.query.trim().is_empty() {
+                err(
+                    "spec.metrics.prometheus.query",
+                    "empty: give a PromQL query with layer and expert labels, e.g. sum by (layer, expert) (increase(moe_expert_tokens_total[1m]))".into(),
+                );
+            }
+        }
+        (MetricsSource::Workers, Some(_)) => err(
+            "spec.metrics.prometheus",
+            "set, but metrics.source is Workers so it would be ignored: set source: Prometheus or remove it".into(),
+        ),
+        (MetricsSource::Workers, None) => {}
+    }
+
+    // Rollout.
+    let mu = spec.rollout.max_unavailable;
+    if mu < 1 || mu > t.nodes.max(1) {
+        err(
+            "spec.rollout.maxUnavailable",
+            format!("{mu} must be between 1 and topology.nodes ({})", t.nodes),
+        );
+    }
+
+    // Worker.
+    let w = &spec.worker;
+    if w.image.trim().is_empty() {
+        err(
+            "spec.worker.image",
+            "empty: name the moe-worker image, e.g. ghcr.io/moe-operator/moe-worker:0.1.0".into(),
+        );
+    } else if w.image.contains(char::is_whitespace) {
+        err(
+            "spec.worker.image",
+            format!("{:?} contains whitespace", w.image),
+        );
+    }
+    for (i, e) in w.env.iter().enumerate() {
+        if RESERVED_ENV.contains(&e.name.as_str()) {
+            err(
+                &format!("spec.worker.env[{i}].name"),
+                format!("{} is set by the operator from the spec: remove it", e.name),
+            );
+        }
+    }
+    if let Some(r) = &w.resources {
+        for (kind, map) in [("requests", &r.requests), ("limits", &r.limits)] {
+            if let Some(q) = map.as_ref().and_then(|m| m.get(GPU_RESOURCE)) {
+                if q.0 != t.gpus_per_node.to_string() {
+                    err(
+                        &format!("spec.worker.resources.{kind}"),
+                        format!(
+                            "{GPU_RESOURCE}: {} disagrees with topology.gpusPerNode ({}): remove it, the operator sets it",
+                            q.0, t.gpus_per_node
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    let p = &w.ports;
+    for (field, v) in [
+        ("dispatch", p.dispatch),
+        ("metrics", p.metrics),
+        ("admin", p.admin),
+    ] {
+        if !(1..=65535).contains(&v) {
+            err(
+                &format!("spec.worker.ports.{field}"),
+                format!("{v} is not a port number (1..65535)"),
+            );
+        }
+    }
+    if p.dispatch == p.metrics || p.dispatch == p.admin || p.metrics == p.admin {
+        err(
+            "spec.worker.ports",
+            "dispatch, metrics and admin must be three different ports".into(),
+        );
+    }
+
+    if let Some(sel) = &spec.initial_load {
+        if sel.name.trim().is_empty() || sel.key.trim().is_empty() {
+            err(
+                "spec.initialLoad",
+                "needs both name (the ConfigMap) and key (the trace in it)".into(),
+            );
+        }
+    }
+    errs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::moedeployment::*;
+    use k8s_openapi::api::core::v1::{EnvVar, HostPathVolumeSource, ResourceRequirements};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    pub(crate) fn demo_spec() -> MoEDeploymentSpec {
+        serde_yaml::from_str(
+            r#"
+model:
+  layers: 4
+  firstMoeLayer: 1
+  experts: 16
+  topK: 2
+  hiddenSize: 256
+  expertIntermediateSize: 128
+  dtype: bf16
+  checkpoint:
+    path: /models/tiny
+topology: {nodes: 2, gpusPerNode: 2}
+worker: {image: "moe-worker:dev"}
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_fill_in_and_the_demo_is_valid() {
+        let s = demo_spec();
+        assert_eq!(s.replication.policy, ReplicationPolicy::Craft);
+        assert_eq!(s.replication.budget.auto, Some(true));
+        assert_eq!(s.rollout.max_unavailable, 1);
+        assert_eq!(s.metrics.interval, "30s");
+        assert_eq!(validate(&s), vec![]);
+        assert_eq!(s.model.shape().unwrap().moe_layers(), 3);
+    }
+
+    type Edit = fn(&mut MoEDeploymentSpec);
+
+    #[test]
+    fn each_bad_input_names_its_field() {
+        let cases: Vec<(&str, Edit, &str, &str)> = vec![
+            (
+                "relative checkpoint",
+                |s| s.model.checkpoint.path = "models/x".into(),
+                "spec.model.checkpoint.path",
+                "not absolute",
+            ),
+            (
+                "dotdot checkpoint",
+                |s| s.model.checkpoint.path = "/models/../etc".into(),
+                "spec.model.checkpoint.path",
+                "'..'",
+            ),
+            (
+                "root checkpoint",
+                |s| s.model.checkpoint.path = "/".into(),
+                "spec.model.checkpoint.path",
+                "not a checkpoint directory",
+            ),
+            (
+                "relative hostPath",
+                |s| {
+                    s.model.checkpoint.volume = Some(CheckpointVolume {
+                        host_path: Some(HostPathVolumeSource {
+                            path: "x".into(),
+                            ..Default::default()
+                        }),
+                        persistent_volume_claim: None,
+                    })
+                },
+                "spec.model.checkpoint.volume.hostPath.path",
+                "absolute",
+            ),
+            (
+                "no volume source",
+                |s| s.model.checkpoint.volume = Some(CheckpointVolume::default()),
+                "spec.model.checkpoint.volume",
+                "exactly one",
+            ),
+            (
+                "bad memory quantity",
+                |s| {
+                    s.replication.budget = BudgetSpec {
+                        memory_per_gpu: Some("2GB".into()),
+                        auto: None,
+                        replicas_per_gpu: None,
+                    }
+                },
+                "spec.replication.budget.memoryPerGpu",
+                "unknown suffix",
+            ),
+            // One bf16 expert here is 3*256*128*2 = 196608 bytes.
+            (
+                "memory fits no expert",
+                |s| {
+                    s.replication.budget = BudgetSpec {
+                        memory_per_gpu: Some("100Ki".into()),
+                        auto: None,
+                        replicas_per_gpu: None,
+                    }
+                },
+                "spec.replication.budget.memoryPerGpu",
+                "196608 bytes",
+            ),
+            (
+                "two budget forms",
+                |s| s.replication.budget.replicas_per_gpu = Some(2),
+                "spec.replication.budget",
+                "exactly one",
+            ),
+            (
+                "no budget form",
+                |s| s.replication.budget.auto = Some(false),
+                "spec.replication.budget",
+                "exactly one",
+            ),
+            (
+                "negative replicas",
+                |s| {
+                    s.replication.budget = BudgetSpec {
+                        replicas_per_gpu: Some(-1),
+                        auto: None,
+                        memory_per_gpu: None,
+                    }
+                },
+                "spec.replication.budget.replicasPerGpu",
+                "negative",
+            ),
+            (
+                "absurd replicas",
+                |s| {
+                    s.replication.budget = BudgetSpec {
+                        replicas_per_gpu: Some(49),
+                        auto: None,
+                        memory_per_gpu: None,
+                    }
+                },
+                "spec.replication.budget.replicasPerGpu",
+                "exceeds 3 MoE layers x 16",
+            ),
+            (
+                "min improvement",
+                |s| s.replication.min_improvement = 1.5,
+                "spec.replication.minImprovement",
+                "outside 0..1",
+            ),
+            (
+                "cooldown",
+                |s| s.replication.cooldown = "5 minutes".into(),
+                "spec.replication.cooldown",
+                "duration",
+            ),
+            (
+                "interval",
+                |s| s.metrics.interval = "30".into(),
+                "spec.metrics.interval",
+                "no unit",
+            ),
+            (
+                "interval too short",
+                |s| s.metrics.interval = "100ms".into(),
+                "spec.metrics.interval",
+                "shorter than 1s",
+            ),
+            (
+                "window zero",
+                |s| s.replication.window = IntOrString::Int(0),
+                "spec.replication.window",
+                "1 or more",
+            ),
+            (
+                "window bad",
+                |s| s.replication.window = IntOrString::String("ten".into()),
+                "spec.replication.window",
+                "number of metrics intervals",
+            ),
+            (
+                "window < interval",
+                |s| s.replication.window = IntOrString::String("10s".into()),
+                "spec.replication.window",
+                "shorter than one metrics.interval",
+            ),
+            (
+                "prometheus missing",
+                |s| s.metrics.source = MetricsSource::Prometheus,
+                "spec.metrics.prometheus",
+                "required",
+            ),
+            (
+                "prometheus url",
+                |s| {
+                    s.metrics.source = MetricsSource::Prometheus;
+                    s.metrics.prometheus = Some(PrometheusSpec {
+                        url: "prometheus:9090".into(),
+                        query: "q".into(),
+                    })
+                },
+                "spec.metrics.prometheus.url",
+                "http(s) URL",
+            ),
+            (
+                "prometheus query",
+                |s| {
+                    s.metrics.source = MetricsSource::Prometheus;
+                    s.metrics.prometheus = Some(PrometheusSpec {
+                        url: "http://p:9090".into(),
+                        query: " ".into(),
+                    })
+                },
+                "spec.metrics.prometheus.query",
+                "PromQL",
+            ),
+            (
+                "prometheus ignored",
+                |s| {
+                    s.metrics.prometheus = Some(PrometheusSpec {
+                        url: "http://p:9090".into(),
+                        query: "q".into(),
+                    })
+                },
+                "spec.metrics.prometheus",
+                "ignored",
+            ),
+            (
+                "image empty",
+                |s| s.worker.image = " ".into(),
+                "spec.worker.image",
+                "empty",
+            ),
+            (
+                "reserved env",
+                |s| {
+                    s.worker.env.push(EnvVar {
+                        name: "MOE_NODE_RANK".into(),
+                        value: Some("3".into()),
+                        ..Default::default()
+                    })
+                },
+                "spec.worker.env[0].name",
+                "set by the operator",
+            ),
+            (
+                "gpu resource mismatch",
+                |s| {
+                    s.worker.resources = Some(ResourceRequirements {
+                        limits: Some([(GPU_RESOURCE.to_string(), Quantity("8".into()))].into()),
+                        ..Default::default()
+                    })
+                },
+                "spec.worker.resources.limits",
+                "disagrees",
+            ),
+            (
+                "same ports",
+                |s| s.worker.ports.admin = s.worker.ports.metrics,
+                "spec.worker.ports",
+                "different",
+            ),
+            (
+                "maxUnavailable > nodes",
+                |s| s.rollout.max_unavailable = 3,
+                "spec.rollout.maxUnavailable",
+                "between 1 and",
+            ),
+            (
+                "topK > experts",
+                |s| s.model.top_k = 17,
+                "spec.model.topK",
+                "exceeds",
+            ),
+            (
+                "firstMoeLayer",
+                |s| s.model.first_moe_layer = 4,
+                "spec.model.firstMoeLayer",
+                "less than model.layers",
+            ),
+            (
+                "uneven experts for Eplb",
+                |s| {
+                    s.model.experts = 18;
+                    s.replication.policy = ReplicationPolicy::Eplb
+                },
+                "spec.model.experts",
+                "spread evenly",
+            ),
+            (
+                "fewer experts than GPUs",
+                |s| {
+                    s.topology.nodes = 8;
+                    s.topology.gpus_per_node = 4;
+                    s.replication.policy = ReplicationPolicy::None;
+                    s.model.experts = 16
+                },
+                "spec.topology",
+                "without an expert",
+            ),
+        ];
+        for (name, edit, path, needle) in cases {
+            let mut s = demo_spec();
+            edit(&mut s);
+            let errs = validate(&s);
+            assert!(
+                errs.iter()
+                    .any(|e| e.path == path && e.message.contains(needle)),
+                "{name}: want {path} ~ {needle:?}, got {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn craft_accepts_uneven_experts_and_budgets_that_fit() {
+        let mut s = demo_spec();
+        s.model.experts = 18;
+        s.replication.budget = BudgetSpec {
+            memory_per_gpu: Some("1Mi".into()),
+            auto: None,
+            replicas_per_gpu: None,
+        };
+        assert_eq!(validate(&s), vec![]);
+        // Without replication the budget is not read, so a tiny one is fine.
+        s.model.experts = 16;
+        s.replication.policy = ReplicationPolicy::PlacementOnly;
+        s.replication.budget.memory_per_gpu = Some("1Ki".into());
+        assert_eq!(validate(&s), vec![]);
+    }
+
+    #[test]
+    fn shape_refuses_negative_numbers_without_panicking() {
+        let mut s = demo_spec();
+        s.model.hidden_size = -1;
+        assert_eq!(s.model.shape().unwrap_err().path, "spec.model.hiddenSize");
+        assert!(validate(&s)
+            .iter()
+            .any(|e| e.path == "spec.model.hiddenSize"));
+    }
+}

@@ -1,0 +1,858 @@
+//! Pure builders of the objects a `MoEDeployment` owns: the plan ConfigMap, one worker Pod per
+//! node, a headless Service, a PodDisruptionBudget and the admin-token Secret. No I/O: the
+//! reconciler fetches the deployment, the plan and the token, calls [`build`], and applies the
+//! result server-side under one field manager.
+//!
+//! # Worker contract
+//! Each worker pod runs
+//! ```text
+//! moe-worker --plan $(MOE_PLAN_FILE) --checkpoint $(MOE_CHECKPOINT)
+//!            --node-rank $(MOE_NODE_RANK) --gpus-per-node $(MOE_GPUS_PER_NODE)
+//!            --listen 0.0.0.0:<dispatch> --metrics-listen 0.0.0.0:<metrics>
+//!            --admin-listen 0.0.0.0:<admin> --admin-token-file $(MOE_ADMIN_TOKEN_FILE)
+//!            --device <cuda|cpu>
+//! ```
+//! with the same values also in the environment (`MOE_NODE_RANK`, `MOE_NODES`,
+//! `MOE_GPUS_PER_NODE`, `MOE_PLAN_FILE`, `MOE_CHECKPOINT`, `MOE_ADMIN_TOKEN_FILE`, `MOE_DEVICE`).
+//! Node rank `n` serves EP ranks `n*gpusPerNode .. (n+1)*gpusPerNode`. The plan file is the plan
+//! ConfigMap's `plan.json`; the admin token file is the Secret's `token`. `/readyz` and `/healthz`
+//! are served on the admin port without the token (probes carry none).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+    HTTPGetAction, KeyToPath, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::ByteString;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use crate::api::validate::GPU_RESOURCE;
+use crate::api::MoEDeployment;
+use crate::plan::ExpertPlan;
+
+/// Label naming the owning MoEDeployment on every object it owns (also the orphan selector).
+pub const LABEL_DEPLOYMENT: &str = "moe.craft.dev/deployment";
+/// Label carrying a worker pod's node rank.
+pub const LABEL_NODE_RANK: &str = "moe.craft.dev/node-rank";
+/// Annotation: hash of the plan a worker pod was started with.
+pub const ANNOTATION_PLAN_HASH: &str = "moe.craft.dev/plan-hash";
+/// Annotation: hash of the built pod spec; a different desired hash means the pod must be recreated.
+pub const ANNOTATION_SPEC_HASH: &str = "moe.craft.dev/spec-hash";
+/// The field manager for server-side apply.
+pub const FIELD_MANAGER: &str = "moe-operator";
+
+/// Key of the plan document in the plan ConfigMap.
+pub const PLAN_KEY: &str = "plan.json";
+/// Key of the plan hash in the plan ConfigMap.
+pub const HASH_KEY: &str = "hash";
+/// Key of the bearer token in the admin Secret.
+pub const TOKEN_KEY: &str = "token";
+
+const PLAN_DIR: &str = "/etc/moe/plan";
+const ADMIN_DIR: &str = "/etc/moe/admin";
+const CONTAINER: &str = "worker";
+
+/// What went wrong building; each names what to fix.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BuildError {
+    #[error("MoEDeployment has no {0} (objects read from the apiserver always do)")]
+    MissingMetadata(&'static str),
+    #[error("plan is for {plan_gpus} GPUs on {plan_nodes} nodes but spec.topology gives {spec_gpus} GPUs on {spec_nodes} nodes: re-plan for the spec's topology")]
+    TopologyMismatch {
+        plan_gpus: u32,
+        plan_nodes: u32,
+        spec_gpus: i64,
+        spec_nodes: i32,
+    },
+    #[error("plan is for a different model than spec.model: re-plan for the spec's model")]
+    ModelMismatch,
+    #[error("plan has no hash: seal it before building")]
+    UnsealedPlan,
+    #[error("{0}")]
+    InvalidSpec(String),
+}
+
+impl BuildError {
+    /// Short label for the errors-by-reason metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            BuildError::MissingMetadata(_) => "missing_metadata",
+            BuildError::TopologyMismatch { .. } => "plan_topology_mismatch",
+            BuildError::ModelMismatch => "plan_model_mismatch",
+            BuildError::UnsealedPlan => "unsealed_plan",
+            BuildError::InvalidSpec(_) => "invalid_spec",
+        }
+    }
+}
+
+/// Everything a MoEDeployment should own, as it should be.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub plan_config_map: ConfigMap,
+    /// Indexed by node rank.
+    pub pods: Vec<Pod>,
+    pub service: Service,
+    pub pdb: PodDisruptionBudget,
+    pub admin_secret: Secret,
+}
+
+pub fn plan_config_map_name(md: &MoEDeployment) -> String {
+    format!("{}-plan", md.name_any())
+}
+pub fn worker_pod_name(md: &MoEDeployment, rank: u32) -> String {
+    format!("{}-worker-{rank}", md.name_any())
+}
+pub fn service_name(md: &MoEDeployment) -> String {
+    format!("{}-workers", md.name_any())
+}
+pub fn pdb_name(md: &MoEDeployment) -> String {
+    format!("{}-workers", md.name_any())
+}
+pub fn admin_secret_name(md: &MoEDeployment) -> String {
+    format!("{}-admin-token", md.name_any())
+}
+
+/// A fresh admin token: 32 random bytes, hex. Generated once, then read back from the Secret.
+pub fn new_admin_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Labels shared by every owned object; the first three select the worker pods.
+pub fn selector_labels(md: &MoEDeployment) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "moe-worker".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), md.name_any()),
+        (LABEL_DEPLOYMENT.to_string(), md.name_any()),
+    ])
+}
+
+fn common_labels(md: &MoEDeployment, component: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(md);
+    l.insert("app.kubernetes.io/component".into(), component.into());
+    l.insert("app.kubernetes.io/part-of".into(), "moe-operator".into());
+    l.insert("app.kubernetes.io/managed-by".into(), "moe-operator".into());
+    l
+}
+
+fn owner(md: &MoEDeployment) -> Result<OwnerReference, BuildError> {
+    if md.meta().uid.is_none() {
+        return Err(BuildError::MissingMetadata("metadata.uid"));
+    }
+    let mut r = md
+        .controller_owner_ref(&())
+        .ok_or(BuildError::MissingMetadata("metadata.name"))?;
+    // Foreground deletion of the MoEDeployment waits for its workers to go.
+    r.block_owner_deletion = Some(true);
+    Ok(r)
+}
+
+fn meta(md: &MoEDeployment, name: String, component: &str) -> Result<ObjectMeta, BuildError> {
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: Some(
+            md.namespace()
+                .ok_or(BuildError::MissingMetadata("metadata.namespace"))?,
+        ),
+        labels: Some(common_labels(md, component)),
+        owner_references: Some(vec![owner(md)?]),
+        ..Default::default()
+    })
+}
+
+/// Build every owned object. `admin_token` is the existing token (or a [`new_admin_token`]).
+pub fn build(
+    md: &MoEDeployment,
+    plan: &ExpertPlan,
+    admin_token: &str,
+) -> Result<Desired, BuildError> {
+    check_plan(md, plan)?;
+    let pods = (0..md.spec.topology.nodes.max(0) as u32)
+        .map(|rank| worker_pod(md, rank, &plan.hash))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Desired {
+        plan_config_map: plan_config_map(md, plan)?,
+        pods,
+        service: service(md)?,
+        pdb: pdb(md)?,
+        admin_secret: admin_secret(md, admin_token)?,
+    })
+}
+
+/// The plan must fit the spec it is rolled onto.
+pub fn check_plan(md: &MoEDeployment, plan: &ExpertPlan) -> Result<(), BuildError> {
+    let t = &md.spec.topology;
+    let spec_gpus = i64::from(t.nodes) * i64::from(t.gpus_per_node);
+    if i64::from(plan.gpus) != spec_gpus || i64::from(plan.nodes) != i64::from(t.nodes) {
+        return Err(BuildError::TopologyMismatch {
+            plan_gpus: plan.gpus,
+            plan_nodes: plan.nodes,
+            spec_gpus,
+            spec_nodes: t.nodes,
+        });
+    }
+    let shape = md
+        .spec
+        .model
+        .shape()
+        .map_err(|e| BuildError::InvalidSpec(e.to_string()))?;
+    if shape != plan.model {
+        return Err(BuildError::ModelMismatch);
+    }
+    if plan.hash.is_empty() {
+        return Err(BuildError::UnsealedPlan);
+    }
+    Ok(())
+}
+
+/// `<name>-plan`: `plan.json` (the plan document) and `hash`.
+pub fn plan_config_map(md: &MoEDeployment, plan: &ExpertPlan) -> Result<ConfigMap, BuildError> {
+    let json = serde_json::to_string_pretty(plan)
+        .map_err(|e| BuildError::InvalidSpec(format!("plan does not serialise: {e}")))?;
+    let mut m = meta(md, plan_config_map_name(md), "plan")?;
+    m.annotations = Some(BTreeMap::from([(
+        ANNOTATION_PLAN_HASH.to_string(),
+        plan.hash.clone(),
+    )]));
+    Ok(ConfigMap {
+        metadata: m,
+        data: Some(BTreeMap::from([
+            (PLAN_KEY.to_string(), json),
+            (HASH_KEY.to_string(), plan.hash.clone()),
+        ])),
+        ..Default::default()
+    })
+}
+
+/// `<name>-admin-token`: the bearer token of the workers' admin API.
+pub fn admin_secret(md: &MoEDeployment, token: &str) -> Result<Secret, BuildError> {
+    Ok(Secret {
+        metadata: meta(md, admin_secret_name(md), "admin-token")?,
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            TOKEN_KEY.to_string(),
+            ByteString(token.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    })
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(port),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+/// The worker pod of node rank `rank`, started on the plan with hash `plan_hash`.
+pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod, BuildError> {
+    let spec = &md.spec;
+    let w = &spec.worker;
+    let gpus = spec.topology.gpus_per_node.to_string();
+    let plan_file = format!("{PLAN_DIR}/{PLAN_KEY}");
+    let token_file = format!("{ADMIN_DIR}/{TOKEN_KEY}");
+    let ckpt = spec.model.checkpoint.path.clone();
+
+    let mut envs = vec![
+        env("MOE_NODE_RANK", rank.to_string()),
+        env("MOE_NODES", spec.topology.nodes.to_string()),
+        env("MOE_GPUS_PER_NODE", gpus.clone()),
+        env("MOE_PLAN_FILE", plan_file),
+        env("MOE_CHECKPOINT", ckpt.clone()),
+        env("MOE_ADMIN_TOKEN_FILE", token_file),
+        env("MOE_DEVICE", w.device.as_str()),
+    ];
+    envs.extend(w.env.iter().cloned());
+
+    let p = &w.ports;
+    let args: Vec<String> = [
+        "--plan",
+        "$(MOE_PLAN_FILE)",
+        "--checkpoint",
+        "$(MOE_CHECKPOINT)",
+        "--node-rank",
+        "$(MOE_NODE_RANK)",
+        "--gpus-per-node",
+        "$(MOE_GPUS_PER_NODE)",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--listen".into(),
+        format!("0.0.0.0:{}", p.dispatch),
+        "--metrics-listen".into(),
+        format!("0.0.0.0:{}", p.metrics),
+        "--admin-listen".into(),
+        format!("0.0.0.0:{}", p.admin),
+        "--admin-token-file".into(),
+        "$(MOE_ADMIN_TOKEN_FILE)".into(),
+        "--device".into(),
+        w.device.as_str().into(),
+    ])
+    .collect();
+
+    let mut resources = w.resources.clone().unwrap_or_default();
+    for map in [&mut resources.requests, &mut resources.limits] {
+        map.get_or_insert_with(BTreeMap::new)
+            .insert(GPU_RESOURCE.into(), Quantity(gpus.clone()));
+    }
+
+    let mut volumes = vec![
+        Volume {
+            name: "plan".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: plan_config_map_name(md),
+                items: Some(vec![KeyToPath {
+                    key: PLAN_KEY.into(),
+                    path: PLAN_KEY.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "admin-token".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(admin_secret_name(md)),
+                default_mode: Some(0o400),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "plan".into(),
+            mount_path: PLAN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "admin-token".into(),
+            mount_path: ADMIN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ];
+    if let Some(v) = &spec.model.checkpoint.volume {
+        volumes.push(Volume {
+            name: "checkpoint".into(),
+            persistent_volume_claim: v.persistent_volume_claim.clone(),
+            host_path: v.host_path.clone(),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "checkpoint".into(),
+            mount_path: ckpt,
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+
+    let mut tolerations = vec![Toleration {
+        key: Some(GPU_RESOURCE.into()),
+        operator: Some("Exists".into()),
+        effect: Some("NoSchedule".into()),
+        ..Default::default()
+    }];
+    tolerations.extend(w.tolerations.iter().cloned());
+
+    let port = |name: &str, n: i32| ContainerPort {
+        name: Some(name.into()),
+        container_port: n,
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+
+    let container = Container {
+        name: CONTAINER.into(),
+        image: Some(w.image.clone()),
+        image_pull_policy: w.image_pull_policy.map(|p| p.as_str().to_string()),
+        command: Some(vec!["moe-worker".into()]),
+        args: Some(args),
+        env: Some(envs),
+        ports: Some(vec![
+            port("dispatch", p.dispatch),
+            port("metrics", p.metrics),
+            port("admin", p.admin),
+        ]),
+        resources: Some(resources),
+        volume_mounts: Some(mounts),
+        // Loading a large checkpoint takes minutes: the startup probe allows up to an hour
+        // before liveness takes over.
+        startup_probe: Some(http_probe("/healthz", p.admin, 10, 360)),
+        liveness_probe: Some(http_probe("/healthz", p.admin, 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", p.admin, 5, 1)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    let name = worker_pod_name(md, rank);
+    let pod_spec = PodSpec {
+        containers: vec![container],
+        volumes: Some(volumes),
+        tolerations: Some(tolerations),
+        node_selector: (!w.node_selector.is_empty()).then(|| w.node_selector.clone()),
+        service_account_name: w.service_account_name.clone(),
+        priority_class_name: w.priority_class_name.clone(),
+        // Stable DNS per rank: <name>-worker-<n>.<name>-workers.<namespace>.svc
+        hostname: Some(name.clone()),
+        subdomain: Some(service_name(md)),
+        restart_policy: Some("Always".into()),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(30),
+        // One worker per node: each pod takes all the GPUs of its node that the spec asks for.
+        affinity: Some(Affinity {
+            pod_anti_affinity: Some(PodAntiAffinity {
+                required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(BTreeMap::from([(
+                            LABEL_DEPLOYMENT.to_string(),
+                            md.name_any(),
+                        )])),
+                        ..Default::default()
+                    }),
+                    topology_key: "kubernetes.io/hostname".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    let mut m = meta(md, name, "worker")?;
+    m.labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(LABEL_NODE_RANK.into(), rank.to_string());
+    m.annotations = Some(BTreeMap::from([
+        (ANNOTATION_PLAN_HASH.to_string(), plan_hash.to_string()),
+        (ANNOTATION_SPEC_HASH.to_string(), spec_hash(&pod_spec)),
+    ]));
+    Ok(Pod {
+        metadata: m,
+        spec: Some(pod_spec),
+        status: None,
+    })
+}
+
+/// SHA-256 (first 16 hex digits) of a pod spec's JSON. Pod specs are immutable in the fields we
+/// set, so a changed hash means the pod must be replaced (a Recreate rollout).
+pub fn spec_hash(spec: &PodSpec) -> String {
+    let bytes = serde_json::to_vec(spec).unwrap_or_default();
+    hex::encode(Sha256::digest(&bytes))[..16].to_string()
+}
+
+/// Headless Service giving each worker a stable DNS name; not-ready workers are published too,
+/// because every EP rank must be addressable while the group starts.
+pub fn service(md: &MoEDeployment) -> Result<Service, BuildError> {
+    let p = &md.spec.worker.ports;
+    let port = |name: &str, n: i32| ServicePort {
+        name: Some(name.into()),
+        port: n,
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    Ok(Service {
+        metadata: meta(md, service_name(md), "worker")?,
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector_labels(md)),
+            publish_not_ready_addresses: Some(true),
+            ports: Some(vec![
+                port("dispatch", p.dispatch),
+                port("metrics", p.metrics),
+                port("admin", p.admin),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// PodDisruptionBudget for the workers. Bare pods owned by a custom resource without a scale
+/// subresource only support an integer `minAvailable` (the disruption controller cannot resolve
+/// `maxUnavailable` for them), so `rollout.maxUnavailable` is expressed as
+/// `minAvailable = nodes - maxUnavailable`.
+pub fn pdb(md: &MoEDeployment) -> Result<PodDisruptionBudget, BuildError> {
+    let nodes = md.spec.topology.nodes.max(0);
+    let min_available = (nodes - md.spec.rollout.max_unavailable.clamp(1, nodes.max(1))).max(0);
+    Ok(PodDisruptionBudget {
+        metadata: meta(md, pdb_name(md), "worker")?,
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(min_available)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(md)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{CheckpointVolume, MoEDeploymentSpec, WorkerDevice};
+    use crate::plan::{Algorithm, LayerPlan};
+    use k8s_openapi::api::core::v1::PersistentVolumeClaimVolumeSource;
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+
+    fn deployment() -> MoEDeployment {
+        let spec: MoEDeploymentSpec = serde_yaml::from_str(
+            r#"
+model:
+  layers: 2
+  firstMoeLayer: 1
+  experts: 8
+  topK: 2
+  hiddenSize: 64
+  expertIntermediateSize: 32
+  checkpoint: {path: /models/tiny}
+topology: {nodes: 2, gpusPerNode: 2}
+rollout: {maxUnavailable: 1}
+worker:
+  image: moe-worker:dev
+  env: [{name: RUST_LOG, value: debug}]
+  nodeSelector: {gpu: h200}
+"#,
+        )
+        .unwrap();
+        let mut md = MoEDeployment::new("demo", spec);
+        md.metadata.namespace = Some("ml".into());
+        md.metadata.uid = Some("uid-1".into());
+        md
+    }
+
+    fn plan(md: &MoEDeployment) -> ExpertPlan {
+        let model = md.spec.model.shape().unwrap();
+        let gpus = 4u32;
+        ExpertPlan {
+            format_version: crate::plan::expert_plan::PLAN_FORMAT_VERSION,
+            algorithm: Algorithm::None,
+            bytes_per_expert: model.bytes_per_expert(),
+            model,
+            gpus,
+            nodes: 2,
+            replicas_per_gpu: 0,
+            replica_bytes_per_gpu: 0,
+            layers: vec![LayerPlan {
+                layer: 1,
+                slots: (0..gpus).map(|g| vec![2 * g, 2 * g + 1]).collect(),
+                shares: vec![vec![1.0, 1.0]; gpus as usize],
+            }],
+            stats: None,
+            transition: None,
+            hash: String::new(),
+        }
+        .seal()
+    }
+
+    fn container(p: &Pod) -> &Container {
+        &p.spec.as_ref().unwrap().containers[0]
+    }
+
+    fn env_of(p: &Pod, name: &str) -> Option<String> {
+        container(p)
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn one_pod_per_node_with_rank_env_gpus_and_owner() {
+        let md = deployment();
+        let plan = plan(&md);
+        plan.check().unwrap();
+        let d = build(&md, &plan, "tok").unwrap();
+        assert_eq!(d.pods.len(), 2);
+        for (rank, pod) in d.pods.iter().enumerate() {
+            assert_eq!(
+                pod.metadata.name.as_deref(),
+                Some(format!("demo-worker-{rank}").as_str())
+            );
+            assert_eq!(pod.metadata.namespace.as_deref(), Some("ml"));
+            let labels = pod.metadata.labels.as_ref().unwrap();
+            assert_eq!(labels[LABEL_DEPLOYMENT], "demo");
+            assert_eq!(labels[LABEL_NODE_RANK], rank.to_string());
+            assert_eq!(labels["app.kubernetes.io/managed-by"], "moe-operator");
+            assert_eq!(
+                pod.metadata.annotations.as_ref().unwrap()[ANNOTATION_PLAN_HASH],
+                plan.hash
+            );
+            assert_eq!(env_of(pod, "MOE_NODE_RANK"), Some(rank.to_string()));
+            assert_eq!(env_of(pod, "MOE_GPUS_PER_NODE").as_deref(), Some("2"));
+            assert_eq!(env_of(pod, "MOE_NODES").as_deref(), Some("2"));
+            assert_eq!(
+                env_of(pod, "MOE_PLAN_FILE").as_deref(),
+                Some("/etc/moe/plan/plan.json")
+            );
+            assert_eq!(
+                env_of(pod, "MOE_CHECKPOINT").as_deref(),
+                Some("/models/tiny")
+            );
+            assert_eq!(
+                env_of(pod, "MOE_ADMIN_TOKEN_FILE").as_deref(),
+                Some("/etc/moe/admin/token")
+            );
+            assert_eq!(env_of(pod, "RUST_LOG").as_deref(), Some("debug"));
+            let c = container(pod);
+            let res = c.resources.as_ref().unwrap();
+            assert_eq!(
+                res.requests.as_ref().unwrap()[GPU_RESOURCE],
+                Quantity("2".into())
+            );
+            assert_eq!(
+                res.limits.as_ref().unwrap()[GPU_RESOURCE],
+                Quantity("2".into())
+            );
+            let args = c.args.as_ref().unwrap().join(" ");
+            assert!(args.starts_with("--plan $(MOE_PLAN_FILE) --checkpoint $(MOE_CHECKPOINT) --node-rank $(MOE_NODE_RANK)"), "{args}");
+            assert!(
+                args.contains("--admin-listen 0.0.0.0:9091") && args.ends_with("--device cuda"),
+                "{args}"
+            );
+            assert_eq!(
+                c.readiness_probe
+                    .as_ref()
+                    .unwrap()
+                    .http_get
+                    .as_ref()
+                    .unwrap()
+                    .path
+                    .as_deref(),
+                Some("/readyz")
+            );
+            let ports: Vec<_> = c
+                .ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|p| (p.name.clone().unwrap(), p.container_port))
+                .collect();
+            assert_eq!(
+                ports,
+                [
+                    ("dispatch".into(), 9000),
+                    ("metrics".into(), 9090),
+                    ("admin".into(), 9091)
+                ]
+            );
+            let spec = pod.spec.as_ref().unwrap();
+            assert!(spec
+                .tolerations
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|t| t.key.as_deref() == Some(GPU_RESOURCE)));
+            assert_eq!(spec.node_selector.as_ref().unwrap()["gpu"], "h200");
+            assert_eq!(spec.subdomain.as_deref(), Some("demo-workers"));
+            let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+                ("MoEDeployment", "demo", "uid-1")
+            );
+            assert_eq!(owner.controller, Some(true));
+        }
+        // Same spec on every rank except the rank itself, so spec hashes differ per pod.
+        let h: Vec<_> = d
+            .pods
+            .iter()
+            .map(|p| p.metadata.annotations.as_ref().unwrap()[ANNOTATION_SPEC_HASH].clone())
+            .collect();
+        assert_ne!(h[0], h[1]);
+    }
+
+    #[test]
+    fn config_map_service_pdb_secret() {
+        let md = deployment();
+        let plan = plan(&md);
+        let d = build(&md, &plan, "s3cret").unwrap();
+        let cm = &d.plan_config_map;
+        assert_eq!(cm.metadata.name.as_deref(), Some("demo-plan"));
+        let data = cm.data.as_ref().unwrap();
+        assert_eq!(data[HASH_KEY], plan.hash);
+        let back: ExpertPlan = serde_json::from_str(&data[PLAN_KEY]).unwrap();
+        assert_eq!(back.compute_hash(), plan.hash);
+
+        let svc = d.service.spec.as_ref().unwrap();
+        assert_eq!(svc.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(svc.selector.as_ref().unwrap(), &selector_labels(&md));
+        // The service selects exactly the worker pods.
+        for p in &d.pods {
+            let l = p.metadata.labels.as_ref().unwrap();
+            assert!(svc
+                .selector
+                .as_ref()
+                .unwrap()
+                .iter()
+                .all(|(k, v)| l.get(k) == Some(v)));
+        }
+        assert_eq!(
+            d.pdb.spec.as_ref().unwrap().min_available,
+            Some(IntOrString::Int(1))
+        );
+        assert_eq!(
+            d.admin_secret.metadata.name.as_deref(),
+            Some("demo-admin-token")
+        );
+        assert_eq!(
+            d.admin_secret.data.as_ref().unwrap()[TOKEN_KEY],
+            ByteString(b"s3cret".to_vec())
+        );
+        for m in [
+            &cm.metadata,
+            &d.service.metadata,
+            &d.pdb.metadata,
+            &d.admin_secret.metadata,
+        ] {
+            assert_eq!(
+                m.owner_references.as_ref().unwrap()[0].controller,
+                Some(true)
+            );
+        }
+    }
+
+    #[test]
+    fn checkpoint_volume_device_and_user_resources() {
+        let mut md = deployment();
+        md.spec.model.checkpoint.volume = Some(CheckpointVolume {
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: "weights".into(),
+                read_only: Some(true),
+            }),
+            host_path: None,
+        });
+        md.spec.worker.device = WorkerDevice::Cpu;
+        md.spec.worker.resources = Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity("64Gi".into()),
+            )])),
+            ..Default::default()
+        });
+        let plan = plan(&md);
+        let pod = worker_pod(&md, 1, &plan.hash).unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        let vol = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "checkpoint")
+            .unwrap();
+        assert_eq!(
+            vol.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "weights"
+        );
+        let c = container(&pod);
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "checkpoint")
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/models/tiny", Some(true))
+        );
+        assert!(c
+            .args
+            .as_ref()
+            .unwrap()
+            .ends_with(&["--device".to_string(), "cpu".to_string()]));
+        let req = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
+        assert_eq!(req["memory"], Quantity("64Gi".into()));
+        assert_eq!(req[GPU_RESOURCE], Quantity("2".into()));
+        // Changing the image changes the spec hash (a Recreate rollout); the plan hash does not.
+        let before = worker_pod(&md, 1, "a").unwrap();
+        let same = worker_pod(&md, 1, "b").unwrap();
+        md.spec.worker.image = "moe-worker:2".into();
+        let after = worker_pod(&md, 1, "a").unwrap();
+        let sh = |p: &Pod| p.metadata.annotations.as_ref().unwrap()[ANNOTATION_SPEC_HASH].clone();
+        assert_eq!(sh(&before), sh(&same));
+        assert_ne!(sh(&before), sh(&after));
+    }
+
+    #[test]
+    fn refuses_plans_that_do_not_fit_the_spec() {
+        let md = deployment();
+        let mut p = plan(&md);
+        p.gpus = 8;
+        assert!(matches!(
+            build(&md, &p, "t"),
+            Err(BuildError::TopologyMismatch { plan_gpus: 8, .. })
+        ));
+        let mut p = plan(&md);
+        p.model.experts = 16;
+        assert_eq!(build(&md, &p, "t").unwrap_err(), BuildError::ModelMismatch);
+        let mut p = plan(&md);
+        p.hash.clear();
+        assert_eq!(build(&md, &p, "t").unwrap_err(), BuildError::UnsealedPlan);
+        let mut no_uid = md.clone();
+        no_uid.metadata.uid = None;
+        assert_eq!(
+            build(&no_uid, &plan(&md), "t").unwrap_err(),
+            BuildError::MissingMetadata("metadata.uid")
+        );
+    }
+
+    #[test]
+    fn tokens_are_fresh_and_long() {
+        let (a, b) = (new_admin_token(), new_admin_token());
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+    }
+}

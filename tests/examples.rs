@@ -1,0 +1,44 @@
+//! The sample MoEDeployments parse as the API types and pass validation.
+
+use moe_operator::api::validate::validate;
+use moe_operator::api::MoEDeployment;
+
+#[test]
+fn demo_example_is_a_valid_moedeployment() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let md: MoEDeployment = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert_eq!(md.metadata.name.as_deref(), Some("demo"));
+    let errs = validate(&md.spec);
+    assert!(errs.is_empty(), "{path}: {errs:?}");
+    // The demo stays within what CEL checks too.
+    let s = &md.spec;
+    assert!(s.model.top_k <= s.model.experts && s.model.first_moe_layer < s.model.layers);
+    assert!(s.rollout.max_unavailable <= s.topology.nodes);
+}
+
+/// Every spec in examples/invalid/ (each refused by the CRD's schema or CEL rules, see the README's
+/// "Bad input" table) is also refused by the operator's own checks: it fails to parse as the API
+/// types, or validation reports it. So an object that slipped past an outdated CRD is still caught.
+#[test]
+fn invalid_examples_are_refused_by_parsing_or_validation() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/invalid");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        seen += 1;
+        let text = std::fs::read_to_string(&path).unwrap();
+        match serde_yaml::from_str::<MoEDeployment>(&text) {
+            Err(_) => {}
+            Ok(md) => assert!(
+                !validate(&md.spec).is_empty(),
+                "{}: validation accepts it",
+                path.display()
+            ),
+        }
+    }
+    assert!(seen >= 20, "only {seen} invalid examples in {dir}");
+}
