@@ -68,8 +68,14 @@ wrapper_module() {
                 left = lr[1]; right = lr[2]
                 gsub(/^[[:space:]]+|[[:space:]]+$/, "", left); gsub(/^[[:space:]]+|[[:space:]]+$/, "", right)
                 split(left, l, /[[:space:]]+/)
-                if (right ~ /^\.\.?\//) printf "\t%s => %s %s\n", l[1], l[1], sib
-                else printf "\t%s => %s\n", left, right
+                if (right !~ /^\.\.?\//) { printf "\t%s => %s\n", left, right; next }
+                # A local sibling becomes the published module at SIBLING_VERSION. Guards such as
+                # etcd'"'"'s `go.etcd.io/etcd => ./FORBIDDEN_DEPENDENCY` (a major version that cannot
+                # match) are dropped: the build never needs them.
+                want = "v0|v1"; if (match(l[1], /\/v[0-9]+$/)) want = substr(l[1], RSTART + 1)
+                split(sib, sv, "."); sibmajor = sv[1]
+                if (want == sibmajor || (want == "v0|v1" && (sibmajor == "v0" || sibmajor == "v1")))
+                    printf "\t%s => %s %s\n", l[1], l[1], sib
             }'
         echo ")"
     } > "$dir/go.mod"
@@ -93,19 +99,17 @@ build_component() {
         # `go get pkg@version` (a bare `go get pkg` would upgrade the module) resolves the full build
         # list and fills go.sum.
         go get "${pkgs[@]/%/@$ver}"
-        go build -trimpath -ldflags="-s -w $ldflags" -o "$out/" "${pkgs[@]}"
+        # One package: name the binary; several: a directory, each binary named after its package.
+        local dest="$out/"
+        [[ ${#pkgs[@]} == 1 ]] && dest="$out/${bins[0]}"
+        go build -trimpath -ldflags="-s -w $ldflags" -o "$dest" "${pkgs[@]}"
     ) > "$CACHE/logs/$name.log" 2>&1 || {
         echo "build.sh: building $name failed; last lines of $CACHE/logs/$name.log:" >&2
         tail -n 30 "$CACHE/logs/$name.log" >&2
         exit 1
     }
-    # A package whose last path element differs from the binary name (etcd's module root) is renamed.
-    local i
-    for i in "${!pkgs[@]}"; do
-        local built="$out/$(basename "${pkgs[$i]}")"
-        [[ -x "$out/${bins[$i]}" ]] || mv "$built" "$out/${bins[$i]}"
-        mv "$out/${bins[$i]}" "$BIN/${bins[$i]}"
-    done
+    local b
+    for b in "${bins[@]}"; do mv "$out/$b" "$BIN/$b"; done
     rm -rf "$out"
     echo "==> $name: built in $(( $(date +%s) - t0 ))s"
 }
