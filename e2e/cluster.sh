@@ -58,15 +58,20 @@ start() {
     echo $! > "$STATE/pids/$name.pid"
 }
 
-# stop_group PID: TERM the process group, then KILL what is left after 10 s.
-stop_group() {
-    local pid="$1" i
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+# stop_groups PID...: TERM each process group, then KILL what is left after 10 s.
+stop_groups() {
+    local pid i left
+    (( $# )) || return 0
+    for pid in "$@"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
     for i in $(seq 1 100); do
-        kill -0 -- "-$pid" 2>/dev/null || kill -0 "$pid" 2>/dev/null || return 0
+        left=0
+        for pid in "$@"; do
+            if kill -0 -- "-$pid" 2>/dev/null || kill -0 "$pid" 2>/dev/null; then left=1; fi
+        done
+        (( left )) || return 0
         sleep 0.1
     done
-    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    for pid in "$@"; do kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; done
 }
 
 # wait_for WHAT CMD...: retries CMD until it succeeds or UP_TIMEOUT passes; names the log on failure.
@@ -222,12 +227,15 @@ healthy() {
 }
 
 cmd_down() {
-    local c pid f i
+    local c pid f i pids=()
+    # All components at once (each takes a second or two to shut down gracefully); the launcher stops
+    # its pod processes on TERM.
     for (( i = ${#COMPONENTS[@]} - 1; i >= 0; i-- )); do
         c="${COMPONENTS[$i]}"
-        if pid="$(pid_of "$c")"; then stop_group "$pid"; fi
-        rm -f "$STATE/pids/$c.pid"
+        if pid="$(pid_of "$c")"; then pids+=("$pid"); fi
     done
+    stop_groups "${pids[@]}"
+    for c in "${COMPONENTS[@]}"; do rm -f "$STATE/pids/$c.pid"; done
     # Process-backed pods run in their own groups; moe-e2e-pods stops them on TERM, this is the backstop
     # for a launcher that was killed hard.
     for f in "$STATE"/pods/*/pid; do
@@ -235,7 +243,7 @@ cmd_down() {
         pid="$(cat "$f")"
         if [[ -n "$pid" && -r "/proc/$pid/environ" ]] && tr '\0' '\n' < "/proc/$pid/environ" 2> /dev/null \
             | grep -qxF -- "MOE_E2E_STATE=$STATE"; then
-            stop_group "$pid"
+            stop_groups "$pid"
         fi
         rm -f "$f"
     done
@@ -254,9 +262,9 @@ cmd_up() {
     if healthy; then log "already up: $STATE"; return 0; fi
     cmd_down 2> /dev/null
     local t0 bin pods
-    t0=$(now_ms)
     bin="$(bin_dir)"
     pods="$(pods_bin)"
+    t0=$(now_ms)
     rm -rf "$STATE/etcd-data" "$PKI" "$STATE/pods" "$STATE/logs" "$STATE/pids"
     mkdir -p "$STATE/logs" "$STATE/pids" "$STATE/pods"
 
