@@ -32,8 +32,7 @@ die() { echo "cluster.sh: $*" >&2; exit 1; }
 log() { echo "==> $*" >&2; }
 now_ms() { date +%s%3N; }
 
-mkdir -p "$STATE"
-STATE="$(cd "$STATE" && pwd)"
+STATE="$(realpath -m "$STATE")"
 PKI="$STATE/pki"
 KUBECONFIG_ADMIN="$STATE/kubeconfig"
 
@@ -210,6 +209,34 @@ pods_bin() {
     echo "${CARGO_TARGET_DIR:-$REPO/target}/debug/moe-e2e-pods"
 }
 
+# Pod IPs are 127.<octet>.<node>.x. Each running plane claims its octet with a directory under
+# OCTETS (mkdir is atomic); a claim whose plane no longer runs is taken over. claim_pod_octet FIRST
+# prints the first free octet from FIRST on.
+OCTETS="${TMPDIR:-/tmp}/moe-e2e-pod-octets"
+claim_pod_octet() {
+    local o i owner
+    mkdir -p "$OCTETS"
+    for (( i = 0; i < 253; i++ )); do
+        o=$(( 2 + ($1 - 2 + i) % 253 ))
+        if mkdir "$OCTETS/$o" 2> /dev/null; then
+            echo "$STATE" > "$OCTETS/$o/state"; echo "$o"; return
+        fi
+        owner="$(cat "$OCTETS/$o/state" 2> /dev/null || true)"
+        if [[ "$owner" == "$STATE" || ! -d "$owner" ]] \
+            || ! MOE_E2E_STATE="$owner" "$E2E_DIR/cluster.sh" status > /dev/null 2>&1; then
+            echo "$STATE" > "$OCTETS/$o/state"; echo "$o"; return
+        fi
+    done
+    die "no free pod IP range (127.2-254.x.x): every one is claimed under $OCTETS"
+}
+
+release_pod_octet() {
+    [[ -n "${POD_OCTET:-}" ]] || return 0
+    if [[ "$(cat "$OCTETS/$POD_OCTET/state" 2> /dev/null)" == "$STATE" ]]; then
+        rm -rf "${OCTETS:?}/$POD_OCTET"
+    fi
+}
+
 # --- verbs ---------------------------------------------------------------------------------------
 
 load_ports() {
@@ -255,6 +282,7 @@ cmd_down() {
             done
         done
     fi
+    release_pod_octet
     log "down: $STATE"
 }
 
@@ -266,12 +294,11 @@ cmd_up() {
     pods="$(pods_bin)"
     t0=$(now_ms)
     rm -rf "$STATE/etcd-data" "$PKI" "$STATE/pods" "$STATE/logs" "$STATE/pids"
+    mkdir -p "$STATE"
     mkdir -p "$STATE/logs" "$STATE/pids" "$STATE/pods"
 
     read -r ETCD_PORT ETCD_PEER_PORT API_PORT KCM_PORT SCHED_PORT KWOK_PORT < <(free_ports 6)
-    # Pod IPs are 127.<octet>.<node>.x; deriving the octet from the (free, so unique) API port keeps
-    # concurrent runs apart. MOE_E2E_POD_OCTET overrides it.
-    POD_OCTET="${MOE_E2E_POD_OCTET:-$(( 2 + API_PORT % 253 ))}"
+    POD_OCTET="${MOE_E2E_POD_OCTET:-$(claim_pod_octet $(( 2 + API_PORT % 253 )))}"
     cat > "$STATE/ports.env" <<EOF
 ETCD_PORT=$ETCD_PORT
 ETCD_PEER_PORT=$ETCD_PEER_PORT
