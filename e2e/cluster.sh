@@ -131,6 +131,15 @@ subjectAltName=$3}"
     cert apiserver "/CN=kube-apiserver" \
         "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
     cert admin "/O=system:masters/CN=moe-e2e-admin"
+    # Front proxy (aggregation layer): its own CA, so aggregated API servers can trust request headers.
+    openssl req -x509 "${ec[@]}" -keyout front-proxy-ca.key -out front-proxy-ca.crt -days 3650 \
+        -subj "/CN=moe-e2e-front-proxy-ca" 2> /dev/null
+    openssl req -new "${ec[@]}" -keyout front-proxy-client.key -out front-proxy-client.csr \
+        -subj "/CN=front-proxy-client" 2> /dev/null
+    openssl x509 -req -in front-proxy-client.csr -CA front-proxy-ca.crt -CAkey front-proxy-ca.key \
+        -CAcreateserial -out front-proxy-client.crt -days 3650 \
+        -extfile <(printf 'extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n') 2> /dev/null
+    rm front-proxy-client.csr
     cert controller-manager "/CN=system:kube-controller-manager"
     cert scheduler "/CN=system:kube-scheduler"
     cd - > /dev/null
@@ -327,6 +336,10 @@ EOF
         --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
         --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
         --client-ca-file "$PKI/ca.crt" \
+        --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
+        --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+        --requestheader-extra-headers-prefix X-Remote-Extra- \
+        --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
         --authorization-mode RBAC \
         --enable-admission-plugins NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota,Priority,PodSecurity \
         --service-account-issuer "https://kubernetes.default.svc.cluster.local" \
