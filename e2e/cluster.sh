@@ -301,6 +301,8 @@ cmd_up() {
     local t0 bin pods
     bin="$(bin_dir)"
     pods="$(pods_bin)"
+    # A failed `up` stops whatever it started; the logs stay for the post-mortem.
+    trap 'if (( $? )); then log "up failed: stopping what was started (logs: $STATE/logs)"; cmd_down 2> /dev/null; fi' EXIT
     t0=$(now_ms)
     rm -rf "$STATE/etcd-data" "$PKI" "$STATE/pods" "$STATE/logs" "$STATE/pids"
     mkdir -p "$STATE"
@@ -393,6 +395,7 @@ EOF
     wait_for "ServiceAccount default/default" kube-controller-manager \
         "$bin/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" -n default get serviceaccount default
     pid_of moe-e2e-pods > /dev/null || die "moe-e2e-pods exited; log: $STATE/logs/moe-e2e-pods.log"
+    trap - EXIT
     local t_end=$(now_ms)
     log "up in $(( (t_end - t0) ))ms (etcd $(( t_etcd - t0 ))ms, apiserver ready $(( t_api - t0 ))ms): $STATE"
     log "export \$(e2e/cluster.sh env)   # then: \$MOE_E2E_BIN/kubectl get nodes"
