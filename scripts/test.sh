@@ -8,5 +8,7 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy (warnings are errors)"
 cargo clippy --all-targets --locked -- -D warnings
+echo "==> e2e/build.sh (local control plane binaries; cached, seconds when warm)"
+e2e/build.sh
 echo "==> cargo test"
 cargo test --locked --all-targets
