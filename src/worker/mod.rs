@@ -1,3 +1,7 @@
 //! The expert runtime that runs in each GPU worker pod.
 
+pub mod checkpoint;
 pub mod compute;
+pub mod cpu;
+#[cfg(test)]
+pub(crate) mod testutil;
