@@ -3,5 +3,7 @@
 pub mod checkpoint;
 pub mod compute;
 pub mod cpu;
+pub mod cuda;
+pub mod device;
 #[cfg(test)]
 pub(crate) mod testutil;
