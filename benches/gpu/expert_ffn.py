@@ -86,10 +86,15 @@ def main():
     ap.add_argument("--tpe", default="8,64,512,2048")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    proc = subprocess.run([a.binary, "--iters", str(a.iters), "--configs", a.configs, "--tpe", a.tpe],
-                          stdout=subprocess.PIPE, text=True)
-    ours = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0:
+    proc = subprocess.Popen([a.binary, "--iters", str(a.iters), "--configs", a.configs, "--tpe", a.tpe],
+                            stdout=subprocess.PIPE, text=True)
+    ours = []
+    for line in proc.stdout:  # streamed, so a run cut short still shows what it measured
+        if line.startswith("{"):
+            ours.append(json.loads(line))
+            o = ours[-1]
+            print(f"ours {o['hidden']}:{o['inter']}:{o['experts']} tpe {o['tpe']} {o['mode']}: {o['ms']:.3f} ms rel {o['rel_err']}", flush=True)
+    if proc.wait() != 0:
         print(f"bench_ffn exited with {proc.returncode}", file=sys.stderr)
     rows = []
     # "ours" is the Auto mode (what the worker runs); the fixed modes are kept for reference.

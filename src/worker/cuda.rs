@@ -117,9 +117,13 @@ pub enum GemmMode {
 const SIDE_STREAMS: usize = 4;
 
 impl GemmMode {
-    fn pick(self, groups: usize, rows: usize) -> Self {
+    /// Auto: one grouped launch while the per-expert GEMMs are small (mean rows x 2I under 1e6:
+    /// weight-bandwidth bound, where per-expert launches leave the GPU idle), per-expert GEMMs on
+    /// side streams above that. The threshold separates every measured case on the H200 in
+    /// benches/results/worker-gpu.md.
+    pub fn pick(self, groups: usize, rows: usize, inter: usize) -> Self {
         match self {
-            Self::Auto if groups >= 16 && rows <= 64 * groups => Self::Grouped,
+            Self::Auto if rows * 2 * inter < 1_000_000 * groups.max(1) => Self::Grouped,
             Self::Auto => Self::PerExpert,
             m => m,
         }
@@ -445,11 +449,11 @@ impl CudaExperts {
         let dev = &self.dev;
         let st = &dev.stream;
         let sc = dev.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let mode = dev
-            .mode
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pick(p.groups.len(), p.total_rows);
+        let mode = dev.mode.lock().unwrap_or_else(|e| e.into_inner()).pick(
+            p.groups.len(),
+            p.total_rows,
+            self.inter,
+        );
         let handle = *dev.blas.handle();
         let bf = cb::cudaDataType_t::CUDA_R_16BF;
         let f32c = cb::cublasComputeType_t::CUBLAS_COMPUTE_32F;

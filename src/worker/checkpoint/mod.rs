@@ -287,8 +287,7 @@ impl Checkpoint {
         let index_path = dir.join(INDEX);
         let mut files = Vec::new();
         let mut tensor_file = HashMap::new();
-        let listing;
-        if index_path.exists() {
+        let listing = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| CheckpointError::Io {
                 file: index_path.clone(),
                 source: e,
@@ -318,7 +317,7 @@ impl Checkpoint {
                 };
                 tensor_file.insert(tensor, i);
             }
-            listing = index_path;
+            index_path
         } else {
             let single = dir.join(SINGLE);
             if !single.exists() {
@@ -332,8 +331,8 @@ impl Checkpoint {
                 tensor_file.insert(name.clone(), 0);
             }
             files.push(f);
-            listing = single;
-        }
+            single
+        };
         Ok(Self {
             dir,
             config,

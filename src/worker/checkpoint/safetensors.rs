@@ -181,7 +181,7 @@ pub fn write_file(path: &Path, tensors: &[OwnedTensor]) -> Result<(), Checkpoint
         offset += t.data.len();
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let file = std::fs::File::create(path).map_err(io)?;

@@ -38,7 +38,7 @@ fn check_family(family: Family, dtype: Dtype, stacked: bool) {
         .collect();
     // Fresh inputs each time; sizes cover one row, partial row blocks and several blocks.
     for (seed, rows) in [(1u64, 1usize), (2, 37), (3, 150)] {
-        let b = random_batch(seed ^ family as u64 * 1000, &[0, 3, 5], rows, 200);
+        let b = random_batch(seed ^ (family as u64 * 1000), &[0, 3, 5], rows, 200);
         let batch = RowBatch {
             hidden_size: 200,
             experts: &b.experts,

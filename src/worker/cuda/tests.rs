@@ -126,3 +126,89 @@ fn cuda_reuses_resident_experts() {
     let _b = loader.load(&[(0, 1), (0, 1), (1, 3)], Some(&a)).unwrap();
     assert_eq!(counting.reads.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
+
+#[test]
+fn auto_mode_picks_what_was_measured_fastest() {
+    // (groups, rows, intermediate) -> faster mode on the H200 (benches/results/worker-gpu.md).
+    for (g, rows, i, want) in [
+        (128, 1024, 768, GemmMode::Grouped),
+        (128, 65536, 768, GemmMode::Grouped),
+        (128, 262144, 768, GemmMode::PerExpert),
+        (32, 2048, 2048, GemmMode::Grouped),
+        (32, 16384, 2048, GemmMode::PerExpert),
+        (8, 64, 14336, GemmMode::Grouped),
+        (8, 512, 14336, GemmMode::PerExpert),
+    ] {
+        assert_eq!(
+            GemmMode::Auto.pick(g, rows, i),
+            want,
+            "{g} groups, {rows} rows, I={i}"
+        );
+    }
+    assert_eq!(GemmMode::Grouped.pick(8, 1 << 20, 14336), GemmMode::Grouped);
+}
+
+/// Regression check for the one wrong result seen on the H200 (2026-11-28, first run): the
+/// per-expert path at Mixtral-8x7B size with 16384 rows (4607 on one expert) differed from the
+/// reference while the grouped path was right. Compares both paths and sampled f64 rows.
+#[test]
+fn cuda_large_per_expert_matches_grouped() {
+    let Some(dev) = device("cuda_large_per_expert_matches_grouped") else {
+        return;
+    };
+    let (h, i, e) = (4096usize, 14336usize, 8u32);
+    let src = crate::worker::testutil::Hashed {
+        shape: ModelShape {
+            layers: 1,
+            first_moe_layer: 0,
+            experts: e,
+            top_k: 2,
+            hidden_size: h as u64,
+            expert_intermediate_size: i as u64,
+            dtype: Dtype::Bf16,
+        },
+    };
+    let keys: Vec<ExpertKey> = (0..e).map(|x| (0, x)).collect();
+    let set = CudaExperts::from_source(dev.clone(), &src, &keys).unwrap();
+    let counts = [4607usize, 2836, 2135, 1746, 1493, 1314, 1179, 1074];
+    let experts: Vec<u32> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(x, &c)| std::iter::repeat_n(x as u32, c))
+        .collect();
+    let rows = experts.len();
+    let hidden = crate::worker::testutil::hashed_values(77, rows * h, 1.0);
+    let weights: Vec<f32> = (0..rows).map(|r| 0.1 + (r % 9) as f32 * 0.1).collect();
+    let batch = RowBatch {
+        hidden_size: h,
+        experts: &experts,
+        router_weights: &weights,
+        hidden: &hidden,
+    };
+    dev.set_mode(GemmMode::Grouped);
+    let g = set.forward(0, &batch).unwrap();
+    dev.set_mode(GemmMode::PerExpert);
+    let p = set.forward(0, &batch).unwrap();
+    dev.set_mode(GemmMode::Auto);
+    let mut off = 0;
+    for (x, &c) in counts.iter().enumerate() {
+        let w = src.expert(0, x as u32).unwrap();
+        for r in [off, off + c - 1] {
+            let want =
+                crate::worker::cpu::reference_row(&w, &hidden[r * h..(r + 1) * h], weights[r]);
+            for (name, out) in [("grouped", &g), ("per-expert", &p)] {
+                let (mut n, mut d) = (0f64, 0f64);
+                for k in 0..h {
+                    n += (out[r * h + k] as f64 - want[k]).powi(2);
+                    d += want[k] * want[k];
+                }
+                let err = (n / d).sqrt();
+                assert!(
+                    err < 1e-2,
+                    "{name}: expert {x} row {r}: relative error {err}"
+                );
+            }
+        }
+        off += c;
+    }
+}
