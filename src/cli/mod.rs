@@ -25,6 +25,8 @@ pub enum Command {
     Evaluate(EvaluateArgs),
     /// Compare algorithms across replica budgets (table and chart).
     Compare(CompareArgs),
+    /// Write a deterministic synthetic checkpoint in a real layout (Mixtral, Qwen3-MoE, DeepSeek-V3).
+    GenCheckpoint(crate::worker::checkpoint::synthetic::GenCheckpointArgs),
     /// Drive workers with routed token batches drawn from a load trace (the router side).
     Loadgen(crate::loadgen::LoadgenArgs),
 }
@@ -34,8 +36,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(a) => plan_cmd::plan(a),
         Command::Evaluate(a) => plan_cmd::evaluate(a),
         Command::Compare(a) => plan_cmd::compare(a),
+        Command::GenCheckpoint(a) => Ok(a.run()?),
         Command::Loadgen(a) => {
-            let window = crate::plan::load_formats::read_load_file(&a.load).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let window = crate::plan::load_formats::read_load_file(&a.load)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             a.run_blocking(window).map(|_| ())
         }
     }

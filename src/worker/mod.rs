@@ -1,5 +1,6 @@
 //! The expert runtime that runs in each GPU worker pod.
 
+pub mod checkpoint;
 pub mod compute;
 pub mod http;
 pub mod metrics;
@@ -8,3 +9,8 @@ pub mod runtime;
 pub mod server;
 
 pub use runtime::backend_loader;
+pub mod cpu;
+pub mod cuda;
+pub mod device;
+#[cfg(test)]
+pub(crate) mod testutil;

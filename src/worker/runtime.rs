@@ -93,11 +93,19 @@ pub fn backend_loader(
     checkpoint: Option<&Path>,
     local_rank: u32,
 ) -> anyhow::Result<Arc<dyn ExpertLoader>> {
-    let _ = (checkpoint, local_rank);
-    anyhow::bail!(
-        "no compute backend is compiled into this build (asked for --device {device}); \
-         the CPU and CUDA backends plug in through crate::worker::backend_loader"
-    )
+    use super::device::{loader_for_device, DeviceSpec};
+    let dir = checkpoint.ok_or_else(|| {
+        anyhow::anyhow!("--checkpoint is required: the directory holding config.json and the safetensors shards")
+    })?;
+    let ckpt = super::checkpoint::Checkpoint::open(dir)
+        .map_err(|e| anyhow::anyhow!("opening checkpoint {}: {e}", dir.display()))?;
+    // Each local rank of a node drives its own GPU: `cuda:N` names the node's first one.
+    let spec = match device.parse::<DeviceSpec>().map_err(anyhow::Error::msg)? {
+        DeviceSpec::Cuda(n) => format!("cuda:{}", n + local_rank as usize),
+        DeviceSpec::Auto if super::cuda::cuda_available() => format!("cuda:{local_rank}"),
+        _ => device.to_string(),
+    };
+    loader_for_device(&spec, Arc::new(ckpt))
 }
 
 /// Everything a worker needs to start, resolved from the arguments (or built by a test).

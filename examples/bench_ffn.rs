@@ -1,0 +1,224 @@
+//! Times the CUDA expert FFN (grouped GEMM, SiLU*up*w, grouped GEMM) on generated bf16 weights.
+//! Driven by benches/gpu/expert_ffn.py, which times `torch._grouped_mm` on the same row counts.
+//!
+//! Usage: bench_ffn [--iters N] [--configs H:I:E,...] [--tpe 8,64,...]
+//! Prints one JSON object per (config, tokens per expert, GEMM mode) on stdout.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use half::bf16;
+use half::slice::HalfFloatSliceExt;
+use moe_operator::plan::model::{Dtype, ModelShape};
+use moe_operator::worker::checkpoint::{CheckpointError, ExpertWeights, WeightSource};
+use moe_operator::worker::cpu::reference_row;
+use moe_operator::worker::cuda::{CudaDevice, CudaExperts, GemmMode};
+use rayon::prelude::*;
+
+/// Uniform weights with the variance of N(0, 1/fan_in), from a cheap hash (fast to generate).
+struct Generated {
+    shape: ModelShape,
+}
+
+fn hash(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn uniform(seed: u64, n: usize, std: f32) -> Vec<bf16> {
+    let a = std * 3f32.sqrt();
+    (0..n)
+        .into_par_iter()
+        .map(|k| {
+            let u = (hash(seed ^ (k as u64).wrapping_mul(0x2545_F491_4F6C_DD1D)) >> 40) as f32
+                / (1u64 << 24) as f32;
+            bf16::from_f32((2.0 * u - 1.0) * a)
+        })
+        .collect()
+}
+
+impl WeightSource for Generated {
+    fn shape(&self) -> &ModelShape {
+        &self.shape
+    }
+    fn expert(&self, layer: u32, expert: u32) -> Result<ExpertWeights, CheckpointError> {
+        let (h, i) = (
+            self.shape.hidden_size as usize,
+            self.shape.expert_intermediate_size as usize,
+        );
+        let s = ((layer as u64) << 32 | expert as u64) * 3;
+        Ok(ExpertWeights {
+            hidden: h,
+            intermediate: i,
+            gate: uniform(s, i * h, 1.0 / (h as f32).sqrt()),
+            up: uniform(s + 1, i * h, 1.0 / (h as f32).sqrt()),
+            down: uniform(s + 2, h * i, 1.0 / (i as f32).sqrt()),
+        })
+    }
+}
+
+/// Skewed row counts summing to `tpe * experts`: expert e gets a share ∝ 1/(e+1)^0.7, at least 1.
+fn skewed_counts(experts: usize, tpe: usize) -> Vec<usize> {
+    let total = tpe * experts;
+    let w: Vec<f64> = (0..experts)
+        .map(|e| 1.0 / ((e + 1) as f64).powf(0.7))
+        .collect();
+    let s: f64 = w.iter().sum();
+    let mut c: Vec<usize> = w
+        .iter()
+        .map(|x| ((x / s * total as f64) as usize).max(1))
+        .collect();
+    let mut have: usize = c.iter().sum();
+    let mut e = 0;
+    while have < total {
+        c[e % experts] += 1;
+        have += 1;
+        e += 1;
+    }
+    while have > total {
+        let m = (0..experts).max_by_key(|&k| c[k]).expect("experts");
+        c[m] -= 1;
+        have -= 1;
+    }
+    c
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let iters: usize = arg(&args, "--iters")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(20);
+    let configs: Vec<(usize, usize, usize)> = arg(&args, "--configs")
+        .unwrap_or_else(|| "2048:768:128,7168:2048:32,4096:14336:8".into())
+        .split(',')
+        .map(|c| {
+            let v: Vec<usize> = c.split(':').map(|x| x.parse().expect("H:I:E")).collect();
+            (v[0], v[1], v[2])
+        })
+        .collect();
+    let tpes: Vec<usize> = arg(&args, "--tpe")
+        .unwrap_or_else(|| "8,64,512,2048".into())
+        .split(',')
+        .map(|x| x.parse().expect("tokens per expert"))
+        .collect();
+    let dev = CudaDevice::new(0)?;
+    eprintln!("device {} ({})", dev.name(), dev.arch());
+    for &(h, i, e) in &configs {
+        let shape = ModelShape {
+            layers: 1,
+            first_moe_layer: 0,
+            experts: e as u32,
+            top_k: 1,
+            hidden_size: h as u64,
+            expert_intermediate_size: i as u64,
+            dtype: Dtype::Bf16,
+        };
+        let src = Generated { shape };
+        let keys: Vec<(u32, u32)> = (0..e as u32).map(|x| (0, x)).collect();
+        let t0 = std::time::Instant::now();
+        let set = CudaExperts::from_source(dev.clone(), &src, &keys)?;
+        eprintln!(
+            "H={h} I={i} E={e}: weights generated and uploaded in {:.1}s",
+            t0.elapsed().as_secs_f64()
+        );
+        // Weights of the experts whose rows are checked, generated once per config.
+        let mut sampled: HashMap<usize, ExpertWeights> = HashMap::new();
+        for &tpe in &tpes {
+            let counts = skewed_counts(e, tpe);
+            let total: usize = counts.iter().sum();
+            let x = uniform(0xabc ^ tpe as u64, total * h, 1.0);
+            let w: Vec<f32> = (0..total)
+                .map(|r| 0.1 + 0.9 * (hash(r as u64) >> 40) as f32 / (1u64 << 24) as f32)
+                .collect();
+            let ids: Vec<u32> = (0..e as u32).collect();
+            for mode in [GemmMode::Grouped, GemmMode::PerExpert, GemmMode::Auto] {
+                dev.set_mode(mode);
+                let p = set.prepare(0, &ids, &counts, x.reinterpret_cast(), &w)?;
+                // Correctness on sampled rows against the f64 reference (first row of some experts).
+                set.enqueue(&p)?;
+                let out = set.download(total)?;
+                let mut off = 0;
+                let (mut num, mut den, mut finite) = (0f64, 0f64, true);
+                // The fixed modes were checked in earlier runs; the check is slow on big shapes.
+                let check = mode == GemmMode::Auto || std::env::var_os("CHECK_ALL").is_some();
+                for (ex, &c) in counts.iter().enumerate() {
+                    if check && ex % (e / 4).max(1) == 0 {
+                        let wts = sampled
+                            .entry(ex)
+                            .or_insert_with(|| src.expert(0, ex as u32).expect("gen"));
+                        let r = off + c - 1;
+                        let want = reference_row(wts, &x[r * h..(r + 1) * h], w[r]);
+                        let (mut rn, mut rd) = (0f64, 0f64);
+                        for (k, v) in want.iter().enumerate() {
+                            let g = bf16::from_bits(out[r * h + k]).to_f64();
+                            finite &= g.is_finite();
+                            rn += (g - v).powi(2);
+                            rd += v * v;
+                        }
+                        if (rn / rd).sqrt() > 0.05 {
+                            eprintln!("H={h} I={i} E={e} tpe={tpe} {mode:?}: expert {ex} row {r} (of {c}, from {off}) rel err {:.3}; got[0..4] {:?} want[0..4] {:?}",
+                                (rn / rd).sqrt(), &out[r * h..r * h + 4].iter().map(|b| bf16::from_bits(*b).to_f32()).collect::<Vec<_>>(), &want[..4]);
+                        }
+                        num += rn;
+                        den += rd;
+                    }
+                    off += c;
+                }
+                let rel = if check { (num / den).sqrt() } else { f64::NAN };
+                // Timing: warm-up, then 5 repeats of `iters` back-to-back launches, CUDA events.
+                for _ in 0..3 {
+                    set.enqueue(&p)?;
+                }
+                let ctx = dev.context();
+                let mut per_call = Vec::new();
+                for _ in 0..5 {
+                    let a = ctx
+                        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    let b = ctx
+                        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    a.record(dev.stream())
+                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    for _ in 0..iters {
+                        set.enqueue(&p)?;
+                    }
+                    b.record(dev.stream())
+                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    b.synchronize().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    per_call.push(
+                        a.elapsed_ms(&b).map_err(|e| anyhow::anyhow!("{e:?}"))? as f64
+                            / iters as f64,
+                    );
+                }
+                per_call.sort_by(|a, b| a.total_cmp(b));
+                let ms = per_call[2];
+                let active = counts.iter().filter(|&&c| c > 0).count();
+                let bytes = active * 3 * h * i * 2 + 2 * total * h * 2;
+                let flops = 6.0 * total as f64 * h as f64 * i as f64;
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "hidden": h, "inter": i, "experts": e, "tpe": tpe, "tokens": total,
+                        "mode": format!("{mode:?}"), "ms": ms, "ms_all": per_call,
+                        "tbps": bytes as f64 / (ms * 1e-3) / 1e12,
+                        "tflops": flops / (ms * 1e-3) / 1e12,
+                        "rel_err": rel, "finite": finite, "counts": counts,
+                    })
+                );
+            }
+        }
+        drop(set);
+    }
+    let _ = Arc::strong_count(&dev);
+    Ok(())
+}

@@ -1,0 +1,261 @@
+use super::synthetic::synthetic_projection;
+use super::*;
+
+fn shape(dtype: Dtype, first: u32) -> ModelShape {
+    ModelShape {
+        layers: 3,
+        first_moe_layer: first,
+        experts: 4,
+        top_k: 2,
+        hidden_size: 160,
+        expert_intermediate_size: 96,
+        dtype,
+    }
+}
+
+#[test]
+fn parses_real_configs() {
+    // Fields as in the published config.json files (other fields omitted).
+    let ds = r#"{"model_type":"deepseek_v3","num_hidden_layers":61,"hidden_size":7168,
+        "intermediate_size":18432,"moe_intermediate_size":2048,"n_routed_experts":256,
+        "n_shared_experts":1,"num_experts_per_tok":8,"first_k_dense_replace":3,"moe_layer_freq":1,
+        "quantization_config":{"activation_scheme":"dynamic","fmt":"e4m3","quant_method":"fp8",
+        "weight_block_size":[128,128]}}"#;
+    let c = parse_config(ds).unwrap();
+    assert_eq!(c.family, Family::DeepseekV3);
+    assert_eq!(
+        c.shape,
+        ModelShape {
+            layers: 61,
+            first_moe_layer: 3,
+            experts: 256,
+            top_k: 8,
+            hidden_size: 7168,
+            expert_intermediate_size: 2048,
+            dtype: Dtype::Fp8
+        }
+    );
+    let mx = r#"{"model_type":"mixtral","num_hidden_layers":32,"hidden_size":4096,
+        "intermediate_size":14336,"num_local_experts":8,"num_experts_per_tok":2}"#;
+    let c = parse_config(mx).unwrap();
+    assert_eq!(
+        (c.family, c.shape.experts, c.shape.expert_intermediate_size),
+        (Family::Mixtral, 8, 14336)
+    );
+    let qw = r#"{"model_type":"qwen3_moe","num_hidden_layers":48,"hidden_size":2048,
+        "intermediate_size":6144,"moe_intermediate_size":768,"num_experts":128,
+        "num_experts_per_tok":8,"decoder_sparse_step":1,"mlp_only_layers":[]}"#;
+    let c = parse_config(qw).unwrap();
+    assert_eq!(
+        (
+            c.family,
+            c.shape.experts,
+            c.shape.expert_intermediate_size,
+            c.shape.first_moe_layer
+        ),
+        (Family::Qwen3Moe, 128, 768, 0)
+    );
+    assert_eq!(c.shape.dtype, Dtype::Bf16);
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let e = parse_config(r#"{"model_type":"mixtral","num_hidden_layers":2,"hidden_size":8,"num_local_experts":8,"num_experts_per_tok":2}"#).unwrap_err();
+    assert!(e.contains("intermediate_size"), "{e}");
+    let e = parse_config(r#"{"model_type":"llama"}"#).unwrap_err();
+    assert!(e.contains("llama"), "{e}");
+    let e = parse_config(r#"{"model_type":"qwen3_moe","num_hidden_layers":4,"hidden_size":8,"moe_intermediate_size":8,"num_experts":4,"num_experts_per_tok":2,"mlp_only_layers":[2]}"#).unwrap_err();
+    assert!(e.contains("mlp_only_layers"), "{e}");
+    let e = parse_config(r#"{"model_type":"deepseek_v3","num_hidden_layers":4,"hidden_size":8,"moe_intermediate_size":8,"n_routed_experts":4,"num_experts_per_tok":2,"quantization_config":{"quant_method":"fp8","weight_block_size":[64,64]}}"#).unwrap_err();
+    assert!(e.contains("weight_block_size"), "{e}");
+}
+
+fn check_layout(family: Family, dtype: Dtype, first: u32, shards: usize, stacked: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = shape(dtype, first);
+    write_synthetic_checkpoint(dir.path(), family, &s, shards, 7, stacked).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    assert_eq!(ck.config().shape, s);
+    assert_eq!(ck.config().family, family);
+    let (h, i) = (160, 96);
+    for layer in first..3 {
+        for e in [0u32, 3] {
+            let w = ck.expert(layer, e).unwrap();
+            let want = [
+                (&w.gate, synthetic_projection(7, layer, e, 0, i, h)),
+                (&w.up, synthetic_projection(7, layer, e, 1, i, h)),
+                (&w.down, synthetic_projection(7, layer, e, 2, h, i)),
+            ];
+            for (got, want) in want {
+                assert_eq!(got.len(), want.len());
+                for (g, x) in got.iter().zip(&want) {
+                    let g = g.to_f32();
+                    match dtype {
+                        Dtype::Bf16 => assert_eq!(g, bf16::from_f32(*x).to_f32()),
+                        // E4M3 keeps 3 mantissa bits (relative step 1/8, error <= 1/16), and
+                        // values far below the block max fall to subnormals (absolute step).
+                        Dtype::Fp8 => assert!(
+                            (g - x).abs() <= x.abs() / 15.0 + 0.01,
+                            "{family:?} layer {layer} expert {e}: {g} vs {x}"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    let err = ck.expert(first + 5, 0).unwrap_err().to_string();
+    assert!(err.contains("MoE layers"), "{err}");
+    let err = ck.expert(first, 4).unwrap_err().to_string();
+    assert!(err.contains("4 routed experts"), "{err}");
+}
+
+#[test]
+fn loads_mixtral_sharded() {
+    check_layout(Family::Mixtral, Dtype::Bf16, 0, 3, false);
+}
+
+#[test]
+fn loads_qwen3_single_file_with_dense_prefix() {
+    check_layout(Family::Qwen3Moe, Dtype::Bf16, 1, 1, false);
+}
+
+#[test]
+fn loads_qwen3_stacked() {
+    check_layout(Family::Qwen3Moe, Dtype::Bf16, 0, 2, true);
+}
+
+#[test]
+fn loads_deepseek_fp8() {
+    check_layout(Family::DeepseekV3, Dtype::Fp8, 1, 2, false);
+}
+
+fn rewrite_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+#[test]
+fn failures_name_tensor_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = shape(Dtype::Bf16, 0);
+    write_synthetic_checkpoint(dir.path(), Family::Qwen3Moe, &s, 2, 1, false).unwrap();
+
+    // More experts in config.json than in the files: a missing tensor, named with the index.
+    rewrite_config(dir.path(), |v| v["num_experts"] = 6.into());
+    let err = Checkpoint::open(dir.path())
+        .unwrap()
+        .expert(1, 5)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.1.mlp.experts.5.gate_proj.weight")
+            && err.contains("model.safetensors.index.json"),
+        "{err}"
+    );
+
+    // Wrong hidden size: a shape error naming tensor, file and both shapes.
+    rewrite_config(dir.path(), |v| {
+        v["num_experts"] = 4.into();
+        v["hidden_size"] = 128.into();
+    });
+    let err = Checkpoint::open(dir.path())
+        .unwrap()
+        .expert(0, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.0.mlp.experts.0.gate_proj.weight")
+            && err.contains("model-00001-of-00002.safetensors")
+            && err.contains("[96, 160]"),
+        "{err}"
+    );
+
+    // FP8 expected, bf16 found.
+    rewrite_config(dir.path(), |v| {
+        v["hidden_size"] = 160.into();
+        v["model_type"] = "deepseek_v3".into();
+        v["n_routed_experts"] = 4.into();
+        v["quantization_config"] = serde_json::json!({"quant_method": "fp8", "fmt": "e4m3"});
+    });
+    let err = Checkpoint::open(dir.path())
+        .unwrap()
+        .expert(2, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("F8_E4M3")
+            && err.contains("BF16")
+            && err.contains("model-00002-of-00002.safetensors"),
+        "{err}"
+    );
+
+    // A truncated shard is refused at open, naming the file.
+    let shard = dir.path().join("model-00002-of-00002.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+    assert!(
+        err.contains("model-00002-of-00002.safetensors") && err.contains("shorter"),
+        "{err}"
+    );
+
+    // No weights at all.
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.path().join("config.json"),
+        empty.path().join("config.json"),
+    )
+    .unwrap();
+    let err = Checkpoint::open(empty.path()).err().unwrap().to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn generation_is_deterministic_and_validates_args() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let s = shape(Dtype::Fp8, 1);
+    write_synthetic_checkpoint(a.path(), Family::DeepseekV3, &s, 2, 3, false).unwrap();
+    write_synthetic_checkpoint(b.path(), Family::DeepseekV3, &s, 2, 3, false).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(a.path().join(f)).unwrap(),
+            std::fs::read(b.path().join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let c = tempfile::tempdir().unwrap();
+    let err = write_synthetic_checkpoint(
+        c.path(),
+        Family::Mixtral,
+        &shape(Dtype::Bf16, 0),
+        9,
+        0,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--shards"), "{err}");
+    let err = write_synthetic_checkpoint(
+        c.path(),
+        Family::Mixtral,
+        &shape(Dtype::Bf16, 1),
+        1,
+        0,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("first-moe-layer"), "{err}");
+}

@@ -1,0 +1,799 @@
+//! CUDA expert backend: cudarc with the driver, NVRTC and cuBLAS loaded at run time (no CUDA at
+//! build time), one stream per device.
+//!
+//! A forward pass for one layer: rows are sorted by expert on the host while staging, then on the
+//! device (1) one grouped GEMM `[n_e, H] x [2I, H]ᵀ` per expert (gate and up stored contiguously,
+//! so both projections are one GEMM), (2) a fused kernel `act = bf16(silu(gate) * up * w_row)`,
+//! (3) one grouped GEMM `[n_e, I] x [H, I]ᵀ`. The grouped GEMMs go through
+//! `cublasGemmGroupedBatchedEx` with device pointer arrays (one group per expert, so each expert
+//! has its own row count); a per-expert `cublasGemmEx` loop is the fallback mode.
+//!
+//! Precision: bf16 operands, f32 accumulation in cuBLAS and in the kernel, bf16 rounding of the
+//! gate/up product, of the activation and of the output (what `torch._grouped_mm` does too);
+//! against the f64 reference the relative error is a few 1e-3 (tests bound it by 1e-2).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+
+use cudarc::cublas::{sys as cb, CudaBlas};
+use cudarc::driver::{
+    sys::CUdeviceptr, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
+};
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+use sha2::Digest;
+
+use super::checkpoint::WeightSource;
+use super::compute::{ComputeError, ExpertCompute, ExpertKey, ExpertLoader, RowBatch};
+use super::cpu::group_rows;
+
+/// The fused activation kernel. bf16 is handled as raw bits so that no CUDA header is needed at
+/// run time (NVRTC then needs no include path).
+const KERNELS: &str = r#"
+__device__ __forceinline__ float bf2f(unsigned short b) { return __uint_as_float(((unsigned)b) << 16); }
+__device__ __forceinline__ unsigned short f2bf(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;   // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                       // round to nearest even
+    return (unsigned short)(u >> 16);
+}
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+
+// One block per row. y: [rows, 2I] (gate | up), w: [rows], act: [rows, I].
+extern "C" __global__ void silu_mul_scale(const unsigned short* __restrict__ y,
+                                          const float* __restrict__ w,
+                                          unsigned short* __restrict__ act, int inter) {
+    long r = blockIdx.x;
+    float s = w[r];
+    const unsigned short* g = y + r * 2L * inter;
+    const unsigned short* u = g + inter;
+    unsigned short* a = act + r * (long)inter;
+    if ((inter & 7) == 0) {
+        // 16-byte accesses: 8 bf16 per thread per step.
+        const uint4* g4 = (const uint4*)g;
+        const uint4* u4 = (const uint4*)u;
+        uint4* a4 = (uint4*)a;
+        for (int j = threadIdx.x; j < inter / 8; j += blockDim.x) {
+            uint4 gv = g4[j], uv = u4[j], av;
+            unsigned* gp = (unsigned*)&gv; unsigned* up = (unsigned*)&uv; unsigned* ap = (unsigned*)&av;
+            #pragma unroll
+            for (int q = 0; q < 4; q++) {
+                float g0 = bf2f(gp[q] & 0xffff), g1 = bf2f(gp[q] >> 16);
+                float u0 = bf2f(up[q] & 0xffff), u1 = bf2f(up[q] >> 16);
+                unsigned lo = f2bf(silu(g0) * u0 * s), hi = f2bf(silu(g1) * u1 * s);
+                ap[q] = lo | (hi << 16);
+            }
+            a4[j] = av;
+        }
+    } else {
+        for (int j = threadIdx.x; j < inter; j += blockDim.x)
+            a[j] = f2bf(silu(bf2f(g[j])) * bf2f(u[j]) * s);
+    }
+}
+"#;
+
+fn dev_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> ComputeError + '_ {
+    move |e| ComputeError::Device(format!("{what}: {e:?}"))
+}
+
+fn blas_ok(status: cb::cublasStatus_t, what: &str) -> Result<(), ComputeError> {
+    if status == cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(ComputeError::Device(format!("{what}: {status:?}")))
+    }
+}
+
+/// Whether a CUDA driver loads and sees at least one device (and NVRTC and cuBLAS load too).
+pub fn cuda_available() -> bool {
+    std::panic::catch_unwind(|| {
+        // SAFETY: these only try to dlopen the libraries.
+        let libs = unsafe {
+            cudarc::driver::sys::is_culib_present()
+                && cudarc::nvrtc::sys::is_culib_present()
+                && cudarc::cublas::sys::is_culib_present()
+        };
+        libs && CudaContext::device_count().map(|n| n > 0).unwrap_or(false)
+    })
+    .unwrap_or(false)
+}
+
+/// How the two expert GEMMs are issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmMode {
+    /// `cublasGemmGroupedBatchedEx`, one group per expert.
+    Grouped,
+    /// One `cublasGemmEx` per expert and projection, spread over several streams so that small
+    /// GEMMs run side by side.
+    PerExpert,
+    /// Grouped when experts get few rows each (weight-bandwidth bound, where one launch for all
+    /// experts wins), per-expert streams otherwise (see benches/results/worker-gpu.md).
+    Auto,
+}
+
+/// Streams (each with its own cuBLAS handle and workspace) for per-expert GEMMs.
+const SIDE_STREAMS: usize = 4;
+
+impl GemmMode {
+    /// Auto: one grouped launch while the per-expert GEMMs are small (mean rows x 2I under 1e6:
+    /// weight-bandwidth bound, where per-expert launches leave the GPU idle), per-expert GEMMs on
+    /// side streams above that. The threshold separates every measured case on the H200 in
+    /// benches/results/worker-gpu.md.
+    pub fn pick(self, groups: usize, rows: usize, inter: usize) -> Self {
+        match self {
+            Self::Auto if rows * 2 * inter < 1_000_000 * groups.max(1) => Self::Grouped,
+            Self::Auto => Self::PerExpert,
+            m => m,
+        }
+    }
+}
+
+/// Device-side work buffers, grown on demand and reused across batches.
+struct Scratch {
+    rows: usize,
+    groups: usize,
+    x: Option<CudaSlice<u16>>,
+    w: Option<CudaSlice<f32>>,
+    y: Option<CudaSlice<u16>>,
+    act: Option<CudaSlice<u16>>,
+    out: Option<CudaSlice<u16>>,
+    ptrs: Option<CudaSlice<u64>>,
+}
+
+/// One CUDA device: context, stream, cuBLAS handle, compiled kernels.
+pub struct CudaDevice {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    side: Vec<(Arc<CudaStream>, CudaBlas)>,
+    silu: CudaFunction,
+    arch: String,
+    scratch: Mutex<Scratch>,
+    mode: Mutex<GemmMode>,
+    batch: Mutex<()>,
+}
+
+fn kernel_cache_dir() -> PathBuf {
+    std::env::var_os("MOE_KERNEL_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("moe-operator-kernels"))
+}
+
+impl CudaDevice {
+    pub fn new(ordinal: usize) -> anyhow::Result<Arc<Self>> {
+        if !cuda_available() {
+            anyhow::bail!("cuda:{ordinal}: no CUDA driver with a device, NVRTC and cuBLAS could be loaded (set LD_LIBRARY_PATH to the CUDA libraries, or use --device cpu)");
+        }
+        let count = CudaContext::device_count().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        if ordinal >= count as usize {
+            anyhow::bail!("cuda:{ordinal}: only {count} CUDA device(s) visible");
+        }
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| anyhow::anyhow!("cuda:{ordinal}: {e:?}"))?;
+        // One stream, used only under our locks: cudarc's per-buffer event tracking is not needed.
+        // SAFETY: called before any buffer exists.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow::anyhow!("cuBLAS: {e:?}"))?;
+        let side = (0..SIDE_STREAMS)
+            .map(|_| {
+                let s = ctx.new_stream().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let b = CudaBlas::new(s.clone()).map_err(|e| anyhow::anyhow!("cuBLAS: {e:?}"))?;
+                Ok((s, b))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (maj, min) = ctx
+            .compute_capability()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let arch = format!("sm_{maj}{min}");
+        let module = Self::load_kernels(&ctx, &arch)?;
+        let silu = module
+            .load_function("silu_mul_scale")
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        tracing::info!(device = ordinal, %arch, "CUDA backend ready");
+        Ok(Arc::new(Self {
+            ordinal,
+            ctx,
+            stream,
+            blas,
+            side,
+            silu,
+            arch,
+            scratch: Mutex::new(Scratch {
+                rows: 0,
+                groups: 0,
+                x: None,
+                w: None,
+                y: None,
+                act: None,
+                out: None,
+                ptrs: None,
+            }),
+            mode: Mutex::new(GemmMode::Auto),
+            batch: Mutex::new(()),
+        }))
+    }
+
+    /// PTX from the on-disk cache (keyed by source hash and architecture), else NVRTC.
+    fn load_kernels(
+        ctx: &Arc<CudaContext>,
+        arch: &str,
+    ) -> anyhow::Result<Arc<cudarc::driver::CudaModule>> {
+        let key = hex::encode(sha2::Sha256::digest(format!("{arch}\n{KERNELS}")));
+        let path = kernel_cache_dir().join(format!("{}-{arch}.ptx", &key[..16]));
+        if let Ok(src) = std::fs::read_to_string(&path) {
+            match ctx.load_module(cudarc::nvrtc::Ptx::from_src(src)) {
+                Ok(m) => return Ok(m),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "cached PTX did not load ({e:?}); recompiling")
+                }
+            }
+        }
+        let opts = cudarc::nvrtc::CompileOptions {
+            options: vec![format!("--gpu-architecture={arch}")],
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+            .map_err(|e| anyhow::anyhow!("NVRTC for {arch}: {e:?}"))?;
+        let src = ptx.to_src();
+        if let Err(e) =
+            std::fs::create_dir_all(kernel_cache_dir()).and_then(|_| std::fs::write(&path, &src))
+        {
+            tracing::warn!(path = %path.display(), "could not cache PTX: {e}");
+        }
+        ctx.load_module(cudarc::nvrtc::Ptx::from_src(src))
+            .map_err(|e| anyhow::anyhow!("loading PTX for {arch}: {e:?}"))
+    }
+
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "?".into())
+    }
+
+    pub fn set_mode(&self, mode: GemmMode) {
+        *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    fn upload_expert(
+        &self,
+        gate: &[u16],
+        up: &[u16],
+        down: &[u16],
+    ) -> Result<DeviceExpert, ComputeError> {
+        let mut all = Vec::with_capacity(gate.len() * 3);
+        all.extend_from_slice(gate);
+        all.extend_from_slice(up);
+        all.extend_from_slice(down);
+        let buf = self
+            .stream
+            .clone_htod(&all)
+            .map_err(dev_err("uploading expert weights"))?;
+        Ok(DeviceExpert { buf })
+    }
+}
+
+/// One expert's weights on the device: [gate (I x H) | up (I x H) | down (H x I)] in bf16.
+pub struct DeviceExpert {
+    buf: CudaSlice<u16>,
+}
+
+impl DeviceExpert {
+    fn ptr(&self, stream: &CudaStream) -> CUdeviceptr {
+        self.buf.device_ptr(stream).0
+    }
+}
+
+/// The per-group GEMM arguments of one batch (depend only on the experts and their row counts).
+pub struct Prepared {
+    total_rows: usize,
+    /// (weights pointer, rows, first row) per expert with rows.
+    groups: Vec<(CUdeviceptr, usize, usize)>,
+    m1: Vec<i32>,
+    n: Vec<i32>,
+    k1: Vec<i32>,
+    m2: Vec<i32>,
+    k2: Vec<i32>,
+    ld1c: Vec<i32>,
+    ld2c: Vec<i32>,
+    ops_t: Vec<cb::cublasOperation_t>,
+    ops_n: Vec<cb::cublasOperation_t>,
+    alpha: Vec<f32>,
+    beta: Vec<f32>,
+    ones: Vec<i32>,
+}
+
+/// A resident expert set on one device.
+pub struct CudaExperts {
+    dev: Arc<CudaDevice>,
+    hidden: usize,
+    inter: usize,
+    experts: HashMap<ExpertKey, Arc<DeviceExpert>>,
+}
+
+impl CudaExperts {
+    /// Builds a set from weights in memory (benchmarks).
+    pub fn from_source(
+        dev: Arc<CudaDevice>,
+        source: &dyn WeightSource,
+        keys: &[ExpertKey],
+    ) -> anyhow::Result<Self> {
+        let loader = CudaLoader::new(dev.clone(), Arc::new(SourceRef(source)));
+        let experts = loader.load_map(keys, &[])?;
+        let s = source.shape();
+        Ok(Self {
+            dev,
+            hidden: s.hidden_size as usize,
+            inter: s.expert_intermediate_size as usize,
+            experts,
+        })
+    }
+
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    /// Sets up the scratch buffers and pointer arrays for `counts[g]` rows of expert `experts[g]`
+    /// (rows already in expert order), and uploads inputs `x` (bf16 bits) and router weights.
+    pub fn prepare(
+        &self,
+        layer: u32,
+        experts: &[u32],
+        counts: &[usize],
+        x: &[u16],
+        w: &[f32],
+    ) -> Result<Prepared, ComputeError> {
+        let (h, i) = (self.hidden, self.inter);
+        let dev = &self.dev;
+        let st = &dev.stream;
+        let total: usize = counts.iter().sum();
+        let mut sc = dev.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let live: Vec<(u32, usize)> = experts
+            .iter()
+            .zip(counts)
+            .filter(|(_, &c)| c > 0)
+            .map(|(&e, &c)| (e, c))
+            .collect();
+        let g = live.len();
+        if total > sc.rows || sc.x.is_none() {
+            let cap = total.max(16).next_power_of_two();
+            // SAFETY: every buffer is written before it is read (inputs uploaded, y by GEMM 1,
+            // act by the kernel, out by GEMM 2), and only the first `total` rows are used.
+            unsafe {
+                sc.x = Some(st.alloc::<u16>(cap * h).map_err(dev_err("alloc"))?);
+                sc.w = Some(st.alloc::<f32>(cap).map_err(dev_err("alloc"))?);
+                sc.y = Some(st.alloc::<u16>(cap * 2 * i).map_err(dev_err("alloc"))?);
+                sc.act = Some(st.alloc::<u16>(cap * i).map_err(dev_err("alloc"))?);
+                sc.out = Some(st.alloc::<u16>(cap * h).map_err(dev_err("alloc"))?);
+            }
+            sc.rows = cap;
+        }
+        if g > sc.groups || sc.ptrs.is_none() {
+            let cap = g.max(8).next_power_of_two();
+            sc.ptrs = Some(unsafe { st.alloc::<u64>(cap * 6) }.map_err(dev_err("alloc"))?);
+            sc.groups = cap;
+        }
+        let ptr = |s: &Option<CudaSlice<u16>>| s.as_ref().expect("allocated").device_ptr(st).0;
+        let (px, py, pa, po) = (ptr(&sc.x), ptr(&sc.y), ptr(&sc.act), ptr(&sc.out));
+        let mut groups = Vec::with_capacity(g);
+        let mut arrays = vec![0u64; 6 * g];
+        let mut off = 0usize;
+        for (j, &(e, c)) in live.iter().enumerate() {
+            let ex = self
+                .experts
+                .get(&(layer, e))
+                .ok_or(ComputeError::NotResident { layer, expert: e })?;
+            let wp = ex.ptr(st);
+            arrays[j] = wp; // A1: gate|up [2I, H]
+            arrays[g + j] = px + (off * h * 2) as u64; // B1: x rows
+            arrays[2 * g + j] = py + (off * 2 * i * 2) as u64; // C1: y rows
+            arrays[3 * g + j] = wp + (2 * i * h * 2) as u64; // A2: down [H, I]
+            arrays[4 * g + j] = pa + (off * i * 2) as u64; // B2: act rows
+            arrays[5 * g + j] = po + (off * h * 2) as u64; // C2: out rows
+            groups.push((wp, c, off));
+            off += c;
+        }
+        if x.len() != total * h || w.len() != total {
+            return Err(ComputeError::Shape(format!(
+                "{} inputs and {} weights for {total} rows of {h}",
+                x.len(),
+                w.len()
+            )));
+        }
+        if total > 0 {
+            st.memcpy_htod(x, sc.x.as_mut().expect("allocated"))
+                .map_err(dev_err("upload rows"))?;
+            st.memcpy_htod(w, sc.w.as_mut().expect("allocated"))
+                .map_err(dev_err("upload router weights"))?;
+            st.memcpy_htod(&arrays, sc.ptrs.as_mut().expect("allocated"))
+                .map_err(dev_err("upload pointer arrays"))?;
+        }
+        let n: Vec<i32> = live.iter().map(|&(_, c)| c as i32).collect();
+        Ok(Prepared {
+            total_rows: total,
+            groups,
+            m1: vec![(2 * i) as i32; g],
+            k1: vec![h as i32; g],
+            m2: vec![h as i32; g],
+            k2: vec![i as i32; g],
+            ld1c: vec![(2 * i) as i32; g],
+            ld2c: vec![h as i32; g],
+            n,
+            ops_t: vec![cb::cublasOperation_t::CUBLAS_OP_T; g],
+            ops_n: vec![cb::cublasOperation_t::CUBLAS_OP_N; g],
+            alpha: vec![1.0; g],
+            beta: vec![0.0; g],
+            ones: vec![1; g],
+        })
+    }
+
+    /// Enqueues GEMM 1, the activation kernel and GEMM 2 for a prepared batch (asynchronous).
+    pub fn enqueue(&self, p: &Prepared) -> Result<(), ComputeError> {
+        if p.total_rows == 0 {
+            return Ok(());
+        }
+        let (h, i) = (self.hidden as i32, self.inter as i32);
+        let dev = &self.dev;
+        let st = &dev.stream;
+        let sc = dev.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let mode = dev.mode.lock().unwrap_or_else(|e| e.into_inner()).pick(
+            p.groups.len(),
+            p.total_rows,
+            self.inter,
+        );
+        let handle = *dev.blas.handle();
+        let bf = cb::cudaDataType_t::CUDA_R_16BF;
+        let f32c = cb::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let g = p.groups.len();
+        let pp = sc.ptrs.as_ref().expect("prepared").device_ptr(st).0;
+        let parr = |k: usize| (pp + (k * g * 8) as u64) as *const *const std::ffi::c_void;
+        let px = sc.x.as_ref().expect("prepared").device_ptr(st).0;
+        let py = sc.y.as_ref().expect("prepared").device_ptr(st).0;
+        let pa = sc.act.as_ref().expect("prepared").device_ptr(st).0;
+        let po = sc.out.as_ref().expect("prepared").device_ptr(st).0;
+        let pw = sc.w.as_ref().expect("prepared").device_ptr(st).0;
+        let (one, zero) = (1.0f32, 0.0f32);
+        let gemm = |handle: cb::cublasHandle_t, m: i32, n: i32, k: i32, a: u64, b: u64, c: u64| {
+            // SAFETY: pointers address live device buffers sized for these shapes (prepare).
+            let s = unsafe {
+                cb::cublasGemmEx(
+                    handle,
+                    cb::cublasOperation_t::CUBLAS_OP_T,
+                    cb::cublasOperation_t::CUBLAS_OP_N,
+                    m,
+                    n,
+                    k,
+                    &one as *const f32 as *const _,
+                    a as *const _,
+                    bf,
+                    k,
+                    b as *const _,
+                    bf,
+                    k,
+                    &zero as *const f32 as *const _,
+                    c as *mut _,
+                    bf,
+                    m,
+                    f32c,
+                    cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            };
+            blas_ok(s, "cublasGemmEx")
+        };
+        // Row-major [n, k] x [m, k]ᵀ = [n, m] is column-major C(m x n) = Aᵀ(m x k) B(k x n).
+        match mode {
+            GemmMode::Grouped => {
+                // SAFETY: host arrays have `g` entries; device pointer arrays were uploaded by
+                // `prepare` and stay alive in the scratch buffers.
+                let s = unsafe {
+                    cb::cublasGemmGroupedBatchedEx(
+                        handle,
+                        p.ops_t.as_ptr(),
+                        p.ops_n.as_ptr(),
+                        p.m1.as_ptr(),
+                        p.n.as_ptr(),
+                        p.k1.as_ptr(),
+                        p.alpha.as_ptr() as *const _,
+                        parr(0),
+                        bf,
+                        p.k1.as_ptr(),
+                        parr(1),
+                        bf,
+                        p.k1.as_ptr(),
+                        p.beta.as_ptr() as *const _,
+                        parr(2) as *const *mut std::ffi::c_void,
+                        bf,
+                        p.ld1c.as_ptr(),
+                        g as i32,
+                        p.ones.as_ptr(),
+                        f32c,
+                    )
+                };
+                blas_ok(s, "cublasGemmGroupedBatchedEx (gate/up)")?;
+            }
+            _ => self.on_side_streams(p, |handle, wp, c, off| {
+                gemm(
+                    handle,
+                    2 * i,
+                    c as i32,
+                    h,
+                    wp,
+                    px + (off as u64 * h as u64 * 2),
+                    py + (off as u64 * 2 * i as u64 * 2),
+                )
+            })?,
+        }
+        let threads = ((i as u32 / 8).clamp(32, 256)).div_ceil(32) * 32;
+        let cfg = LaunchConfig {
+            grid_dim: (p.total_rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = st.launch_builder(&dev.silu);
+        launch.arg(&py).arg(&pw).arg(&pa).arg(&i);
+        // SAFETY: y holds total_rows x 2I, act total_rows x I, w total_rows entries.
+        unsafe { launch.launch(cfg) }.map_err(dev_err("silu_mul_scale launch"))?;
+        match mode {
+            GemmMode::Grouped => {
+                // SAFETY: as above.
+                let s = unsafe {
+                    cb::cublasGemmGroupedBatchedEx(
+                        handle,
+                        p.ops_t.as_ptr(),
+                        p.ops_n.as_ptr(),
+                        p.m2.as_ptr(),
+                        p.n.as_ptr(),
+                        p.k2.as_ptr(),
+                        p.alpha.as_ptr() as *const _,
+                        parr(3),
+                        bf,
+                        p.k2.as_ptr(),
+                        parr(4),
+                        bf,
+                        p.k2.as_ptr(),
+                        p.beta.as_ptr() as *const _,
+                        parr(5) as *const *mut std::ffi::c_void,
+                        bf,
+                        p.ld2c.as_ptr(),
+                        g as i32,
+                        p.ones.as_ptr(),
+                        f32c,
+                    )
+                };
+                blas_ok(s, "cublasGemmGroupedBatchedEx (down)")?;
+            }
+            _ => self.on_side_streams(p, |handle, wp, c, off| {
+                gemm(
+                    handle,
+                    h,
+                    c as i32,
+                    i,
+                    wp + (2 * i as u64 * h as u64 * 2),
+                    pa + (off as u64 * i as u64 * 2),
+                    po + (off as u64 * h as u64 * 2),
+                )
+            })?,
+        }
+        Ok(())
+    }
+
+    /// Runs one GEMM per expert on the side streams (largest first, each to the least loaded
+    /// stream), ordered after the work already on the main stream and before what follows it.
+    fn on_side_streams(
+        &self,
+        p: &Prepared,
+        mut gemm: impl FnMut(cb::cublasHandle_t, u64, usize, usize) -> Result<(), ComputeError>,
+    ) -> Result<(), ComputeError> {
+        let dev = &self.dev;
+        let fork = dev
+            .stream
+            .record_event(None)
+            .map_err(dev_err("record event"))?;
+        for (s, _) in &dev.side {
+            s.wait(&fork).map_err(dev_err("stream wait"))?;
+        }
+        let mut order: Vec<&(CUdeviceptr, usize, usize)> = p.groups.iter().collect();
+        order.sort_by_key(|g| std::cmp::Reverse(g.1));
+        let mut load = vec![0usize; dev.side.len()];
+        for &&(wp, c, off) in &order {
+            let k = (0..load.len())
+                .min_by_key(|&k| load[k])
+                .expect("side streams");
+            load[k] += c;
+            gemm(*dev.side[k].1.handle(), wp, c, off)?;
+        }
+        for (s, _) in &dev.side {
+            dev.stream.join(s).map_err(dev_err("stream join"))?;
+        }
+        Ok(())
+    }
+
+    /// Copies the first `rows` output rows (expert order, bf16 bits) back to the host.
+    pub fn download(&self, rows: usize) -> Result<Vec<u16>, ComputeError> {
+        let dev = &self.dev;
+        let sc = dev.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let mut host = vec![0u16; rows * self.hidden];
+        if rows > 0 {
+            let out = sc
+                .out
+                .as_ref()
+                .expect("prepared")
+                .slice(..rows * self.hidden);
+            dev.stream
+                .memcpy_dtoh(&out, &mut host)
+                .map_err(dev_err("download output"))?;
+        }
+        dev.stream.synchronize().map_err(dev_err("synchronize"))?;
+        Ok(host)
+    }
+}
+
+impl ExpertCompute for CudaExperts {
+    fn forward(&self, layer: u32, batch: &RowBatch<'_>) -> Result<Vec<f32>, ComputeError> {
+        let h = self.hidden;
+        let groups = group_rows(layer, batch, h, |k| self.experts.contains_key(&k))?;
+        let rows = batch.experts.len();
+        let src = batch.hidden.reinterpret_cast();
+        let mut x = Vec::with_capacity(rows * h);
+        let mut w = Vec::with_capacity(rows);
+        let mut order = Vec::with_capacity(rows);
+        let (mut ids, mut counts) = (Vec::new(), Vec::new());
+        for (e, rs) in &groups {
+            ids.push(*e);
+            counts.push(rs.len());
+            for &r in rs {
+                x.extend_from_slice(&src[r * h..(r + 1) * h]);
+                w.push(batch.router_weights[r]);
+                order.push(r);
+            }
+        }
+        // The device's stream and scratch are shared by all its sets: one batch at a time.
+        let _one = self.dev.batch.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.prepare(layer, &ids, &counts, &x, &w)?;
+        self.enqueue(&p)?;
+        let out = self.download(rows)?;
+        let mut y = vec![0f32; rows * h];
+        for (i, &r) in order.iter().enumerate() {
+            for (d, s) in y[r * h..(r + 1) * h]
+                .iter_mut()
+                .zip(&out[i * h..(i + 1) * h])
+            {
+                *d = half::bf16::from_bits(*s).to_f32();
+            }
+        }
+        Ok(y)
+    }
+
+    fn resident(&self) -> Vec<ExpertKey> {
+        let mut k: Vec<ExpertKey> = self.experts.keys().copied().collect();
+        k.sort_unstable();
+        k
+    }
+
+    fn backend(&self) -> String {
+        format!("cuda:{}", self.dev.ordinal)
+    }
+}
+
+struct SourceRef<'a>(&'a dyn WeightSource);
+
+impl WeightSource for SourceRef<'_> {
+    fn shape(&self) -> &crate::plan::model::ModelShape {
+        self.0.shape()
+    }
+    fn expert(
+        &self,
+        layer: u32,
+        expert: u32,
+    ) -> Result<super::checkpoint::ExpertWeights, super::checkpoint::CheckpointError> {
+        self.0.expert(layer, expert)
+    }
+}
+
+/// Loads experts onto one device. Experts held by a live set are shared (the sets are
+/// immutable), so a replica or a kept expert costs neither a read nor a copy.
+pub struct CudaLoader<S: WeightSource + ?Sized = dyn WeightSource> {
+    dev: Arc<CudaDevice>,
+    source: Arc<S>,
+    live: Mutex<HashMap<ExpertKey, Weak<DeviceExpert>>>,
+}
+
+impl<S: WeightSource + ?Sized> CudaLoader<S> {
+    pub fn new(dev: Arc<CudaDevice>, source: Arc<S>) -> Self {
+        Self {
+            dev,
+            source,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn load_map(
+        &self,
+        wanted: &[ExpertKey],
+        previous: &[ExpertKey],
+    ) -> anyhow::Result<HashMap<ExpertKey, Arc<DeviceExpert>>> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|_, w| w.strong_count() > 0);
+        let mut out = HashMap::new();
+        let mut missing = Vec::new();
+        for &k in wanted {
+            if out.contains_key(&k) || missing.contains(&k) {
+                continue;
+            }
+            match live
+                .get(&k)
+                .and_then(Weak::upgrade)
+                .filter(|_| previous.contains(&k))
+            {
+                Some(d) => {
+                    out.insert(k, d);
+                }
+                None => missing.push(k),
+            }
+        }
+        // Read (and dequantise) from the checkpoint in parallel; upload in order.
+        let read: Vec<_> = missing
+            .par_iter()
+            .map(|&(l, e)| self.source.expert(l, e).map(|w| ((l, e), w)))
+            .collect::<Result<_, _>>()?;
+        for (k, w) in read {
+            let d = self
+                .dev
+                .upload_expert(
+                    w.gate.reinterpret_cast(),
+                    w.up.reinterpret_cast(),
+                    w.down.reinterpret_cast(),
+                )
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "layer {} expert {} onto cuda:{}: {e}",
+                        k.0,
+                        k.1,
+                        self.dev.ordinal
+                    )
+                })?;
+            let d = Arc::new(d);
+            live.insert(k, Arc::downgrade(&d));
+            out.insert(k, d);
+        }
+        self.dev
+            .stream
+            .synchronize()
+            .map_err(|e| anyhow::anyhow!("cuda:{}: {e:?}", self.dev.ordinal))?;
+        Ok(out)
+    }
+}
+
+impl<S: WeightSource + ?Sized> ExpertLoader for CudaLoader<S> {
+    fn load(
+        &self,
+        wanted: &[ExpertKey],
+        previous: Option<&Arc<dyn ExpertCompute>>,
+    ) -> anyhow::Result<Arc<dyn ExpertCompute>> {
+        let prev = previous.map(|p| p.resident()).unwrap_or_default();
+        let experts = self.load_map(wanted, &prev)?;
+        let s = self.source.shape();
+        Ok(Arc::new(CudaExperts {
+            dev: self.dev.clone(),
+            hidden: s.hidden_size as usize,
+            inter: s.expert_intermediate_size as usize,
+            experts,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests;
