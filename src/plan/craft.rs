@@ -27,7 +27,7 @@ pub struct CraftOptions {
     /// Prefer a node that does not hold the expert yet when placing a replica.
     pub spread_across_nodes: bool,
     /// Largest replica count per layer considered in the benefit table (None: the larger of
-    /// `2 * gpus` and four times the budget's average per layer).
+    /// `gpus` and four times the budget's average per layer).
     pub max_extra_per_layer: Option<usize>,
     /// Weight of per-batch spread: replicate and place by `mean + z * std` of each replica's
     /// per-batch load (GPU spreads add in quadrature) instead of the mean alone. 0 is the paper.
@@ -520,7 +520,7 @@ pub fn local_search(p: &mut Placement, m: &LayerMatrix, rounds: usize) {
 }
 
 /// Improving swaps the local search makes at most per layer.
-pub const LOCAL_SEARCH_ROUNDS: usize = 32;
+pub const LOCAL_SEARCH_ROUNDS: usize = 16;
 
 /// Steps 1 to 3 for one layer with `extra` replicas and the given slot capacities.
 pub fn plan_layer(

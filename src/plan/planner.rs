@@ -191,10 +191,10 @@ fn craft_plan(
         Budget::Auto { .. } => AUTO_MAX_REPLICAS_PER_GPU,
         b => replicas_per_gpu(b, bytes)?,
     };
-    // Candidate counts per layer: at least 2D, and four times the average share of the budget so
+    // Candidate counts per layer: at least D, and four times the average share of the budget so
     // that a model with few layers can put most of it where it pays.
     let total = r_max * d;
-    let default_max = (2 * d).max(4 * total.div_ceil(mats.len().max(1)));
+    let default_max = d.max(4 * total.div_ceil(mats.len().max(1)));
     let kmax = req
         .craft
         .max_extra_per_layer
