@@ -19,9 +19,6 @@ pub struct LayerMatrix {
     pub totals: Vec<f64>,
     /// Tokens per batch.
     pub batch_totals: Vec<f32>,
-    /// Per-expert standard deviation of the per-batch load, scaled by the batch count so that it is
-    /// in the units of `totals`.
-    pub spread: Vec<f64>,
 }
 
 impl LayerMatrix {
@@ -42,23 +39,31 @@ impl LayerMatrix {
             }
             batch_totals[b] = sum as f32;
         }
-        let spread = (0..experts)
-            .map(|e| {
-                let mean = totals[e] / batches as f64;
-                let x = &data[e * batches..(e + 1) * batches];
-                let var =
-                    x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / batches as f64;
-                var.sqrt() * batches as f64
-            })
-            .collect();
         Self {
             experts,
             batches,
             data,
             totals,
             batch_totals,
-            spread,
         }
+    }
+
+    /// Per-expert standard deviation of the per-batch load, scaled by the batch count so that it is
+    /// in the units of `totals`.
+    pub fn spread(&self) -> Vec<f64> {
+        let b = self.batches.max(1) as f64;
+        (0..self.experts)
+            .map(|e| {
+                let mean = self.totals[e] / b;
+                let var = self
+                    .expert(e)
+                    .iter()
+                    .map(|&v| (v as f64 - mean).powi(2))
+                    .sum::<f64>()
+                    / b;
+                var.sqrt() * b
+            })
+            .collect()
     }
 
     /// Window load plus `z` standard deviations, per expert: what replication ranks experts by.
@@ -68,7 +73,7 @@ impl LayerMatrix {
         }
         self.totals
             .iter()
-            .zip(&self.spread)
+            .zip(self.spread())
             .map(|(w, s)| w + z * s)
             .collect()
     }

@@ -416,6 +416,8 @@ pub fn local_search(p: &mut Placement, m: &LayerMatrix, rounds: usize) {
     let mut scratch = ReplayScratch::default();
     let mut loads = scratch.gpu_loads(m, d, p.replicas()).to_vec();
     let mut cur = sum_of_max(&loads, d, bsz);
+    // Window load per GPU, kept up to date across swaps.
+    let mut gpu_sum = p.gpu_loads(&m.totals);
     // Best, second and third GPU per batch, to know the max of the GPUs a swap leaves alone.
     let mut top = vec![[(f32::MIN, usize::MAX); 3]; bsz];
     for _ in 0..rounds {
@@ -447,16 +449,10 @@ pub fn local_search(p: &mut Placement, m: &LayerMatrix, rounds: usize) {
             .unwrap_or(0);
         // Screen every swap by the window-mean loads it leaves on the two GPUs, then replay only
         // the most promising few over every batch: the exact check is O(batches) per candidate.
-        let mean = |g: usize| {
-            loads[g * bsz..(g + 1) * bsz]
-                .iter()
-                .map(|&x| x as f64)
-                .sum::<f64>()
-        };
-        let hot_mean = mean(hot);
+        let hot_mean = gpu_sum[hot];
         let mut screened: Vec<(f64, usize, usize, usize)> = Vec::new();
         for other in (0..d).filter(|&o| o != hot) {
-            let other_mean = mean(other);
+            let other_mean = gpu_sum[other];
             for (ia, &ea) in p.slots[hot].iter().enumerate() {
                 let wa = p.shares[hot][ia] as f64 * m.totals[ea as usize];
                 for (ic, &ec) in p.slots[other].iter().enumerate() {
@@ -511,6 +507,9 @@ pub fn local_search(p: &mut Placement, m: &LayerMatrix, rounds: usize) {
             loads[hot * bsz + b] += delta;
             loads[other * bsz + b] -= delta;
         }
+        let moved = sc as f64 * m.totals[ec as usize] - sa as f64 * m.totals[ea as usize];
+        gpu_sum[hot] += moved;
+        gpu_sum[other] -= moved;
         p.slots[hot][ia] = ec;
         p.shares[hot][ia] = sc;
         p.slots[other][ic] = ea;
@@ -533,7 +532,12 @@ pub fn plan_layer(
     polish: bool,
 ) -> Placement {
     let counts = replica_counts(m.experts, &order[..extra.min(order.len())]);
-    let mut p = place_with_risk(&m.totals, &m.spread, &counts, caps, topo, opts);
+    let spread = if opts.risk_z > 0.0 {
+        m.spread()
+    } else {
+        Vec::new()
+    };
+    let mut p = place_with_risk(&m.totals, &spread, &counts, caps, topo, opts);
     if opts.balanced_shares {
         balance_shares(&mut p, &m.totals);
     }
