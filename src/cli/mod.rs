@@ -1,5 +1,6 @@
 //! `moectl`: plan offline, evaluate and compare plans, drive workers, inspect deployments.
 
+mod observe;
 mod plan_cmd;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,8 @@ pub enum Command {
     Evaluate(EvaluateArgs),
     /// Compare algorithms across replica budgets (table and chart).
     Compare(CompareArgs),
+    /// Scrape workers' expert-load counters into a load trace (what the operator plans from).
+    Observe(observe::ObserveArgs),
     /// Write a deterministic synthetic checkpoint in a real layout (Mixtral, Qwen3-MoE, DeepSeek-V3).
     GenCheckpoint(crate::worker::checkpoint::synthetic::GenCheckpointArgs),
     /// Drive workers with routed token batches drawn from a load trace (the router side).
@@ -37,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Evaluate(a) => plan_cmd::evaluate(a),
         Command::Compare(a) => plan_cmd::compare(a),
         Command::GenCheckpoint(a) => Ok(a.run()?),
+        Command::Observe(a) => observe::observe(a),
         Command::Loadgen(a) => {
             let window = crate::plan::load_formats::read_load_file(&a.load)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;

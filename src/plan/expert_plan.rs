@@ -308,6 +308,27 @@ mod tests {
     }
 
     #[test]
+    fn hash_survives_json_for_awkward_floats() {
+        // serde_json parses floats correctly rounded only with `float_roundtrip`; without it some
+        // values come back one ulp off and a sealed plan no longer matches its hash.
+        let mut p = tiny();
+        p.stats = Some(PlanStats {
+            balancedness: 0.9974755796250538,
+            balancedness_vllm: 0.997491532638424,
+            window_batches: 3,
+            window_tokens: 368640.0,
+        });
+        for i in 0..2000u64 {
+            let x = (i as f64 * 0.7548776662466927).fract();
+            p.stats.as_mut().unwrap().balancedness = x;
+            let sealed = p.clone().seal();
+            let back: ExpertPlan =
+                serde_json::from_str(&serde_json::to_string(&sealed).unwrap()).unwrap();
+            assert_eq!(back.compute_hash(), sealed.hash, "{x:?}");
+        }
+    }
+
+    #[test]
     fn check_names_the_missing_expert() {
         let mut p = tiny();
         p.layers[0].slots[1][0] = 0;
