@@ -252,6 +252,12 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         .ok_or_else(|| Error::Other("MoEDeployment without a namespace".into()))?;
     let name = md.name_any();
     let key = format!("{ns}/{name}");
+    if md.metadata.deletion_timestamp.is_some() {
+        // Being deleted: garbage collection removes what it owns; applying now would recreate it.
+        ctx.tracked.lock().expect("tracked lock").remove(&key);
+        ctx.metrics.set_balancedness(&key, None);
+        return Ok(Action::await_change());
+    }
     let gen = md.metadata.generation;
     let mut status = md.status.clone().unwrap_or_default();
     let old_status = status.clone();
