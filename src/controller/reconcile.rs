@@ -201,7 +201,27 @@ fn initial_plan(md: &MoEDeployment) -> Result<ExpertPlan, Error> {
     let ids = moe_layer_ids(&req.model);
     let e = req.model.experts as usize;
     let zero = LoadWindow::new(ids.clone(), e, vec![0.0; ids.len() * e]).map_err(Error::Other)?;
-    Ok(make_plan(&req, &zero, None)?)
+    Ok(canonical_plan(make_plan(&req, &zero, None)?))
+}
+
+/// A plan whose JSON parses back to the same hash. serde_json (without its `float_roundtrip`
+/// feature) may parse a float a last bit off what it printed, and the workers check the hash of
+/// what they parse; re-parsing until the text is a fixed point makes every consumer agree.
+pub fn canonical_plan(plan: ExpertPlan) -> ExpertPlan {
+    let mut p = plan;
+    for _ in 0..8 {
+        let Ok(text) = serde_json::to_vec(&p) else {
+            return p;
+        };
+        let Ok(back) = serde_json::from_slice::<ExpertPlan>(&text) else {
+            return p;
+        };
+        if back.compute_hash() == p.hash {
+            return p;
+        }
+        p = back.seal();
+    }
+    p
 }
 
 fn window_batches(md: &MoEDeployment, interval: Duration) -> usize {
@@ -500,7 +520,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
     ) {
         if window_changed.0 && w.total_tokens() > 0.0 {
             let req = plan_request(md, algorithm(md.spec.replication.policy))?;
-            match make_plan(&req, w, Some(&plan)) {
+            match make_plan(&req, w, Some(&plan)).map(canonical_plan) {
                 Ok(candidate) => {
                     let cur_b = evaluate(&plan, w).map(|e| e.balancedness).unwrap_or(0.0);
                     let cand_b = evaluate(&candidate, w)
@@ -818,4 +838,39 @@ pub async fn run_controller(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_plans_survive_a_json_round_trip() {
+        let md: MoEDeployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "moe.craft.dev/v1alpha1", "kind": "MoEDeployment",
+            "metadata": {"name": "t", "namespace": "n", "uid": "u"},
+            "spec": {"model": {"layers": 3, "firstMoeLayer": 1, "experts": 8, "topK": 2,
+                               "hiddenSize": 64, "expertIntermediateSize": 32,
+                               "checkpoint": {"path": "/m"}},
+                     "topology": {"nodes": 2, "gpusPerNode": 2},
+                     "replication": {"budget": {"replicasPerGpu": 2}},
+                     "worker": {"image": "w"}}
+        }))
+        .unwrap();
+        let req = plan_request(&md, Algorithm::Craft).unwrap();
+        // A skewed load with awkward ratios gives stats and shares with long decimals.
+        let counts: Vec<f64> = (0..3 * 2 * 8)
+            .map(|i| ((i * 7919) % 1013) as f64 / 3.0)
+            .collect();
+        let w = LoadWindow::new(vec![1, 2], 8, counts).unwrap();
+        let p = canonical_plan(make_plan(&req, &w, None).unwrap());
+        let back: ExpertPlan = serde_json::from_slice(&serde_json::to_vec(&p).unwrap()).unwrap();
+        assert_eq!(back.compute_hash(), p.hash);
+        let pretty: ExpertPlan =
+            serde_json::from_str(&serde_json::to_string_pretty(&p).unwrap()).unwrap();
+        assert_eq!(pretty.compute_hash(), p.hash);
+        let initial = initial_plan(&md).unwrap();
+        assert_eq!(initial.algorithm, Algorithm::Placement);
+        assert_eq!(initial.replicas_per_gpu, 0);
+    }
 }
