@@ -479,11 +479,11 @@ pub struct WorkerPorts {
     #[serde(default = "default_dispatch_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub dispatch: i32,
-    /// Prometheus `/metrics`.
+    /// Prometheus `/metrics`, and the probes' `/healthz` and `/readyz`.
     #[serde(default = "default_metrics_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub metrics: i32,
-    /// Admin API (`PUT /v1/plan`, `/healthz`, `/readyz`), bearer token.
+    /// Admin API (`PUT`/`GET /v1/plan`), bearer token.
     #[serde(default = "default_admin_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub admin: i32,
@@ -500,13 +500,13 @@ impl Default for WorkerPorts {
 }
 
 fn default_dispatch_port() -> i32 {
-    9000
+    9400
 }
 fn default_metrics_port() -> i32 {
-    9090
+    9401
 }
 fn default_admin_port() -> i32 {
-    9091
+    9402
 }
 
 /// What the operator observed and did.

@@ -35,7 +35,8 @@ pub const RESERVED_ENV: &[&str] = &[
     "MOE_NODES",
     "MOE_GPUS_PER_NODE",
     "MOE_PLAN_FILE",
-    "MOE_CHECKPOINT",
+    "MOE_CHECKPOINT_DIR",
+    "POD_IP",
     "MOE_ADMIN_TOKEN_FILE",
     "MOE_DEVICE",
 ];

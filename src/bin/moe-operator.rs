@@ -76,10 +76,98 @@ fn main() -> Result<()> {
             print!("{}", moe_operator::api::crd_yaml());
             Ok(())
         }
-        Command::Run(args) => {
-            anyhow::bail!(
-                "`moe-operator run` is not wired to the controller yet (args: {args:?}); only `moe-operator crd` works in this build"
-            )
-        }
+        Command::Run(args) => run(args),
     }
+}
+
+#[tokio::main]
+async fn run(args: RunArgs) -> Result<()> {
+    use anyhow::Context as _;
+    use moe_operator::controller::{leader, reconcile, telemetry};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    moe_operator::worker::runtime::init_logging(args.log_format == LogFormat::Json);
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (kubeconfig or in-cluster service account)")?;
+    let metrics = Arc::new(telemetry::Metrics::new());
+    for (addr, router, what) in [
+        (
+            args.metrics_listen,
+            telemetry::metrics_router(metrics.clone()),
+            "--metrics-listen",
+        ),
+        (
+            args.health_listen,
+            telemetry::health_router(metrics.clone()),
+            "--health-listen",
+        ),
+    ] {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {what} {addr}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+    }
+    let namespace = match args.leader_election_namespace {
+        Some(ns) => ns,
+        None => std::env::var("POD_NAMESPACE")
+            .ok()
+            .or_else(|| {
+                std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                    .ok()
+            })
+            .map(|s| s.trim().to_string())
+            .context(
+                "no --leader-election-namespace, POD_NAMESPACE or service account namespace",
+            )?,
+    };
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "moe-operator".into()),
+            std::process::id()
+        )
+    });
+    let cfg = leader::LeaseConfig {
+        namespace,
+        name: args.leader_election_name,
+        identity: identity.clone(),
+        duration: Duration::from_secs(15),
+        renew: Duration::from_secs(5),
+    };
+    tracing::info!(lease = %cfg.name, namespace = %cfg.namespace, %identity, "waiting for the Lease");
+    leader::acquire(client.clone(), &cfg).await;
+    tracing::info!(%identity, "leading: starting the controller");
+    metrics.set_leader(true);
+    let ctx = Arc::new(reconcile::Context::new(
+        client.clone(),
+        metrics.clone(),
+        Some(identity),
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(reconcile::run_controller(
+        ctx,
+        args.watch_namespace,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let lost = tokio::select! {
+        _ = leader::hold(client.clone(), cfg) => true,
+        _ = tokio::signal::ctrl_c() => false,
+        _ = term.recv() => false,
+    };
+    metrics.set_leader(false);
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    if lost {
+        anyhow::bail!("lost the leader Lease; exiting so that a restart starts as a standby");
+    }
+    Ok(())
 }

@@ -4,28 +4,35 @@
 //! result server-side under one field manager.
 //!
 //! # Worker contract
-//! Each worker pod runs
+//! Each worker pod runs (flags of `moe-worker`, see `crate::worker::runtime::WorkerArgs`)
 //! ```text
-//! moe-worker --plan $(MOE_PLAN_FILE) --checkpoint $(MOE_CHECKPOINT)
-//!            --node-rank $(MOE_NODE_RANK) --gpus-per-node $(MOE_GPUS_PER_NODE)
-//!            --listen 0.0.0.0:<dispatch> --metrics-listen 0.0.0.0:<metrics>
-//!            --admin-listen 0.0.0.0:<admin> --admin-token-file $(MOE_ADMIN_TOKEN_FILE)
+//! moe-worker --plan $(MOE_PLAN_FILE) --checkpoint $(MOE_CHECKPOINT_DIR)
+//!            --node $(MOE_NODE_RANK) --gpus-per-node $(MOE_GPUS_PER_NODE)
+//!            --listen $(POD_IP):<dispatch> --metrics-listen $(POD_IP):<metrics>
+//!            --admin-listen $(POD_IP):<admin> --admin-token-file $(MOE_ADMIN_TOKEN_FILE)
 //!            --device <cuda|cpu>
 //! ```
 //! with the same values also in the environment (`MOE_NODE_RANK`, `MOE_NODES`,
-//! `MOE_GPUS_PER_NODE`, `MOE_PLAN_FILE`, `MOE_CHECKPOINT`, `MOE_ADMIN_TOKEN_FILE`, `MOE_DEVICE`).
+//! `MOE_GPUS_PER_NODE`, `MOE_PLAN_FILE`, `MOE_CHECKPOINT_DIR`, `MOE_ADMIN_TOKEN_FILE`,
+//! `MOE_DEVICE`) and `POD_IP` from the downward API. Binding the pod IP rather than 0.0.0.0 lets
+//! process-backed test pods share one loopback, each on its own 127.x address.
 //! Node rank `n` serves EP ranks `n*gpusPerNode .. (n+1)*gpusPerNode`. The plan file is the plan
 //! ConfigMap's `plan.json`; the admin token file is the Secret's `token`. `/readyz` and `/healthz`
-//! are served on the admin port without the token (probes carry none).
+//! are served on the metrics port without the token (probes carry none).
+//!
+//! # Test hook
+//! A MoEDeployment annotated `moe.craft.dev/process-backed: "true"` gets worker pods labelled
+//! `moe.craft.dev/process-backed=true`, which the local control plane's launcher (e2e/pods) runs as
+//! real local processes. It has no effect on a real cluster.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
-    HTTPGetAction, KeyToPath, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe,
-    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    Toleration, Volume, VolumeMount,
+    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -47,6 +54,10 @@ pub const LABEL_NODE_RANK: &str = "moe.craft.dev/node-rank";
 pub const ANNOTATION_PLAN_HASH: &str = "moe.craft.dev/plan-hash";
 /// Annotation: hash of the built pod spec; a different desired hash means the pod must be recreated.
 pub const ANNOTATION_SPEC_HASH: &str = "moe.craft.dev/spec-hash";
+/// Annotation on a MoEDeployment asking for process-backed worker pods (test hook, see above).
+pub const ANNOTATION_PROCESS_BACKED: &str = "moe.craft.dev/process-backed";
+/// Label the e2e pod launcher looks for.
+pub const LABEL_PROCESS_BACKED: &str = "moe.craft.dev/process-backed";
 /// The field manager for server-side apply.
 pub const FIELD_MANAGER: &str = "moe-operator";
 
@@ -283,11 +294,22 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
     let ckpt = spec.model.checkpoint.path.clone();
 
     let mut envs = vec![
+        EnvVar {
+            name: "POD_IP".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
         env("MOE_NODE_RANK", rank.to_string()),
         env("MOE_NODES", spec.topology.nodes.to_string()),
         env("MOE_GPUS_PER_NODE", gpus.clone()),
         env("MOE_PLAN_FILE", plan_file),
-        env("MOE_CHECKPOINT", ckpt.clone()),
+        env("MOE_CHECKPOINT_DIR", ckpt.clone()),
         env("MOE_ADMIN_TOKEN_FILE", token_file),
         env("MOE_DEVICE", w.device.as_str()),
     ];
@@ -298,8 +320,8 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
         "--plan",
         "$(MOE_PLAN_FILE)",
         "--checkpoint",
-        "$(MOE_CHECKPOINT)",
-        "--node-rank",
+        "$(MOE_CHECKPOINT_DIR)",
+        "--node",
         "$(MOE_NODE_RANK)",
         "--gpus-per-node",
         "$(MOE_GPUS_PER_NODE)",
@@ -308,11 +330,11 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
     .map(|s| s.to_string())
     .chain([
         "--listen".into(),
-        format!("0.0.0.0:{}", p.dispatch),
+        format!("$(POD_IP):{}", p.dispatch),
         "--metrics-listen".into(),
-        format!("0.0.0.0:{}", p.metrics),
+        format!("$(POD_IP):{}", p.metrics),
         "--admin-listen".into(),
-        format!("0.0.0.0:{}", p.admin),
+        format!("$(POD_IP):{}", p.admin),
         "--admin-token-file".into(),
         "$(MOE_ADMIN_TOKEN_FILE)".into(),
         "--device".into(),
@@ -410,9 +432,9 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
         volume_mounts: Some(mounts),
         // Loading a large checkpoint takes minutes: the startup probe allows up to an hour
         // before liveness takes over.
-        startup_probe: Some(http_probe("/healthz", p.admin, 10, 360)),
-        liveness_probe: Some(http_probe("/healthz", p.admin, 10, 3)),
-        readiness_probe: Some(http_probe("/readyz", p.admin, 5, 1)),
+        startup_probe: Some(http_probe("/healthz", p.metrics, 10, 360)),
+        liveness_probe: Some(http_probe("/healthz", p.metrics, 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", p.metrics, 5, 1)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             capabilities: Some(Capabilities {
@@ -471,6 +493,11 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
     m.labels
         .get_or_insert_with(BTreeMap::new)
         .insert(LABEL_NODE_RANK.into(), rank.to_string());
+    if process_backed(md) {
+        m.labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(LABEL_PROCESS_BACKED.into(), "true".into());
+    }
     m.annotations = Some(BTreeMap::from([
         (ANNOTATION_PLAN_HASH.to_string(), plan_hash.to_string()),
         (ANNOTATION_SPEC_HASH.to_string(), spec_hash(&pod_spec)),
@@ -480,6 +507,13 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
         spec: Some(pod_spec),
         status: None,
     })
+}
+
+/// Whether the deployment asks for process-backed worker pods (the e2e test hook).
+pub fn process_backed(md: &MoEDeployment) -> bool {
+    md.annotations()
+        .get(ANNOTATION_PROCESS_BACKED)
+        .is_some_and(|v| v == "true")
 }
 
 /// SHA-256 (first 16 hex digits) of a pod spec's JSON. Pod specs are immutable in the fields we
@@ -639,7 +673,7 @@ worker:
                 Some("/etc/moe/plan/plan.json")
             );
             assert_eq!(
-                env_of(pod, "MOE_CHECKPOINT").as_deref(),
+                env_of(pod, "MOE_CHECKPOINT_DIR").as_deref(),
                 Some("/models/tiny")
             );
             assert_eq!(
@@ -658,11 +692,35 @@ worker:
                 Quantity("2".into())
             );
             let args = c.args.as_ref().unwrap().join(" ");
-            assert!(args.starts_with("--plan $(MOE_PLAN_FILE) --checkpoint $(MOE_CHECKPOINT) --node-rank $(MOE_NODE_RANK)"), "{args}");
+            assert!(args.starts_with("--plan $(MOE_PLAN_FILE) --checkpoint $(MOE_CHECKPOINT_DIR) --node $(MOE_NODE_RANK) --gpus-per-node $(MOE_GPUS_PER_NODE)"), "{args}");
             assert!(
-                args.contains("--admin-listen 0.0.0.0:9091") && args.ends_with("--device cuda"),
+                args.contains("--listen $(POD_IP):9400 --metrics-listen $(POD_IP):9401 --admin-listen $(POD_IP):9402")
+                    && args.ends_with("--device cuda"),
                 "{args}"
             );
+            let pod_ip = c
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|e| e.name == "POD_IP")
+                .unwrap();
+            assert_eq!(
+                pod_ip
+                    .value_from
+                    .as_ref()
+                    .unwrap()
+                    .field_ref
+                    .as_ref()
+                    .unwrap()
+                    .field_path,
+                "status.podIP"
+            );
+            for probe in [&c.readiness_probe, &c.liveness_probe, &c.startup_probe] {
+                let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+                assert_eq!(get.port, IntOrString::Int(9401));
+            }
+            assert!(!labels.contains_key(LABEL_PROCESS_BACKED));
             assert_eq!(
                 c.readiness_probe
                     .as_ref()
@@ -684,9 +742,9 @@ worker:
             assert_eq!(
                 ports,
                 [
-                    ("dispatch".into(), 9000),
-                    ("metrics".into(), 9090),
-                    ("admin".into(), 9091)
+                    ("dispatch".into(), 9400),
+                    ("metrics".into(), 9401),
+                    ("admin".into(), 9402)
                 ]
             );
             let spec = pod.spec.as_ref().unwrap();
@@ -847,6 +905,37 @@ worker:
             build(&no_uid, &plan(&md), "t").unwrap_err(),
             BuildError::MissingMetadata("metadata.uid")
         );
+    }
+
+    #[test]
+    fn process_backed_label_only_on_request() {
+        let mut md = deployment();
+        md.metadata.annotations = Some(BTreeMap::from([(
+            ANNOTATION_PROCESS_BACKED.to_string(),
+            "true".to_string(),
+        )]));
+        let plan = plan(&md);
+        let d = build(&md, &plan, "t").unwrap();
+        for p in &d.pods {
+            assert_eq!(
+                p.metadata.labels.as_ref().unwrap()[LABEL_PROCESS_BACKED],
+                "true"
+            );
+        }
+        // Only on pods: the launcher acts on pods, and other objects have no process.
+        assert!(!d
+            .service
+            .metadata
+            .labels
+            .as_ref()
+            .unwrap()
+            .contains_key(LABEL_PROCESS_BACKED));
+        md.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(ANNOTATION_PROCESS_BACKED.into(), "false".into());
+        assert!(!process_backed(&md));
     }
 
     #[test]

@@ -2,7 +2,11 @@
 //! I/O (fetch, server-side apply, scraping, status) lives beside them and calls into these.
 
 pub mod build;
+pub mod leader;
 pub mod load;
+pub mod reconcile;
 pub mod replan;
 pub mod rollout;
+pub mod scrape;
 pub mod status;
+pub mod telemetry;

@@ -1,0 +1,154 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease: get, create or take over with the
+//! resourceVersion as the optimistic lock, renew every `renew` while leading. Only the leader runs
+//! the controller; losing the Lease stops this process's controller (the caller exits so that a
+//! restart starts as a standby).
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
+use kube::{Api, Client};
+
+/// Lease timing.
+#[derive(Clone, Debug)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    pub identity: String,
+    pub duration: Duration,
+    pub renew: Duration,
+}
+
+/// Whether `spec` is free for `identity` at `now_s`: unheld, held by us, or expired.
+pub fn may_take(spec: Option<&LeaseSpec>, identity: &str, now_s: f64) -> bool {
+    let Some(s) = spec else { return true };
+    match s.holder_identity.as_deref() {
+        None | Some("") => true,
+        Some(h) if h == identity => true,
+        Some(_) => {
+            let renewed = s
+                .renew_time
+                .as_ref()
+                .or(s.acquire_time.as_ref())
+                .map(|t| t.0.as_millisecond() as f64 / 1000.0)
+                .unwrap_or(0.0);
+            let dur = f64::from(s.lease_duration_seconds.unwrap_or(15));
+            now_s > renewed + dur
+        }
+    }
+}
+
+fn now_s() -> f64 {
+    Timestamp::now().as_millisecond() as f64 / 1000.0
+}
+
+/// One attempt to acquire or renew. `Ok(true)`: we hold the Lease now.
+pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
+    let now = MicroTime(Timestamp::now());
+    match api.get_opt(&cfg.name).await? {
+        None => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(cfg.name.clone()),
+                    namespace: Some(cfg.namespace.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(cfg.identity.clone()),
+                    lease_duration_seconds: Some(cfg.duration.as_secs() as i32),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        Some(mut lease) => {
+            if !may_take(lease.spec.as_ref(), &cfg.identity, now_s()) {
+                return Ok(false);
+            }
+            let spec = lease.spec.get_or_insert_with(Default::default);
+            if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+                spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                spec.acquire_time = Some(now.clone());
+                spec.holder_identity = Some(cfg.identity.clone());
+            }
+            spec.lease_duration_seconds = Some(cfg.duration.as_secs() as i32);
+            spec.renew_time = Some(now);
+            // replace carries metadata.resourceVersion: a concurrent writer makes this a 409.
+            match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// Wait until this process holds the Lease.
+pub async fn acquire(client: Client, cfg: &LeaseConfig) {
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    loop {
+        match try_acquire(&api, cfg).await {
+            Ok(true) => return,
+            Ok(false) => tracing::debug!(lease = %cfg.name, "standby: the Lease is held"),
+            Err(e) => tracing::warn!(error = %e, lease = %cfg.name, "Lease request failed"),
+        }
+        tokio::time::sleep(cfg.renew).await;
+    }
+}
+
+/// Renew until a renewal fails for longer than the lease duration (or another holder took it);
+/// returns then, and the caller stops acting.
+pub async fn hold(client: Client, cfg: LeaseConfig) {
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(cfg.renew).await;
+        match try_acquire(&api, &cfg).await {
+            Ok(true) => last_ok = tokio::time::Instant::now(),
+            Ok(false) => {
+                tracing::error!(lease = %cfg.name, "lost the Lease to another holder");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the Lease failed");
+                // Stop before the Lease can expire and another replica take it.
+                if last_ok.elapsed() + cfg.renew >= cfg.duration {
+                    tracing::error!(lease = %cfg.name, "could not renew the Lease in time");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(holder: &str, renewed_s: i64, dur: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.into()),
+            renew_time: Some(MicroTime(Timestamp::from_second(renewed_s).unwrap())),
+            lease_duration_seconds: Some(dur),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn free_own_or_expired_leases_may_be_taken() {
+        assert!(may_take(None, "a", 100.0));
+        assert!(may_take(Some(&LeaseSpec::default()), "a", 100.0));
+        assert!(may_take(Some(&spec("a", 95, 15)), "a", 100.0));
+        assert!(!may_take(Some(&spec("b", 95, 15)), "a", 100.0));
+        assert!(may_take(Some(&spec("b", 80, 15)), "a", 100.0));
+    }
+}

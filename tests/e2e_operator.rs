@@ -1,0 +1,659 @@
+//! End-to-end test of the operator on the local control plane (e2e/cluster.sh): the CRD and chart
+//! installed with Helm (its in-cluster Deployment scaled to 0: there is no image here), the operator
+//! run as a local process under the chart's ServiceAccount (a kubeconfig from a TokenRequest, so the
+//! chart's RBAC is what it gets), a MoEDeployment of 2 nodes x 2 GPUs whose worker pods are real
+//! `moe-worker` processes, an invalid spec, and garbage collection on delete.
+//!
+//! Needs the binaries of `e2e/build.sh`; fails (does not skip) without them.
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use moe_operator::api::MoEDeployment;
+use serde_json::json;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NODES: usize = 2;
+const OP_NS: &str = "moe-system";
+const NS: &str = "ml";
+const RELEASE: &str = "moe-operator";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The plane (own state dir, always torn down) and the operator process (always killed).
+struct Plane {
+    state: PathBuf,
+    operator: Option<Child>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Plane {
+    fn script(&self, verb: &str) -> std::process::Output {
+        let target_debug = PathBuf::from(env!("CARGO_BIN_EXE_moe-worker"))
+            .parent()
+            .expect("binary has a parent dir")
+            .to_path_buf();
+        let path = format!(
+            "{}:{}",
+            target_debug.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Command::new(repo().join("e2e/cluster.sh"))
+            .arg(verb)
+            .env("MOE_E2E_STATE", &self.state)
+            .env("MOE_E2E_NODES", NODES.to_string())
+            .env("MOE_E2E_PODS_BIN", env!("CARGO_BIN_EXE_moe-e2e-pods"))
+            .env("PATH", path)
+            .output()
+            .unwrap_or_else(|e| panic!("running e2e/cluster.sh {verb}: {e}"))
+    }
+
+    fn run(&self, verb: &str) -> String {
+        let out = self.script(verb);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "e2e/cluster.sh {verb} failed ({}):\n{stderr}\nlogs: {}/logs",
+            out.status,
+            self.state.display()
+        );
+        format!("{}{stderr}", String::from_utf8_lossy(&out.stdout))
+    }
+
+    fn stop_operator(&mut self) {
+        if let Some(mut c) = self.operator.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        self.stop_operator();
+        let _ = self.script("down");
+        if std::thread::panicking() {
+            if let Some(t) = self._tmp.take() {
+                let kept = t.keep();
+                eprintln!(
+                    "e2e state kept in {} (operator log: operator.log, pods: pods/*/log)",
+                    kept.display()
+                );
+            }
+        }
+    }
+}
+
+async fn client_from(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", kubeconfig.display()));
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig loads");
+    Client::try_from(cfg).expect("client builds")
+}
+
+/// Polls `check` until it returns Some, or fails naming `what` (and the last state) after `timeout`.
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}; last seen: {last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn tool(bin: &Path, name: &str, args: &[&str], kubeconfig: &Path) -> String {
+    let out = Command::new(bin.join(name))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .unwrap_or_else(|e| panic!("running {name}: {e}"));
+    assert!(
+        out.status.success(),
+        "{name} {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn condition(md: &MoEDeployment, kind: &str) -> Option<(String, String, String)> {
+    md.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn deployment(name: &str, checkpoint: &Path) -> serde_json::Value {
+    json!({
+        "apiVersion": "moe.craft.dev/v1alpha1",
+        "kind": "MoEDeployment",
+        "metadata": {"name": name, "namespace": NS,
+                     "annotations": {"moe.craft.dev/process-backed": "true"}},
+        "spec": {
+            "model": {"layers": 2, "firstMoeLayer": 0, "experts": 8, "topK": 2, "hiddenSize": 64,
+                      "expertIntermediateSize": 32, "dtype": "bf16",
+                      "checkpoint": {"path": "/models/tiny",
+                                     "volume": {"hostPath": {"path": checkpoint.display().to_string()}}}},
+            "topology": {"nodes": 2, "gpusPerNode": 2},
+            "replication": {"policy": "Craft", "budget": {"replicasPerGpu": 2},
+                            "minImprovement": 0.01, "cooldown": "1s"},
+            "metrics": {"source": "Workers", "interval": "2s"},
+            "rollout": {"strategy": "InPlace", "maxUnavailable": 1},
+            "worker": {"image": "moe-worker:dev", "device": "cpu",
+                       "nodeSelector": {"type": "kwok"}}
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_end_to_end() {
+    let bin_dir = Command::new(repo().join("e2e/build.sh"))
+        .arg("--bin-dir")
+        .output()
+        .expect("running e2e/build.sh --bin-dir");
+    assert!(
+        bin_dir.status.success(),
+        "the local control plane is not built: run e2e/build.sh first: {}",
+        String::from_utf8_lossy(&bin_dir.stderr).trim()
+    );
+    let bin = PathBuf::from(String::from_utf8_lossy(&bin_dir.stdout).trim());
+    for b in ["helm", "kubectl"] {
+        assert!(
+            bin.join(b).exists(),
+            "{b} missing in {}: rerun e2e/build.sh",
+            bin.display()
+        );
+    }
+
+    let tmp = tempfile::Builder::new()
+        .prefix("moe-e2e-operator-")
+        .tempdir()
+        .expect("temp state dir");
+    let mut plane = Plane {
+        state: tmp.path().to_path_buf(),
+        operator: None,
+        _tmp: Some(tmp),
+    };
+    plane.run("up");
+    let admin_kc = plane.state.join("kubeconfig");
+    let admin = client_from(&admin_kc).await;
+    let long = Duration::from_secs(120);
+
+    // Chart (CRD from its crds/), without the in-cluster Deployment.
+    let chart = repo().join("charts/moe-operator");
+    tool(
+        &bin,
+        "helm",
+        &[
+            "install",
+            RELEASE,
+            chart.to_str().unwrap(),
+            "--namespace",
+            OP_NS,
+            "--create-namespace",
+            "--wait=false",
+        ],
+        &admin_kc,
+    );
+    // The chart's schema wants at least one replica; the image does not exist here, so the operator
+    // runs as a local process instead.
+    tool(
+        &bin,
+        "kubectl",
+        &[
+            "-n",
+            OP_NS,
+            "scale",
+            &format!("deployment/{RELEASE}"),
+            "--replicas=0",
+        ],
+        &admin_kc,
+    );
+    tool(&bin, "kubectl", &["create", "namespace", NS], &admin_kc);
+    tool(
+        &bin,
+        "kubectl",
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/moedeployments.moe.craft.dev",
+            "--timeout=60s",
+        ],
+        &admin_kc,
+    );
+
+    // A kubeconfig with the chart ServiceAccount's token: the operator gets only the chart's RBAC.
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), OP_NS);
+    let tr = sas
+        .create_token_request(
+            RELEASE,
+            &PostParams::default(),
+            &TokenRequest {
+                spec: TokenRequestSpec {
+                    audiences: vec![],
+                    expiration_seconds: Some(3600),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("TokenRequest for the chart's ServiceAccount");
+    let token = tr.status.expect("token status").token;
+    let mut kc = Kubeconfig::read_from(&admin_kc).expect("admin kubeconfig");
+    for a in &mut kc.auth_infos {
+        if let Some(ai) = a.auth_info.as_mut() {
+            *ai = Default::default();
+            ai.token = Some(token.clone().into());
+        }
+    }
+    let sa_kc = plane.state.join("operator.kubeconfig");
+    std::fs::write(&sa_kc, serde_yaml::to_string(&kc).unwrap()).unwrap();
+
+    let log = std::fs::File::create(plane.state.join("operator.log")).unwrap();
+    plane.operator = Some(
+        Command::new(env!("CARGO_BIN_EXE_moe-operator"))
+            .args([
+                "run",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--health-listen",
+                "127.0.0.1:0",
+                "--leader-election-namespace",
+                OP_NS,
+                "--log-format",
+                "json",
+            ])
+            .env("KUBECONFIG", &sa_kc)
+            .env("RUST_LOG", "info,moe_operator=debug,kube=warn")
+            .env("POD_NAME", "e2e-operator")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting moe-operator"),
+    );
+
+    // Synthetic checkpoint: `moectl gen-checkpoint` where the CPU backend is merged.
+    let ckpt = plane.state.join("checkpoint");
+    let gen = Command::new(env!("CARGO_BIN_EXE_moectl"))
+        .args([
+            "gen-checkpoint",
+            "--family",
+            "mixtral",
+            "--out",
+            ckpt.to_str().unwrap(),
+            "--layers",
+            "2",
+            "--first-moe-layer",
+            "0",
+            "--experts",
+            "8",
+            "--top-k",
+            "2",
+            "--hidden",
+            "64",
+            "--intermediate",
+            "32",
+            "--shards",
+            "1",
+        ])
+        .output()
+        .expect("running moectl");
+    let have_backend = gen.status.success();
+    if !have_backend {
+        std::fs::create_dir_all(&ckpt).unwrap();
+        eprintln!(
+            "moectl gen-checkpoint is not in this build ({}); workers will start but cannot load experts",
+            String::from_utf8_lossy(&gen.stderr).lines().next().unwrap_or("")
+        );
+    }
+
+    let mds: Api<MoEDeployment> = Api::namespaced(admin.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let md: MoEDeployment = serde_json::from_value(deployment("tiny", &ckpt)).unwrap();
+    mds.patch("tiny", &PatchParams::apply("e2e"), &Patch::Apply(&md))
+        .await
+        .expect("apply MoEDeployment");
+
+    // Owned objects appear, applied by the operator under its ServiceAccount.
+    let plan_hash = wait_for("status.plan.hash and the plan ConfigMap", long, || async {
+        let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
+        let hash = md
+            .status
+            .as_ref()
+            .and_then(|s| s.plan.as_ref())
+            .map(|p| p.hash.clone());
+        let cm = Api::<ConfigMap>::namespaced(admin.clone(), NS)
+            .get_opt("tiny-plan")
+            .await
+            .map_err(|e| e.to_string())?;
+        match (hash, cm) {
+            (Some(h), Some(cm)) if cm.data.as_ref().and_then(|d| d.get("hash")) == Some(&h) => {
+                Ok(h)
+            }
+            (h, cm) => Err(format!(
+                "status hash {h:?}, ConfigMap present: {}",
+                cm.is_some()
+            )),
+        }
+    })
+    .await;
+    assert_eq!(plan_hash.len(), 64, "plan hash is SHA-256 hex: {plan_hash}");
+    for (what, present) in [
+        (
+            "Secret tiny-admin-token",
+            Api::<Secret>::namespaced(admin.clone(), NS)
+                .get_opt("tiny-admin-token")
+                .await
+                .unwrap()
+                .is_some(),
+        ),
+        (
+            "Service tiny-workers",
+            Api::<Service>::namespaced(admin.clone(), NS)
+                .get_opt("tiny-workers")
+                .await
+                .unwrap()
+                .is_some(),
+        ),
+        (
+            "PDB tiny-workers",
+            Api::<PodDisruptionBudget>::namespaced(admin.clone(), NS)
+                .get_opt("tiny-workers")
+                .await
+                .unwrap()
+                .is_some(),
+        ),
+    ] {
+        assert!(present, "{what} was not created");
+    }
+
+    // Worker pods Running on fake GPU nodes, each a real moe-worker process.
+    let running = wait_for("2 worker pods Running with a process", long, || async {
+        let list = pods
+            .list(&ListParams::default().labels("moe.craft.dev/deployment=tiny"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for p in &list.items {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let phase = p
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default();
+            let pid_file = plane
+                .state
+                .join("pods")
+                .join(format!("{NS}_{name}"))
+                .join("pid");
+            if phase == "Running" && pid_file.exists() {
+                out.push((
+                    name,
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.pod_ip.clone())
+                        .unwrap_or_default(),
+                ));
+            }
+        }
+        if out.len() == NODES {
+            Ok(out)
+        } else {
+            Err(format!(
+                "{} of {} pods running with a process: {out:?}",
+                out.len(),
+                list.items.len()
+            ))
+        }
+    })
+    .await;
+    // The launcher ran each pod's command with $(POD_IP) expanded to that pod's own address.
+    let launcher =
+        std::fs::read_to_string(plane.state.join("logs/moe-e2e-pods.log")).unwrap_or_default();
+    for (name, ip) in &running {
+        let line = launcher
+            .lines()
+            .find(|l| l.contains("started moe-worker") && l.contains(&format!("pod={NS}/{name}")))
+            .unwrap_or_else(|| panic!("launcher never started moe-worker for {name}:\n{launcher}"));
+        assert!(
+            line.contains(&format!(
+                "--listen {ip}:9400 --metrics-listen {ip}:9401 --admin-listen {ip}:9402"
+            )) && line.contains("--device cpu")
+                && line.contains("--gpus-per-node 2"),
+            "pod {name} (IP {ip}) started with unexpected arguments: {line}"
+        );
+    }
+
+    if have_backend {
+        // Ready: every worker answers /metrics with the plan's hash.
+        wait_for("MoEDeployment Ready", long, || async {
+            let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
+            match condition(&md, "Ready") {
+                Some((s, _, _)) if s == "True" => Ok(()),
+                c => Err(format!(
+                    "Ready condition {c:?}, workers {:?}",
+                    md.status.as_ref().and_then(|s| s.workers.clone())
+                )),
+            }
+        })
+        .await;
+
+        // Skewed traffic through the loadgen: the operator sees it, plans with CRAFT, and rolls the
+        // new plan out in place; every worker reports the new hash.
+        let trace = plane.state.join("skewed.json");
+        let row =
+            |hot: u32| -> Vec<u32> { (0..8).map(|e| if e == hot { 4000 } else { 100 }).collect() };
+        std::fs::write(
+            &trace,
+            json!({"logical_count": [row(0), row(1)]}).to_string(),
+        )
+        .unwrap();
+        let workers = running
+            .iter()
+            .map(|(n, ip)| {
+                (
+                    n.trim_start_matches("tiny-worker-").parse::<u32>().unwrap(),
+                    ip.clone(),
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .values()
+            .map(|ip| format!("{ip}:9400"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cms = Api::<ConfigMap>::namespaced(admin.clone(), NS);
+        let plan_file = plane.state.join("plan.json");
+        let new_hash = wait_for(
+            "a new plan rolled out on every worker under skewed load",
+            long,
+            || async {
+                let cm = cms.get("tiny-plan").await.map_err(|e| e.to_string())?;
+                let data = cm.data.unwrap_or_default();
+                std::fs::write(&plan_file, &data["plan.json"]).map_err(|e| e.to_string())?;
+                let out = Command::new(env!("CARGO_BIN_EXE_moectl"))
+                    .args([
+                        "loadgen",
+                        "--plan",
+                        plan_file.to_str().unwrap(),
+                        "--workers",
+                        &workers,
+                        "--load",
+                        trace.to_str().unwrap(),
+                        "--batches",
+                        "50",
+                        "--tokens",
+                        "256",
+                    ])
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                if !out.status.success() {
+                    eprintln!("loadgen: {}", String::from_utf8_lossy(&out.stderr).trim());
+                }
+                let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
+                let st = md.status.clone().unwrap_or_default();
+                let hash = st.plan.as_ref().map(|p| p.hash.clone()).unwrap_or_default();
+                let on = st.workers.as_ref().map(|w| w.on_current_plan).unwrap_or(0);
+                let ready = condition(&md, "Ready").map(|c| c.0);
+                if hash != plan_hash && on == NODES as i32 && ready.as_deref() == Some("True") {
+                    Ok((hash, st))
+                } else {
+                    Err(format!(
+                        "plan {:?}, workers {:?}, observed {:?}",
+                        st.plan, st.workers, st.observed
+                    ))
+                }
+            },
+        )
+        .await;
+        let (hash, st) = new_hash;
+        let p = st.plan.expect("plan status");
+        assert_eq!(p.algorithm, "craft", "{p:?}");
+        assert!(
+            p.predicted_balancedness.unwrap_or(0.0) > p.previous_balancedness.unwrap_or(1.0),
+            "new plan does not predict better balance: {p:?}"
+        );
+        let observed = st.observed.expect("observed load in status");
+        assert!(observed.tokens > 0, "{observed:?}");
+        eprintln!("rolled out {hash}: {p:?}; observed {observed:?}");
+        // Every worker reports the new hash in moe_worker_plan_info.
+        for (_, ip) in &running {
+            let r =
+                moe_operator::controller::scrape::scrape_worker(ip, 9401, Duration::from_secs(5))
+                    .await
+                    .expect("worker answers /metrics");
+            assert_eq!(r.plan_hash.as_deref(), Some(hash.as_str()), "worker {ip}");
+        }
+    } else {
+        // Without a backend the workers exit; the operator must not call that Ready.
+        let md = mds.get("tiny").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let md2 = mds.get("tiny").await.unwrap();
+        for m in [&md, &md2] {
+            assert_ne!(
+                condition(m, "Ready").map(|c| c.0),
+                Some("True".to_string()),
+                "Ready although no worker can serve"
+            );
+        }
+        let (_, reason, msg) =
+            condition(&md2, "MetricsAvailable").expect("MetricsAvailable condition");
+        assert_eq!(reason, "Unreachable", "{msg}");
+    }
+
+    // Invalid spec past CEL (validated by the operator): Degraded and a Warning event naming the field.
+    let mut bad = deployment("bad", &ckpt);
+    bad["spec"]["metrics"]["interval"] = json!("10ms");
+    let bad_md: MoEDeployment = serde_json::from_value(bad).unwrap();
+    match mds
+        .patch("bad", &PatchParams::apply("e2e"), &Patch::Apply(&bad_md))
+        .await
+    {
+        Err(e) => eprintln!("invalid spec refused at apply: {e}"),
+        Ok(_) => {
+            let msg = wait_for("bad: Degraded=True", long, || async {
+                let md = mds.get("bad").await.map_err(|e| e.to_string())?;
+                match condition(&md, "Degraded") {
+                    Some((s, _, m)) if s == "True" => Ok(m),
+                    c => Err(format!("{c:?}")),
+                }
+            })
+            .await;
+            assert!(
+                msg.contains("spec.metrics.interval"),
+                "Degraded message does not name the field: {msg}"
+            );
+            let md = mds.get("bad").await.unwrap();
+            assert_ne!(condition(&md, "Ready").map(|c| c.0), Some("True".into()));
+            let events: Api<Event> = Api::namespaced(admin.clone(), NS);
+            wait_for("a Warning event for bad", long, || async {
+                let list = events
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                list.items
+                    .iter()
+                    .find(|e| {
+                        e.type_.as_deref() == Some("Warning")
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("bad")
+                            && e.note
+                                .as_deref()
+                                .is_some_and(|n| n.contains("spec.metrics.interval"))
+                    })
+                    .map(|_| ())
+                    .ok_or_else(|| format!("{} events, none matching", list.items.len()))
+            })
+            .await;
+            let bad_pods = pods
+                .list(&ListParams::default().labels("moe.craft.dev/deployment=bad"))
+                .await
+                .unwrap();
+            assert!(
+                bad_pods.items.is_empty(),
+                "pods created for an invalid spec"
+            );
+        }
+    }
+
+    // The operator is alive (never crash-looped on the bad spec).
+    let status = plane.operator.as_mut().unwrap().try_wait().unwrap();
+    assert!(status.is_none(), "moe-operator exited: {status:?}");
+
+    // Delete: everything it owned goes (garbage collection through owner references).
+    mds.delete("tiny", &DeleteParams::foreground())
+        .await
+        .expect("delete tiny");
+    wait_for(
+        "tiny's pods, ConfigMap and Secret to be gone",
+        long,
+        || async {
+            let p = pods
+                .list(&ListParams::default().labels("moe.craft.dev/deployment=tiny"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let cm = Api::<ConfigMap>::namespaced(admin.clone(), NS)
+                .get_opt("tiny-plan")
+                .await
+                .map_err(|e| e.to_string())?;
+            let s = Api::<Secret>::namespaced(admin.clone(), NS)
+                .get_opt("tiny-admin-token")
+                .await
+                .map_err(|e| e.to_string())?;
+            if p.items.is_empty() && cm.is_none() && s.is_none() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} pods, ConfigMap {}, Secret {}",
+                    p.items.len(),
+                    cm.is_some(),
+                    s.is_some()
+                ))
+            }
+        },
+    )
+    .await;
+    plane.stop_operator();
+}
