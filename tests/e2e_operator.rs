@@ -296,7 +296,7 @@ async fn operator_end_to_end() {
             .expect("starting moe-operator"),
     );
 
-    // Synthetic checkpoint: `moectl gen-checkpoint` where the CPU backend is merged.
+    // Synthetic checkpoint in the Mixtral layout, served by the workers' CPU backend.
     let ckpt = plane.state.join("checkpoint");
     let gen = Command::new(env!("CARGO_BIN_EXE_moectl"))
         .args([
@@ -322,14 +322,11 @@ async fn operator_end_to_end() {
         ])
         .output()
         .expect("running moectl");
-    let have_backend = gen.status.success();
-    if !have_backend {
-        std::fs::create_dir_all(&ckpt).unwrap();
-        eprintln!(
-            "moectl gen-checkpoint is not in this build ({}); workers will start but cannot load experts",
-            String::from_utf8_lossy(&gen.stderr).lines().next().unwrap_or("")
-        );
-    }
+    assert!(
+        gen.status.success(),
+        "moectl gen-checkpoint failed: {}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
 
     let mds: Api<MoEDeployment> = Api::namespaced(admin.clone(), NS);
     let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
@@ -448,120 +445,102 @@ async fn operator_end_to_end() {
         );
     }
 
-    if have_backend {
-        // Ready: every worker answers /metrics with the plan's hash.
-        wait_for("MoEDeployment Ready", long, || async {
-            let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
-            match condition(&md, "Ready") {
-                Some((s, _, _)) if s == "True" => Ok(()),
-                c => Err(format!(
-                    "Ready condition {c:?}, workers {:?}",
-                    md.status.as_ref().and_then(|s| s.workers.clone())
-                )),
-            }
-        })
-        .await;
+    // Ready: every worker answers /metrics with the plan's hash.
+    wait_for("MoEDeployment Ready", long, || async {
+        let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
+        match condition(&md, "Ready") {
+            Some((s, _, _)) if s == "True" => Ok(()),
+            c => Err(format!(
+                "Ready condition {c:?}, workers {:?}",
+                md.status.as_ref().and_then(|s| s.workers.clone())
+            )),
+        }
+    })
+    .await;
 
-        // Skewed traffic through the loadgen: the operator sees it, plans with CRAFT, and rolls the
-        // new plan out in place; every worker reports the new hash.
-        let trace = plane.state.join("skewed.json");
-        let row =
-            |hot: u32| -> Vec<u32> { (0..8).map(|e| if e == hot { 4000 } else { 100 }).collect() };
-        std::fs::write(
-            &trace,
-            json!({"logical_count": [row(0), row(1)]}).to_string(),
-        )
-        .unwrap();
-        let workers = running
-            .iter()
-            .map(|(n, ip)| {
-                (
-                    n.trim_start_matches("tiny-worker-").parse::<u32>().unwrap(),
-                    ip.clone(),
-                )
-            })
-            .collect::<std::collections::BTreeMap<_, _>>()
-            .values()
-            .map(|ip| format!("{ip}:9400"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let cms = Api::<ConfigMap>::namespaced(admin.clone(), NS);
-        let plan_file = plane.state.join("plan.json");
-        let new_hash = wait_for(
-            "a new plan rolled out on every worker under skewed load",
-            long,
-            || async {
-                let cm = cms.get("tiny-plan").await.map_err(|e| e.to_string())?;
-                let data = cm.data.unwrap_or_default();
-                std::fs::write(&plan_file, &data["plan.json"]).map_err(|e| e.to_string())?;
-                let out = Command::new(env!("CARGO_BIN_EXE_moectl"))
-                    .args([
-                        "loadgen",
-                        "--plan",
-                        plan_file.to_str().unwrap(),
-                        "--workers",
-                        &workers,
-                        "--load",
-                        trace.to_str().unwrap(),
-                        "--batches",
-                        "50",
-                        "--tokens",
-                        "256",
-                    ])
-                    .output()
-                    .map_err(|e| e.to_string())?;
-                if !out.status.success() {
-                    eprintln!("loadgen: {}", String::from_utf8_lossy(&out.stderr).trim());
-                }
-                let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
-                let st = md.status.clone().unwrap_or_default();
-                let hash = st.plan.as_ref().map(|p| p.hash.clone()).unwrap_or_default();
-                let on = st.workers.as_ref().map(|w| w.on_current_plan).unwrap_or(0);
-                let ready = condition(&md, "Ready").map(|c| c.0);
-                if hash != plan_hash && on == NODES as i32 && ready.as_deref() == Some("True") {
-                    Ok((hash, st))
-                } else {
-                    Err(format!(
-                        "plan {:?}, workers {:?}, observed {:?}",
-                        st.plan, st.workers, st.observed
-                    ))
-                }
-            },
-        )
-        .await;
-        let (hash, st) = new_hash;
-        let p = st.plan.expect("plan status");
-        assert_eq!(p.algorithm, "craft", "{p:?}");
-        assert!(
-            p.predicted_balancedness.unwrap_or(0.0) > p.previous_balancedness.unwrap_or(1.0),
-            "new plan does not predict better balance: {p:?}"
-        );
-        let observed = st.observed.expect("observed load in status");
-        assert!(observed.tokens > 0, "{observed:?}");
-        eprintln!("rolled out {hash}: {p:?}; observed {observed:?}");
-        // Every worker reports the new hash in moe_worker_plan_info.
-        for (_, ip) in &running {
-            let r =
-                moe_operator::controller::scrape::scrape_worker(ip, 9401, Duration::from_secs(5))
-                    .await
-                    .expect("worker answers /metrics");
-            assert_eq!(r.plan_hash.as_deref(), Some(hash.as_str()), "worker {ip}");
-        }
-    } else {
-        // Without a backend the workers exit; the operator must not call that Ready.
-        let md = mds.get("tiny").await.unwrap();
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let md2 = mds.get("tiny").await.unwrap();
-        for m in [&md, &md2] {
-            assert_ne!(
-                condition(m, "Ready").map(|c| c.0),
-                Some("True".to_string()),
-                "Ready although no worker can serve"
-            );
-        }
-        let (_, reason, msg) =
-            condition(&md2, "MetricsAvailable").expect("MetricsAvailable condition");
-        assert_eq!(reason, "Unreachable", "{msg}");
+    // Skewed traffic through the loadgen: the operator sees it, plans with CRAFT, and rolls the
+    // new plan out in place; every worker reports the new hash.
+    let trace = plane.state.join("skewed.json");
+    let row =
+        |hot: u32| -> Vec<u32> { (0..8).map(|e| if e == hot { 4000 } else { 100 }).collect() };
+    std::fs::write(
+        &trace,
+        json!({"logical_count": [row(0), row(1)]}).to_string(),
+    )
+    .unwrap();
+    let workers = running
+        .iter()
+        .map(|(n, ip)| {
+            (
+                n.trim_start_matches("tiny-worker-").parse::<u32>().unwrap(),
+                ip.clone(),
+            )
+        })
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .values()
+        .map(|ip| format!("{ip}:9400"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let cms = Api::<ConfigMap>::namespaced(admin.clone(), NS);
+    let plan_file = plane.state.join("plan.json");
+    let new_hash = wait_for(
+        "a new plan rolled out on every worker under skewed load",
+        long,
+        || async {
+            let cm = cms.get("tiny-plan").await.map_err(|e| e.to_string())?;
+            let data = cm.data.unwrap_or_default();
+            std::fs::write(&plan_file, &data["plan.json"]).map_err(|e| e.to_string())?;
+            let out = Command::new(env!("CARGO_BIN_EXE_moectl"))
+                .args([
+                    "loadgen",
+                    "--plan",
+                    plan_file.to_str().unwrap(),
+                    "--workers",
+                    &workers,
+                    "--load",
+                    trace.to_str().unwrap(),
+                    "--batches",
+                    "50",
+                    "--tokens",
+                    "256",
+                ])
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                eprintln!("loadgen: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
+            let st = md.status.clone().unwrap_or_default();
+            let hash = st.plan.as_ref().map(|p| p.hash.clone()).unwrap_or_default();
+            let on = st.workers.as_ref().map(|w| w.on_current_plan).unwrap_or(0);
+            let ready = condition(&md, "Ready").map(|c| c.0);
+            if hash != plan_hash && on == NODES as i32 && ready.as_deref() == Some("True") {
+                Ok((hash, st))
+            } else {
+                Err(format!(
+                    "plan {:?}, workers {:?}, observed {:?}",
+                    st.plan, st.workers, st.observed
+                ))
+            }
+        },
+    )
+    .await;
+    let (hash, st) = new_hash;
+    let p = st.plan.expect("plan status");
+    assert_eq!(p.algorithm, "craft", "{p:?}");
+    assert!(
+        p.predicted_balancedness.unwrap_or(0.0) > p.previous_balancedness.unwrap_or(1.0),
+        "new plan does not predict better balance: {p:?}"
+    );
+    let observed = st.observed.expect("observed load in status");
+    assert!(observed.tokens > 0, "{observed:?}");
+    eprintln!("rolled out {hash}: {p:?}; observed {observed:?}");
+    // Every worker reports the new hash in moe_worker_plan_info.
+    for (_, ip) in &running {
+        let r = moe_operator::controller::scrape::scrape_worker(ip, 9401, Duration::from_secs(5))
+            .await
+            .expect("worker answers /metrics");
+        assert_eq!(r.plan_hash.as_deref(), Some(hash.as_str()), "worker {ip}");
     }
 
     // Invalid spec past CEL (validated by the operator): Degraded and a Warning event naming the field.

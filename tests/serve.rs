@@ -967,7 +967,7 @@ async fn concurrent_requests_for_one_rank_are_batched_and_split_back_exactly() {
 }
 
 #[test]
-fn the_worker_binary_explains_a_missing_backend() {
+fn the_worker_binary_explains_a_missing_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "t0ken\n").unwrap();
@@ -993,7 +993,7 @@ fn the_worker_binary_explains_a_missing_backend() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no compute backend"), "{err}");
+    assert!(err.contains("--checkpoint is required"), "{err}");
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe-worker"))
         .args(["--gpus-per-node", "2"])
