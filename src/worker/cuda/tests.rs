@@ -138,6 +138,8 @@ fn auto_mode_picks_what_was_measured_fastest() {
         (32, 16384, 2048, GemmMode::PerExpert),
         (8, 64, 14336, GemmMode::Grouped),
         (8, 512, 14336, GemmMode::PerExpert),
+        // Past the size where the per-expert path was verified (it was wrong here once).
+        (8, 16384, 14336, GemmMode::Grouped),
     ] {
         assert_eq!(
             GemmMode::Auto.pick(g, rows, i),
