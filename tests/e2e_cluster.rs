@@ -13,17 +13,14 @@ use kube::{Api, Client, Config};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod common;
 const NS: &str = "smoke";
 const NODES: usize = 2;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// The plane of one test: brought up in its own state dir, always torn down on drop. On a failure the
 /// state dir (logs of every component and pod) is kept and its path printed.
@@ -34,39 +31,15 @@ struct Plane {
 
 impl Plane {
     fn script(&self, verb: &str) -> std::process::Output {
-        let target_debug = PathBuf::from(env!("CARGO_BIN_EXE_moe-e2e-pods"))
-            .parent()
-            .expect("binary has a parent dir")
-            .to_path_buf();
-        let path = format!(
-            "{}:{}",
-            target_debug.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        Command::new(repo().join("e2e/cluster.sh"))
-            .arg(verb)
-            .env("MOE_E2E_STATE", &self.state)
-            .env("MOE_E2E_NODES", NODES.to_string())
-            .env("MOE_E2E_PODS_BIN", env!("CARGO_BIN_EXE_moe-e2e-pods"))
-            .env("PATH", path)
-            .output()
-            .unwrap_or_else(|e| panic!("running e2e/cluster.sh {verb}: {e}"))
+        common::cluster_script(&self.state, NODES, verb)
     }
 
     fn run(&self, verb: &str) -> String {
-        let out = self.script(verb);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "e2e/cluster.sh {verb} failed ({}):\n{stderr}\nlogs: {}/logs",
-            out.status,
-            self.state.display()
-        );
-        format!("{}{stderr}", String::from_utf8_lossy(&out.stdout))
+        common::run_cluster(&self.state, NODES, verb)
     }
 
     async fn client(&self) -> Client {
-        client_from(&self.state.join("kubeconfig")).await
+        common::client_from(&self.state.join("kubeconfig")).await
     }
 
     /// Pids of every component (from the pidfiles) and every pod process.
@@ -110,15 +83,6 @@ impl Drop for Plane {
             }
         }
     }
-}
-
-async fn client_from(kubeconfig: &Path) -> Client {
-    let kc = Kubeconfig::read_from(kubeconfig)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", kubeconfig.display()));
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("admin kubeconfig loads");
-    Client::try_from(cfg).expect("client builds")
 }
 
 /// Polls `check` until it returns Some, or fails naming `what` after `timeout`.
@@ -242,7 +206,7 @@ http.server.HTTPServer((os.environ["POD_IP"], int(sys.argv[2])), H).serve_foreve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_smoke() {
-    let bin_dir = Command::new(repo().join("e2e/build.sh"))
+    let bin_dir = Command::new(common::repo().join("e2e/build.sh"))
         .arg("--bin-dir")
         .output()
         .expect("running e2e/build.sh --bin-dir");

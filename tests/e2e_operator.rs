@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::config::Kubeconfig;
+use kube::Api;
 use moe_operator::api::MoEDeployment;
 use serde_json::json;
 use std::future::Future;
@@ -20,14 +20,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
 const NODES: usize = 2;
 const OP_NS: &str = "moe-system";
 const NS: &str = "ml";
 const RELEASE: &str = "moe-operator";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// The plane (own state dir, always torn down) and the operator process (always killed).
 struct Plane {
@@ -38,35 +35,11 @@ struct Plane {
 
 impl Plane {
     fn script(&self, verb: &str) -> std::process::Output {
-        let target_debug = PathBuf::from(env!("CARGO_BIN_EXE_moe-worker"))
-            .parent()
-            .expect("binary has a parent dir")
-            .to_path_buf();
-        let path = format!(
-            "{}:{}",
-            target_debug.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        Command::new(repo().join("e2e/cluster.sh"))
-            .arg(verb)
-            .env("MOE_E2E_STATE", &self.state)
-            .env("MOE_E2E_NODES", NODES.to_string())
-            .env("MOE_E2E_PODS_BIN", env!("CARGO_BIN_EXE_moe-e2e-pods"))
-            .env("PATH", path)
-            .output()
-            .unwrap_or_else(|e| panic!("running e2e/cluster.sh {verb}: {e}"))
+        common::cluster_script(&self.state, NODES, verb)
     }
 
     fn run(&self, verb: &str) -> String {
-        let out = self.script(verb);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "e2e/cluster.sh {verb} failed ({}):\n{stderr}\nlogs: {}/logs",
-            out.status,
-            self.state.display()
-        );
-        format!("{}{stderr}", String::from_utf8_lossy(&out.stdout))
+        common::run_cluster(&self.state, NODES, verb)
     }
 
     fn stop_operator(&mut self) {
@@ -91,15 +64,6 @@ impl Drop for Plane {
             }
         }
     }
-}
-
-async fn client_from(kubeconfig: &Path) -> Client {
-    let kc = Kubeconfig::read_from(kubeconfig)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", kubeconfig.display()));
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("kubeconfig loads");
-    Client::try_from(cfg).expect("client builds")
 }
 
 /// Polls `check` until it returns Some, or fails naming `what` (and the last state) after `timeout`.
@@ -170,7 +134,7 @@ fn deployment(name: &str, checkpoint: &Path) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_end_to_end() {
-    let bin_dir = Command::new(repo().join("e2e/build.sh"))
+    let bin_dir = Command::new(common::repo().join("e2e/build.sh"))
         .arg("--bin-dir")
         .output()
         .expect("running e2e/build.sh --bin-dir");
@@ -199,11 +163,11 @@ async fn operator_end_to_end() {
     };
     plane.run("up");
     let admin_kc = plane.state.join("kubeconfig");
-    let admin = client_from(&admin_kc).await;
+    let admin = common::client_from(&admin_kc).await;
     let long = Duration::from_secs(120);
 
     // Chart (CRD from its crds/), without the in-cluster Deployment.
-    let chart = repo().join("charts/moe-operator");
+    let chart = common::repo().join("charts/moe-operator");
     tool(
         &bin,
         "helm",

@@ -1,0 +1,54 @@
+//! What the end-to-end tests share: the path of the repository, `e2e/cluster.sh` driven with a
+//! test's own state directory, and a client from a kubeconfig.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `e2e/cluster.sh <verb>` on the plane in `state` with `nodes` fake GPU nodes. The test's own
+/// binaries (target/debug) come first on PATH so process-backed pods run this build.
+pub fn cluster_script(state: &Path, nodes: usize, verb: &str) -> Output {
+    let pods_bin = PathBuf::from(env!("CARGO_BIN_EXE_moe-e2e-pods"));
+    let target_debug = pods_bin.parent().expect("binary has a parent dir");
+    let path = format!(
+        "{}:{}",
+        target_debug.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new(repo().join("e2e/cluster.sh"))
+        .arg(verb)
+        .env("MOE_E2E_STATE", state)
+        .env("MOE_E2E_NODES", nodes.to_string())
+        .env("MOE_E2E_PODS_BIN", &pods_bin)
+        .env("PATH", path)
+        .output()
+        .unwrap_or_else(|e| panic!("running e2e/cluster.sh {verb}: {e}"))
+}
+
+/// [`cluster_script`] that must succeed; its stdout and stderr.
+pub fn run_cluster(state: &Path, nodes: usize, verb: &str) -> String {
+    let out = cluster_script(state, nodes, verb);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "e2e/cluster.sh {verb} failed ({}):\n{stderr}\nlogs: {}/logs",
+        out.status,
+        state.display()
+    );
+    format!("{}{stderr}", String::from_utf8_lossy(&out.stdout))
+}
+
+pub async fn client_from(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", kubeconfig.display()));
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig loads");
+    Client::try_from(cfg).expect("client builds")
+}
