@@ -279,11 +279,17 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         return Ok(Action::await_change());
     }
     let gen = md.metadata.generation;
-    let mut status = md.status.clone().unwrap_or_default();
-    let old_status = status.clone();
     let now = now_time();
     let client = ctx.client.clone();
     let mds: Api<MoEDeployment> = Api::namespaced(client.clone(), &ns);
+    // Start from the status in the API server, not the watch cache: the cache can still hold the
+    // status before our own last write, and building on it would undo that write (a plan's
+    // predecessor balancedness, its computed-at time).
+    let mut status = match mds.get_opt(&name).await? {
+        Some(fresh) => fresh.status.unwrap_or_default(),
+        None => return Ok(Action::await_change()),
+    };
+    let old_status = status.clone();
 
     // Validate: an invalid spec is reported, never acted on and never Ready.
     let errs = validate(&md.spec);
