@@ -120,22 +120,17 @@ impl GemmMode {
     /// Auto: one grouped launch while the per-expert GEMMs are small (mean rows x 2I under 1e6:
     /// weight-bandwidth bound, where per-expert launches leave the GPU idle), per-expert GEMMs on
     /// side streams above that. The threshold separates every measured case on the H200 in
-    /// benches/results/worker-gpu.md. Per-expert GEMMs gave a wrong result once, at 16,384 rows x
-    /// 2I = 28,672 (cause not found): above `PER_EXPERT_VERIFIED_ELEMENTS` Auto stays grouped, which
-    /// was right at that size, until the per-expert path is verified there.
+    /// benches/results/worker-gpu.md. The per-expert path's one wrong result (first H200 run, at
+    /// 16,384 rows x 2I = 28,672, on the then single-stream code) has not come back in the
+    /// regression test `cuda_large_per_expert_matches_grouped` since (worker-gpu.md).
     pub fn pick(self, groups: usize, rows: usize, inter: usize) -> Self {
         match self {
             Self::Auto if rows * 2 * inter < 1_000_000 * groups.max(1) => Self::Grouped,
-            Self::Auto if rows * 2 * inter > PER_EXPERT_VERIFIED_ELEMENTS => Self::Grouped,
             Self::Auto => Self::PerExpert,
             m => m,
         }
     }
 }
-
-/// Largest rows x 2I at which the per-expert path has been checked against the f64 reference on
-/// the H200 (262,144 rows x 2 x 768); the wrong result was at 16,384 x 2 x 14,336 (470M).
-pub const PER_EXPERT_VERIFIED_ELEMENTS: usize = 262_144 * 2 * 768;
 
 /// Device-side work buffers, grown on demand and reused across batches.
 struct Scratch {
