@@ -42,6 +42,8 @@ pub fn served_plan(plan: &ExpertPlan) -> ExpertPlan {
 }
 
 const TOKEN: &str = "moe-bench-policies";
+/// Largest dispatch frame the workers accept (a prefill layer's rows for one rank).
+const MAX_FRAME_BYTES: usize = 1 << 30;
 
 /// Running workers, one per rank.
 pub struct WorkerPool {
@@ -91,6 +93,8 @@ impl WorkerPool {
                         Arc::new(crate::worker::cpu::CpuLoader::new(source));
                     let mut serve = ServeConfig::new(r, 1);
                     serve.previous_plan_grace = Duration::ZERO;
+                    serve.max_frame_bytes = MAX_FRAME_BYTES;
+                    serve.max_inflight_bytes = 4 * MAX_FRAME_BYTES;
                     let h = start(
                         WorkerOptions {
                             serve,
@@ -144,6 +148,9 @@ impl WorkerPool {
                         .args(["--metrics-listen", &format!("127.0.0.1:{m}")])
                         .args(["--admin-listen", &format!("127.0.0.1:{a}")])
                         .args(["--previous-plan-grace-seconds", "0"])
+                        // Prefill-sized layers send one rank hundreds of MB at once.
+                        .args(["--max-frame-bytes", &MAX_FRAME_BYTES.to_string()])
+                        .args(["--max-inflight-bytes", &(4 * MAX_FRAME_BYTES).to_string()])
                         .env("MOE_ADMIN_TOKEN", TOKEN)
                         .stdin(Stdio::null())
                         .stdout(out.try_clone()?)
