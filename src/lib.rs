@@ -4,6 +4,7 @@
 //! depend on it, never the other way round.
 
 pub mod api;
+pub mod bench;
 pub mod charts;
 pub mod cli;
 pub mod controller;

@@ -1,5 +1,6 @@
 //! `moectl`: plan offline, evaluate and compare plans, drive workers, inspect deployments.
 
+pub mod bench;
 mod observe;
 mod plan_cmd;
 
@@ -32,6 +33,8 @@ pub enum Command {
     GenCheckpoint(crate::worker::checkpoint::synthetic::GenCheckpointArgs),
     /// Drive workers with routed token batches drawn from a load trace (the router side).
     Loadgen(crate::loadgen::LoadgenArgs),
+    /// Policy throughput testbed (`bench policies`) and its synthetic traces (`bench trace`).
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -41,6 +44,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compare(a) => plan_cmd::compare(a),
         Command::GenCheckpoint(a) => Ok(a.run()?),
         Command::Observe(a) => observe::observe(a),
+        Command::Bench(a) => bench::run(a),
         Command::Loadgen(a) => {
             let window = crate::plan::load_formats::read_load_file(&a.load)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;

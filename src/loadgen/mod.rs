@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use half::bf16;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -27,7 +27,9 @@ use tokio::task::JoinSet;
 
 use crate::plan::{ExpertPlan, LoadWindow};
 use crate::worker::protocol::{decode_reply, encode_request, read_frame, Reply};
-use route::{balancedness, percentile, router_weights, ReplicaPicker, TopKSampler};
+use route::{
+    balancedness, hidden_pool, percentile, LayerRouter, ReplicaPicker, RoutedRow, TopKSampler,
+};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -74,7 +76,8 @@ pub struct StepStats {
 }
 
 impl StepStats {
-    fn of(mut samples: Vec<f64>) -> Self {
+    /// Percentiles and mean of unsorted samples (0 for none).
+    pub fn of(mut samples: Vec<f64>) -> Self {
         samples.sort_by(f64::total_cmp);
         let mean = if samples.is_empty() {
             0.0
@@ -228,7 +231,7 @@ impl RankConn {
 
 /// For each plan layer, the window layer whose counts drive it: by model layer id, or by position
 /// when the trace numbers its MoE layers differently but has as many.
-fn layer_map(plan: &ExpertPlan, window: &LoadWindow) -> Result<Vec<usize>, LoadgenError> {
+pub fn layer_map(plan: &ExpertPlan, window: &LoadWindow) -> Result<Vec<usize>, LoadgenError> {
     let by_id: Option<Vec<usize>> = plan
         .layers
         .iter()
@@ -277,9 +280,7 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
 
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let pool_n = cfg.hidden_pool.max(1);
-    let pool: Vec<bf16> = (0..pool_n * hidden)
-        .map(|_| bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0))
-        .collect();
+    let pool: Vec<bf16> = hidden_pool(&mut rng, pool_n, hidden);
     let pickers: Vec<ReplicaPicker> = plan
         .layers
         .iter()
@@ -315,10 +316,8 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
     let mut rows_total = 0u64;
     let mut served_seconds = 0.0f64;
     let mut request_id = 0u64;
-    let mut picks = Vec::with_capacity(top_k);
-    let mut weights = Vec::with_capacity(top_k);
-    // rows[g] = (expert, router weight, pool index)
-    let mut rows: Vec<Vec<(u32, f32, u32)>> = vec![Vec::new(); d];
+    let mut router = LayerRouter::default();
+    let mut rows: Vec<Vec<RoutedRow>> = vec![Vec::new(); d];
     let started = Instant::now();
 
     let mut batches_done = 0;
@@ -329,20 +328,17 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
         batches_done += 1;
         for (li, lp) in plan.layers.iter().enumerate() {
             let sampler = TopKSampler::new(cfg.window.row(b % cfg.window.batches(), layer_of[li]));
-            for r in rows.iter_mut() {
-                r.clear();
-            }
-            for _ in 0..cfg.tokens_per_batch {
-                sampler.sample(&mut rng, top_k, &mut picks);
-                router_weights(&mut rng, picks.len(), &mut weights);
-                let x = rng.random_range(0..pool_n as u32);
-                for (&e, &w) in picks.iter().zip(&weights) {
-                    // check() guarantees every expert has a replica.
-                    let g = pickers[li].pick(&mut rng, e).unwrap_or(0) as usize;
-                    rows[g].push((e, w, x));
-                    expert_rows[li][e as usize] += 1;
-                }
-            }
+            // check() guarantees every expert has a replica.
+            router.route(
+                &mut rng,
+                &sampler,
+                &pickers[li],
+                top_k,
+                cfg.tokens_per_batch,
+                pool_n as u32,
+                &mut rows,
+                &mut expert_rows[li],
+            );
             let counts: Vec<u64> = rows.iter().map(|r| r.len() as u64).collect();
             rows_total += counts.iter().sum::<u64>();
             if let Some(bal) = balancedness(&counts) {

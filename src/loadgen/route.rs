@@ -141,6 +141,59 @@ impl ReplicaPicker {
     }
 }
 
+/// One routed row: (logical expert, router weight, index of its hidden vector in the pool).
+pub type RoutedRow = (u32, f32, u32);
+
+/// `n` random hidden vectors of `hidden` bf16 values in [-1, 1), drawn from `rng`: rows point into
+/// this pool so that building inputs does not dominate the router's time at large hidden sizes.
+pub fn hidden_pool<R: Rng>(rng: &mut R, n: usize, hidden: usize) -> Vec<half::bf16> {
+    (0..n * hidden)
+        .map(|_| half::bf16::from_f32(rng.random::<f32>() * 2.0 - 1.0))
+        .collect()
+}
+
+/// Routes one batch of one layer: per token, its top-k experts, router weights, a pool vector and
+/// a replica of each expert. The router of `moectl loadgen` and the policy testbed's emulation
+/// both call this, so that the same seed gives them the same token draws.
+#[derive(Default)]
+pub struct LayerRouter {
+    picks: Vec<u32>,
+    weights: Vec<f32>,
+}
+
+impl LayerRouter {
+    /// Fills `rows[g]` (cleared first) with the rows GPU `g` computes, and adds each expert's rows
+    /// to `expert_rows`. Experts without a replica go to GPU 0 (a checked plan has none).
+    #[allow(clippy::too_many_arguments)]
+    pub fn route<R: Rng>(
+        &mut self,
+        rng: &mut R,
+        sampler: &TopKSampler,
+        picker: &ReplicaPicker,
+        top_k: usize,
+        tokens: usize,
+        pool: u32,
+        rows: &mut [Vec<RoutedRow>],
+        expert_rows: &mut [u64],
+    ) {
+        for r in rows.iter_mut() {
+            r.clear();
+        }
+        for _ in 0..tokens {
+            sampler.sample(rng, top_k, &mut self.picks);
+            router_weights(rng, self.picks.len(), &mut self.weights);
+            let x = rng.random_range(0..pool.max(1));
+            for (&e, &w) in self.picks.iter().zip(&self.weights) {
+                let g = picker.pick(rng, e).unwrap_or(0) as usize;
+                rows[g].push((e, w, x));
+                if let Some(c) = expert_rows.get_mut(e as usize) {
+                    *c += 1;
+                }
+            }
+        }
+    }
+}
+
 /// Random router weights for one token's top-k experts, summing to 1.
 pub fn router_weights<R: Rng>(rng: &mut R, k: usize, out: &mut Vec<f32>) {
     out.clear();

@@ -31,6 +31,10 @@ pub struct WorkerArgs {
     /// Directory of the model checkpoint (config.json and safetensors shards).
     #[arg(long, env = "MOE_CHECKPOINT_DIR")]
     pub checkpoint: Option<PathBuf>,
+    /// Generate deterministic synthetic weights from this seed for the plan's model instead of
+    /// reading a checkpoint (benchmarks of shapes too large for disk); needs --plan.
+    #[arg(long, env = "MOE_SYNTHETIC_WEIGHTS", conflicts_with = "checkpoint")]
+    pub synthetic_weights: Option<u64>,
     /// Node index of this worker; it serves EP ranks node*G .. (node+1)*G.
     #[arg(long, env = "MOE_NODE_RANK", default_value_t = 0)]
     pub node: u32,
@@ -93,19 +97,38 @@ pub fn backend_loader(
     checkpoint: Option<&Path>,
     local_rank: u32,
 ) -> anyhow::Result<Arc<dyn ExpertLoader>> {
-    use super::device::{loader_for_device, DeviceSpec};
+    use super::device::loader_for_device;
     let dir = checkpoint.ok_or_else(|| {
         anyhow::anyhow!("--checkpoint is required: the directory holding config.json and the safetensors shards")
     })?;
     let ckpt = super::checkpoint::Checkpoint::open(dir)
         .map_err(|e| anyhow::anyhow!("opening checkpoint {}: {e}", dir.display()))?;
-    // Each local rank of a node drives its own GPU: `cuda:N` names the node's first one.
-    let spec = match device.parse::<DeviceSpec>().map_err(anyhow::Error::msg)? {
-        DeviceSpec::Cuda(n) => format!("cuda:{}", n + local_rank as usize),
-        DeviceSpec::Auto if super::cuda::cuda_available() => format!("cuda:{local_rank}"),
-        _ => device.to_string(),
-    };
-    loader_for_device(&spec, Arc::new(ckpt))
+    loader_for_device(&rank_device(device, local_rank)?, Arc::new(ckpt))
+}
+
+/// The `--device` of one local rank: each local rank of a node drives its own GPU, and `cuda:N`
+/// names the node's first one.
+fn rank_device(device: &str, local_rank: u32) -> anyhow::Result<String> {
+    use super::device::DeviceSpec;
+    Ok(
+        match device.parse::<DeviceSpec>().map_err(anyhow::Error::msg)? {
+            DeviceSpec::Cuda(n) => format!("cuda:{}", n + local_rank as usize),
+            DeviceSpec::Auto if super::cuda::cuda_available() => format!("cuda:{local_rank}"),
+            _ => device.to_string(),
+        },
+    )
+}
+
+/// The loader for one local rank over deterministic synthetic weights
+/// (`--synthetic-weights SEED`) of `shape`, instead of a checkpoint.
+pub fn synthetic_loader(
+    device: &str,
+    shape: crate::plan::ModelShape,
+    seed: u64,
+    local_rank: u32,
+) -> anyhow::Result<Arc<dyn ExpertLoader>> {
+    let source = super::checkpoint::synthetic::HashedWeights::new(shape, seed);
+    super::device::loader_for_device(&rank_device(device, local_rank)?, Arc::new(source))
 }
 
 /// Everything a worker needs to start, resolved from the arguments (or built by a test).
@@ -217,7 +240,8 @@ pub async fn start(
     Ok(handle)
 }
 
-fn read_plan(path: &Path) -> anyhow::Result<ExpertPlan> {
+/// Reads a plan file (`--plan`).
+pub fn read_plan(path: &Path) -> anyhow::Result<ExpertPlan> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading plan file {}", path.display()))?;
     serde_json::from_str(&text)

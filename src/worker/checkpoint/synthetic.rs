@@ -335,3 +335,109 @@ pub fn write_synthetic_checkpoint(
     }
     Ok(())
 }
+
+/// Deterministic synthetic expert weights generated in memory, in the real layout (gate and up
+/// [I, H], down [H, I], bf16): for benchmarks of shapes whose checkpoint would not fit on disk
+/// (Qwen3-30B-A3B's experts are ~58 GB in bf16). Values are uniform with the variance of
+/// N(0, 1/fan_in), the scale of [`synthetic_projection`], from a counter-based hash so that
+/// gigabytes generate in seconds on all cores; the same seed always gives the same weights.
+/// FP8 shapes get bf16 weights too: the backends compute in bf16 (they dequantise FP8 at load).
+pub struct HashedWeights {
+    shape: ModelShape,
+    seed: u64,
+}
+
+impl HashedWeights {
+    pub fn new(shape: ModelShape, seed: u64) -> Self {
+        Self { shape, seed }
+    }
+}
+
+fn mix(mut z: u64) -> u64 {
+    // splitmix64's finaliser.
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `n` values uniform in ±std·√3 (variance std²) from stream `key`, bf16.
+pub fn hashed_projection(key: u64, n: usize, std: f32) -> Vec<bf16> {
+    use rayon::prelude::*;
+    let a = std * 3f32.sqrt();
+    let base = mix(key);
+    (0..n)
+        .into_par_iter()
+        .with_min_len(1 << 14)
+        .map(|k| {
+            let u = (mix(base ^ (k as u64).wrapping_mul(0x2545_F491_4F6C_DD1D)) >> 40) as f32
+                / (1u64 << 24) as f32;
+            bf16::from_f32((2.0 * u - 1.0) * a)
+        })
+        .collect()
+}
+
+impl super::WeightSource for HashedWeights {
+    fn shape(&self) -> &ModelShape {
+        &self.shape
+    }
+
+    fn expert(&self, layer: u32, expert: u32) -> Result<super::ExpertWeights, CheckpointError> {
+        let s = &self.shape;
+        if layer < s.first_moe_layer || layer >= s.layers || expert >= s.experts {
+            return Err(CheckpointError::NotAnExpert {
+                layer,
+                expert,
+                reason: format!(
+                    "synthetic weights cover MoE layers {}..{} and experts 0..{}",
+                    s.first_moe_layer, s.layers, s.experts
+                ),
+            });
+        }
+        let (h, i) = (s.hidden_size as usize, s.expert_intermediate_size as usize);
+        let key = |p: u64| {
+            self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ ((layer as u64) << 40 | (expert as u64) << 8 | p)
+        };
+        Ok(super::ExpertWeights {
+            hidden: h,
+            intermediate: i,
+            gate: hashed_projection(key(0), i * h, 1.0 / (h as f32).sqrt()),
+            up: hashed_projection(key(1), i * h, 1.0 / (h as f32).sqrt()),
+            down: hashed_projection(key(2), h * i, 1.0 / (i as f32).sqrt()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod hashed_tests {
+    use super::*;
+    use crate::worker::checkpoint::WeightSource;
+
+    #[test]
+    fn hashed_weights_are_deterministic_and_scaled() {
+        let shape = ModelShape {
+            layers: 3,
+            first_moe_layer: 1,
+            experts: 4,
+            top_k: 2,
+            hidden_size: 128,
+            expert_intermediate_size: 64,
+            dtype: Dtype::Bf16,
+        };
+        let a = HashedWeights::new(shape.clone(), 7);
+        let w = a.expert(2, 3).unwrap();
+        assert_eq!((w.gate.len(), w.up.len(), w.down.len()), (8192, 8192, 8192));
+        assert_eq!(
+            w,
+            HashedWeights::new(shape.clone(), 7).expert(2, 3).unwrap()
+        );
+        assert_ne!(w.gate, a.expert(2, 2).unwrap().gate);
+        assert_ne!(w.gate, w.up);
+        assert_ne!(w, HashedWeights::new(shape, 8).expert(2, 3).unwrap());
+        let var = w.gate.iter().map(|x| x.to_f64().powi(2)).sum::<f64>() / 8192.0;
+        assert!((var * 128.0 - 1.0).abs() < 0.1, "{var}");
+        assert!(a.expert(0, 0).is_err(), "dense layer");
+        assert!(a.expert(1, 4).is_err(), "expert out of range");
+    }
+}
