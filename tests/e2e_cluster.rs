@@ -5,11 +5,9 @@
 //! says so. Each run uses its own state directory and free ports, so runs never collide.
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret, ServiceAccount};
 use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::future::Future;
@@ -442,31 +440,10 @@ async fn control_plane_smoke() {
     sas.create(&pp, &obj(json!({"metadata": {"name": "nobody"}})))
         .await
         .expect("create sa");
-    let tr = sas
-        .create_token_request(
-            "nobody",
-            &pp,
-            &TokenRequest {
-                spec: TokenRequestSpec {
-                    audiences: vec![],
-                    expiration_seconds: Some(600),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("TokenRequest");
-    let token = tr.status.expect("token status").token;
-    let kc = Kubeconfig::read_from(plane.state.join("kubeconfig")).expect("kubeconfig");
-    let mut cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("config");
-    cfg.auth_info = kube::config::AuthInfo {
-        token: Some(token.into()),
-        ..Default::default()
-    };
-    let nobody = Client::try_from(cfg).expect("client");
+    let token = common::service_account_token(&client, NS, "nobody", 600).await;
+    let nobody_kc = plane.state.join("nobody.kubeconfig");
+    common::write_token_kubeconfig(&plane.state.join("kubeconfig"), &token, &nobody_kc);
+    let nobody = common::client_from(&nobody_kc).await;
     let err = Api::<Pod>::namespaced(nobody.clone(), NS)
         .list(&ListParams::default())
         .await

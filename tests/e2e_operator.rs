@@ -2,299 +2,39 @@
 //! installed with Helm (its in-cluster Deployment scaled to 0: there is no image here), the operator
 //! run as a local process under the chart's ServiceAccount (a kubeconfig from a TokenRequest, so the
 //! chart's RBAC is what it gets), a MoEDeployment of 2 nodes x 2 GPUs whose worker pods are real
-//! `moe-worker` processes, an invalid spec, and garbage collection on delete.
+//! `moe-worker` processes, an invalid spec, and garbage collection on delete. The harness is
+//! `tests/common/operator.rs`.
 //!
 //! Needs the binaries of `e2e/build.sh`; fails (does not skip) without them.
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use common::operator::{condition, deployment, wait_for, OperatorPlane};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::config::Kubeconfig;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::Api;
 use moe_operator::api::MoEDeployment;
 use serde_json::json;
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 mod common;
 const NODES: usize = 2;
-const OP_NS: &str = "moe-system";
 const NS: &str = "ml";
-const RELEASE: &str = "moe-operator";
-
-/// The plane (own state dir, always torn down) and the operator process (always killed).
-struct Plane {
-    state: PathBuf,
-    operator: Option<Child>,
-    _tmp: Option<tempfile::TempDir>,
-}
-
-impl Plane {
-    fn script(&self, verb: &str) -> std::process::Output {
-        common::cluster_script(&self.state, NODES, verb)
-    }
-
-    fn run(&self, verb: &str) -> String {
-        common::run_cluster(&self.state, NODES, verb)
-    }
-
-    fn stop_operator(&mut self) {
-        if let Some(mut c) = self.operator.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Plane {
-    fn drop(&mut self) {
-        self.stop_operator();
-        let _ = self.script("down");
-        if std::thread::panicking() {
-            if let Some(t) = self._tmp.take() {
-                let kept = t.keep();
-                eprintln!(
-                    "e2e state kept in {} (operator log: operator.log, pods: pods/*/log)",
-                    kept.display()
-                );
-            }
-        }
-    }
-}
-
-/// Polls `check` until it returns Some, or fails naming `what` (and the last state) after `timeout`.
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(v) => return v,
-            Err(last) => assert!(
-                start.elapsed() < timeout,
-                "timed out after {timeout:?} waiting for {what}; last seen: {last}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-fn tool(bin: &Path, name: &str, args: &[&str], kubeconfig: &Path) -> String {
-    let out = Command::new(bin.join(name))
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .output()
-        .unwrap_or_else(|e| panic!("running {name}: {e}"));
-    assert!(
-        out.status.success(),
-        "{name} {} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn condition(md: &MoEDeployment, kind: &str) -> Option<(String, String, String)> {
-    md.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == kind)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-fn deployment(name: &str, checkpoint: &Path) -> serde_json::Value {
-    json!({
-        "apiVersion": "moe.craft.dev/v1alpha1",
-        "kind": "MoEDeployment",
-        "metadata": {"name": name, "namespace": NS,
-                     "annotations": {"moe.craft.dev/process-backed": "true"}},
-        "spec": {
-            "model": {"layers": 2, "firstMoeLayer": 0, "experts": 8, "topK": 2, "hiddenSize": 64,
-                      "expertIntermediateSize": 32, "dtype": "bf16",
-                      "checkpoint": {"path": "/models/tiny",
-                                     "volume": {"hostPath": {"path": checkpoint.display().to_string()}}}},
-            "topology": {"nodes": 2, "gpusPerNode": 2},
-            "replication": {"policy": "Craft", "budget": {"replicasPerGpu": 2},
-                            "minImprovement": 0.01, "cooldown": "1s"},
-            "metrics": {"source": "Workers", "interval": "2s"},
-            "rollout": {"strategy": "InPlace", "maxUnavailable": 1},
-            "worker": {"image": "moe-worker:dev", "device": "cpu",
-                       "nodeSelector": {"type": "kwok"}}
-        }
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_end_to_end() {
-    let bin_dir = Command::new(common::repo().join("e2e/build.sh"))
-        .arg("--bin-dir")
-        .output()
-        .expect("running e2e/build.sh --bin-dir");
-    assert!(
-        bin_dir.status.success(),
-        "the local control plane is not built: run e2e/build.sh first: {}",
-        String::from_utf8_lossy(&bin_dir.stderr).trim()
-    );
-    let bin = PathBuf::from(String::from_utf8_lossy(&bin_dir.stdout).trim());
-    for b in ["helm", "kubectl"] {
-        assert!(
-            bin.join(b).exists(),
-            "{b} missing in {}: rerun e2e/build.sh",
-            bin.display()
-        );
-    }
-
-    let tmp = tempfile::Builder::new()
-        .prefix("moe-e2e-operator-")
-        .tempdir()
-        .expect("temp state dir");
-    let mut plane = Plane {
-        state: tmp.path().to_path_buf(),
-        operator: None,
-        _tmp: Some(tmp),
-    };
-    plane.run("up");
-    let admin_kc = plane.state.join("kubeconfig");
-    let admin = common::client_from(&admin_kc).await;
+    let mut plane = OperatorPlane::up("moe-e2e-operator-", NODES, NS).await;
+    let admin = plane.admin.clone();
     let long = Duration::from_secs(120);
-
-    // Chart (CRD from its crds/), without the in-cluster Deployment.
-    let chart = common::repo().join("charts/moe-operator");
-    tool(
-        &bin,
-        "helm",
-        &[
-            "install",
-            RELEASE,
-            chart.to_str().unwrap(),
-            "--namespace",
-            OP_NS,
-            "--create-namespace",
-            "--wait=false",
-        ],
-        &admin_kc,
-    );
-    // The chart's schema wants at least one replica; the image does not exist here, so the operator
-    // runs as a local process instead.
-    tool(
-        &bin,
-        "kubectl",
-        &[
-            "-n",
-            OP_NS,
-            "scale",
-            &format!("deployment/{RELEASE}"),
-            "--replicas=0",
-        ],
-        &admin_kc,
-    );
-    tool(&bin, "kubectl", &["create", "namespace", NS], &admin_kc);
-    tool(
-        &bin,
-        "kubectl",
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd/moedeployments.moe.craft.dev",
-            "--timeout=60s",
-        ],
-        &admin_kc,
-    );
-
-    // A kubeconfig with the chart ServiceAccount's token: the operator gets only the chart's RBAC.
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), OP_NS);
-    let tr = sas
-        .create_token_request(
-            RELEASE,
-            &PostParams::default(),
-            &TokenRequest {
-                spec: TokenRequestSpec {
-                    audiences: vec![],
-                    expiration_seconds: Some(3600),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("TokenRequest for the chart's ServiceAccount");
-    let token = tr.status.expect("token status").token;
-    let mut kc = Kubeconfig::read_from(&admin_kc).expect("admin kubeconfig");
-    for a in &mut kc.auth_infos {
-        if let Some(ai) = a.auth_info.as_mut() {
-            *ai = Default::default();
-            ai.token = Some(token.clone().into());
-        }
-    }
-    let sa_kc = plane.state.join("operator.kubeconfig");
-    std::fs::write(&sa_kc, serde_yaml::to_string(&kc).unwrap()).unwrap();
-
-    let log = std::fs::File::create(plane.state.join("operator.log")).unwrap();
-    plane.operator = Some(
-        Command::new(env!("CARGO_BIN_EXE_moe-operator"))
-            .args([
-                "run",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--health-listen",
-                "127.0.0.1:0",
-                "--leader-election-namespace",
-                OP_NS,
-                "--log-format",
-                "json",
-            ])
-            .env("KUBECONFIG", &sa_kc)
-            .env("RUST_LOG", "info,moe_operator=debug,kube=warn")
-            .env("POD_NAME", "e2e-operator")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting moe-operator"),
-    );
-
+    plane.start_operator("e2e-operator");
     // Synthetic checkpoint in the Mixtral layout, served by the workers' CPU backend.
-    let ckpt = plane.state.join("checkpoint");
-    let gen = Command::new(env!("CARGO_BIN_EXE_moectl"))
-        .args([
-            "gen-checkpoint",
-            "--family",
-            "mixtral",
-            "--out",
-            ckpt.to_str().unwrap(),
-            "--layers",
-            "2",
-            "--first-moe-layer",
-            "0",
-            "--experts",
-            "8",
-            "--top-k",
-            "2",
-            "--hidden",
-            "64",
-            "--intermediate",
-            "32",
-            "--shards",
-            "1",
-        ])
-        .output()
-        .expect("running moectl");
-    assert!(
-        gen.status.success(),
-        "moectl gen-checkpoint failed: {}",
-        String::from_utf8_lossy(&gen.stderr)
-    );
+    let ckpt = plane.checkpoint();
 
     let mds: Api<MoEDeployment> = Api::namespaced(admin.clone(), NS);
     let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
-    let md: MoEDeployment = serde_json::from_value(deployment("tiny", &ckpt)).unwrap();
+    let md: MoEDeployment =
+        serde_json::from_value(deployment("tiny", NS, &ckpt, 2, 2, true)).unwrap();
     mds.patch("tiny", &PatchParams::apply("e2e"), &Patch::Apply(&md))
         .await
         .expect("apply MoEDeployment");
@@ -366,12 +106,7 @@ async fn operator_end_to_end() {
                 .as_ref()
                 .and_then(|s| s.phase.clone())
                 .unwrap_or_default();
-            let pid_file = plane
-                .state
-                .join("pods")
-                .join(format!("{NS}_{name}"))
-                .join("pid");
-            if phase == "Running" && pid_file.exists() {
+            if phase == "Running" && plane.has_process(&name) {
                 out.push((
                     name,
                     p.status
@@ -508,7 +243,7 @@ async fn operator_end_to_end() {
     }
 
     // Invalid spec past CEL (validated by the operator): Degraded and a Warning event naming the field.
-    let mut bad = deployment("bad", &ckpt);
+    let mut bad = deployment("bad", NS, &ckpt, 2, 2, true);
     bad["spec"]["metrics"]["interval"] = json!("10ms");
     let bad_md: MoEDeployment = serde_json::from_value(bad).unwrap();
     match mds
@@ -562,8 +297,10 @@ async fn operator_end_to_end() {
     }
 
     // The operator is alive (never crash-looped on the bad spec).
-    let status = plane.operator.as_mut().unwrap().try_wait().unwrap();
-    assert!(status.is_none(), "moe-operator exited: {status:?}");
+    assert!(
+        plane.operator_running("e2e-operator"),
+        "moe-operator exited"
+    );
 
     // Delete: everything it owned goes (garbage collection through owner references).
     mds.delete("tiny", &DeleteParams::foreground())
@@ -598,5 +335,5 @@ async fn operator_end_to_end() {
         },
     )
     .await;
-    plane.stop_operator();
+    plane.kill_operator("e2e-operator");
 }

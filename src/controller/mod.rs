@@ -2,6 +2,7 @@
 //! I/O (fetch, server-side apply, scraping, status) lives beside them and calls into these.
 
 pub mod build;
+pub mod initial_load;
 pub mod leader;
 pub mod load;
 pub mod reconcile;

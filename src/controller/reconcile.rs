@@ -23,6 +23,7 @@ use super::build::{
     self, admin_secret_name, plan_config_map_name, Desired, ANNOTATION_SPEC_HASH, FIELD_MANAGER,
     LABEL_DEPLOYMENT, PLAN_KEY, TOKEN_KEY,
 };
+use super::initial_load::initial_load_window;
 use super::load::{ScrapeWindow, WorkerSample};
 use super::replan::{decide, Current};
 use super::rollout::{next_step, RolloutGoal, Step, WorkerState, ANNOTATION_TARGET_PLAN};
@@ -190,8 +191,8 @@ fn plan_request(md: &MoEDeployment, algorithm: Algorithm) -> Result<PlanRequest,
     })
 }
 
-/// The plan before any load is measured: placement only on a zero load (contiguous for policy
-/// None). A spec `initialLoad` trace is not read yet; see the report.
+/// The plan before any load is measured and without `spec.initialLoad`: placement only on a zero
+/// load (contiguous for policy None).
 fn initial_plan(md: &MoEDeployment) -> Result<ExpertPlan, Error> {
     let alg = match md.spec.replication.policy {
         ReplicationPolicy::None => Algorithm::None,
@@ -305,16 +306,6 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         ctx.metrics.set_balancedness(&key, None);
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
-    set_condition(
-        &mut status.conditions,
-        "Degraded",
-        false,
-        "SpecValid",
-        "",
-        gen,
-        &now,
-    );
-
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -326,6 +317,62 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         .and_then(|cm| cm.data.and_then(|mut d| d.remove(PLAN_KEY)))
         .and_then(|json| serde_json::from_str::<ExpertPlan>(&json).ok())
         .filter(|p| build::check_plan(md, p).is_ok());
+
+    // No plan yet and an initial load in the spec: the first plan comes from it. A trace that
+    // cannot be read holds the deployment back (Degraded, not Ready) rather than silently planning
+    // without it; the ConfigMap is not watched, so this re-checks every 30 s.
+    let initial_window = match (&current, &md.spec.initial_load) {
+        (None, Some(sel)) => {
+            let cm = cms.get_opt(&sel.name).await?;
+            let optional_missing = sel.optional == Some(true)
+                && cm.as_ref().is_none_or(|c| {
+                    !c.data.as_ref().is_some_and(|d| d.contains_key(&sel.key))
+                        && !c
+                            .binary_data
+                            .as_ref()
+                            .is_some_and(|d| d.contains_key(&sel.key))
+                });
+            let shape = md
+                .spec
+                .model
+                .shape()
+                .map_err(|e| Error::Other(e.to_string()))?;
+            match initial_load_window(&ns, &sel.name, &sel.key, cm.as_ref(), &shape) {
+                Ok(w) => Some(w),
+                Err(_) if optional_missing => None,
+                Err(e) => {
+                    let msg = e.to_string();
+                    for kind in ["Degraded", "Ready"] {
+                        set_condition(
+                            &mut status.conditions,
+                            kind,
+                            kind == "Degraded",
+                            "InitialLoadUnavailable",
+                            &msg,
+                            gen,
+                            &now,
+                        );
+                    }
+                    status.observed_generation = gen;
+                    if status != old_status {
+                        event(ctx, md, true, "InitialLoadUnavailable", msg).await;
+                        patch_status(&mds, &name, &status).await?;
+                    }
+                    return Ok(Action::requeue(Duration::from_secs(30)));
+                }
+            }
+        }
+        _ => None,
+    };
+    set_condition(
+        &mut status.conditions,
+        "Degraded",
+        false,
+        "SpecValid",
+        "",
+        gen,
+        &now,
+    );
     let token = secrets
         .get_opt(&admin_secret_name(md))
         .await?
@@ -483,16 +530,30 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
     let mut plan = match current.clone() {
         Some(p) => p,
         None => {
-            let p = initial_plan(md)?;
+            let (p, from) = match (&initial_window, &md.spec.initial_load) {
+                (Some(w), Some(sel)) => (
+                    make_plan(
+                        &plan_request(md, algorithm(md.spec.replication.policy))?,
+                        w,
+                        None,
+                    )?,
+                    format!(
+                        "from the initial load in ConfigMap {ns}/{} key {:?}",
+                        sel.name, sel.key
+                    ),
+                ),
+                _ => (initial_plan(md)?, "before any load is measured".to_string()),
+            };
             event(
                 ctx,
                 md,
                 false,
                 "InitialPlan",
                 format!(
-                    "plan {} ({}) before any load is measured",
+                    "plan {} ({}, R={}) {from}",
                     p.short_hash(),
-                    p.algorithm
+                    p.algorithm,
+                    p.replicas_per_gpu
                 ),
             )
             .await;

@@ -1,6 +1,8 @@
 //! What the end-to-end tests share: the path of the repository, `e2e/cluster.sh` driven with a
 //! test's own state directory, and a client from a kubeconfig.
 
+pub mod operator;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -51,4 +53,44 @@ pub async fn client_from(kubeconfig: &Path) -> Client {
         .await
         .expect("kubeconfig loads");
     Client::try_from(cfg).expect("client builds")
+}
+
+/// A token of ServiceAccount `ns/name` from a TokenRequest, valid for `seconds`.
+pub async fn service_account_token(admin: &Client, ns: &str, name: &str, seconds: i64) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let tr = kube::Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .create_token_request(
+            name,
+            &kube::api::PostParams::default(),
+            &TokenRequest {
+                spec: TokenRequestSpec {
+                    audiences: vec![],
+                    expiration_seconds: Some(seconds),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest for ServiceAccount {ns}/{name}: {e}"));
+    tr.status.expect("TokenRequest status").token
+}
+
+/// Writes to `out` the admin kubeconfig with its user's credentials replaced by `token`: a client
+/// of it has only the token's rights.
+pub fn write_token_kubeconfig(admin_kubeconfig: &Path, token: &str, out: &Path) {
+    let mut kc = Kubeconfig::read_from(admin_kubeconfig)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", admin_kubeconfig.display()));
+    for a in &mut kc.auth_infos {
+        if let Some(ai) = a.auth_info.as_mut() {
+            *ai = Default::default();
+            ai.token = Some(token.to_string().into());
+        }
+    }
+    std::fs::write(
+        out,
+        serde_yaml::to_string(&kc).expect("kubeconfig serialises"),
+    )
+    .unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
 }
