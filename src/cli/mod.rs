@@ -1,7 +1,10 @@
 //! `moectl`: plan offline, evaluate and compare plans, drive workers, inspect deployments.
 
+pub mod kube_view;
+pub mod kubectl;
 mod observe;
 mod plan_cmd;
+mod serving_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +35,10 @@ pub enum Command {
     GenCheckpoint(crate::worker::checkpoint::synthetic::GenCheckpointArgs),
     /// Drive workers with routed token batches drawn from a load trace (the router side).
     Loadgen(crate::loadgen::LoadgenArgs),
+    /// Inspect MoEDeployments in a cluster (what `kubectl moe` runs): status, plan NAME, explain NAME.
+    Kube(kubectl::KubeArgs),
+    /// Serving model: the KV cache each policy's replica memory leaves and the goodput it implies.
+    Serving(serving_cmd::ServingArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -41,6 +48,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compare(a) => plan_cmd::compare(a),
         Command::GenCheckpoint(a) => Ok(a.run()?),
         Command::Observe(a) => observe::observe(a),
+        Command::Kube(a) => kubectl::run(a),
+        Command::Serving(a) => serving_cmd::serving(a),
         Command::Loadgen(a) => {
             let window = crate::plan::load_formats::read_load_file(&a.load)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
