@@ -342,7 +342,7 @@ pub fn render(
     let setup = format!(
         "{} GPUs ({}, mode {}); per GPU: memory {} x {} usable = {}, weights {}, reserve {}; KV {} bytes/token; overhead {} ms/step{}{}{}",
         r.gpus,
-        if r.device.is_empty() { "device ?" } else { &r.device },
+        if r.device.is_empty() { "device ?" } else { r.device.as_str() },
         r.mode.as_str().unwrap_or("?"),
         gb(cfg.gpu_memory as f64),
         cfg.utilization,

@@ -455,7 +455,10 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
     } else {
         window
     };
-    if failures.is_empty() {
+    // Between two Prometheus queries the last answer stands: a reconcile that did not query must
+    // not turn a failed query's MetricsAvailable=False back to True.
+    let queried = md.spec.metrics.source != MetricsSource::Prometheus || window_changed.1;
+    if failures.is_empty() && queried {
         set_condition(
             &mut status.conditions,
             "MetricsAvailable",
@@ -470,7 +473,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
             gen,
             &now,
         );
-    } else {
+    } else if !failures.is_empty() {
         let reason = failures
             .first()
             .and_then(|f| {
