@@ -424,8 +424,7 @@ pub fn render(
             .copied()
             .fold((0, f64::MIN), |a, r| if r.1 > a.1 { r } else { a });
         out.push_str(&format!(
-            "{}CRAFT over EPLB goodput: {mean:.3}x on average over {} context length(s), up to {max:.3}x (context {ctx}); the paper reports 1.14x average, up to 1.2x: {}\n",
-            if markdown { "\n" } else { "\n" },
+            "\nCRAFT over EPLB goodput: {mean:.3}x on average over {} context length(s), up to {max:.3}x (context {ctx}); the paper reports 1.14x average, up to 1.2x: {}\n",
             ratios.len(),
             if mean >= 1.14 { "reproduced" } else { "not reproduced with these inputs" }
         ));
