@@ -10,5 +10,11 @@ echo "==> cargo clippy (warnings are errors)"
 cargo clippy --all-targets --locked -- -D warnings
 echo "==> e2e/build.sh (local control plane binaries; cached, seconds when warm)"
 e2e/build.sh
+echo "==> e2e/prometheus.sh (Debian's Prometheus for the metrics-source e2e test; cached)"
+if [[ -n "${CI:-}" && "${CI}" != 0 && "${CI}" != false ]]; then
+    e2e/prometheus.sh
+else
+    e2e/prometheus.sh || echo "warning: no Prometheus; tests/e2e_prometheus.rs will skip (it fails under CI)"
+fi
 echo "==> cargo test"
 cargo test --locked --all-targets

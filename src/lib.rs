@@ -10,4 +10,5 @@ pub mod cli;
 pub mod controller;
 pub mod loadgen;
 pub mod plan;
+pub mod serving;
 pub mod worker;

@@ -1,8 +1,11 @@
 //! `moectl`: plan offline, evaluate and compare plans, drive workers, inspect deployments.
 
 pub mod bench;
+pub mod kube_view;
+pub mod kubectl;
 mod observe;
 mod plan_cmd;
+mod serving_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +38,10 @@ pub enum Command {
     Loadgen(crate::loadgen::LoadgenArgs),
     /// Policy throughput testbed (`bench policies`) and its synthetic traces (`bench trace`).
     Bench(bench::BenchArgs),
+    /// Inspect MoEDeployments in a cluster (what `kubectl moe` runs): status, plan NAME, explain NAME.
+    Kube(kubectl::KubeArgs),
+    /// Serving model: the KV cache each policy's replica memory leaves and the goodput it implies.
+    Serving(serving_cmd::ServingArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -45,6 +52,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::GenCheckpoint(a) => Ok(a.run()?),
         Command::Observe(a) => observe::observe(a),
         Command::Bench(a) => bench::run(a),
+        Command::Kube(a) => kubectl::run(a),
+        Command::Serving(a) => serving_cmd::serving(a),
         Command::Loadgen(a) => {
             let window = crate::plan::load_formats::read_load_file(&a.load)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -205,6 +205,36 @@ impl ScrapeWindow {
         Ok(())
     }
 
+    /// Record one interval's load given directly as per-expert amounts (a Prometheus query such
+    /// as `sum by (layer, expert) (increase(moe_expert_tokens_total[1m]))`: Prometheus already
+    /// turned the counters into increases, resets included), as one batch. Samples outside the
+    /// model are refused as in [`Self::record`]. Returns whether the batch holds any tokens.
+    pub fn push_amounts(&mut self, source: &str, sample: &WorkerSample) -> Result<bool, String> {
+        let experts = self.experts as usize;
+        let mut batch = vec![0.0; self.layer_ids.len() * experts];
+        for (&(layer, expert), &v) in &sample.tokens {
+            let l = self.layer_ids.iter().position(|&x| x == layer);
+            let Some(l) = l.filter(|_| expert < self.experts) else {
+                return Err(format!(
+                    "{source} reports tokens for layer {layer} expert {expert}, outside the model's MoE layers {:?} and {} experts",
+                    self.layer_ids, self.experts
+                ));
+            };
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!(
+                    "{source}: layer {layer} expert {expert} has {v} tokens: the query must give non-negative amounts (increase or rate of the counter)"
+                ));
+            }
+            batch[l * experts + expert as usize] += v;
+        }
+        let any = batch.iter().any(|&x| x > 0.0);
+        self.batches.push_back(batch);
+        while self.batches.len() > self.capacity {
+            self.batches.pop_front();
+        }
+        Ok(any)
+    }
+
     /// Forget workers that are gone (deleted pods), so a replacement with the same name starts
     /// from a fresh baseline.
     pub fn retain_workers(&mut self, alive: impl Fn(&str) -> bool) {
@@ -335,6 +365,27 @@ moe_worker_step_seconds_bucket{le="0.1"} 3
             .record(&[("a".into(), sample(&[((0, 0), 1.0)]))])
             .unwrap_err();
         assert!(e.contains("layer 0"), "{e}");
+    }
+
+    #[test]
+    fn prometheus_amounts_are_batches_as_given() {
+        let mut w = ScrapeWindow::new(vec![3, 4], 2, 2);
+        assert!(w
+            .push_amounts("p", &sample(&[((3, 1), 5.5), ((4, 0), 2.0)]))
+            .unwrap());
+        let lw = w.load_window().unwrap();
+        assert_eq!(
+            (lw.batches(), lw.row(0, 0), lw.row(0, 1)),
+            (1, &[0.0, 5.5][..], &[2.0, 0.0][..])
+        );
+        // An empty answer (no traffic) is an empty batch, not an error.
+        assert!(!w.push_amounts("p", &sample(&[])).unwrap());
+        assert!(w.push_amounts("p", &sample(&[((3, 0), 1.0)])).unwrap());
+        assert_eq!(w.batches(), 2, "capacity");
+        let e = w.push_amounts("p", &sample(&[((5, 0), 1.0)])).unwrap_err();
+        assert!(e.contains("layer 5"), "{e}");
+        let e = w.push_amounts("p", &sample(&[((3, 0), -1.0)])).unwrap_err();
+        assert!(e.contains("non-negative"), "{e}");
     }
 
     #[test]

@@ -411,7 +411,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
             Err(e) => failures.push(format!("{} ({})", e, e.reason())),
         }
     }
-    let (window, window_changed) = {
+    let (window, mut window_changed) = {
         let layer_ids = moe_layer_ids(
             &md.spec
                 .model
@@ -465,7 +465,8 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         }
         (t.window.load_window(), (changed, due))
     };
-    // Prometheus source: one query per interval, fed as one cluster-wide sample.
+    // Prometheus source: one query per interval; its answer is that interval's per-expert load
+    // (the query takes increase() or rate() of the counters), one batch of the window.
     let window = if md.spec.metrics.source == MetricsSource::Prometheus && window_changed.1 {
         let (url, query) = md
             .spec
@@ -479,8 +480,12 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
                 Ok(s) => {
                     let mut tracked = ctx.tracked.lock().expect("tracked lock");
                     let t = tracked.get_mut(&key).expect("inserted above");
-                    if let Err(e) = t.window.record(&[("prometheus".into(), s)]) {
-                        failures.push(format!("{e} (GarbledMetrics)"));
+                    match t
+                        .window
+                        .push_amounts(&format!("Prometheus query at {url}"), &s)
+                    {
+                        Ok(any) => window_changed.0 = any,
+                        Err(e) => failures.push(format!("{e} (GarbledMetrics)")),
                     }
                     t.window.load_window()
                 }
@@ -497,17 +502,25 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
     } else {
         window
     };
-    if failures.is_empty() {
+    // Between two Prometheus queries the last answer stands: a reconcile that did not query must
+    // not turn a failed query's MetricsAvailable=False back to True.
+    let queried = md.spec.metrics.source != MetricsSource::Prometheus || window_changed.1;
+    if failures.is_empty() && queried {
         set_condition(
             &mut status.conditions,
             "MetricsAvailable",
             true,
             "Scraped",
-            &format!("{} worker(s) answered", scraped.len()),
+            &match md.spec.metrics.source {
+                MetricsSource::Prometheus => {
+                    format!("load from Prometheus; {} worker(s) answered", scraped.len())
+                }
+                MetricsSource::Workers => format!("{} worker(s) answered", scraped.len()),
+            },
             gen,
             &now,
         );
-    } else {
+    } else if !failures.is_empty() {
         let reason = failures
             .first()
             .and_then(|f| {

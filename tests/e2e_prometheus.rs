@@ -1,0 +1,550 @@
+//! End-to-end test of the operator's Prometheus metrics source against a real Prometheus server
+//! (Debian's package, found or unpacked by `e2e/prometheus.sh`), and of the `kubectl moe` plugin
+//! on the same deployment, on the local control plane (e2e/cluster.sh).
+//!
+//! Prometheus scrapes the process-backed `moe-worker`s on their pod IPs; the MoEDeployment says
+//! `metrics.source: Prometheus`, so the operator reads the load only through Prometheus' query API
+//! (`increase()` of the workers' counters). Skewed traffic from `moectl loadgen` must show up in
+//! status and make the operator re-plan and roll out in place; stopping Prometheus must turn
+//! MetricsAvailable False. Then `kubectl moe status|plan|explain` (through kubectl's plugin
+//! lookup, `kubectl-moe` being a link to `moectl`) must describe what happened.
+//!
+//! Needs the binaries of `e2e/build.sh`; fails without them. Without a Prometheus binary it fails
+//! when `CI` is set (`.ci/run` sets it) and otherwise skips with a loud message.
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::Api;
+use moe_operator::api::MoEDeployment;
+use serde_json::json;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+const NODES: usize = 2;
+const NS: &str = "ml";
+
+/// The plane (own state dir, always torn down) and the processes the test started (always killed).
+struct Plane {
+    state: PathBuf,
+    children: Vec<(&'static str, Child)>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Plane {
+    fn stop(&mut self, which: &str) {
+        if let Some(i) = self.children.iter().position(|(n, _)| *n == which) {
+            let (_, mut c) = self.children.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = common::cluster_script(&self.state, NODES, "down");
+        if std::thread::panicking() {
+            if let Some(t) = self._tmp.take() {
+                let kept = t.keep();
+                eprintln!(
+                    "e2e state kept in {} (operator.log, prometheus.log, prometheus.yml, pods/*/log)",
+                    kept.display()
+                );
+            }
+        }
+    }
+}
+
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}; last seen: {last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn condition(md: &MoEDeployment, kind: &str) -> Option<(String, String, String)> {
+    md.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// `CI` set to anything but empty, 0 or false.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+const QUERY: &str = "sum by (layer, expert) (increase(moe_expert_tokens_total[10s]))";
+
+fn deployment(checkpoint: &Path, prometheus: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "moe.craft.dev/v1alpha1",
+        "kind": "MoEDeployment",
+        "metadata": {"name": "tiny", "namespace": NS,
+                     "annotations": {"moe.craft.dev/process-backed": "true"}},
+        "spec": {
+            "model": {"layers": 2, "firstMoeLayer": 0, "experts": 8, "topK": 2, "hiddenSize": 64,
+                      "expertIntermediateSize": 32, "dtype": "bf16",
+                      "checkpoint": {"path": "/models/tiny",
+                                     "volume": {"hostPath": {"path": checkpoint.display().to_string()}}}},
+            "topology": {"nodes": 2, "gpusPerNode": 2},
+            "replication": {"policy": "Craft", "budget": {"replicasPerGpu": 2},
+                            "minImprovement": 0.01, "cooldown": "1s", "window": 5},
+            "metrics": {"source": "Prometheus", "interval": "2s",
+                        "prometheus": {"url": prometheus, "query": QUERY}},
+            "rollout": {"strategy": "InPlace", "maxUnavailable": 1},
+            "worker": {"image": "moe-worker:dev", "device": "cpu",
+                       "nodeSelector": {"type": "kwok"}}
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_source_and_kubectl_plugin() {
+    let bin_dir = Command::new(common::repo().join("e2e/build.sh"))
+        .arg("--bin-dir")
+        .output()
+        .expect("running e2e/build.sh --bin-dir");
+    assert!(
+        bin_dir.status.success(),
+        "the local control plane is not built: run e2e/build.sh first: {}",
+        String::from_utf8_lossy(&bin_dir.stderr).trim()
+    );
+    let bin = PathBuf::from(String::from_utf8_lossy(&bin_dir.stdout).trim());
+    let prom = Command::new(common::repo().join("e2e/prometheus.sh"))
+        .arg("--path")
+        .output()
+        .expect("running e2e/prometheus.sh --path");
+    if !prom.status.success() {
+        let why = String::from_utf8_lossy(&prom.stderr);
+        assert!(
+            !in_ci(),
+            "CI is set and there is no Prometheus: run e2e/prometheus.sh first ({})",
+            why.trim()
+        );
+        eprintln!(
+            "\n!!!!!!!! SKIPPED prometheus_source_and_kubectl_plugin: no Prometheus binary ({}).\n\
+             !!!!!!!! Run e2e/prometheus.sh to install Debian's package into the e2e cache.\n",
+            why.trim()
+        );
+        return;
+    }
+    let prometheus_bin = PathBuf::from(String::from_utf8_lossy(&prom.stdout).trim());
+
+    let tmp = tempfile::Builder::new()
+        .prefix("moe-e2e-prometheus-")
+        .tempdir()
+        .expect("temp state dir");
+    let mut plane = Plane {
+        state: tmp.path().to_path_buf(),
+        children: Vec::new(),
+        _tmp: Some(tmp),
+    };
+    common::run_cluster(&plane.state, NODES, "up");
+    let kc = plane.state.join("kubeconfig");
+    let admin = common::client_from(&kc).await;
+    let long = Duration::from_secs(120);
+    let kubectl = |args: &[&str]| {
+        run_ok(
+            Command::new(bin.join("kubectl"))
+                .args(args)
+                .env("KUBECONFIG", &kc),
+            &format!("kubectl {}", args.join(" ")),
+        )
+    };
+    let crd = common::repo().join("crds/moedeployments.moe.craft.dev.yaml");
+    kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
+    kubectl(&["create", "namespace", NS]);
+    kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/moedeployments.moe.craft.dev",
+        "--timeout=60s",
+    ]);
+
+    // The operator, with the admin kubeconfig (RBAC is the operator test's subject, not this one's).
+    let log = std::fs::File::create(plane.state.join("operator.log")).unwrap();
+    plane.children.push((
+        "operator",
+        Command::new(env!("CARGO_BIN_EXE_moe-operator"))
+            .args([
+                "run",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--health-listen",
+                "127.0.0.1:0",
+                "--leader-election-namespace",
+                "default",
+            ])
+            .env("KUBECONFIG", &kc)
+            .env("RUST_LOG", "info,moe_operator=debug,kube=warn")
+            .env("POD_NAME", "e2e-operator")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting moe-operator"),
+    ));
+
+    let ckpt = plane.state.join("checkpoint");
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_moectl")).args([
+            "gen-checkpoint",
+            "--family",
+            "mixtral",
+            "--out",
+            ckpt.to_str().unwrap(),
+            "--layers",
+            "2",
+            "--first-moe-layer",
+            "0",
+            "--experts",
+            "8",
+            "--top-k",
+            "2",
+            "--hidden",
+            "64",
+            "--intermediate",
+            "32",
+            "--shards",
+            "1",
+        ]),
+        "moectl gen-checkpoint",
+    );
+
+    let prom_port = free_port();
+    let prom_url = format!("http://127.0.0.1:{prom_port}");
+    let mds: Api<MoEDeployment> = Api::namespaced(admin.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let md: MoEDeployment = serde_json::from_value(deployment(&ckpt, &prom_url)).unwrap();
+    mds.patch("tiny", &PatchParams::apply("e2e"), &Patch::Apply(&md))
+        .await
+        .expect("apply MoEDeployment");
+
+    // Worker pods running as real moe-worker processes on their pod IPs.
+    let running: Vec<(String, String)> = wait_for("2 worker pods running", long, || async {
+        let list = pods
+            .list(&ListParams::default().labels("moe.craft.dev/deployment=tiny"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for p in &list.items {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let st = p.status.clone().unwrap_or_default();
+            let pid = plane.state.join("pods").join(format!("{NS}_{name}/pid"));
+            if st.phase.as_deref() == Some("Running") && pid.exists() {
+                out.push((name, st.pod_ip.unwrap_or_default()));
+            }
+        }
+        out.sort();
+        if out.len() == NODES {
+            Ok(out)
+        } else {
+            Err(format!("{out:?} of {} pods", list.items.len()))
+        }
+    })
+    .await;
+
+    // Prometheus scrapes the workers' /metrics on their pod IPs every second.
+    let targets: Vec<String> = running
+        .iter()
+        .map(|(_, ip)| format!("\"{ip}:9401\""))
+        .collect();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: moe-workers\n    static_configs:\n      - targets: [{}]\n        labels: {{namespace: {NS}, deployment: tiny}}\n",
+        targets.join(", ")
+    );
+    let config_path = plane.state.join("prometheus.yml");
+    std::fs::write(&config_path, &config).unwrap();
+    let plog = std::fs::File::create(plane.state.join("prometheus.log")).unwrap();
+    plane.children.push((
+        "prometheus",
+        Command::new(&prometheus_bin)
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                plane.state.join("prometheus-data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(plog)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", prometheus_bin.display())),
+    ));
+    let up_query = "sum(up{job=\"moe-workers\"})";
+    wait_for("Prometheus to scrape both workers", long, || async {
+        let v = moe_operator::controller::scrape::prometheus_query(
+            &prom_url,
+            up_query,
+            Duration::from_secs(3),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        match v.first() {
+            Some((_, up)) if *up == NODES as f64 => Ok(()),
+            other => Err(format!("{up_query} = {other:?}")),
+        }
+    })
+    .await;
+
+    let first_hash = wait_for("Ready on the initial plan", long, || async {
+        let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
+        let hash = md
+            .status
+            .as_ref()
+            .and_then(|s| s.plan.as_ref())
+            .map(|p| p.hash.clone());
+        match (condition(&md, "Ready"), hash) {
+            (Some((s, _, _)), Some(h)) if s == "True" => Ok(h),
+            (c, h) => Err(format!("Ready {c:?}, plan {h:?}")),
+        }
+    })
+    .await;
+
+    // Skewed traffic: expert 0 of layer 0 and expert 1 of layer 1 are hot.
+    let trace = plane.state.join("skewed.json");
+    let row =
+        |hot: u32| -> Vec<u32> { (0..8).map(|e| if e == hot { 4000 } else { 100 }).collect() };
+    std::fs::write(
+        &trace,
+        json!({"logical_count": [row(0), row(1)]}).to_string(),
+    )
+    .unwrap();
+    let workers: String = running
+        .iter()
+        .map(|(_, ip)| format!("{ip}:9400"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let cms = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(admin.clone(), NS);
+    let plan_file = plane.state.join("plan.json");
+    let (new_hash, st) = wait_for(
+        "a re-plan from Prometheus' load rolled out on every worker",
+        Duration::from_secs(180),
+        || async {
+            let cm = cms.get("tiny-plan").await.map_err(|e| e.to_string())?;
+            let data = cm.data.unwrap_or_default();
+            std::fs::write(&plan_file, &data["plan.json"]).map_err(|e| e.to_string())?;
+            let out = Command::new(env!("CARGO_BIN_EXE_moectl"))
+                .args([
+                    "loadgen",
+                    "--plan",
+                    plan_file.to_str().unwrap(),
+                    "--workers",
+                    &workers,
+                    "--load",
+                    trace.to_str().unwrap(),
+                    "--batches",
+                    "50",
+                    "--tokens",
+                    "256",
+                ])
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                eprintln!("loadgen: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
+            let st = md.status.clone().unwrap_or_default();
+            let hash = st.plan.as_ref().map(|p| p.hash.clone()).unwrap_or_default();
+            let on = st.workers.as_ref().map(|w| w.on_current_plan).unwrap_or(0);
+            let ready = condition(&md, "Ready").map(|c| c.0);
+            if hash != first_hash && on == NODES as i32 && ready.as_deref() == Some("True") {
+                Ok((hash, st))
+            } else {
+                Err(format!(
+                    "plan {:?}, workers {:?}, observed {:?}, metrics {:?}",
+                    st.plan,
+                    st.workers,
+                    st.observed,
+                    condition(&md, "MetricsAvailable")
+                ))
+            }
+        },
+    )
+    .await;
+    let md_now = mds.get("tiny").await.unwrap();
+    let (ms, _, mmsg) = condition(&md_now, "MetricsAvailable").expect("MetricsAvailable");
+    assert_eq!(ms, "True", "{mmsg}");
+    assert!(mmsg.contains("load from Prometheus"), "{mmsg}");
+    let p = st.plan.clone().expect("plan status");
+    assert_eq!(p.algorithm, "craft", "{p:?}");
+    assert!(
+        p.predicted_balancedness.unwrap_or(0.0) > p.previous_balancedness.unwrap_or(1.0),
+        "{p:?}"
+    );
+    let observed = st.observed.clone().expect("observed load in status");
+    assert!(observed.tokens > 0, "{observed:?}");
+    // The tokens in status are what Prometheus says, not a worker scrape: the same query agrees
+    // on the order of magnitude (it moves on with time, so no exact match).
+    let series = moe_operator::controller::scrape::prometheus_query(
+        &prom_url,
+        "sum(moe_expert_tokens_total)",
+        Duration::from_secs(3),
+    )
+    .await
+    .expect("Prometheus answers");
+    assert!(series.first().is_some_and(|(_, v)| *v > 0.0), "{series:?}");
+    eprintln!("re-planned from Prometheus: {new_hash} {p:?}; observed {observed:?}");
+    for (_, ip) in &running {
+        let r = moe_operator::controller::scrape::scrape_worker(ip, 9401, Duration::from_secs(5))
+            .await
+            .expect("worker answers /metrics");
+        assert_eq!(
+            r.plan_hash.as_deref(),
+            Some(new_hash.as_str()),
+            "worker {ip}"
+        );
+    }
+
+    // kubectl moe, found by kubectl on PATH as kubectl-moe (a link to moectl).
+    let plugin_dir = plane.state.join("plugins");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_moectl"), plugin_dir.join("kubectl-moe"))
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let moe = |args: &[&str]| {
+        run_ok(
+            Command::new(bin.join("kubectl"))
+                .arg("moe")
+                .args(args)
+                .env("KUBECONFIG", &kc)
+                .env("PATH", &path),
+            &format!("kubectl moe {}", args.join(" ")),
+        )
+    };
+    let short = &new_hash[..12];
+    let status = moe(&["status", "-n", NS]);
+    eprintln!("kubectl moe status:\n{status}");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("tiny "))
+        .unwrap_or_else(|| panic!("no line for tiny:\n{status}"));
+    for want in ["True", short, "craft", "2/2"] {
+        assert!(line.contains(want), "{want} missing: {line}");
+    }
+    let all = moe(&["status", "-A"]);
+    assert!(all.starts_with("NAMESPACE") && all.contains("ml "), "{all}");
+    let plan = moe(&["plan", "tiny", "-n", NS]);
+    eprintln!("kubectl moe plan tiny:\n{plan}");
+    assert!(
+        plan.starts_with(&format!("Plan {short} (craft) of ml/tiny")),
+        "{plan}"
+    );
+    assert!(plan.contains("R = 2 extra slots per GPU"), "{plan}");
+    assert!(
+        plan.contains("Per layer:") && plan.contains("Per GPU:"),
+        "{plan}"
+    );
+    // The trace replayed on the plan gives a per-layer balancedness for both layers.
+    let replayed = moe(&["plan", "tiny", "-n", NS, "--load", trace.to_str().unwrap()]);
+    assert!(replayed.contains("Replayed:   balancedness"), "{replayed}");
+    let explain = moe(&["explain", "tiny", "-n", NS]);
+    eprintln!("kubectl moe explain tiny:\n{explain}");
+    for want in [
+        "Conditions:",
+        "MetricsAvailable",
+        "PlanImproved",
+        "last re-plan rolled out",
+        "complete",
+    ] {
+        assert!(explain.contains(want), "{want} missing:\n{explain}");
+    }
+    // Direct invocation with --kubeconfig (no KUBECONFIG) works the same way.
+    let direct = run_ok(
+        Command::new(plugin_dir.join("kubectl-moe"))
+            .args(["--kubeconfig", kc.to_str().unwrap(), "-n", NS, "status"])
+            .env_remove("KUBECONFIG"),
+        "kubectl-moe --kubeconfig",
+    );
+    assert!(direct.contains(short), "{direct}");
+    let missing = Command::new(plugin_dir.join("kubectl-moe"))
+        .args([
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "-n",
+            NS,
+            "plan",
+            "nope",
+        ])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("MoEDeployment ml/nope not found"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+
+    // Without Prometheus the operator reports the source unreachable and keeps the plan.
+    plane.stop("prometheus");
+    let msg = wait_for(
+        "MetricsAvailable=False after Prometheus stops",
+        long,
+        || async {
+            let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
+            match condition(&md, "MetricsAvailable") {
+                Some((s, r, m)) if s == "False" => Ok(format!("{r}: {m}")),
+                c => Err(format!("{c:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        msg.starts_with("Unreachable") && msg.contains(&prom_url),
+        "{msg}"
+    );
+    let md = mds.get("tiny").await.unwrap();
+    assert_eq!(
+        md.status.and_then(|s| s.plan).map(|p| p.hash),
+        Some(new_hash.clone()),
+        "the plan in force is kept"
+    );
+    let explain = moe(&["explain", "tiny", "-n", NS]);
+    assert!(
+        explain.contains("load is not being measured (Unreachable)"),
+        "{explain}"
+    );
+    plane.stop("operator");
+}
