@@ -12,3 +12,6 @@ echo "==> e2e/build.sh (local control plane binaries; cached, seconds when warm)
 e2e/build.sh
 echo "==> cargo test"
 cargo test --locked --all-targets
+echo "==> scripts/demo.sh --short (the README's demo through the operator and its chart, shortened)"
+scripts/demo.sh --short --out target/demo-short
+python3 scripts/demo_report.py --check target/demo-short/report.json
