@@ -148,7 +148,7 @@ current-context: local
 EOF
 chmod 600 "$STATE/operator.kubeconfig"
 step "running moe-operator as a local process under ServiceAccount $OP_NS/$RELEASE (log: $OUT/logs/operator.log)"
-KUBECONFIG="$STATE/operator.kubeconfig" POD_NAME=demo-operator RUST_LOG=info,kube=warn \
+KUBECONFIG="$STATE/operator.kubeconfig" POD_NAME=demo-operator RUST_LOG=${MOE_DEMO_OPERATOR_LOG:-info,kube=warn} \
     "$BIN/moe-operator" run --metrics-listen 127.0.0.1:0 --health-listen 127.0.0.1:0 \
     --leader-election-namespace "$OP_NS" --log-format text >"$STATE/operator.log" 2>&1 &
 OPERATOR_PID=$!

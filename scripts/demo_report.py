@@ -66,6 +66,10 @@ def summarise(out):
                        for l in range(len(rs[0]["expertRows"]))]
         # The status of the first chunk routed by this plan names its predicted balancedness.
         sp = next((r["status"]["plan"] for r in rs if (r["status"].get("plan") or {}).get("hash") == plan["hash"]), {})
+        # The operator's replay of this plan on its scraped window, while the plan was in force.
+        obs = [r["status"]["observed"]["balancedness"] for r in rs
+               if (r["status"].get("plan") or {}).get("hash") == plan["hash"]
+               and (r["status"].get("observed") or {}).get("balancedness") is not None]
         gens.append({
             "generation": g, "planHash": plan["hash"], "algorithm": plan["algorithm"],
             "replicasPerGpu": plan["replicasPerGpu"], "replicaBytesPerGpu": plan["replicaBytesPerGpu"],
@@ -74,7 +78,10 @@ def summarise(out):
             "tokensPerSecond": tokens / busy if busy else 0.0,
             "stepP50Ms": 1e3 * sorted(r["stepP50"] for r in rs)[len(rs) // 2],
             "failedRequests": sum(r["failedRequests"] for r in rs),
-            "predictedBalancedness": sp.get("predictedBalancedness"),
+            # Only a plan made from measured load has a meaningful prediction (the initial one is
+            # planned on zero load).
+            "predictedBalancedness": sp.get("predictedBalancedness") if sp.get("previousBalancedness") is not None else None,
+            "operatorBalancedness": sum(obs) / len(obs) if obs else None,
             "previousBalancedness": sp.get("previousBalancedness"),
             "gpuLoads": gpu_loads(plan, expert_rows),
             "layers": [lp["layer"] for lp in plan["layers"]],
@@ -177,11 +184,12 @@ def main(argv):
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
     table = [f"{'gen':>3} {'plan':<13} {'algorithm':<10} {'R':>3} {'chunks':>6} {'balancedness':>13} "
-             f"{'predicted':>10} {'tokens/s':>9} {'p50 step ms':>12} {'failed':>7}"]
+             f"{'predicted':>10} {'operator':>9} {'tokens/s':>9} {'p50 step ms':>12} {'failed':>7}"]
     for g in gens:
         pred = f"{g['predictedBalancedness']:.4f}" if g["predictedBalancedness"] is not None else "-"
+        opb = f"{g['operatorBalancedness']:.4f}" if g["operatorBalancedness"] is not None else "-"
         table.append(f"{g['generation']:>3} {g['planHash'][:12]:<13} {g['algorithm']:<10} {g['replicasPerGpu']:>3} "
-                     f"{g['chunks']:>6} {g['balancedness']:>13.4f} {pred:>10} {g['tokensPerSecond']:>9.0f} "
+                     f"{g['chunks']:>6} {g['balancedness']:>13.4f} {pred:>10} {opb:>9} {g['tokensPerSecond']:>9.0f} "
                      f"{g['stepP50Ms']:>12.2f} {g['failedRequests']:>7}")
     if len(gens) > 1:
         verdict = (f"balancedness {first['balancedness']:.3f} -> {last['balancedness']:.3f} (router-measured), "
@@ -214,6 +222,7 @@ def main(argv):
         f"<td>{g['replicasPerGpu']}</td><td>{g['replicaBytesPerGpu'] / 2**20:.2f}</td><td>{g['firstRoutedAt']:.0f}</td>"
         f"<td>{g['chunks']}</td><td>{g['balancedness']:.4f}</td>"
         f"<td>{'-' if g['predictedBalancedness'] is None else '%.4f' % g['predictedBalancedness']}</td>"
+        f"<td>{'-' if g['operatorBalancedness'] is None else '%.4f' % g['operatorBalancedness']}</td>"
         f"<td>{g['tokensPerSecond']:.0f}</td><td>{g['stepP50Ms']:.2f}</td><td>{g['failedRequests']}</td></tr>"
         for g in gens)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>moe-operator demo</title>
@@ -229,9 +238,11 @@ The operator scrapes the workers' <code>/metrics</code>, plans with CRAFT from w
 out in place (<code>PUT /v1/plan</code>, one worker at a time). <b>{html.escape(verdict)}</b>.</p>
 <p>{html.escape(honest)}</p>
 <table><tr><th>gen</th><th>plan</th><th>algorithm</th><th>R</th><th>replica MiB/GPU</th><th>routed from (s)</th><th>chunks</th>
-<th>balancedness</th><th>predicted by the operator</th><th>tokens/s</th><th>p50 layer step ms</th><th>failed requests</th></tr>{trs}</table>
+<th>balancedness</th><th>predicted at planning</th><th>operator's replay</th><th>tokens/s</th><th>p50 layer step ms</th><th>failed requests</th></tr>{trs}</table>
 <p>balancedness: mean over layers and batches of mean/max rows per GPU, as the router sent them.
-Predicted: the plan's balancedness replayed by the operator on its scraped load window.</p>
+Predicted at planning: the new plan's balancedness on the load window the operator planned it from.
+Operator's replay: <code>status.observed.balancedness</code>, the plan in force replayed on the operator's scraped
+window (mean over the chunks routed by it).</p>
 <p>{legend}</p>
 {bal_chart}
 {tps_chart}
