@@ -199,8 +199,9 @@ def main(argv):
         verdict = f"only the initial plan ran (balancedness {first['balancedness']:.3f}): no new plan was rolled out"
     ranks = report["ranks"]
     honest = (f"The {ranks} expert-parallel ranks are emulated by CPU workers that share this machine's "
-              f"{machine['cpus']} CPU cores, so the total compute, not the slowest rank, sets the pace: "
-              f"a better balance cannot show up as more tokens/s here as it does when every rank has its own GPU.")
+              f"{machine['cpus']} CPU cores, so tokens/s here follow the total compute and whatever else runs on "
+              f"the machine, not the slowest rank: read no throughput gain or loss from balance into them. With a "
+              f"GPU per rank, the layer step waits for the most loaded rank, which is what balancedness measures.")
     if not quiet:
         print("\n".join(table))
         print(verdict)
