@@ -15,6 +15,8 @@
 # Nothing here is a container: there is no image runtime on the local plane, so the operator runs as
 # a local process with the chart's ServiceAccount token (the chart's RBAC is all it gets) and the
 # worker pods are `moe-worker` processes started by e2e/pods on their loopback pod IPs.
+# Knobs (environment): MOE_DEMO_BATCHES, MOE_DEMO_TOKENS (per chunk), MOE_DEMO_AFTER_CHUNKS,
+# MOE_DEMO_DEADLINE (s), MOE_DEMO_INTERVAL, MOE_DEMO_WINDOW, MOE_DEMO_COOLDOWN, MOE_DEMO_OPERATOR_LOG.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -27,7 +29,7 @@ while (($#)); do
         --short) SHORT=1 ;;
         --follow) FOLLOW=1 ;;
         --out) OUT=${2:?--out needs a directory}; shift ;;
-        -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,19p' "$REPO/scripts/demo.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "demo.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
