@@ -377,8 +377,11 @@ EOF
         --authorization-kubeconfig "$STATE/scheduler.kubeconfig" \
         --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" --cert-dir "$STATE/scheduler-certs" \
         --leader-elect=false
+    # Node leases: without them kwok sends no heartbeat for over a minute, the node lifecycle
+    # controller (grace period 60 s) marks the nodes not ready and sets every pod's Ready to False, and
+    # nothing sets it back (there is no kubelet), so a plane older than a minute had no ready pods.
     start kwok "$bin/kwok" --kubeconfig "$KUBECONFIG_ADMIN" \
-        --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+        --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake --node-lease-duration-seconds 40 \
         --cidr "127.$POD_OCTET.255.0/24" --node-ip 127.0.0.1 \
         --server-address "127.0.0.1:$KWOK_PORT"
     # moe-e2e-pods finds its state dir from MOE_E2E_STATE, which it also passes to every pod process
