@@ -78,6 +78,25 @@ impl LayerMatrix {
             .collect()
     }
 
+    /// The batches `range` of this layer as a matrix of their own.
+    pub fn slice_batches(&self, range: std::ops::Range<usize>) -> Self {
+        let batches = range.len();
+        let mut data = Vec::with_capacity(self.experts * batches);
+        let mut totals = Vec::with_capacity(self.experts);
+        for e in 0..self.experts {
+            let x = &self.expert(e)[range.clone()];
+            data.extend_from_slice(x);
+            totals.push(x.iter().map(|&v| v as f64).sum());
+        }
+        Self {
+            experts: self.experts,
+            batches,
+            data,
+            totals,
+            batch_totals: self.batch_totals[range].to_vec(),
+        }
+    }
+
     pub fn expert(&self, e: usize) -> &[f32] {
         &self.data[e * self.batches..(e + 1) * self.batches]
     }
@@ -129,6 +148,121 @@ impl ReplayScratch {
         let loads = self.gpu_loads(m, gpus, replicas);
         balance_of(loads, gpus, m.batches, &m.batch_totals)
     }
+}
+
+/// How a router splits a replicated expert's tokens among its replicas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Routing {
+    /// By the plan's fixed per-replica shares (what the plan predicts).
+    #[default]
+    Shares,
+    /// Each token to the replica whose GPU has the fewest tokens so far in this batch and layer.
+    /// With tokens in random order this ends where per-batch water-filling ends: the replicas'
+    /// GPUs as level as the batch's other load allows. The replay models it by that water-filling.
+    LeastLoaded,
+}
+
+impl ReplayScratch {
+    /// Per-GPU loads `[g * batches + b]` under least-loaded routing: experts with one replica put
+    /// all their tokens on its GPU; each replicated expert's tokens of each batch are water-filled
+    /// over its replicas' GPUs (hottest expert first, then a few Gauss-Seidel sweeps so that
+    /// experts sharing GPUs settle jointly). Shares of the replicas are ignored.
+    pub fn gpu_loads_least_loaded<'a>(
+        &'a mut self,
+        m: &LayerMatrix,
+        gpus: usize,
+        replicas: impl Iterator<Item = (usize, usize, f32)>,
+    ) -> &'a [f32] {
+        let bsz = m.batches;
+        let mut hosts: Vec<Vec<usize>> = vec![Vec::new(); m.experts];
+        for (g, e, _) in replicas {
+            if e < m.experts && g < gpus && !hosts[e].contains(&g) {
+                hosts[e].push(g);
+            }
+        }
+        let single = (0..m.experts)
+            .filter(|&e| hosts[e].len() == 1)
+            .map(|e| (hosts[e][0], e, 1.0f32));
+        self.gpu_loads(m, gpus, single);
+        let flex: Vec<usize> = (0..m.experts).filter(|&e| hosts[e].len() > 1).collect();
+        if flex.is_empty() {
+            return &self.gpu_loads;
+        }
+        let mut col = vec![0f64; gpus];
+        let mut order = flex.clone();
+        // Per flex expert and host: tokens assigned in this batch.
+        let mut given: Vec<Vec<f64>> = flex.iter().map(|&e| vec![0.0; hosts[e].len()]).collect();
+        let mut base: Vec<(f64, usize)> = Vec::new();
+        let slot_of: Vec<usize> = {
+            let mut s = vec![usize::MAX; m.experts];
+            for (i, &e) in flex.iter().enumerate() {
+                s[e] = i;
+            }
+            s
+        };
+        for b in 0..bsz {
+            for (g, c) in col.iter_mut().enumerate() {
+                *c = self.gpu_loads[g * bsz + b] as f64;
+            }
+            order.sort_by(|&x, &y| m.expert(y)[b].total_cmp(&m.expert(x)[b]).then(x.cmp(&y)));
+            for gv in given.iter_mut() {
+                gv.iter_mut().for_each(|x| *x = 0.0);
+            }
+            for _sweep in 0..3 {
+                for &e in &order {
+                    let w = m.expert(e)[b] as f64;
+                    if w <= 0.0 {
+                        continue;
+                    }
+                    let gv = &mut given[slot_of[e]];
+                    base.clear();
+                    for (j, &g) in hosts[e].iter().enumerate() {
+                        col[g] -= gv[j];
+                        base.push((col[g], j));
+                    }
+                    let level = water_level(&mut base, w);
+                    for &(l, j) in &base {
+                        let x = (level - l).max(0.0);
+                        gv[j] = x;
+                        col[hosts[e][j]] += x;
+                    }
+                }
+            }
+            for (g, &c) in col.iter().enumerate() {
+                self.gpu_loads[g * bsz + b] = c as f32;
+            }
+        }
+        &self.gpu_loads
+    }
+
+    /// [`ReplayScratch::replay`] under the given routing.
+    pub fn replay_routed(
+        &mut self,
+        m: &LayerMatrix,
+        gpus: usize,
+        replicas: impl Iterator<Item = (usize, usize, f32)>,
+        routing: Routing,
+    ) -> LayerBalance {
+        let loads = match routing {
+            Routing::Shares => self.gpu_loads(m, gpus, replicas),
+            Routing::LeastLoaded => self.gpu_loads_least_loaded(m, gpus, replicas),
+        };
+        balance_of(loads, gpus, m.batches, &m.batch_totals)
+    }
+}
+
+/// The level λ with Σ_j max(0, λ - base_j) = w. Sorts `base` ascending by load.
+pub fn water_level(base: &mut [(f64, usize)], w: f64) -> f64 {
+    base.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut acc = 0.0;
+    for j in 0..base.len() {
+        acc += base[j].0;
+        let lam = (w + acc) / (j + 1) as f64;
+        if j + 1 == base.len() || lam <= base[j + 1].0 {
+            return lam;
+        }
+    }
+    base.first().map_or(w, |b| b.0 + w)
 }
 
 /// Balancedness from per-GPU loads `[g * batches + b]`.
@@ -202,6 +336,15 @@ pub struct LayerEvaluation {
 /// Replay `window` through `plan`. The window's layers are matched to the plan's by model layer
 /// index, so a plan can be judged on a load it was not made from.
 pub fn evaluate(plan: &ExpertPlan, window: &LoadWindow) -> Result<Evaluation, String> {
+    evaluate_routed(plan, window, Routing::Shares)
+}
+
+/// [`evaluate`] under a given router policy (see [`Routing`]).
+pub fn evaluate_routed(
+    plan: &ExpertPlan,
+    window: &LoadWindow,
+    routing: Routing,
+) -> Result<Evaluation, String> {
     if window.experts() != plan.model.experts as usize {
         return Err(format!(
             "the load has {} experts per layer but the plan's model has {}",
@@ -217,10 +360,11 @@ pub fn evaluate(plan: &ExpertPlan, window: &LoadWindow) -> Result<Evaluation, St
         })?;
         pairs.push((lp, LayerMatrix::from_window(window, wl)));
     }
-    Ok(evaluate_layers(
+    Ok(evaluate_layers_routed(
         plan,
         pairs.iter().map(|(lp, m)| (*lp, m)),
         window.batches(),
+        routing,
     ))
 }
 
@@ -230,12 +374,25 @@ pub fn evaluate_layers<'a>(
     pairs: impl Iterator<Item = (&'a LayerPlan, &'a LayerMatrix)>,
     batches: usize,
 ) -> Evaluation {
+    evaluate_layers_routed(plan, pairs, batches, Routing::Shares)
+}
+
+/// [`evaluate_layers`] under a given router policy.
+pub fn evaluate_layers_routed<'a>(
+    plan: &ExpertPlan,
+    pairs: impl Iterator<Item = (&'a LayerPlan, &'a LayerMatrix)>,
+    batches: usize,
+    routing: Routing,
+) -> Evaluation {
     let d = plan.gpus as usize;
     let mut scratch = ReplayScratch::default();
     let mut layers = Vec::new();
     let (mut sum_mean, mut sum_max) = (0.0, 0.0);
     for (lp, m) in pairs {
-        let loads = scratch.gpu_loads(m, d, plan_replicas(lp));
+        let loads = match routing {
+            Routing::Shares => scratch.gpu_loads(m, d, plan_replicas(lp)),
+            Routing::LeastLoaded => scratch.gpu_loads_least_loaded(m, d, plan_replicas(lp)),
+        };
         let lb = balance_of(loads, d, m.batches, &m.batch_totals);
         let mut max = vec![0f32; m.batches];
         for g in 0..d {
@@ -303,5 +460,30 @@ mod tests {
         // Batch 0 is even (1.0); batch 1 puts everything on GPU 0 (mean 10 / max 40).
         assert!((lb.balancedness - (1.0 + 0.25) / 2.0).abs() < 1e-9);
         assert!((lb.sum_mean - 20.0).abs() < 1e-9 && (lb.sum_max - 50.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn least_loaded_routing_levels_each_batch_and_fixed_shares_do_not() {
+        // Expert 0 on GPUs 0 and 1 (shares 0.5 / 0.5), expert 1 only on GPU 1, expert 2 only on
+        // GPU 0. Batch 0: loads 10, 4, 0; batch 1: loads 10, 0, 4.
+        let w = LoadWindow::new(vec![0], 3, vec![10.0, 4.0, 0.0, 10.0, 0.0, 4.0]).unwrap();
+        let m = LayerMatrix::from_window(&w, 0);
+        let reps = [(0, 0, 0.5f32), (1, 0, 0.5), (1, 1, 1.0), (0, 2, 1.0)];
+        let mut s = ReplayScratch::default();
+        let fixed = s.replay_routed(&m, 2, reps.iter().copied(), Routing::Shares);
+        // Fixed shares: 5 / 9 then 9 / 5, balancedness 7/9 in both batches.
+        assert!((fixed.balancedness - 7.0 / 9.0).abs() < 1e-6);
+        let loads = s
+            .gpu_loads_least_loaded(&m, 2, reps.iter().copied())
+            .to_vec();
+        assert_eq!(loads, vec![7.0, 7.0, 7.0, 7.0]);
+        let ll = s.replay_routed(&m, 2, reps.iter().copied(), Routing::LeastLoaded);
+        assert!((ll.balancedness - 1.0).abs() < 1e-9);
+        // Without replicated experts both routers agree.
+        let one = [(0, 0, 1.0f32), (1, 1, 1.0), (1, 2, 1.0)];
+        assert_eq!(
+            s.replay_routed(&m, 2, one.iter().copied(), Routing::Shares),
+            s.replay_routed(&m, 2, one.iter().copied(), Routing::LeastLoaded)
+        );
     }
 }

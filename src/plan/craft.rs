@@ -32,6 +32,11 @@ pub struct CraftOptions {
     /// Weight of per-batch spread: replicate and place by `mean + z * std` of each replica's
     /// per-batch load (GPU spreads add in quadrature) instead of the mean alone. 0 is the paper.
     pub risk_z: f64,
+    /// Improving swaps the local search makes at most per layer.
+    pub local_search_rounds: usize,
+    /// Score the benefit table out of sample: place on the first half of the window's batches and
+    /// replay the second half, so that the knapsack does not favour layers whose gain is noise.
+    pub benefit_holdout: bool,
 }
 
 impl Default for CraftOptions {
@@ -42,6 +47,8 @@ impl Default for CraftOptions {
             spread_across_nodes: true,
             max_extra_per_layer: None,
             risk_z: 0.0,
+            local_search_rounds: LOCAL_SEARCH_ROUNDS,
+            benefit_holdout: false,
         }
     }
 }
@@ -542,7 +549,7 @@ pub fn plan_layer(
         balance_shares(&mut p, &m.totals);
     }
     if polish && opts.local_search {
-        local_search(&mut p, m, LOCAL_SEARCH_ROUNDS);
+        local_search(&mut p, m, opts.local_search_rounds);
         if opts.balanced_shares {
             balance_shares(&mut p, &m.totals);
         }
@@ -581,7 +588,18 @@ pub fn benefit_table(
     opts: &CraftOptions,
 ) -> Vec<Vec<f64>> {
     let kmax = candidates.last().copied().unwrap_or(0);
-    let one_layer = |m: &LayerMatrix| -> Vec<f64> {
+    let one_layer = |full: &LayerMatrix| -> Vec<f64> {
+        let halves;
+        let (m, judge) = if opts.benefit_holdout && full.batches >= 2 {
+            let h = full.batches / 2;
+            halves = (
+                full.slice_batches(0..h),
+                full.slice_batches(h..full.batches),
+            );
+            (&halves.0, &halves.1)
+        } else {
+            (full, full)
+        };
         let order = replication_order(&m.risk_weights(opts.risk_z), kmax, topo.gpus);
         let mut scratch = ReplayScratch::default();
         let mut out = Vec::with_capacity(candidates.len());
@@ -594,7 +612,7 @@ pub fn benefit_table(
             }
             let caps = layer_capacities(m.experts + k, topo.gpus);
             let p = plan_layer(m, &order, k, &caps, topo, opts, false);
-            let bal = scratch.replay(m, topo.gpus, p.replicas()).balancedness;
+            let bal = scratch.replay(judge, topo.gpus, p.replicas()).balancedness;
             if i == 0 {
                 base = bal;
             }
