@@ -7,6 +7,9 @@ use moe_operator::worker::{backend_loader, runtime};
 fn main() -> anyhow::Result<()> {
     let args = runtime::WorkerArgs::parse();
     runtime::init_logging(args.log_json);
+    // Before any thread allocates a frame buffer.
+    let heap = moe_operator::worker::heap::retain_large_buffers();
+    tracing::debug!(?heap, "frame buffers kept in the heap");
     let (device, checkpoint) = (args.device.clone(), args.checkpoint.clone());
     // Synthetic weights take the model shape from the start-up plan.
     let synthetic = match args.synthetic_weights {

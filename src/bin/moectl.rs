@@ -1,6 +1,8 @@
 use clap::Parser;
 
 fn main() {
+    // The load generator moves frame-sized buffers too (see worker::heap).
+    let _ = moe_operator::worker::heap::retain_large_buffers();
     // Linked or copied as `kubectl-moe`, this binary is the kubectl plugin (`kubectl moe ...`).
     let as_plugin = std::env::args_os()
         .next()

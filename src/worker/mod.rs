@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod compute;
+pub mod heap;
 pub mod http;
 pub mod metrics;
 pub mod protocol;
