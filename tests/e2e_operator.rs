@@ -241,6 +241,28 @@ async fn operator_end_to_end() {
             .expect("worker answers /metrics");
         assert_eq!(r.plan_hash.as_deref(), Some(hash.as_str()), "worker {ip}");
     }
+    // One PlanPushed Event per worker, each related to its pod (not folded into one series).
+    let events: Api<Event> = Api::namespaced(admin.clone(), NS);
+    let short = &hash[..12];
+    for (pod, _) in &running {
+        wait_for(&format!("a PlanPushed event for {pod}"), long, || async {
+            let list = events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("PlanPushed")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("tiny")
+                        && e.related.as_ref().and_then(|r| r.name.as_deref()) == Some(pod.as_str())
+                        && e.note.as_deref().is_some_and(|n| n.contains(short))
+                })
+                .map(|_| ())
+                .ok_or_else(|| format!("{} events, none matching", list.items.len()))
+        })
+        .await;
+    }
 
     // Invalid spec past CEL (validated by the operator): Degraded and a Warning event naming the field.
     let mut bad = deployment("bad", NS, &ckpt, 2, 2, true);

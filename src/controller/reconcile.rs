@@ -116,6 +116,20 @@ fn wall_s() -> f64 {
 }
 
 async fn event(ctx: &Context, md: &MoEDeployment, warning: bool, reason: &str, note: String) {
+    event_about(ctx, md, None, warning, reason, note).await
+}
+
+/// An Event about `md` that concerns one of its pods. The pod is the Event's related object: the
+/// recorder folds Events with the same reason and objects into one series and keeps only the
+/// first note, so without it "pushed to worker-1" would count as a repeat of "pushed to worker-0".
+async fn event_about(
+    ctx: &Context,
+    md: &MoEDeployment,
+    related: Option<&Pod>,
+    warning: bool,
+    reason: &str,
+    note: String,
+) {
     let ev = Event {
         type_: if warning {
             EventType::Warning
@@ -125,7 +139,7 @@ async fn event(ctx: &Context, md: &MoEDeployment, warning: bool, reason: &str, n
         reason: reason.into(),
         note: Some(note.chars().take(1000).collect()),
         action: "Reconcile".into(),
-        secondary: None,
+        secondary: related.map(|p| p.object_ref(&())),
     };
     if let Err(e) = ctx.recorder.publish(&ev, &md.object_ref(&())).await {
         tracing::warn!(error = %e, reason, "publishing event failed");
@@ -780,9 +794,10 @@ async fn execute(
             pods_api
                 .delete(&p.name_any(), &DeleteParams::default())
                 .await?;
-            event(
+            event_about(
                 ctx,
                 md,
+                Some(p),
                 false,
                 "WorkerReplaced",
                 format!("deleted {} (rank {rank}) to replace it", p.name_any()),
@@ -792,10 +807,11 @@ async fn execute(
     }
     for &rank in &step.create {
         if let Some(p) = desired.pods.get(rank as usize) {
-            apply(pods_api, p).await?;
-            event(
+            let created = apply(pods_api, p).await?;
+            event_about(
                 ctx,
                 md,
+                Some(&created),
                 false,
                 "WorkerCreated",
                 format!("created {}", p.name_any()),
@@ -822,9 +838,10 @@ async fn execute(
             match put_plan(&ip, admin_port, token, &json, Duration::from_secs(60)).await {
                 Ok(()) => {
                     if step.push.contains(&rank) {
-                        event(
+                        event_about(
                             ctx,
                             md,
+                            Some(p),
                             false,
                             "PlanPushed",
                             format!("plan {} pushed to {}", plan.short_hash(), p.name_any()),
@@ -833,9 +850,10 @@ async fn execute(
                     }
                 }
                 Err(e) => {
-                    event(
+                    event_about(
                         ctx,
                         md,
+                        Some(p),
                         true,
                         "PlanPushFailed",
                         format!("{}: {e}", p.name_any()),
