@@ -16,7 +16,8 @@
 # a local process with the chart's ServiceAccount token (the chart's RBAC is all it gets) and the
 # worker pods are `moe-worker` processes started by e2e/pods on their loopback pod IPs.
 # Knobs (environment): MOE_DEMO_BATCHES, MOE_DEMO_TOKENS (per chunk), MOE_DEMO_AFTER_CHUNKS,
-# MOE_DEMO_DEADLINE (s), MOE_DEMO_INTERVAL, MOE_DEMO_WINDOW, MOE_DEMO_COOLDOWN, MOE_DEMO_OPERATOR_LOG.
+# MOE_DEMO_DEADLINE (s), MOE_DEMO_INTERVAL, MOE_DEMO_WINDOW, MOE_DEMO_COOLDOWN, MOE_DEMO_OPERATOR_LOG,
+# MOE_DEMO_PREBUILT=1 (use target/debug's binaries as they are, e.g. right after `cargo test`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -29,7 +30,7 @@ while (($#)); do
         --short) SHORT=1 ;;
         --follow) FOLLOW=1 ;;
         --out) OUT=${2:?--out needs a directory}; shift ;;
-        -h | --help) sed -n '2,19p' "$REPO/scripts/demo.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,20p' "$REPO/scripts/demo.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "demo.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -107,12 +108,18 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- build -------------------------------------------------------------------------------------------
-# The test profile (debug, our crate at opt-level 1, dependencies at 2): `cargo test` in scripts/test.sh
-# builds exactly these binaries, so the demo costs CI no extra build. Why not release: the README's
-# demo section has the measurements.
-step "building moectl, moe-worker, moe-operator and moe-e2e-pods (cargo build --profile test)"
-cargo build --bins --profile test
+# The test profile (debug, our crate at opt-level 1, dependencies at 2). Why not release: the README's
+# demo section has the measurements. `cargo test` builds these binaries into the same place, but with
+# the dev-dependencies' features, so a plain build would compile the crate again (3-4 min on 2 cores):
+# scripts/test.sh, right after `cargo test`, sets MOE_DEMO_PREBUILT=1 to use its binaries.
 BIN=$REPO/target/debug
+if [ "${MOE_DEMO_PREBUILT:-0}" = 1 ] && [ -x "$BIN/moectl" ] && [ -x "$BIN/moe-worker" ] \
+    && [ -x "$BIN/moe-operator" ] && [ -x "$BIN/moe-e2e-pods" ]; then
+    step "using the binaries cargo test just built in $BIN (MOE_DEMO_PREBUILT=1)"
+else
+    step "building moectl, moe-worker, moe-operator and moe-e2e-pods (cargo build --profile test)"
+    cargo build --bins --profile test
+fi
 step "local control-plane binaries: e2e/build.sh (cached by version pins; about 25 min cold on 2 cores)"
 e2e/build.sh
 K8S_BIN=$(e2e/build.sh --bin-dir)
