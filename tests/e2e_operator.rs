@@ -245,22 +245,17 @@ async fn operator_end_to_end() {
     let events: Api<Event> = Api::namespaced(admin.clone(), NS);
     let short = &hash[..12];
     for (pod, _) in &running {
-        wait_for(&format!("a PlanPushed event for {pod}"), long, || async {
-            let list = events
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            list.items
-                .iter()
-                .find(|e| {
-                    e.reason.as_deref() == Some("PlanPushed")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("tiny")
-                        && e.related.as_ref().and_then(|r| r.name.as_deref()) == Some(pod.as_str())
-                        && e.note.as_deref().is_some_and(|n| n.contains(short))
-                })
-                .map(|_| ())
-                .ok_or_else(|| format!("{} events, none matching", list.items.len()))
-        })
+        wait_for_event(
+            &events,
+            &format!("a PlanPushed event for {pod}"),
+            long,
+            |e| {
+                e.reason.as_deref() == Some("PlanPushed")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("tiny")
+                    && e.related.as_ref().and_then(|r| r.name.as_deref()) == Some(pod.as_str())
+                    && e.note.as_deref().is_some_and(|n| n.contains(short))
+            },
+        )
         .await;
     }
 
@@ -288,23 +283,12 @@ async fn operator_end_to_end() {
             );
             let md = mds.get("bad").await.unwrap();
             assert_ne!(condition(&md, "Ready").map(|c| c.0), Some("True".into()));
-            let events: Api<Event> = Api::namespaced(admin.clone(), NS);
-            wait_for("a Warning event for bad", long, || async {
-                let list = events
-                    .list(&ListParams::default())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                list.items
-                    .iter()
-                    .find(|e| {
-                        e.type_.as_deref() == Some("Warning")
-                            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("bad")
-                            && e.note
-                                .as_deref()
-                                .is_some_and(|n| n.contains("spec.metrics.interval"))
-                    })
-                    .map(|_| ())
-                    .ok_or_else(|| format!("{} events, none matching", list.items.len()))
+            wait_for_event(&events, "a Warning event for bad", long, |e| {
+                e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("bad")
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| n.contains("spec.metrics.interval"))
             })
             .await;
             let bad_pods = pods
@@ -358,4 +342,25 @@ async fn operator_end_to_end() {
     )
     .await;
     plane.kill_operator("e2e-operator");
+}
+
+/// Wait until an Event in the namespace matches `pred`.
+async fn wait_for_event(
+    events: &Api<Event>,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Event) -> bool,
+) {
+    wait_for(what, timeout, || async {
+        let list = events
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        list.items
+            .iter()
+            .find(|e| pred(e))
+            .map(|_| ())
+            .ok_or_else(|| format!("{} events, none matching", list.items.len()))
+    })
+    .await;
 }
