@@ -7,7 +7,7 @@
 //!
 //! Needs the binaries of `e2e/build.sh`; fails (does not skip) without them.
 
-use common::operator::{condition, deployment, wait_for, OperatorPlane};
+use common::operator::{condition, deployment, loadgen_round, wait_for, OperatorPlane};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -15,7 +15,6 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::Api;
 use moe_operator::api::MoEDeployment;
 use serde_json::json;
-use std::process::Command;
 use std::time::Duration;
 
 mod common;
@@ -186,28 +185,7 @@ async fn operator_end_to_end() {
         "a new plan rolled out on every worker under skewed load",
         long,
         || async {
-            let cm = cms.get("tiny-plan").await.map_err(|e| e.to_string())?;
-            let data = cm.data.unwrap_or_default();
-            std::fs::write(&plan_file, &data["plan.json"]).map_err(|e| e.to_string())?;
-            let out = Command::new(env!("CARGO_BIN_EXE_moectl"))
-                .args([
-                    "loadgen",
-                    "--plan",
-                    plan_file.to_str().unwrap(),
-                    "--workers",
-                    &workers,
-                    "--load",
-                    trace.to_str().unwrap(),
-                    "--batches",
-                    "50",
-                    "--tokens",
-                    "256",
-                ])
-                .output()
-                .map_err(|e| e.to_string())?;
-            if !out.status.success() {
-                eprintln!("loadgen: {}", String::from_utf8_lossy(&out.stderr).trim());
-            }
+            loadgen_round(&cms, "tiny-plan", &plan_file, &workers, &trace).await?;
             let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
             let st = md.status.clone().unwrap_or_default();
             let hash = st.plan.as_ref().map(|p| p.hash.clone()).unwrap_or_default();

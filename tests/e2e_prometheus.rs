@@ -17,12 +17,12 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::Api;
 use moe_operator::api::MoEDeployment;
 use serde_json::json;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
+use common::operator::{condition, free_port, loadgen_round, tiny_checkpoint, wait_for};
 const NODES: usize = 2;
 const NS: &str = "ml";
 
@@ -62,24 +62,6 @@ impl Drop for Plane {
     }
 }
 
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(v) => return v,
-            Err(last) => assert!(
-                start.elapsed() < timeout,
-                "timed out after {timeout:?} waiting for {what}; last seen: {last}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 fn run_ok(cmd: &mut Command, what: &str) -> String {
     let out = cmd
         .output()
@@ -92,20 +74,6 @@ fn run_ok(cmd: &mut Command, what: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn condition(md: &MoEDeployment, kind: &str) -> Option<(String, String, String)> {
-    md.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == kind)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// `CI` set to anything but empty, 0 or false.
@@ -224,31 +192,7 @@ async fn prometheus_source_and_kubectl_plugin() {
             .expect("starting moe-operator"),
     ));
 
-    let ckpt = plane.state.join("checkpoint");
-    run_ok(
-        Command::new(env!("CARGO_BIN_EXE_moectl")).args([
-            "gen-checkpoint",
-            "--family",
-            "mixtral",
-            "--out",
-            ckpt.to_str().unwrap(),
-            "--layers",
-            "2",
-            "--first-moe-layer",
-            "0",
-            "--experts",
-            "8",
-            "--top-k",
-            "2",
-            "--hidden",
-            "64",
-            "--intermediate",
-            "32",
-            "--shards",
-            "1",
-        ]),
-        "moectl gen-checkpoint",
-    );
+    let ckpt = tiny_checkpoint(&plane.state);
 
     let prom_port = free_port();
     let prom_url = format!("http://127.0.0.1:{prom_port}");
@@ -359,28 +303,7 @@ async fn prometheus_source_and_kubectl_plugin() {
         "a re-plan from Prometheus' load rolled out on every worker",
         Duration::from_secs(180),
         || async {
-            let cm = cms.get("tiny-plan").await.map_err(|e| e.to_string())?;
-            let data = cm.data.unwrap_or_default();
-            std::fs::write(&plan_file, &data["plan.json"]).map_err(|e| e.to_string())?;
-            let out = Command::new(env!("CARGO_BIN_EXE_moectl"))
-                .args([
-                    "loadgen",
-                    "--plan",
-                    plan_file.to_str().unwrap(),
-                    "--workers",
-                    &workers,
-                    "--load",
-                    trace.to_str().unwrap(),
-                    "--batches",
-                    "50",
-                    "--tokens",
-                    "256",
-                ])
-                .output()
-                .map_err(|e| e.to_string())?;
-            if !out.status.success() {
-                eprintln!("loadgen: {}", String::from_utf8_lossy(&out.stderr).trim());
-            }
+            loadgen_round(&cms, "tiny-plan", &plan_file, &workers, &trace).await?;
             let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
             let st = md.status.clone().unwrap_or_default();
             let hash = st.plan.as_ref().map(|p| p.hash.clone()).unwrap_or_default();

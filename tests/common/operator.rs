@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::ListParams;
 use kube::{Api, Client};
 use moe_operator::api::MoEDeployment;
@@ -283,43 +283,9 @@ impl OperatorPlane {
             .map(|o| o.child.id())
     }
 
-    /// A synthetic Mixtral-layout checkpoint (2 layers, 8 experts, top-2, hidden 64,
-    /// intermediate 32) under the state dir; written on the first call.
+    /// The synthetic checkpoint of [`tiny_checkpoint`] under the state dir.
     pub fn checkpoint(&self) -> PathBuf {
-        let ckpt = self.state.join("checkpoint");
-        if ckpt.exists() {
-            return ckpt;
-        }
-        let gen = Command::new(env!("CARGO_BIN_EXE_moectl"))
-            .args([
-                "gen-checkpoint",
-                "--family",
-                "mixtral",
-                "--out",
-                ckpt.to_str().unwrap(),
-                "--layers",
-                "2",
-                "--first-moe-layer",
-                "0",
-                "--experts",
-                "8",
-                "--top-k",
-                "2",
-                "--hidden",
-                "64",
-                "--intermediate",
-                "32",
-                "--shards",
-                "1",
-            ])
-            .output()
-            .expect("running moectl");
-        assert!(
-            gen.status.success(),
-            "moectl gen-checkpoint failed: {}",
-            String::from_utf8_lossy(&gen.stderr)
-        );
-        ckpt
+        tiny_checkpoint(&self.state)
     }
 
     /// The worker pods of deployment `name` (terminating ones included).
@@ -358,6 +324,80 @@ impl Drop for OperatorPlane {
             }
         }
     }
+}
+
+/// A synthetic Mixtral-layout checkpoint (2 layers, 8 experts, top-2, hidden 64, intermediate 32)
+/// under `state`; written on the first call.
+pub fn tiny_checkpoint(state: &Path) -> PathBuf {
+    let ckpt = state.join("checkpoint");
+    if ckpt.exists() {
+        return ckpt;
+    }
+    let gen = Command::new(env!("CARGO_BIN_EXE_moectl"))
+        .args([
+            "gen-checkpoint",
+            "--family",
+            "mixtral",
+            "--out",
+            ckpt.to_str().unwrap(),
+            "--layers",
+            "2",
+            "--first-moe-layer",
+            "0",
+            "--experts",
+            "8",
+            "--top-k",
+            "2",
+            "--hidden",
+            "64",
+            "--intermediate",
+            "32",
+            "--shards",
+            "1",
+        ])
+        .output()
+        .expect("running moectl");
+    assert!(
+        gen.status.success(),
+        "moectl gen-checkpoint failed: {}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    ckpt
+}
+
+/// One round of skewed traffic: the plan in force (from the deployment's plan ConfigMap) and
+/// `moectl loadgen` with 50 batches of 256 tokens from `trace` through `workers`. A failed run is
+/// logged, not fatal: the caller polls for what the traffic should bring about.
+pub async fn loadgen_round(
+    cms: &Api<ConfigMap>,
+    configmap: &str,
+    plan_file: &Path,
+    workers: &str,
+    trace: &Path,
+) -> Result<(), String> {
+    let cm = cms.get(configmap).await.map_err(|e| e.to_string())?;
+    let data = cm.data.unwrap_or_default();
+    std::fs::write(plan_file, &data["plan.json"]).map_err(|e| e.to_string())?;
+    let out = Command::new(env!("CARGO_BIN_EXE_moectl"))
+        .args([
+            "loadgen",
+            "--plan",
+            plan_file.to_str().unwrap(),
+            "--workers",
+            workers,
+            "--load",
+            trace.to_str().unwrap(),
+            "--batches",
+            "50",
+            "--tokens",
+            "256",
+        ])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        eprintln!("loadgen: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// A MoEDeployment of the checkpoint's tiny model on `nodes` x `gpus` GPUs, worker pods run as
