@@ -4,7 +4,7 @@
 //! staged and converted outputs, the reply). glibc serves allocations above its mmap threshold
 //! (at most 32 MiB) with a fresh mapping and unmaps them on free, so each frame pays a page fault
 //! and a page clear per 4 KiB, several times over. On 4 H200s (benches/results/policies.md,
-//! issue 7) that churn was a fifth to a quarter of a real rank's step time. Served from the heap
+//! issue 7) that churn was a tenth to a quarter of a real rank's step time. Served from the heap
 //! and never trimmed, the pages are faulted once and reused; the cost is that the process keeps
 //! its high-water mark of frame memory, which the worker already bounds (`--max-inflight-bytes`).
 
