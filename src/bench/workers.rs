@@ -15,6 +15,7 @@ use super::{LayerResult, Measured, StepMs};
 use crate::controller::scrape::{put_plan, request};
 use crate::loadgen::{run_loadgen, LoadgenConfig, LoadgenReport, StepStats};
 use crate::plan::{ExpertPlan, LoadWindow};
+use crate::worker::runtime::BoundAddresses;
 
 /// How the workers are started.
 #[derive(Clone, Debug)]
@@ -56,14 +57,18 @@ pub struct WorkerPool {
     logs: Vec<PathBuf>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
-}
-
+/// The last lines of a worker's log before any backtrace: the error and its causes, which a
+/// backtrace (RUST_BACKTRACE=1) would otherwise push out of view.
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .take_while(|l| {
+            !l.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("stack backtrace:")
+        })
+        .collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
@@ -132,9 +137,10 @@ impl WorkerPool {
                         "--device {device:?}: workers mode takes cpu or cuda:N (rank r runs on cuda:N+r)"
                     ),
                 };
-                let mut metrics = Vec::new();
+                let mut addr_files = Vec::new();
                 for r in 0..d {
-                    let (p, m, a) = (free_port()?, free_port()?, free_port()?);
+                    let addr_file = dir.join(format!("worker-{r}.addresses.json"));
+                    let _ = std::fs::remove_file(&addr_file);
                     let dev = base.map_or("cpu".to_string(), |n| format!("cuda:{}", n + r));
                     let log = dir.join(format!("worker-{r}.log"));
                     let out = std::fs::File::create(&log)
@@ -144,9 +150,12 @@ impl WorkerPool {
                         .args(["--synthetic-weights", &weights_seed.to_string()])
                         .args(["--node", &r.to_string(), "--gpus-per-node", "1"])
                         .args(["--device", &dev])
-                        .args(["--listen", &format!("127.0.0.1:{p}")])
-                        .args(["--metrics-listen", &format!("127.0.0.1:{m}")])
-                        .args(["--admin-listen", &format!("127.0.0.1:{a}")])
+                        // Each worker binds free ports itself and reports them: ports picked
+                        // here and released before the worker binds them can be taken meanwhile.
+                        .args(["--listen", "127.0.0.1:0"])
+                        .args(["--metrics-listen", "127.0.0.1:0"])
+                        .args(["--admin-listen", "127.0.0.1:0"])
+                        .args(["--addresses-file", &addr_file.display().to_string()])
                         .args(["--previous-plan-grace-seconds", "0"])
                         // Prefill-sized layers send one rank hundreds of MB at once.
                         .args(["--max-frame-bytes", &MAX_FRAME_BYTES.to_string()])
@@ -164,13 +173,11 @@ impl WorkerPool {
                         })?;
                     pool.children.push(child);
                     pool.logs.push(log);
-                    pool.dispatch.push(format!("127.0.0.1:{p}"));
-                    pool.admin.push(("127.0.0.1".into(), a));
-                    metrics.push(m);
+                    addr_files.push(addr_file);
                 }
                 // Synthetic weights of a large model take a while to generate and upload.
                 let deadline = Instant::now() + Duration::from_secs(900);
-                for (r, &m) in metrics.iter().enumerate() {
+                for (r, addr_file) in addr_files.iter().enumerate() {
                     loop {
                         if let Some(status) = pool.children[r].try_wait()? {
                             anyhow::bail!(
@@ -179,19 +186,24 @@ impl WorkerPool {
                                 log_tail(&pool.logs[r])
                             );
                         }
-                        let ready = request(
-                            "GET",
-                            "127.0.0.1",
-                            m,
-                            "/readyz",
-                            &[],
-                            b"",
-                            Duration::from_secs(2),
-                        )
-                        .await
-                        .is_ok_and(|resp| resp.status == 200);
-                        if ready {
-                            break;
+                        // Written once the worker listens and serves its start-up plan.
+                        if let Some(a) = BoundAddresses::read(addr_file)? {
+                            let ready = request(
+                                "GET",
+                                &a.metrics.ip().to_string(),
+                                a.metrics.port(),
+                                "/readyz",
+                                &[],
+                                b"",
+                                Duration::from_secs(2),
+                            )
+                            .await
+                            .is_ok_and(|resp| resp.status == 200);
+                            if ready {
+                                pool.dispatch.push(a.dispatch.to_string());
+                                pool.admin.push((a.admin.ip().to_string(), a.admin.port()));
+                                break;
+                            }
                         }
                         if Instant::now() > deadline {
                             anyhow::bail!(
@@ -332,4 +344,24 @@ pub async fn run_workers(
         );
     }
     Ok(measured_from(&report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tail_shows_the_error_not_the_backtrace() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("worker-0.log");
+        let mut text = String::from("INFO starting\nError: binding --listen 127.0.0.1:1\n\nCaused by:\n    Address in use\n\nStack backtrace:\n");
+        for i in 0..40 {
+            text.push_str(&format!("  {i}: frame\n"));
+        }
+        std::fs::write(&log, text).unwrap();
+        let tail = log_tail(&log);
+        assert!(tail.contains("Error: binding --listen"), "{tail}");
+        assert!(tail.contains("Address in use"), "{tail}");
+        assert!(!tail.contains("frame"), "{tail}");
+    }
 }

@@ -74,6 +74,43 @@ pub struct WorkerArgs {
     /// Seconds a replaced plan keeps serving requests routed by it.
     #[arg(long, default_value_t = 30)]
     pub previous_plan_grace_seconds: u64,
+    /// Write the bound addresses here as JSON (`{"dispatch", "metrics", "admin"}`) once the worker
+    /// listens and its start-up plan is in force. With port 0 in the listen flags, this is how a
+    /// launcher learns the ports without picking free ones itself (which races with other
+    /// processes).
+    #[arg(long, env = "MOE_ADDRESSES_FILE")]
+    pub addresses_file: Option<PathBuf>,
+}
+
+/// What `--addresses-file` holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BoundAddresses {
+    pub dispatch: SocketAddr,
+    pub metrics: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl BoundAddresses {
+    /// Writes the file whole or not at all (a temporary file renamed into place), so that a reader
+    /// polling for it never sees half of it.
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(self)?)
+            .with_context(|| format!("writing {} (--addresses-file)", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    }
+
+    /// Reads the file; `Ok(None)` while it does not exist yet.
+    pub fn read(path: &Path) -> anyhow::Result<Option<Self>> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .with_context(|| format!("parsing {} as the worker's addresses", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
 }
 
 /// Set up tracing (RUST_LOG, default info).
@@ -308,6 +345,14 @@ pub async fn run(
         .map(&loader_for_rank)
         .collect::<anyhow::Result<Vec<_>>>()?;
     let handle = start(opts, loaders).await?;
+    if let Some(path) = &args.addresses_file {
+        BoundAddresses {
+            dispatch: handle.dispatch_addr,
+            metrics: handle.metrics_addr,
+            admin: handle.admin_addr,
+        }
+        .write(path)?;
+    }
     wait_for_signal().await;
     tracing::info!("shutting down");
     handle.shutdown().await;
@@ -345,6 +390,24 @@ mod tests {
         let mut argv = vec!["moe-worker", "--admin-token-file", token.to_str().unwrap()];
         argv.extend_from_slice(extra);
         WorkerArgs::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn addresses_file_is_absent_then_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.addresses.json");
+        assert_eq!(BoundAddresses::read(&path).unwrap(), None);
+        let a = BoundAddresses {
+            dispatch: "127.0.0.1:40001".parse().unwrap(),
+            metrics: "127.0.0.1:40002".parse().unwrap(),
+            admin: "[::1]:40003".parse().unwrap(),
+        };
+        a.write(&path).unwrap();
+        assert_eq!(BoundAddresses::read(&path).unwrap(), Some(a));
+        assert!(!path.with_extension("tmp").exists());
+        std::fs::write(&path, b"{\"dispatch\":").unwrap();
+        let e = BoundAddresses::read(&path).unwrap_err();
+        assert!(format!("{e:#}").contains("worker.addresses.json"), "{e:#}");
     }
 
     #[test]

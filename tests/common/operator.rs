@@ -91,12 +91,21 @@ where
     wait_every(what, timeout, Duration::from_millis(500), check).await
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; good enough for a local test process).
+/// A TCP port on 127.0.0.1 that was free when asked and that this process has not handed out
+/// before: the kernel may give a just-released port again, so two calls could otherwise collide.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding an ephemeral port")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("binding an ephemeral port")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// (status, reason, message) of a condition.
