@@ -185,7 +185,35 @@ pub fn from_hf_config(v: &serde_json::Value) -> Result<ModelShape, String> {
     let top_k = need(&["num_experts_per_tok"])?;
     let hidden_size = need(&["hidden_size"])?;
     let expert_intermediate_size = need(&["moe_intermediate_size", "intermediate_size"])?;
-    let first_moe_layer = int(&["first_k_dense_replace"]).unwrap_or(0);
+    // Plans number MoE layers first_moe_layer..layers, so dense layers must lead: Qwen's
+    // `mlp_only_layers` as a prefix 0..k, DeepSeek's `first_k_dense_replace`, and MoE in every
+    // layer after them.
+    for key in ["decoder_sparse_step", "moe_layer_freq"] {
+        if let Some(n) = v.get(key).filter(|x| !x.is_null()) {
+            if n.as_u64() != Some(1) {
+                return Err(format!(
+                    "config.json: `{key}` is {n} (MoE only in some layers); only 1, MoE in every layer after the leading dense ones, is supported"
+                ));
+            }
+        }
+    }
+    let dense: Vec<u64> = match v.get("mlp_only_layers").filter(|x| !x.is_null()) {
+        None => Vec::new(),
+        Some(x) => x
+            .as_array()
+            .and_then(|a| a.iter().map(|l| l.as_u64()).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| {
+                format!("config.json: `mlp_only_layers` is {x}; expected a list of layer indices")
+            })?,
+    };
+    if dense.iter().enumerate().any(|(i, &l)| l != i as u64) {
+        return Err(format!(
+            "config.json: `mlp_only_layers` {dense:?} is not a prefix 0..k of the layers; only leading dense layers are supported"
+        ));
+    }
+    let first_moe_layer = int(&["first_k_dense_replace"])
+        .unwrap_or(0)
+        .max(dense.len() as u64);
     let fp8 = v
         .pointer("/quantization_config/quant_method")
         .and_then(|x| x.as_str())
@@ -236,5 +264,35 @@ mod hf_tests {
         assert!(from_hf_config(&serde_json::json!({"num_hidden_layers": 2}))
             .unwrap_err()
             .contains("num_local_experts"));
+    }
+
+    #[test]
+    fn qwen3_dense_layers_and_sparse_steps() {
+        let qwen = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({
+                "model_type": "qwen3_moe", "num_hidden_layers": 48, "num_experts": 128,
+                "num_experts_per_tok": 8, "hidden_size": 2048, "intermediate_size": 6144,
+                "moe_intermediate_size": 768, "decoder_sparse_step": 1, "mlp_only_layers": []
+            });
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            from_hf_config(&v)
+        };
+        let m = qwen(serde_json::json!({})).unwrap();
+        assert_eq!(
+            (m.first_moe_layer, m.expert_intermediate_size, m.dtype),
+            (0, 768, Dtype::Bf16)
+        );
+        let m = qwen(serde_json::json!({"mlp_only_layers": [0, 1]})).unwrap();
+        assert_eq!(m.first_moe_layer, 2);
+        let e = qwen(serde_json::json!({"mlp_only_layers": [3]})).unwrap_err();
+        assert!(e.contains("`mlp_only_layers` [3] is not a prefix"), "{e}");
+        let e = qwen(serde_json::json!({"mlp_only_layers": "all"})).unwrap_err();
+        assert!(e.contains("expected a list of layer indices"), "{e}");
+        let e = qwen(serde_json::json!({"decoder_sparse_step": 2})).unwrap_err();
+        assert!(e.contains("`decoder_sparse_step` is 2"), "{e}");
+        let e = qwen(serde_json::json!({"moe_layer_freq": 2})).unwrap_err();
+        assert!(e.contains("`moe_layer_freq` is 2"), "{e}");
     }
 }
