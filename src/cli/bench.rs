@@ -128,39 +128,17 @@ impl PoliciesArgs {
         } else if let Some(path) = &self.model {
             super::plan_cmd::read_model_file(path)?
         } else {
-            let ids = window.layer_ids();
-            ModelShape {
-                layers: ids.iter().max().map_or(1, |x| x + 1),
-                first_moe_layer: ids.iter().min().copied().unwrap_or(0),
-                experts: window.experts() as u32,
-                top_k: 8.min(window.experts() as u32),
-                hidden_size: 0,
-                expert_intermediate_size: 0,
-                dtype: Dtype::Bf16,
-            }
+            super::plan_cmd::shape_from_window(window)
         };
-        if let Some(x) = self.model_layers {
-            m.layers = x;
+        super::plan_cmd::ShapeOverrides {
+            layers: self.model_layers,
+            first_moe_layer: self.first_moe_layer,
+            top_k: self.top_k,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            dtype: self.dtype.as_deref(),
         }
-        if let Some(x) = self.first_moe_layer {
-            m.first_moe_layer = x;
-        }
-        if let Some(x) = self.top_k {
-            m.top_k = x;
-        }
-        if let Some(x) = self.hidden_size {
-            m.hidden_size = x;
-        }
-        if let Some(x) = self.intermediate_size {
-            m.expert_intermediate_size = x;
-        }
-        if let Some(d) = &self.dtype {
-            m.dtype = match d.to_ascii_lowercase().as_str() {
-                "bf16" | "bfloat16" => Dtype::Bf16,
-                "fp8" => Dtype::Fp8,
-                other => bail!("--dtype {other:?}: expected bf16 or fp8"),
-            };
-        }
+        .apply(&mut m)?;
         if m.hidden_size == 0 || m.expert_intermediate_size == 0 {
             bail!("the expert shape is unknown: give --preset, --model config.json, or --hidden-size and --intermediate-size");
         }

@@ -42,19 +42,49 @@ impl ModelArgs {
     pub fn resolve(&self, window: &LoadWindow) -> anyhow::Result<ModelShape> {
         let mut m = match &self.model {
             Some(path) => read_model_file(path)?,
-            None => {
-                let ids = window.layer_ids();
-                ModelShape {
-                    layers: ids.iter().max().map_or(1, |x| x + 1),
-                    first_moe_layer: ids.iter().min().copied().unwrap_or(0),
-                    experts: window.experts() as u32,
-                    top_k: 8.min(window.experts() as u32),
-                    hidden_size: 0,
-                    expert_intermediate_size: 0,
-                    dtype: Dtype::Bf16,
-                }
-            }
+            None => shape_from_window(window),
         };
+        ShapeOverrides {
+            layers: self.layers,
+            first_moe_layer: self.first_moe_layer,
+            top_k: self.top_k,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            dtype: self.dtype.as_deref(),
+        }
+        .apply(&mut m)?;
+        Ok(m)
+    }
+}
+
+/// The shape a load trace implies when no model is given: its layers and experts, top-8, and an
+/// unknown expert size (replica bytes then need the size flags).
+pub fn shape_from_window(window: &LoadWindow) -> ModelShape {
+    let ids = window.layer_ids();
+    ModelShape {
+        layers: ids.iter().max().map_or(1, |x| x + 1),
+        first_moe_layer: ids.iter().min().copied().unwrap_or(0),
+        experts: window.experts() as u32,
+        top_k: 8.min(window.experts() as u32),
+        hidden_size: 0,
+        expert_intermediate_size: 0,
+        dtype: Dtype::Bf16,
+    }
+}
+
+/// Shape flags given on the command line, applied over a model file, preset or trace.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShapeOverrides<'a> {
+    pub layers: Option<u32>,
+    pub first_moe_layer: Option<u32>,
+    pub top_k: Option<u32>,
+    pub hidden_size: Option<u64>,
+    pub intermediate_size: Option<u64>,
+    pub dtype: Option<&'a str>,
+}
+
+impl ShapeOverrides<'_> {
+    pub fn apply(&self, m: &mut ModelShape) -> anyhow::Result<()> {
         if let Some(x) = self.layers {
             m.layers = x;
         }
@@ -70,14 +100,14 @@ impl ModelArgs {
         if let Some(x) = self.intermediate_size {
             m.expert_intermediate_size = x;
         }
-        if let Some(d) = &self.dtype {
+        if let Some(d) = self.dtype {
             m.dtype = match d.to_ascii_lowercase().as_str() {
                 "bf16" | "bfloat16" => Dtype::Bf16,
                 "fp8" | "fp8_e4m3" | "float8_e4m3fn" => Dtype::Fp8,
                 other => bail!("--dtype {other:?}: expected bf16 or fp8"),
             };
         }
-        Ok(m)
+        Ok(())
     }
 }
 
