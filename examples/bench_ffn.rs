@@ -10,53 +10,14 @@ use std::sync::Arc;
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
 use moe_operator::plan::model::{Dtype, ModelShape};
-use moe_operator::worker::checkpoint::{CheckpointError, ExpertWeights, WeightSource};
+use moe_operator::worker::checkpoint::synthetic::{hashed_projection, HashedWeights};
+use moe_operator::worker::checkpoint::{ExpertWeights, WeightSource};
 use moe_operator::worker::cpu::reference_row;
 use moe_operator::worker::cuda::{CudaDevice, CudaExperts, GemmMode};
-use rayon::prelude::*;
 
-/// Uniform weights with the variance of N(0, 1/fan_in), from a cheap hash (fast to generate).
-struct Generated {
-    shape: ModelShape,
-}
-
-fn hash(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-fn uniform(seed: u64, n: usize, std: f32) -> Vec<bf16> {
-    let a = std * 3f32.sqrt();
-    (0..n)
-        .into_par_iter()
-        .map(|k| {
-            let u = (hash(seed ^ (k as u64).wrapping_mul(0x2545_F491_4F6C_DD1D)) >> 40) as f32
-                / (1u64 << 24) as f32;
-            bf16::from_f32((2.0 * u - 1.0) * a)
-        })
-        .collect()
-}
-
-impl WeightSource for Generated {
-    fn shape(&self) -> &ModelShape {
-        &self.shape
-    }
-    fn expert(&self, layer: u32, expert: u32) -> Result<ExpertWeights, CheckpointError> {
-        let (h, i) = (
-            self.shape.hidden_size as usize,
-            self.shape.expert_intermediate_size as usize,
-        );
-        let s = ((layer as u64) << 32 | expert as u64) * 3;
-        Ok(ExpertWeights {
-            hidden: h,
-            intermediate: i,
-            gate: uniform(s, i * h, 1.0 / (h as f32).sqrt()),
-            up: uniform(s + 1, i * h, 1.0 / (h as f32).sqrt()),
-            down: uniform(s + 2, h * i, 1.0 / (i as f32).sqrt()),
-        })
-    }
+/// Router weights in [0.1, 1), a deterministic spread.
+fn router_weight(r: usize) -> f32 {
+    0.1 + 0.9 * (r.wrapping_mul(2_654_435_761) % 1_000_003) as f32 / 1_000_003.0
 }
 
 /// Skewed row counts summing to `tpe * experts`: expert e gets a share ∝ 1/(e+1)^0.7, at least 1.
@@ -122,7 +83,7 @@ fn main() -> anyhow::Result<()> {
             expert_intermediate_size: i as u64,
             dtype: Dtype::Bf16,
         };
-        let src = Generated { shape };
+        let src = HashedWeights::new(shape, 0);
         let keys: Vec<(u32, u32)> = (0..e as u32).map(|x| (0, x)).collect();
         let t0 = std::time::Instant::now();
         let set = CudaExperts::from_source(dev.clone(), &src, &keys)?;
@@ -135,10 +96,8 @@ fn main() -> anyhow::Result<()> {
         for &tpe in &tpes {
             let counts = skewed_counts(e, tpe);
             let total: usize = counts.iter().sum();
-            let x = uniform(0xabc ^ tpe as u64, total * h, 1.0);
-            let w: Vec<f32> = (0..total)
-                .map(|r| 0.1 + 0.9 * (hash(r as u64) >> 40) as f32 / (1u64 << 24) as f32)
-                .collect();
+            let x = hashed_projection(0xabc ^ tpe as u64, total * h, 1.0);
+            let w: Vec<f32> = (0..total).map(router_weight).collect();
             let ids: Vec<u32> = (0..e as u32).collect();
             for mode in [GemmMode::Grouped, GemmMode::PerExpert, GemmMode::Auto] {
                 dev.set_mode(mode);

@@ -160,8 +160,8 @@ fn cuda_large_per_expert_matches_grouped() {
         return;
     };
     let (h, i, e) = (4096usize, 14336usize, 8u32);
-    let src = crate::worker::testutil::Hashed {
-        shape: ModelShape {
+    let src = crate::worker::checkpoint::synthetic::HashedWeights::new(
+        ModelShape {
             layers: 1,
             first_moe_layer: 0,
             experts: e,
@@ -170,7 +170,8 @@ fn cuda_large_per_expert_matches_grouped() {
             expert_intermediate_size: i as u64,
             dtype: Dtype::Bf16,
         },
-    };
+        0,
+    );
     let keys: Vec<ExpertKey> = (0..e).map(|x| (0, x)).collect();
     let set = CudaExperts::from_source(dev.clone(), &src, &keys).unwrap();
     let counts = [4607usize, 2836, 2135, 1746, 1493, 1314, 1179, 1074];
@@ -189,7 +190,7 @@ fn cuda_large_per_expert_matches_grouped() {
         (n / d.max(1e-30)).sqrt()
     };
     for seed in [77u64, 78, 79] {
-        let hidden = crate::worker::testutil::hashed_values(seed, rows * h, 1.0);
+        let hidden = crate::worker::checkpoint::synthetic::hashed_projection(seed, rows * h, 1.0);
         let weights: Vec<f32> = (0..rows).map(|r| 0.1 + (r % 9) as f32 * 0.1).collect();
         let batch = RowBatch {
             hidden_size: h,
