@@ -386,10 +386,11 @@ mod tests {
 
     #[tokio::test]
     async fn refused_connection_is_unreachable() {
-        // Bind then drop to get a port nobody listens on.
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
+        // A socket bound but never listening holds a port that refuses connections, and no
+        // other test can take it meanwhile (as it could a port bound and released).
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = held.local_addr().unwrap().port();
         let e = scrape_worker("127.0.0.1", port, Duration::from_secs(2))
             .await
             .unwrap_err();
