@@ -400,6 +400,11 @@ async fn prometheus_source_and_kubectl_plugin() {
         plan.contains("Per layer:") && plan.contains("Per GPU:"),
         "{plan}"
     );
+    // Without a trace, the per-layer column is the plan's own prediction on its window.
+    assert!(
+        plan.contains("predicted on the window the plan was made from"),
+        "{plan}"
+    );
     // The trace replayed on the plan gives a per-layer balancedness for both layers.
     let replayed = moe(&["plan", "tiny", "-n", NS, "--load", trace.to_str().unwrap()]);
     assert!(replayed.contains("Replayed:   balancedness"), "{replayed}");

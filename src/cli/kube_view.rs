@@ -300,10 +300,22 @@ pub fn plan_view(
             per_gpu.iter().copied().min().unwrap_or(0),
             per_gpu.iter().copied().max().unwrap_or(0),
         );
-        let bal = eval
-            .and_then(|ev| ev.layers.iter().find(|l| l.layer == lp.layer))
-            .map(|l| format!("{:.3}", l.balancedness))
-            .unwrap_or_else(|| "-".into());
+        // A replayed load if one was given, else the plan's own prediction on its window.
+        let bal = match eval {
+            Some(ev) => ev
+                .layers
+                .iter()
+                .find(|l| l.layer == lp.layer)
+                .map(|l| l.balancedness),
+            None => plan.stats.as_ref().and_then(|s| {
+                s.per_layer
+                    .iter()
+                    .find(|l| l.layer == lp.layer)
+                    .map(|l| l.balancedness)
+            }),
+        }
+        .map(|b| format!("{b:.3}"))
+        .unwrap_or_else(|| "-".into());
         rows.push(vec![
             lp.layer.to_string(),
             lp.physical_experts().saturating_sub(e).to_string(),
@@ -327,8 +339,11 @@ pub fn plan_view(
         ],
         &rows,
     )));
-    if eval.is_none() {
-        out.push_str("  (per-layer balancedness: replay a load on this plan with --load TRACE, e.g. one from `moectl observe`)\n");
+    let predicted = plan.stats.as_ref().is_some_and(|s| !s.per_layer.is_empty());
+    match (eval.is_some(), predicted) {
+        (true, _) => out.push_str("  (per-layer balancedness: on the load given with --load)\n"),
+        (false, true) => out.push_str("  (per-layer balancedness: predicted on the window the plan was made from; replay another load with --load TRACE, e.g. one from `moectl observe`)\n"),
+        (false, false) => out.push_str("  (per-layer balancedness: replay a load on this plan with --load TRACE, e.g. one from `moectl observe`)\n"),
     }
     out.push('\n');
 
@@ -825,6 +840,37 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("--load TRACE"), "{s}");
+    }
+
+    #[test]
+    fn plan_view_shows_the_predicted_per_layer_balancedness_without_a_load() {
+        let mut p = plan();
+        p.stats = Some(crate::plan::expert_plan::PlanStats {
+            balancedness: 0.8,
+            balancedness_vllm: 0.85,
+            window_batches: 4,
+            window_tokens: 800.0,
+            per_layer: vec![crate::plan::expert_plan::LayerBalance {
+                layer: 0,
+                balancedness: 0.75,
+            }],
+        });
+        let p = p.seal();
+        let s = plan_view(&md("tiny"), &p, None, NOW);
+        assert!(s.contains("Predicted:  balancedness 0.800"), "{s}");
+        assert!(
+            s.contains("  0       2                3           0.750          e0x3\n"),
+            "{s}"
+        );
+        // A layer the window did not cover shows no figure.
+        assert!(
+            s.contains("  1       0                2           -              -\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("predicted on the window the plan was made from"),
+            "{s}"
+        );
     }
 
     fn ev(at: i64, kind: &str, reason: &str, note: &str) -> EventLine {

@@ -129,6 +129,17 @@ pub struct PlanStats {
     pub window_batches: u64,
     /// Tokens (routed expert-token pairs) in that window.
     pub window_tokens: f64,
+    /// Each MoE layer's balancedness on that window, so that `kubectl moe plan` can show where
+    /// the plan is weak without a trace. Absent in plans written before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_layer: Vec<LayerBalance>,
+}
+
+/// One layer's predicted balancedness.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerBalance {
+    pub layer: u32,
+    pub balancedness: f64,
 }
 
 /// A complete expert placement and replication plan.
@@ -317,6 +328,10 @@ mod tests {
             balancedness_vllm: 0.997491532638424,
             window_batches: 3,
             window_tokens: 368640.0,
+            per_layer: vec![LayerBalance {
+                layer: 0,
+                balancedness: 0.9974755796250538,
+            }],
         });
         for i in 0..2000u64 {
             let x = (i as f64 * 0.7548776662466927).fract();

@@ -4,8 +4,8 @@
 use super::balance::{evaluate_layers, LayerMatrix};
 use super::craft::{self, CraftOptions, Placement};
 use super::expert_plan::{
-    round_share, Algorithm, ExpertPlan, GpuTransition, LayerPlan, PlanStats, Transition,
-    PLAN_FORMAT_VERSION,
+    round_share, Algorithm, ExpertPlan, GpuTransition, LayerBalance, LayerPlan, PlanStats,
+    Transition, PLAN_FORMAT_VERSION,
 };
 use super::load::LoadWindow;
 use super::model::{ModelShape, Topology};
@@ -304,6 +304,14 @@ fn finish(
         balancedness_vllm: ev.balancedness_vllm,
         window_batches: window.batches() as u64,
         window_tokens: window.total_tokens(),
+        per_layer: ev
+            .layers
+            .iter()
+            .map(|l| LayerBalance {
+                layer: l.layer,
+                balancedness: l.balancedness,
+            })
+            .collect(),
     });
     Ok(plan.seal())
 }
