@@ -13,6 +13,7 @@ pub mod balance;
 pub mod craft;
 pub mod eplb;
 pub mod expert_plan;
+pub mod limits;
 pub mod load;
 pub mod load_formats;
 pub mod model;
