@@ -259,3 +259,60 @@ fn generation_is_deterministic_and_validates_args() {
     .to_string();
     assert!(err.contains("first-moe-layer"), "{err}");
 }
+
+/// Load throughput of `Checkpoint::expert` on a warm page cache, sequential and on all cores, for
+/// the three layouts. Not a check (timings vary with the machine): run by hand with
+/// `cargo test --release --lib worker::checkpoint::tests::load_speed -- --ignored --nocapture`
+/// (`MOE_LOAD_SPEED_EXPERTS` sets the experts per layer, default 16; 2 layers, H 2048, I 768).
+#[test]
+#[ignore]
+fn load_speed() {
+    use rayon::prelude::*;
+    let experts: u32 = std::env::var("MOE_LOAD_SPEED_EXPERTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
+    for (family, dtype, stacked) in [
+        (Family::Qwen3Moe, Dtype::Bf16, false),
+        (Family::Qwen3Moe, Dtype::Bf16, true),
+        (Family::DeepseekV3, Dtype::Fp8, false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ModelShape {
+            layers: 2,
+            first_moe_layer: 0,
+            experts,
+            top_k: 2,
+            hidden_size: 2048,
+            expert_intermediate_size: 768,
+            dtype,
+        };
+        write_synthetic_checkpoint(dir.path(), family, &s, 2, 5, stacked).unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let keys: Vec<(u32, u32)> = (0..2).flat_map(|l| (0..experts).map(move |e| (l, e))).collect();
+        // Bytes handed out (bf16 weights), the same for every layout.
+        let bytes = keys.len() as f64 * 3.0 * 2048.0 * 768.0 * 2.0;
+        for round in 0..2 {
+            let t = std::time::Instant::now();
+            for &(l, e) in &keys {
+                std::hint::black_box(ck.expert(l, e).unwrap());
+            }
+            let seq = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            keys.par_iter().for_each(|&(l, e)| {
+                std::hint::black_box(ck.expert(l, e).unwrap());
+            });
+            let par = t.elapsed().as_secs_f64();
+            eprintln!(
+                "load_speed {family:?} stacked={stacked} round {round}: {} experts, {:.0} MB of bf16: sequential {:.3} s ({:.2} GB/s), {} threads {:.3} s ({:.2} GB/s)",
+                keys.len(),
+                bytes / 1e6,
+                seq,
+                bytes / seq / 1e9,
+                rayon::current_num_threads(),
+                par,
+                bytes / par / 1e9
+            );
+        }
+    }
+}
