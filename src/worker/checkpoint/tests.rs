@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use super::synthetic::synthetic_projection;
 use super::*;
 
@@ -315,4 +317,106 @@ fn load_speed() {
             );
         }
     }
+}
+
+fn truncate(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+/// Issue 19: shards truncated under a running worker, then a plan swap. With memory-mapped shards
+/// the next read of a page past the new end raised SIGBUS and killed the process (this test
+/// process, on the old code); now it is an error naming the file and the tensor.
+#[test]
+fn shard_truncated_after_open_is_an_error_not_a_crash() {
+    for stacked in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = shape(Dtype::Bf16, 0);
+        write_synthetic_checkpoint(dir.path(), Family::Qwen3Moe, &s, 3, 4, stacked).unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        ck.expert(2, 3).unwrap();
+        // Layer 2 lives in the third shard: cut it to just past its header, then to nothing.
+        let shard = dir.path().join("model-00003-of-00003.safetensors");
+        let bytes = std::fs::read(&shard).unwrap();
+        let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        for len in [header + 100, 0] {
+            truncate(&shard, len);
+            for expert in [0u32, 3] {
+                let err = ck.expert(2, expert).unwrap_err().to_string();
+                let tensor = if stacked {
+                    "model.layers.2.mlp.experts.gate_up_proj".to_string()
+                } else {
+                    format!("model.layers.2.mlp.experts.{expert}.gate_proj.weight")
+                };
+                assert!(
+                    err.contains("model-00003-of-00003.safetensors")
+                        && err.contains(&tensor)
+                        && err.contains("truncated or replaced"),
+                    "stacked {stacked}, len {len}: {err}"
+                );
+            }
+            // The other shards are untouched and still load, through a backend loader too.
+            ck.expert(0, 1).unwrap();
+        }
+        let src: Arc<dyn WeightSource> = Arc::new(ck);
+        let loader = crate::worker::cpu::CpuLoader::new(src);
+        use crate::worker::compute::ExpertLoader;
+        let err = loader
+            .load(&[(0, 0), (2, 1)], None)
+            .err()
+            .expect("a truncated shard fails the load")
+            .to_string();
+        assert!(err.contains("model-00003-of-00003.safetensors"), "{err}");
+    }
+}
+
+/// The same for the FP8 layout (weights and their scales), and for a read at the shard level.
+#[test]
+fn fp8_shard_truncated_after_open_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = shape(Dtype::Fp8, 0);
+    write_synthetic_checkpoint(dir.path(), Family::DeepseekV3, &s, 1, 4, false).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let f = &ck.files[0];
+    let mut buf = vec![0u8; 64];
+    truncate(&f.path, 10);
+    let err = f.read_at("t", 0, &mut buf).unwrap_err().to_string();
+    assert!(err.contains("`t`") && err.contains("model.safetensors"), "{err}");
+    let err = ck.expert(1, 0).unwrap_err().to_string();
+    assert!(err.contains("model.layers.1.mlp.experts.0.gate_proj.weight"), "{err}");
+}
+
+#[test]
+fn config_sizes_are_bounded_by_plan_limits() {
+    let base = r#"{"model_type":"mixtral","num_hidden_layers":2,"hidden_size":HS,"intermediate_size":IS,"num_local_experts":NE,"num_experts_per_tok":2}"#;
+    let cfg = |h: &str, i: &str, e: &str| {
+        base.replace("HS", h)
+            .replace("IS", i)
+            .replace("NE", e)
+    };
+    assert!(parse_config(&cfg("4096", "14336", "8")).is_ok());
+    let e = parse_config(&cfg("4294967296", "14336", "8")).unwrap_err();
+    assert!(e.contains("hidden_size") && e.contains("65536"), "{e}");
+    let e = parse_config(&cfg("4096", "1099511627776", "8")).unwrap_err();
+    assert!(e.contains("intermediate") && e.contains("131072"), "{e}");
+    let e = parse_config(&cfg("4096", "14336", "4294967295")).unwrap_err();
+    assert!(e.contains("experts") && e.contains("1024"), "{e}");
+}
+
+#[test]
+fn oversized_config_and_index_are_refused_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = shape(Dtype::Bf16, 0);
+    write_synthetic_checkpoint(dir.path(), Family::Mixtral, &s, 2, 0, false).unwrap();
+    let idx = dir.path().join("model.safetensors.index.json");
+    truncate(&idx, MAX_INDEX_BYTES + 1);
+    let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("index.json") && err.contains("limit"), "{err}");
+    truncate(&dir.path().join("config.json"), MAX_CONFIG_BYTES + 1);
+    let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("config.json") && err.contains("limit"), "{err}");
 }
