@@ -94,7 +94,10 @@ fn check(bytes: &[u8], via_file: bool) -> Result<Header, String> {
     }
     let header = parsed.map_err(|e| {
         let e = e.to_string();
-        assert!(e.contains("fuzz.safetensors"), "error without the file: {e}");
+        assert!(
+            e.contains("fuzz.safetensors"),
+            "error without the file: {e}"
+        );
         e
     })?;
     let len = bytes.len() as u64;
@@ -149,7 +152,9 @@ struct Spec {
 fn spec() -> impl Strategy<Value = Spec> {
     (
         "[a-z.0-9_]{1,12}",
-        prop::sample::select(vec!["BF16", "F8_E4M3", "F32", "F16", "I64", "BOOL", "F4", "??"]),
+        prop::sample::select(vec![
+            "BF16", "F8_E4M3", "F32", "F16", "I64", "BOOL", "F4", "??",
+        ]),
         prop::collection::vec(0u64..6, 0..4),
     )
         .prop_map(|(name, dtype, shape)| Spec { name, dtype, shape })

@@ -236,7 +236,11 @@ pub fn parse_config(text: &str) -> Result<CheckpointConfig, String> {
         ("routed experts", experts as u64, lim::MAX_EXPERTS as u64),
         ("num_experts_per_tok", top_k as u64, lim::MAX_TOP_K as u64),
         ("hidden_size", hidden, lim::MAX_HIDDEN_SIZE),
-        ("expert intermediate size", inter, lim::MAX_EXPERT_INTERMEDIATE_SIZE),
+        (
+            "expert intermediate size",
+            inter,
+            lim::MAX_EXPERT_INTERMEDIATE_SIZE,
+        ),
     ] {
         if value > max {
             return Err(format!(
@@ -544,12 +548,8 @@ impl Checkpoint {
                 let q = self.read_bytes(name, StDtype::F8E4M3, &[rows, cols], None)?;
                 let scale_name = format!("{name}_scale_inv");
                 let (br, bc) = (rows.div_ceil(128), cols.div_ceil(128));
-                let s = f32_from_le(&self.read_bytes(
-                    &scale_name,
-                    StDtype::F32,
-                    &[br, bc],
-                    None,
-                )?);
+                let s =
+                    f32_from_le(&self.read_bytes(&scale_name, StDtype::F32, &[br, bc], None)?);
                 Ok(dequant_fp8(&q, &s, rows, cols))
             }
         }

@@ -134,7 +134,12 @@ pub fn parse_header_json(
     let data_start = 8u64
         .checked_add(json.len() as u64)
         .filter(|&d| d <= file_len)
-        .ok_or_else(|| bad(format!("a {}-byte header does not fit in the {file_len}-byte file", json.len())))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "a {}-byte header does not fit in the {file_len}-byte file",
+                json.len()
+            ))
+        })?;
     let data_len = file_len - data_start;
     let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(json)
         .map_err(|e| bad(format!("header is not a valid JSON object: {e}")))?;
@@ -144,8 +149,11 @@ pub fn parse_header_json(
             continue;
         }
         let bad_tensor = |reason: String| bad(format!("tensor `{name}`: {reason}"));
-        let e: RawEntry = serde_json::from_value(value)
-            .map_err(|e| bad_tensor(format!("header entry is not {{dtype, shape, data_offsets}}: {e}")))?;
+        let e: RawEntry = serde_json::from_value(value).map_err(|e| {
+            bad_tensor(format!(
+                "header entry is not {{dtype, shape, data_offsets}}: {e}"
+            ))
+        })?;
         let dtype = StDtype::parse(&e.dtype);
         if e.shape.len() > MAX_TENSOR_RANK {
             return Err(bad_tensor(format!(
@@ -186,7 +194,12 @@ pub fn parse_header_json(
             .iter()
             .map(|&d| usize::try_from(d))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| bad_tensor(format!("shape {:?} does not fit this machine's word", e.shape)))?;
+            .map_err(|_| {
+                bad_tensor(format!(
+                    "shape {:?} does not fit this machine's word",
+                    e.shape
+                ))
+            })?;
         out.insert(
             name,
             TensorEntry {
@@ -425,7 +438,10 @@ mod header_checks {
             r#"{"dtype":"BF16","shape":[2],"data_offsets":[4,0]}"#,
             4,
         ));
-        assert!(e.contains("`w`") && e.contains("end before they start"), "{e}");
+        assert!(
+            e.contains("`w`") && e.contains("end before they start"),
+            "{e}"
+        );
         // Not representable in 64 bits: a JSON error naming the tensor.
         let e = err(&file_with(
             r#"{"dtype":"BF16","shape":[2],"data_offsets":[0,99999999999999999999]}"#,
@@ -486,13 +502,19 @@ mod header_checks {
         std::fs::write(&p, &b).unwrap();
         let f = std::fs::File::open(&p).unwrap();
         let e = read_header(&p, &f).unwrap_err().to_string();
-        assert!(e.contains("big.safetensors") && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("big.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
         // Short files and headers that are not a JSON object of entries.
         assert!(err(&[1, 2, 3]).contains("shorter than the 8-byte"));
         let mut b = 2u64.to_le_bytes().to_vec();
         b.extend_from_slice(b"[]");
         assert!(err(&b).contains("not a valid JSON object"));
-        let e = err(&file_with(r#"{"dtype":"BF16","shape":[-1],"data_offsets":[0,0]}"#, 0));
+        let e = err(&file_with(
+            r#"{"dtype":"BF16","shape":[-1],"data_offsets":[0,0]}"#,
+            0,
+        ));
         assert!(e.contains("`w`"), "{e}");
     }
 }

@@ -291,7 +291,9 @@ fn load_speed() {
         };
         write_synthetic_checkpoint(dir.path(), family, &s, 2, 5, stacked).unwrap();
         let ck = Checkpoint::open(dir.path()).unwrap();
-        let keys: Vec<(u32, u32)> = (0..2).flat_map(|l| (0..experts).map(move |e| (l, e))).collect();
+        let keys: Vec<(u32, u32)> = (0..2)
+            .flat_map(|l| (0..experts).map(move |e| (l, e)))
+            .collect();
         // Bytes handed out (bf16 weights), the same for every layout.
         let bytes = keys.len() as f64 * 3.0 * 2048.0 * 768.0 * 2.0;
         for round in 0..2 {
@@ -385,19 +387,21 @@ fn fp8_shard_truncated_after_open_is_an_error() {
     let mut buf = vec![0u8; 64];
     truncate(&f.path, 10);
     let err = f.read_at("t", 0, &mut buf).unwrap_err().to_string();
-    assert!(err.contains("`t`") && err.contains("model.safetensors"), "{err}");
+    assert!(
+        err.contains("`t`") && err.contains("model.safetensors"),
+        "{err}"
+    );
     let err = ck.expert(1, 0).unwrap_err().to_string();
-    assert!(err.contains("model.layers.1.mlp.experts.0.gate_proj.weight"), "{err}");
+    assert!(
+        err.contains("model.layers.1.mlp.experts.0.gate_proj.weight"),
+        "{err}"
+    );
 }
 
 #[test]
 fn config_sizes_are_bounded_by_plan_limits() {
     let base = r#"{"model_type":"mixtral","num_hidden_layers":2,"hidden_size":HS,"intermediate_size":IS,"num_local_experts":NE,"num_experts_per_tok":2}"#;
-    let cfg = |h: &str, i: &str, e: &str| {
-        base.replace("HS", h)
-            .replace("IS", i)
-            .replace("NE", e)
-    };
+    let cfg = |h: &str, i: &str, e: &str| base.replace("HS", h).replace("IS", i).replace("NE", e);
     assert!(parse_config(&cfg("4096", "14336", "8")).is_ok());
     let e = parse_config(&cfg("4294967296", "14336", "8")).unwrap_err();
     assert!(e.contains("hidden_size") && e.contains("65536"), "{e}");
@@ -418,5 +422,8 @@ fn oversized_config_and_index_are_refused_before_reading() {
     assert!(err.contains("index.json") && err.contains("limit"), "{err}");
     truncate(&dir.path().join("config.json"), MAX_CONFIG_BYTES + 1);
     let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
-    assert!(err.contains("config.json") && err.contains("limit"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("limit"),
+        "{err}"
+    );
 }

@@ -284,7 +284,10 @@ fn scratch_sizes_follow_every_dimension() {
         let need = ScratchSizes::for_batch(rows, e, h, i).unwrap();
         let before = cap;
         let grew = cap.grow_to(&need);
-        assert!(cap.holds(&need), "step {step}: {cap:?} does not hold {need:?}");
+        assert!(
+            cap.holds(&need),
+            "step {step}: {cap:?} does not hold {need:?}"
+        );
         let (b, n, c) = (before.to_array(), need.to_array(), cap.to_array());
         for k in 0..6 {
             // Grown exactly when too small (or never allocated), to at most twice the need.
@@ -303,7 +306,10 @@ fn scratch_sizes_follow_every_dimension() {
             old_fails += 1;
         }
     }
-    assert!(old_fails > 0, "the sequence no longer exercises the rows-only sizing defect");
+    assert!(
+        old_fails > 0,
+        "the sequence no longer exercises the rows-only sizing defect"
+    );
     // Shrinking shapes keep the buffers; a wider shape with fewer rows grows only what it needs.
     let mut cap = ScratchSizes::default();
     cap.grow_to(&ScratchSizes::for_batch(4096, 128, 2048, 768).unwrap());
@@ -325,7 +331,11 @@ fn cuda_shape_sequence_matches_reference() {
         return;
     };
     use crate::worker::checkpoint::synthetic::{hashed_projection, HashedWeights};
-    let shapes = [(2048usize, 768usize, 128usize), (7168, 2048, 32), (4096, 14336, 8)];
+    let shapes = [
+        (2048usize, 768usize, 128usize),
+        (7168, 2048, 32),
+        (4096, 14336, 8),
+    ];
     let mut sets = HashMap::new();
     for (k, &(h, i, e)) in shapes.iter().enumerate() {
         let src = HashedWeights::new(
