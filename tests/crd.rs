@@ -165,6 +165,44 @@ fn names_columns_and_subresources() {
     );
 }
 
+/// Every size field carries the maximum of `plan::limits`, so the apiserver refuses at apply what
+/// the planner, the readers and the worker would refuse later (the CRD had 4096 layers, 65536
+/// experts and top-k, hidden sizes of 2^20 and 64 GPUs per node).
+#[test]
+fn size_fields_carry_the_limits() {
+    use moe_operator::plan::limits::*;
+    let spec = &schema()["properties"]["spec"]["properties"];
+    for (path, max) in [
+        ("model/layers", u64::from(MAX_LAYERS)),
+        ("model/firstMoeLayer", u64::from(MAX_LAYERS - 1)),
+        ("model/experts", MAX_EXPERTS.into()),
+        ("model/topK", MAX_TOP_K.into()),
+        ("model/hiddenSize", MAX_HIDDEN_SIZE),
+        ("model/expertIntermediateSize", MAX_EXPERT_INTERMEDIATE_SIZE),
+        ("topology/nodes", MAX_NODES.into()),
+        ("topology/gpusPerNode", MAX_GPUS_PER_NODE.into()),
+        (
+            "replication/budget/replicasPerGpu",
+            MAX_REPLICAS_PER_GPU.into(),
+        ),
+        ("rollout/maxUnavailable", MAX_NODES.into()),
+    ] {
+        let mut node = spec;
+        for (i, part) in path.split('/').enumerate() {
+            node = if i == 0 {
+                &node[part]
+            } else {
+                &node["properties"][part]
+            };
+        }
+        assert_eq!(
+            node["maximum"].as_f64(),
+            Some(max as f64),
+            "spec.{path}: maximum should be {max}; {REGENERATE}"
+        );
+    }
+}
+
 /// The README's "Bad input" table quotes every CEL message; keep them in step with the CRD.
 #[test]
 fn readme_quotes_every_cel_message() {
