@@ -11,9 +11,9 @@ use std::cell::Cell;
 
 use half::bf16;
 use moe_operator::worker::protocol::{
-    check_request_head, decode_reply, decode_request, encode_error, encode_output,
-    peek_request_id, read_frame, DispatchRequest, ErrorCode, ProtocolError, ReadFrameError,
-    HEADER_LEN, REQUEST_HEAD_LEN,
+    check_request_head, decode_reply, decode_request, encode_error, encode_output, peek_request_id,
+    read_frame, DispatchRequest, ErrorCode, ProtocolError, ReadFrameError, HEADER_LEN,
+    REQUEST_HEAD_LEN,
 };
 use proptest::prelude::*;
 

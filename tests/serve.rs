@@ -1199,9 +1199,12 @@ async fn timed_request(w: &WorkerHandle, rank: u32, limit: Duration) -> Duration
     let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
     let layer = 1;
     let expert = 2 * rank;
-    let reply = tokio::time::timeout(limit, call(&mut s, &request(99, rank, layer, &[expert]).encode()))
-        .await
-        .unwrap_or_else(|_| panic!("a valid request waited more than {limit:?}"));
+    let reply = tokio::time::timeout(
+        limit,
+        call(&mut s, &request(99, rank, layer, &[expert]).encode()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("a valid request waited more than {limit:?}"));
     expect_output(reply);
     start.elapsed()
 }
@@ -1317,7 +1320,11 @@ async fn idle_connections_and_half_frames_are_closed_after_their_timeouts() {
         assert!(msg.contains("did not arrive"), "{msg}");
         assert_closed(s).await;
     }
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
     // A connection that never sends is closed without a reply after the idle timeout, and one that
     // keeps sending frames is not.
     let mut busy = TcpStream::connect(w.dispatch_addr).await.unwrap();
@@ -1391,12 +1398,24 @@ async fn plan_bodies_are_read_only_after_the_token_and_up_to_the_limit() {
     };
     // On main the 60 MiB body was awaited (and buffered) before the token was looked at.
     let limit = Duration::from_secs(2);
-    assert_eq!(status_of_head(w.admin_addr, &head(None, 60 << 20), limit).await, Some(401));
-    assert_eq!(status_of_head(w.admin_addr, &head(Some("wrong"), 60 << 20), limit).await, Some(401));
+    assert_eq!(
+        status_of_head(w.admin_addr, &head(None, 60 << 20), limit).await,
+        Some(401)
+    );
+    assert_eq!(
+        status_of_head(w.admin_addr, &head(Some("wrong"), 60 << 20), limit).await,
+        Some(401)
+    );
     // With the token, a declared length over the limit is refused before the body is read, and a
     // body that does not come is given up after the body timeout.
-    assert_eq!(status_of_head(w.admin_addr, &head(Some(TOKEN), 60 << 20), limit).await, Some(413));
-    assert_eq!(status_of_head(w.admin_addr, &head(Some(TOKEN), 1000), limit).await, Some(408));
+    assert_eq!(
+        status_of_head(w.admin_addr, &head(Some(TOKEN), 60 << 20), limit).await,
+        Some(413)
+    );
+    assert_eq!(
+        status_of_head(w.admin_addr, &head(Some(TOKEN), 1000), limit).await,
+        Some(408)
+    );
     // A chunked body past the limit is cut off at the limit (read while the client still sends).
     let mut s = TcpStream::connect(w.admin_addr).await.unwrap();
     s.write_all(
@@ -1459,7 +1478,10 @@ async fn half_sent_http_heads_are_closed_and_do_not_hold_up_shutdown() {
         assert!(closed.is_ok(), "a half-sent head stayed open");
     }
     assert!(start.elapsed() < Duration::from_secs(3));
-    assert_eq!(http(w.metrics_addr, "GET", "/readyz", None, "").await.0, 200);
+    assert_eq!(
+        http(w.metrics_addr, "GET", "/readyz", None, "").await.0,
+        200
+    );
     w.shutdown().await;
 
     // With a long head timeout, shutdown still ends after its drain: on main 20 half-sent heads
@@ -1482,7 +1504,11 @@ async fn half_sent_http_heads_are_closed_and_do_not_hold_up_shutdown() {
     tokio::time::timeout(Duration::from_secs(5), w.shutdown())
         .await
         .expect("shutdown ends after the drain");
-    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1528,7 +1554,10 @@ async fn plans_are_checked_against_the_served_model_before_they_are_accepted() {
     let mut tampered = plan_a();
     tampered.model.experts = u32::MAX;
     refused(tampered, "hashes to").await;
-    assert_eq!(http(w.metrics_addr, "GET", "/readyz", None, "").await.0, 503);
+    assert_eq!(
+        http(w.metrics_addr, "GET", "/readyz", None, "").await.0,
+        503
+    );
     let (status, body) = put_plan(&w, &plan_a()).await;
     assert_eq!(status, 200, "{body}");
     w.shutdown().await;
@@ -1564,7 +1593,10 @@ fn plan_files_are_bounded_and_checked_before_use() {
     huge.model.experts = u32::MAX;
     std::fs::write(&path, serde_json::to_vec(&huge.seal()).unwrap()).unwrap();
     let e = format!("{:#}", read_plan(&path).unwrap_err());
-    assert!(e.contains("model.experts") && e.contains("plan.json"), "{e}");
+    assert!(
+        e.contains("model.experts") && e.contains("plan.json"),
+        "{e}"
+    );
     let mut future = plan_a();
     future.format_version = 2;
     std::fs::write(&path, serde_json::to_vec(&future.seal()).unwrap()).unwrap();
@@ -1580,10 +1612,15 @@ async fn a_rotated_token_file_is_honoured_without_a_restart() {
     let path = dir.path().join("token");
     std::fs::write(&path, "old-token\n").unwrap();
     let file = path.clone();
-    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), move |c| {
-        c.http.admin_token_file = Some(file);
-        c.http.token_recheck = Duration::from_millis(200);
-    })
+    let w = start_worker(
+        0,
+        Arc::new(TestLoader::default()),
+        Some(plan_a()),
+        move |c| {
+            c.http.admin_token_file = Some(file);
+            c.http.token_recheck = Duration::from_millis(200);
+        },
+    )
     .await;
     let get = |token: &'static str| http(w.admin_addr, "GET", "/v1/plan", Some(token), "");
     assert_eq!(get("old-token").await.0, 200);
@@ -1622,7 +1659,12 @@ fn the_worker_binary_exits_soon_after_sigterm_with_half_sent_heads_open() {
         .arg("--plan")
         .arg(&plan_file)
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .args(["--admin-listen", "127.0.0.1:0", "--shutdown-drain-seconds", "1"])
+        .args([
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--shutdown-drain-seconds",
+            "1",
+        ])
         .arg("--admin-token-file")
         .arg(&token)
         .arg("--addresses-file")
@@ -1639,14 +1681,18 @@ fn the_worker_binary_exits_soon_after_sigterm_with_half_sent_heads_open() {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("the worker exited early: {status}");
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "the worker did not start");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the worker did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut halves = Vec::new();
     for addr in [addrs.admin, addrs.metrics] {
         for _ in 0..10 {
             let mut s = std::net::TcpStream::connect(addr).unwrap();
-            s.write_all(b"PUT /v1/plan HTTP/1.1\r\nHost: w\r\n").unwrap();
+            s.write_all(b"PUT /v1/plan HTTP/1.1\r\nHost: w\r\n")
+                .unwrap();
             halves.push(s);
         }
     }
@@ -1665,7 +1711,11 @@ fn the_worker_binary_exits_soon_after_sigterm_with_half_sent_heads_open() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
-    assert!(term.elapsed() < Duration::from_secs(6), "{:?}", term.elapsed());
+    assert!(
+        term.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        term.elapsed()
+    );
 }
 
 fn rss_mib() -> f64 {
@@ -1696,7 +1746,11 @@ async fn issue19_probes() {
     let start = std::time::Instant::now();
     let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
     let r = tokio::time::timeout(cap, call(&mut s, &request(1, 0, 1, &[0]).encode())).await;
-    println!("P1 valid request behind 16 x 64 MiB prefixes: {:?} (answered: {})", start.elapsed(), r.is_ok());
+    println!(
+        "P1 valid request behind 16 x 64 MiB prefixes: {:?} (answered: {})",
+        start.elapsed(),
+        r.is_ok()
+    );
     drop(loris);
 
     // P2: a client pipelines 1000-row requests and never reads; budget of about one frame.
@@ -1717,7 +1771,11 @@ async fn issue19_probes() {
     let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
     let other: Vec<u32> = (0..1000).map(|r| 2 + r % 2).collect();
     let r = tokio::time::timeout(cap, call(&mut s, &request(2, 1, 1, &other).encode())).await;
-    println!("P2 rank-1 request while rank 0's client does not read: {:?} (answered: {})", start.elapsed(), r.is_ok());
+    println!(
+        "P2 rank-1 request while rank 0's client does not read: {:?} (answered: {})",
+        start.elapsed(),
+        r.is_ok()
+    );
     writer.abort();
 
     // P3: 100 connections holding 2 bytes: how long until the worker closes them?
@@ -1743,7 +1801,10 @@ async fn issue19_probes() {
         .await;
         open += closed.is_err() as usize;
     }
-    println!("P3 100 connections holding 2 bytes: {open} still open after {:?}", start.elapsed());
+    println!(
+        "P3 100 connections holding 2 bytes: {open} still open after {:?}",
+        start.elapsed()
+    );
 
     // P4: 8 unauthenticated 60 MiB PUTs (bodies sent whole); resident memory before and after.
     let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |_| {}).await;
@@ -1757,7 +1818,10 @@ async fn issue19_probes() {
         let body = body.clone();
         puts.push(tokio::spawn(async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            let head = format!("PUT /v1/plan HTTP/1.1\r\nHost: w\r\nContent-Length: {}\r\n\r\n", 60 << 20);
+            let head = format!(
+                "PUT /v1/plan HTTP/1.1\r\nHost: w\r\nContent-Length: {}\r\n\r\n",
+                60 << 20
+            );
             let _ = s.write_all(head.as_bytes()).await;
             let _ = tokio::time::timeout(Duration::from_secs(30), s.write_all(&body)).await;
             let mut buf = vec![0u8; 256];

@@ -332,8 +332,7 @@ fn read_plan_bounded(path: &Path, max_bytes: usize) -> anyhow::Result<ExpertPlan
     );
     let plan: ExpertPlan = serde_json::from_slice(&bytes)
         .with_context(|| format!("parsing plan file {} as a plan document", path.display()))?;
-    check_plan_document(plan)
-        .map_err(|e| anyhow::anyhow!("plan file {}: {e}", path.display()))
+    check_plan_document(plan).map_err(|e| anyhow::anyhow!("plan file {}: {e}", path.display()))
 }
 
 /// The model shape of a checkpoint directory, from its `config.json` (read bounded).

@@ -30,8 +30,8 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::plan::expert_plan::PLAN_FORMAT_VERSION;
 use crate::plan::{limits, ExpertPlan, ModelShape};
-use crate::worker::http::HttpConfig;
 use crate::worker::compute::{ComputeError, ExpertCompute, ExpertKey, ExpertLoader, RowBatch};
+use crate::worker::http::HttpConfig;
 use crate::worker::metrics::WorkerMetrics;
 use crate::worker::protocol::{
     check_frame_len, check_request_head, decode_request, encode_error, encode_output,
@@ -275,7 +275,11 @@ impl Worker {
             };
             for (what, p, h) in [
                 ("layers", m.layers as u64, held.layers as u64),
-                ("first MoE layer", m.first_moe_layer as u64, held.first_moe_layer as u64),
+                (
+                    "first MoE layer",
+                    m.first_moe_layer as u64,
+                    held.first_moe_layer as u64,
+                ),
                 ("experts", m.experts as u64, held.experts as u64),
                 ("hidden size", m.hidden_size, held.hidden_size),
                 (
@@ -540,7 +544,11 @@ pub fn check_plan_document(mut plan: ExpertPlan) -> Result<ExpertPlan, ApplyErro
     let zero = |field: &str| ApplyError::Invalid(format!("field `{field}` must be at least 1"));
     for (field, value, max) in [
         ("model.layers", m.layers as u64, limits::MAX_LAYERS as u64),
-        ("model.experts", m.experts as u64, limits::MAX_EXPERTS as u64),
+        (
+            "model.experts",
+            m.experts as u64,
+            limits::MAX_EXPERTS as u64,
+        ),
         ("model.topK", m.top_k as u64, limits::MAX_TOP_K as u64),
         ("model.hiddenSize", m.hidden_size, limits::MAX_HIDDEN_SIZE),
         (
@@ -555,7 +563,11 @@ pub fn check_plan_document(mut plan: ExpertPlan) -> Result<ExpertPlan, ApplyErro
             plan.replicas_per_gpu as u64,
             limits::MAX_REPLICAS_PER_GPU as u64,
         ),
-        ("layers (entries)", plan.layers.len() as u64, limits::MAX_LAYERS as u64),
+        (
+            "layers (entries)",
+            plan.layers.len() as u64,
+            limits::MAX_LAYERS as u64,
+        ),
     ] {
         if value > max {
             return Err(over(field, value, max));
@@ -813,7 +825,10 @@ pub async fn serve_dispatch(
 fn refuse_connection(worker: &Worker, stream: TcpStream) {
     let max = worker.cfg.max_connections;
     worker.metrics.count_error(ErrorCode::Busy);
-    tracing::warn!(max, "dispatch connection refused: at the connection cap (--max-connections)");
+    tracing::warn!(
+        max,
+        "dispatch connection refused: at the connection cap (--max-connections)"
+    );
     let reply = encode_error(
         0,
         ErrorCode::Busy,
