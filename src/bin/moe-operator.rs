@@ -67,6 +67,14 @@ struct RunArgs {
     /// Only watch MoEDeployments in this namespace (all namespaces when unset).
     #[arg(long, env = "MOE_OPERATOR_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// How long an in-place plan push may stay in flight (the worker loading the experts the plan
+    /// adds) before the worker's pod is replaced instead (e.g. `10m`, `90s`).
+    #[arg(long, env = "MOE_OPERATOR_PUSH_TIMEOUT", default_value = "10m", value_parser = moe_operator::api::units::parse_duration)]
+    push_timeout: std::time::Duration,
+    /// Deadline of each request/response call to the Kubernetes API (watches keep the client's
+    /// long-poll timeout). A frozen API server then fails calls instead of hanging reconciles.
+    #[arg(long, env = "MOE_OPERATOR_API_TIMEOUT", default_value = "30s", value_parser = moe_operator::api::units::parse_duration)]
+    api_timeout: std::time::Duration,
 }
 
 fn main() -> Result<()> {
@@ -88,9 +96,16 @@ async fn run(args: RunArgs) -> Result<()> {
     use std::time::Duration;
 
     moe_operator::worker::runtime::init_logging(args.log_format == LogFormat::Json);
-    let client = kube::Client::try_default()
+    let mut config = kube::Config::infer()
         .await
         .context("connecting to the Kubernetes API (kubeconfig or in-cluster service account)")?;
+    config.connect_timeout = Some(Duration::from_secs(10));
+    // Watches long-poll (the server ends each after about 5 minutes), so only their client keeps
+    // the long read timeout; every other call, the Lease's included, runs under --api-timeout.
+    let watch_client = kube::Client::try_from(config.clone()).context("building the API client")?;
+    config.read_timeout = Some(args.api_timeout);
+    config.write_timeout = Some(args.api_timeout);
+    let client = kube::Client::try_from(config).context("building the API client")?;
     let metrics = Arc::new(telemetry::Metrics::new());
     for (addr, router, what) in [
         (
@@ -141,17 +156,16 @@ async fn run(args: RunArgs) -> Result<()> {
         renew: Duration::from_secs(5),
     };
     tracing::info!(lease = %cfg.name, namespace = %cfg.namespace, %identity, "waiting for the Lease");
-    leader::acquire(client.clone(), &cfg).await;
+    let acquired = leader::acquire(client.clone(), &cfg).await;
     tracing::info!(%identity, "leading: starting the controller");
     metrics.set_leader(true);
-    let ctx = Arc::new(reconcile::Context::new(
-        client.clone(),
-        metrics.clone(),
-        Some(identity),
-    ));
+    let mut ctx = reconcile::Context::new(client.clone(), metrics.clone(), Some(identity));
+    ctx.push_timeout = args.push_timeout;
+    let ctx = Arc::new(ctx);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controller = tokio::spawn(reconcile::run_controller(
         ctx,
+        watch_client,
         args.watch_namespace,
         async move {
             let _ = stop_rx.await;
@@ -159,15 +173,17 @@ async fn run(args: RunArgs) -> Result<()> {
     ));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let lost = tokio::select! {
-        _ = leader::hold(client.clone(), cfg) => true,
+        _ = leader::hold(client.clone(), cfg, acquired) => true,
         _ = tokio::signal::ctrl_c() => false,
         _ = term.recv() => false,
     };
     metrics.set_leader(false);
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
     if lost {
+        // Another replica may take the Lease in moments: stop acting now, without draining.
+        controller.abort();
         anyhow::bail!("lost the leader Lease; exiting so that a restart starts as a standby");
     }
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
     Ok(())
 }

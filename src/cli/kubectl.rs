@@ -19,7 +19,7 @@ use kube::{Api, Client, Config, ResourceExt};
 
 use super::kube_view::{explain_view, plan_view, status_table, EventLine};
 use crate::api::MoEDeployment;
-use crate::controller::build::{plan_config_map_name, PLAN_KEY};
+use crate::controller::build::{plan_config_map_name, stored_plan, PLAN_KEY};
 use crate::plan::ExpertPlan;
 
 /// What `kubectl moe` takes: the connection flags and a verb.
@@ -189,17 +189,14 @@ pub async fn render(a: &KubeArgs) -> anyhow::Result<String> {
                         "ConfigMap {ns}/{cm_name} not found: the operator has not planned {name} yet (see `kubectl moe explain {name}`)"
                     )
                 })?;
-            let text = cm
-                .data
-                .as_ref()
-                .and_then(|d| d.get(PLAN_KEY))
-                .ok_or_else(|| anyhow::anyhow!("ConfigMap {ns}/{cm_name} has no {PLAN_KEY} key"))?;
+            let plan: ExpertPlan = stored_plan(&cm)
+                .ok_or_else(|| anyhow::anyhow!("ConfigMap {ns}/{cm_name} has no {PLAN_KEY} key"))?
+                .map_err(|e| {
+                    anyhow::anyhow!("ConfigMap {ns}/{cm_name} key {PLAN_KEY} is not a plan: {e}")
+                })?;
             if *json {
-                return Ok(format!("{}\n", text.trim_end()));
+                return Ok(format!("{}\n", serde_json::to_string_pretty(&plan)?));
             }
-            let plan: ExpertPlan = serde_json::from_str(text).with_context(|| {
-                format!("ConfigMap {ns}/{cm_name} key {PLAN_KEY} is not a plan")
-            })?;
             let eval = match load {
                 Some(path) => {
                     let w = crate::plan::load_formats::read_load_file(path)

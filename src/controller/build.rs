@@ -44,6 +44,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::validate::GPU_RESOURCE;
 use crate::api::MoEDeployment;
+use crate::plan::packed::{self, Packed};
 use crate::plan::ExpertPlan;
 
 /// Label naming the owning MoEDeployment on every object it owns (also the orphan selector).
@@ -90,6 +91,8 @@ pub enum BuildError {
     UnsealedPlan,
     #[error("{0}")]
     InvalidSpec(String),
+    #[error("plan ConfigMap: {0}")]
+    PlanTooLarge(#[from] packed::PackError),
 }
 
 impl BuildError {
@@ -101,6 +104,7 @@ impl BuildError {
             BuildError::ModelMismatch => "plan_model_mismatch",
             BuildError::UnsealedPlan => "unsealed_plan",
             BuildError::InvalidSpec(_) => "invalid_spec",
+            BuildError::PlanTooLarge(_) => "plan_too_large",
         }
     }
 }
@@ -231,22 +235,45 @@ pub fn check_plan(md: &MoEDeployment, plan: &ExpertPlan) -> Result<(), BuildErro
 }
 
 /// `<name>-plan`: `plan.json` (the plan document) and `hash`.
+/// The plan is compact JSON, or gzip in `binaryData` under the same key when the JSON would not fit
+/// ([`crate::plan::packed`]); a plan too large even then is refused with the limit named.
 pub fn plan_config_map(md: &MoEDeployment, plan: &ExpertPlan) -> Result<ConfigMap, BuildError> {
-    let json = serde_json::to_string_pretty(plan)
-        .map_err(|e| BuildError::InvalidSpec(format!("plan does not serialise: {e}")))?;
+    let packed = packed::pack(plan, packed::CONFIG_MAP_PLAN_MAX)?;
     let mut m = meta(md, plan_config_map_name(md), "plan")?;
     m.annotations = Some(BTreeMap::from([(
         ANNOTATION_PLAN_HASH.to_string(),
         plan.hash.clone(),
     )]));
+    let mut data = BTreeMap::from([(HASH_KEY.to_string(), plan.hash.clone())]);
+    let mut binary_data = None;
+    match packed {
+        Packed::Json(json) => {
+            data.insert(PLAN_KEY.to_string(), json);
+        }
+        Packed::Gzip(gz) => {
+            binary_data = Some(BTreeMap::from([(PLAN_KEY.to_string(), ByteString(gz))]));
+        }
+    }
     Ok(ConfigMap {
         metadata: m,
-        data: Some(BTreeMap::from([
-            (PLAN_KEY.to_string(), json),
-            (HASH_KEY.to_string(), plan.hash.clone()),
-        ])),
+        data: Some(data),
+        binary_data,
         ..Default::default()
     })
+}
+
+/// The plan stored in a plan ConfigMap (as [`plan_config_map`] writes it), if it holds one.
+pub fn stored_plan(cm: &ConfigMap) -> Option<Result<ExpertPlan, String>> {
+    let bytes: &[u8] = match (&cm.data, &cm.binary_data) {
+        (Some(d), _) if d.contains_key(PLAN_KEY) => d[PLAN_KEY].as_bytes(),
+        (_, Some(b)) if b.contains_key(PLAN_KEY) => &b[PLAN_KEY].0,
+        _ => return None,
+    };
+    Some(
+        packed::unpack(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string())),
+    )
 }
 
 /// `<name>-admin-token`: the bearer token of the workers' admin API.

@@ -10,6 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::{Api, Client};
+use tokio::time::Instant;
 
 /// Lease timing.
 #[derive(Clone, Debug)]
@@ -92,40 +93,61 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, ku
     }
 }
 
-/// Wait until this process holds the Lease.
-pub async fn acquire(client: Client, cfg: &LeaseConfig) {
+/// Wait until this process holds the Lease. Returns when the winning request was sent: the Lease
+/// counts from then.
+pub async fn acquire(client: Client, cfg: &LeaseConfig) -> Instant {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     loop {
-        match try_acquire(&api, cfg).await {
-            Ok(true) => return,
-            Ok(false) => tracing::debug!(lease = %cfg.name, "standby: the Lease is held"),
-            Err(e) => tracing::warn!(error = %e, lease = %cfg.name, "Lease request failed"),
+        let sent = Instant::now();
+        // A request that hangs must not hold a standby back from a free Lease forever.
+        match tokio::time::timeout(cfg.duration, try_acquire(&api, cfg)).await {
+            Ok(Ok(true)) => return sent,
+            Ok(Ok(false)) => tracing::debug!(lease = %cfg.name, "standby: the Lease is held"),
+            Ok(Err(e)) => tracing::warn!(error = %e, lease = %cfg.name, "Lease request failed"),
+            Err(_) => tracing::warn!(lease = %cfg.name, "Lease request timed out"),
         }
         tokio::time::sleep(cfg.renew).await;
     }
 }
 
-/// Renew until a renewal fails for longer than the lease duration (or another holder took it);
-/// returns then, and the caller stops acting.
-pub async fn hold(client: Client, cfg: LeaseConfig) {
+/// How long the next renewal may take, given the time since the last successful one was sent:
+/// until the Lease would expire, less a margin for stopping. `None` when that time is up, and the
+/// leader must stop acting now, before another replica may take the Lease.
+pub fn renew_deadline(since_last_renewal: Duration, cfg: &LeaseConfig) -> Option<Duration> {
+    let margin = cfg.renew / 2;
+    cfg.duration
+        .checked_sub(since_last_renewal)?
+        .checked_sub(margin)
+        .filter(|d| !d.is_zero())
+}
+
+/// Renew every `renew` while leading, from `acquired` (when the winning request was sent). Returns
+/// when another holder took the Lease, or when no renewal could complete before the Lease would
+/// expire (each request runs under that deadline, so a frozen API server cannot keep a stale
+/// leader acting); the caller then stops acting at once.
+pub async fn hold(client: Client, cfg: LeaseConfig, acquired: Instant) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
-    let mut last_ok = tokio::time::Instant::now();
+    let mut last_ok = acquired;
     loop {
         tokio::time::sleep(cfg.renew).await;
-        match try_acquire(&api, &cfg).await {
-            Ok(true) => last_ok = tokio::time::Instant::now(),
-            Ok(false) => {
+        let Some(deadline) = renew_deadline(last_ok.elapsed(), &cfg) else {
+            tracing::error!(lease = %cfg.name, "could not renew the Lease in time");
+            return;
+        };
+        let sent = Instant::now();
+        match tokio::time::timeout(deadline, try_acquire(&api, &cfg)).await {
+            Ok(Ok(true)) => last_ok = sent,
+            Ok(Ok(false)) => {
                 tracing::error!(lease = %cfg.name, "lost the Lease to another holder");
                 return;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "renewing the Lease failed");
-                // Stop before the Lease can expire and another replica take it.
-                if last_ok.elapsed() + cfg.renew >= cfg.duration {
-                    tracing::error!(lease = %cfg.name, "could not renew the Lease in time");
-                    return;
-                }
-            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewing the Lease failed"),
+            Err(_) => tracing::warn!(?deadline, "renewing the Lease timed out"),
+        }
+        if renew_deadline(last_ok.elapsed() + cfg.renew, &cfg).is_none() {
+            // The next attempt would start too late to matter: stop now.
+            tracing::error!(lease = %cfg.name, "could not renew the Lease in time");
+            return;
         }
     }
 }
@@ -141,6 +163,28 @@ mod tests {
             lease_duration_seconds: Some(dur),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn renewals_run_under_the_time_left_on_the_lease() {
+        let cfg = LeaseConfig {
+            namespace: "n".into(),
+            name: "l".into(),
+            identity: "a".into(),
+            duration: Duration::from_secs(15),
+            renew: Duration::from_secs(5),
+        };
+        let s = Duration::from_secs;
+        assert_eq!(
+            renew_deadline(s(5), &cfg),
+            Some(Duration::from_millis(7500))
+        );
+        assert_eq!(
+            renew_deadline(s(12), &cfg),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(renew_deadline(Duration::from_millis(12_500), &cfg), None);
+        assert_eq!(renew_deadline(s(40), &cfg), None);
     }
 
     #[test]

@@ -21,13 +21,16 @@ use serde::Serialize;
 
 use super::build::{
     self, admin_secret_name, plan_config_map_name, Desired, ANNOTATION_SPEC_HASH, FIELD_MANAGER,
-    LABEL_DEPLOYMENT, PLAN_KEY, TOKEN_KEY,
+    LABEL_DEPLOYMENT, TOKEN_KEY,
 };
 use super::initial_load::initial_load_window;
 use super::load::{ScrapeWindow, WorkerSample};
 use super::replan::{decide, Current};
-use super::rollout::{next_step, RolloutGoal, Step, WorkerState, ANNOTATION_TARGET_PLAN};
-use super::scrape::{prometheus_query, put_plan, sample_from_prometheus, scrape_worker};
+use super::rollout::{
+    next_step, RolloutGoal, Step, WorkerState, ANNOTATION_PUSH_REJECTED, ANNOTATION_TARGET_PLAN,
+    ANNOTATION_TARGET_SINCE,
+};
+use super::scrape::{prometheus_query, put_plan, sample_from_prometheus, scrape_worker, HttpError};
 use super::status::{plan_status, set_condition, workers_status};
 use super::telemetry::Metrics;
 use crate::api::units::{parse_duration, parse_quantity};
@@ -43,6 +46,9 @@ use crate::plan::{Algorithm, ExpertPlan, LoadWindow, Topology};
 
 /// Timeout of one worker or Prometheus request.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for how long an in-place push may take (loading the experts a plan adds, on the
+/// slowest storage we expect) before the worker is replaced instead.
+pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(600);
 /// Requeue while a rollout or start-up is in progress.
 const BUSY_REQUEUE: Duration = Duration::from_secs(2);
 
@@ -83,6 +89,8 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// How long an in-place push may stay in flight before its pod is replaced.
+    pub push_timeout: Duration,
     tracked: Mutex<HashMap<String, Tracked>>,
 }
 
@@ -99,6 +107,7 @@ impl Context {
             client,
             recorder,
             metrics,
+            push_timeout: DEFAULT_PUSH_TIMEOUT,
             tracked: Mutex::new(HashMap::new()),
         }
     }
@@ -230,13 +239,6 @@ fn window_batches(md: &MoEDeployment, interval: Duration) -> usize {
     }
 }
 
-fn pod_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 fn pod_ip(p: &Pod) -> Option<String> {
     p.status
         .as_ref()
@@ -328,8 +330,8 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
     let current: Option<ExpertPlan> = cms
         .get_opt(&plan_config_map_name(md))
         .await?
-        .and_then(|cm| cm.data.and_then(|mut d| d.remove(PLAN_KEY)))
-        .and_then(|json| serde_json::from_str::<ExpertPlan>(&json).ok())
+        .and_then(|cm| build::stored_plan(&cm))
+        .and_then(Result::ok)
         .filter(|p| build::check_plan(md, p).is_ok());
 
     // No plan yet and an initial load in the spec: the first plan comes from it. A trace that
@@ -387,13 +389,14 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         gen,
         &now,
     );
-    let token = secrets
+    let stored_token = secrets
         .get_opt(&admin_secret_name(md))
         .await?
         .and_then(|s| s.data.and_then(|mut d| d.remove(TOKEN_KEY)))
         .and_then(|b| String::from_utf8(b.0).ok())
-        .filter(|t| !t.is_empty())
-        .unwrap_or_else(build::new_admin_token);
+        .filter(|t| !t.is_empty());
+    let minted = stored_token.is_none();
+    let token = stored_token.unwrap_or_else(build::new_admin_token);
 
     let pods: Vec<Pod> = pods_api
         .list(&ListParams::default().labels(&format!("{LABEL_DEPLOYMENT}={name}")))
@@ -406,6 +409,22 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
                 .any(|o| Some(&o.uid) == md.metadata.uid.as_ref())
         })
         .collect();
+    if minted && !pods.is_empty() {
+        // Never rotate silently: running workers hold the old token until they re-read the
+        // Secret's file; a worker that refuses a push with it is replaced (PlanPushRefused).
+        event(
+            ctx,
+            md,
+            true,
+            "AdminTokenRotated",
+            format!(
+                "Secret {} was missing: minted a new admin token; workers re-read it from their \
+                 mounted Secret, and those that refuse a plan push with it are replaced",
+                admin_secret_name(md)
+            ),
+        )
+        .await;
+    }
 
     // Load: scrape every worker each time (also how readiness and plan hashes are confirmed),
     // and feed the window once per metrics interval.
@@ -671,7 +690,32 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
     );
 
     // Build and apply the owned objects (the ConfigMap first, so replaced pods start on it).
-    let desired: Desired = build::build(md, &plan, &token)?;
+    let desired: Desired = match build::build(md, &plan, &token) {
+        Ok(d) => d,
+        // A plan that cannot be stored (too large for its ConfigMap) holds the deployment back
+        // with the limit named, as an invalid spec does; the pods keep the plan they have.
+        Err(e @ build::BuildError::PlanTooLarge(_)) => {
+            let msg = e.to_string();
+            for kind in ["Degraded", "Ready"] {
+                set_condition(
+                    &mut status.conditions,
+                    kind,
+                    kind == "Degraded",
+                    "PlanTooLarge",
+                    &msg,
+                    gen,
+                    &now,
+                );
+            }
+            status.observed_generation = gen;
+            if status != old_status {
+                event(ctx, md, true, "PlanTooLarge", msg).await;
+                patch_status(&mds, &name, &status).await?;
+            }
+            return Ok(Action::requeue(Duration::from_secs(300)));
+        }
+        Err(e) => return Err(e.into()),
+    };
     apply(&cms, &desired.plan_config_map).await?;
     apply(&secrets, &desired.admin_secret).await?;
     apply(
@@ -689,11 +733,10 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
     let workers: Vec<WorkerState> = pods
         .iter()
         .filter_map(|p| {
+            // Readiness is the pod's Ready condition (the kubelet probes `/readyz`); a scrape
+            // that fails (a changed metrics port, a network blip) says nothing about serving.
             let s = scraped.get(&p.name_any());
-            let mut w = WorkerState::from_pod(p, s.and_then(|s| s.plan_hash.as_deref()))?;
-            // A process that does not answer is not ready, whatever the pod condition says.
-            w.ready = w.ready && pod_ready(p) && s.is_some_and(|s| s.plan_hash.is_some());
-            Some(w)
+            WorkerState::from_pod(p, s.and_then(|s| s.plan_hash.as_deref()))
         })
         .collect();
     let goal = RolloutGoal {
@@ -711,6 +754,8 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
             .collect(),
         strategy: md.spec.rollout.strategy,
         max_unavailable: md.spec.rollout.max_unavailable.max(1) as u32,
+        push_timeout_s: i64::try_from(ctx.push_timeout.as_secs()).unwrap_or(i64::MAX),
+        now_s: wall_s() as i64,
     };
     let step = next_step(&goal, &workers);
     execute(ctx, md, &pods_api, &pods, &desired, &plan, &token, &step).await?;
@@ -724,12 +769,15 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         total: nodes as i32,
     });
     ctx.metrics.set_rollout(&key, step.updated, nodes);
-    let ready_msg = format!(
+    let mut ready_msg = format!(
         "{}/{} workers ready on plan {}",
         step.updated,
         nodes,
         plan.short_hash()
     );
+    if !step.waiting.is_empty() {
+        ready_msg.push_str(&format!("; waiting for: {}", step.waiting_summary(8)));
+    }
     set_condition(
         &mut status.conditions,
         "Ready",
@@ -786,6 +834,24 @@ async fn execute(
             })
             .collect()
     };
+    for &rank in &step.expired {
+        for p in by_rank(rank) {
+            event_about(
+                ctx,
+                md,
+                Some(p),
+                true,
+                "PlanPushExpired",
+                format!(
+                    "{} did not take plan {} in place (refused, or in flight past {:?}): replacing it",
+                    p.name_any(),
+                    plan.short_hash(),
+                    ctx.push_timeout
+                ),
+            )
+            .await;
+        }
+    }
     for &rank in &step.delete {
         for p in by_rank(rank)
             .into_iter()
@@ -825,8 +891,12 @@ async fn execute(
         for p in by_rank(rank) {
             let Some(ip) = pod_ip(p) else { continue };
             if step.push.contains(&rank) {
-                // Record the target before the PUT so a restarted operator knows a push is on.
-                let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_TARGET_PLAN: plan.hash}}});
+                // Record the target before the PUT so a restarted operator knows a push is on,
+                // and when it began, so that a push that never completes expires.
+                let patch = serde_json::json!({"metadata": {"annotations": {
+                    ANNOTATION_TARGET_PLAN: plan.hash,
+                    ANNOTATION_TARGET_SINCE: format!("{:.0}", wall_s()),
+                }}});
                 pods_api
                     .patch(
                         &p.name_any(),
@@ -850,12 +920,37 @@ async fn execute(
                     }
                 }
                 Err(e) => {
+                    let refused = matches!(
+                        e,
+                        HttpError::Status {
+                            status: 401 | 403,
+                            ..
+                        }
+                    );
+                    if refused {
+                        // The worker holds another admin token (the Secret was re-created): it
+                        // will never take this push. Recorded so that the rollout replaces it.
+                        let patch = serde_json::json!({"metadata": {"annotations": {
+                            ANNOTATION_PUSH_REJECTED: plan.hash,
+                        }}});
+                        pods_api
+                            .patch(
+                                &p.name_any(),
+                                &PatchParams::default(),
+                                &Patch::Merge(&patch),
+                            )
+                            .await?;
+                    }
                     event_about(
                         ctx,
                         md,
                         Some(p),
                         true,
-                        "PlanPushFailed",
+                        if refused {
+                            "PlanPushRefused"
+                        } else {
+                            "PlanPushFailed"
+                        },
                         format!("{}: {e}", p.name_any()),
                     )
                     .await;
@@ -886,12 +981,14 @@ async fn patch_status(
 }
 
 /// Run the controller until `shutdown` resolves.
+/// `watch_client` serves the watches (long polls); reconciles use the context's client.
 pub async fn run_controller(
     ctx: Arc<Context>,
+    watch_client: Client,
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
+    let client = watch_client;
     let (mds, pods, cms): (Api<MoEDeployment>, Api<Pod>, Api<ConfigMap>) = match &namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),

@@ -17,6 +17,13 @@
 //!   `PUT`, and is in flight until the worker's `moe_worker_plan_info` reports the hash. Re-sending
 //!   the `PUT` for an in-flight push is safe (the worker treats the same plan as a no-op or joins
 //!   the load in progress), which is how a restarted operator finishes one.
+//! - A push expires: when the worker refused it (its token differs, recorded in
+//!   [`ANNOTATION_PUSH_REJECTED`]) or it has been in flight longer than the push timeout (since
+//!   [`ANNOTATION_TARGET_SINCE`]), the pod is replaced. It is already counted unavailable, so the
+//!   replacement costs no budget, and the new pod starts on the plan ConfigMap's plan.
+//! - Availability is the pod's Ready condition (the kubelet's readiness probe on `/readyz`), never
+//!   whether the operator's own scrape reached the worker: a scrape outage must not make every
+//!   worker look down and so free to replace.
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -25,6 +32,10 @@ use crate::api::RolloutStrategy;
 
 /// Annotation written on a worker pod just before its plan is pushed in place.
 pub const ANNOTATION_TARGET_PLAN: &str = "moe.craft.dev/target-plan-hash";
+/// When the push of [`ANNOTATION_TARGET_PLAN`] began (seconds since the Unix epoch).
+pub const ANNOTATION_TARGET_SINCE: &str = "moe.craft.dev/target-plan-since";
+/// The plan hash whose push the worker refused (401/403: it holds another admin token).
+pub const ANNOTATION_PUSH_REJECTED: &str = "moe.craft.dev/push-rejected";
 
 /// What the cluster shows of one worker pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +52,10 @@ pub struct WorkerState {
     pub spec_hash: Option<String>,
     /// The pod's [`ANNOTATION_TARGET_PLAN`] annotation.
     pub target_plan_hash: Option<String>,
+    /// The pod's [`ANNOTATION_TARGET_SINCE`] annotation, in seconds since the Unix epoch.
+    pub push_since_s: Option<i64>,
+    /// The pod's [`ANNOTATION_PUSH_REJECTED`] annotation.
+    pub push_rejected: Option<String>,
 }
 
 impl WorkerState {
@@ -71,6 +86,8 @@ impl WorkerState {
                 .or_else(|| ann(ANNOTATION_PLAN_HASH)),
             spec_hash: ann(ANNOTATION_SPEC_HASH),
             target_plan_hash: ann(ANNOTATION_TARGET_PLAN),
+            push_since_s: ann(ANNOTATION_TARGET_SINCE).and_then(|v| v.parse::<i64>().ok()),
+            push_rejected: ann(ANNOTATION_PUSH_REJECTED),
         })
     }
 }
@@ -83,6 +100,10 @@ pub struct RolloutGoal {
     pub spec_hashes: Vec<String>,
     pub strategy: RolloutStrategy,
     pub max_unavailable: u32,
+    /// How long an in-place push may stay in flight before the pod is replaced, in seconds.
+    pub push_timeout_s: i64,
+    /// The time the step is decided at (seconds since the Unix epoch).
+    pub now_s: i64,
 }
 
 impl RolloutGoal {
@@ -103,6 +124,11 @@ pub struct Step {
     pub push: Vec<u32>,
     /// Ranks with a push in flight (safe to re-send if it seems lost).
     pub in_flight: Vec<u32>,
+    /// Ranks whose push expired (refused or timed out): their pod is in `delete` too.
+    pub expired: Vec<u32>,
+    /// Why each desired rank that is not yet ready on the desired spec and plan is not, in rank
+    /// order: what the rollout waits for, for status messages.
+    pub waiting: Vec<(u32, &'static str)>,
     /// Desired ranks ready on the desired spec and plan.
     pub updated: u32,
     /// Whether every rank is ready on the desired spec and plan, with no extra pods.
@@ -113,6 +139,23 @@ impl Step {
     /// Nothing to do now but wait for pods or pushes to progress.
     pub fn is_wait(&self) -> bool {
         !self.done && self.delete.is_empty() && self.create.is_empty() && self.push.is_empty()
+    }
+}
+
+impl Step {
+    /// What the rollout waits for, e.g. `rank 1 starting (not Ready yet); rank 3 plan push in
+    /// flight`, at most `max` ranks named (the rest counted).
+    pub fn waiting_summary(&self, max: usize) -> String {
+        let mut parts: Vec<String> = self
+            .waiting
+            .iter()
+            .take(max)
+            .map(|(r, why)| format!("rank {r} {why}"))
+            .collect();
+        if self.waiting.len() > max {
+            parts.push(format!("{} more", self.waiting.len() - max));
+        }
+        parts.join("; ")
     }
 }
 
@@ -145,6 +188,16 @@ fn plan_current(goal: &RolloutGoal, w: &WorkerState) -> bool {
 
 fn pushing(goal: &RolloutGoal, w: &WorkerState) -> bool {
     w.target_plan_hash.as_deref() == Some(goal.plan_hash.as_str()) && !plan_current(goal, w)
+}
+
+/// A push in flight that will not complete: the worker refused this plan's push, or it has been
+/// in flight past the timeout. A push without a start time (written by an older operator) only
+/// expires when refused.
+fn push_expired(goal: &RolloutGoal, w: &WorkerState) -> bool {
+    pushing(goal, w)
+        && (w.push_rejected.as_deref() == Some(goal.plan_hash.as_str())
+            || w.push_since_s
+                .is_some_and(|t| goal.now_s.saturating_sub(t) > goal.push_timeout_s))
 }
 
 /// Whether a desired rank's worker counts as unavailable.
@@ -186,9 +239,15 @@ pub fn next_step(goal: &RolloutGoal, workers: &[WorkerState]) -> Step {
                 if total < goal.nodes() {
                     step.create.push(rank);
                     total += 1;
+                    step.waiting.push((rank, "being created"));
+                } else {
+                    step.waiting.push((
+                        rank,
+                        "missing; waiting for a terminating pod to free its GPU",
+                    ));
                 }
             }
-            (_, 0) => {} // terminating: wait for it to go before creating its successor
+            (_, 0) => step.waiting.push((rank, "terminating")), // its successor comes after
             (_, 1) if pods.len() == 1 => {
                 let w = live[0];
                 let current = spec_current(goal, w) && plan_current(goal, w);
@@ -197,7 +256,8 @@ pub fn next_step(goal: &RolloutGoal, workers: &[WorkerState]) -> Step {
                     continue;
                 }
                 if current {
-                    continue; // starting up on the desired spec and plan
+                    step.waiting.push((rank, "starting (not Ready yet)"));
+                    continue;
                 }
                 let is_down = unavailable(goal, pods);
                 let recreate = !spec_current(goal, w) || goal.strategy == RolloutStrategy::Recreate;
@@ -205,17 +265,36 @@ pub fn next_step(goal: &RolloutGoal, workers: &[WorkerState]) -> Step {
                     // Replacing a pod that is already down costs no availability.
                     if is_down {
                         step.delete.push(rank);
+                        step.waiting.push((rank, "not Ready; being replaced"));
                     } else if down < budget {
                         step.delete.push(rank);
                         down += 1;
+                        step.waiting.push((rank, "being replaced"));
+                    } else {
+                        step.waiting
+                            .push((rank, "outdated; waiting for the maxUnavailable budget"));
                     }
+                } else if push_expired(goal, w) {
+                    // Already counted down: replacing it costs no budget.
+                    step.delete.push(rank);
+                    step.expired.push(rank);
+                    step.waiting
+                        .push((rank, "plan push refused or timed out; being replaced"));
                 } else if pushing(goal, w) {
                     step.in_flight.push(rank);
+                    step.waiting.push((rank, "plan push in flight"));
                 } else if w.ready && down < budget {
                     step.push.push(rank);
                     down += 1;
+                    step.waiting.push((rank, "plan being pushed"));
+                } else if w.ready {
+                    step.waiting
+                        .push((rank, "old plan; waiting for the maxUnavailable budget"));
+                } else {
+                    // A not-ready pod on the right spec gets its plan once it is ready.
+                    step.waiting
+                        .push((rank, "not Ready; gets the plan once Ready"));
                 }
-                // A not-ready pod on the right spec gets its plan once it is ready.
             }
             _ => {
                 // Several live pods claim this rank (a stray copy): keep the first current one,
@@ -230,6 +309,8 @@ pub fn next_step(goal: &RolloutGoal, workers: &[WorkerState]) -> Step {
                         step.delete.push(rank);
                     }
                 }
+                step.waiting
+                    .push((rank, "several pods claim this rank; deleting extras"));
             }
         }
     }
@@ -250,6 +331,8 @@ mod tests {
             spec_hashes: (0..nodes).map(|r| format!("spec{r}")).collect(),
             strategy,
             max_unavailable,
+            push_timeout_s: 600,
+            now_s: 10_000,
         }
     }
 
@@ -261,6 +344,8 @@ mod tests {
             plan_hash: Some(plan.into()),
             spec_hash: Some(format!("spec{rank}")),
             target_plan_hash: None,
+            push_since_s: None,
+            push_rejected: None,
         }
     }
 
@@ -391,6 +476,67 @@ mod tests {
         assert_eq!(next_step(&g, &ws).delete, [2]);
     }
 
+    #[test]
+    fn the_step_says_what_it_waits_for() {
+        let g = goal(4, RolloutStrategy::InPlace, 1);
+        let mut ws: Vec<_> = (0..4).map(|r| worker(r, "old")).collect();
+        ws[0].plan_hash = Some("new".into());
+        ws[1].target_plan_hash = Some("new".into());
+        ws[2].ready = false;
+        ws.remove(3);
+        let s = next_step(&g, &ws);
+        assert_eq!(
+            s.waiting_summary(8),
+            "rank 1 plan push in flight; rank 2 not Ready; gets the plan once Ready; \
+             rank 3 being created"
+        );
+        assert_eq!(s.waiting_summary(1), "rank 1 plan push in flight; 2 more");
+        assert!(
+            next_step(&g, &(0..4).map(|r| worker(r, "new")).collect::<Vec<_>>())
+                .waiting
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn refused_or_stale_pushes_expire_into_a_replacement() {
+        let g = goal(3, RolloutStrategy::InPlace, 1);
+        let mut ws: Vec<_> = (0..3).map(|r| worker(r, "old")).collect();
+        ws[1].target_plan_hash = Some("new".into());
+        ws[1].push_since_s = Some(g.now_s - 60);
+        assert_eq!(next_step(&g, &ws).in_flight, [1]);
+        // The worker answered 401: it holds another token and will never take this push.
+        ws[1].push_rejected = Some("new".into());
+        let s = next_step(&g, &ws);
+        assert_eq!(
+            (s.delete.as_slice(), s.expired.as_slice()),
+            (&[1][..], &[1][..])
+        );
+        assert!(
+            s.push.is_empty(),
+            "the budget stays with the rank being replaced"
+        );
+        // A refusal of an older plan does not expire this push, but the timeout does.
+        ws[1].push_rejected = Some("older".into());
+        assert!(next_step(&g, &ws).expired.is_empty());
+        ws[1].push_since_s = Some(g.now_s - 601);
+        assert_eq!(next_step(&g, &ws).expired, [1]);
+    }
+
+    #[test]
+    fn a_spec_rollout_with_every_scrape_failing_replaces_one_pod_at_a_time() {
+        // The probe of issue 19: the metrics port changed, so scrapes of the old pods fail; their
+        // Ready condition still says they serve. Plan hashes fall back to the pods' annotations.
+        let g = goal(2, RolloutStrategy::InPlace, 1);
+        let mut ws: Vec<_> = (0..2).map(|r| worker(r, "new")).collect();
+        for w in &mut ws {
+            w.spec_hash = Some("old-ports".into());
+        }
+        assert_eq!(next_step(&g, &ws).delete, [0]);
+        ws[0].terminating = true;
+        assert!(next_step(&g, &ws).delete.is_empty());
+    }
+
     /// A simulated cluster that the step's actions are applied to.
     #[derive(Clone, Debug)]
     struct Sim {
@@ -422,6 +568,8 @@ mod tests {
                     plan_hash: Some(goal.plan_hash.clone()),
                     spec_hash: Some(goal.spec_hashes[rank as usize].clone()),
                     target_plan_hash: None,
+                    push_since_s: None,
+                    push_rejected: None,
                 });
             }
             for &rank in &s.push {
@@ -480,19 +628,24 @@ mod tests {
                 Just(Some("stale".to_string()))
             ],
             prop::bool::weighted(0.1),
+            prop::bool::weighted(0.1),
         )
             .prop_map(
-                |(rank, ready, plan_hash, spec_ok, target_plan_hash, terminating)| WorkerState {
-                    rank,
-                    terminating,
-                    ready,
-                    plan_hash,
-                    spec_hash: Some(if spec_ok {
-                        format!("spec{rank}")
-                    } else {
-                        "old-spec".into()
-                    }),
-                    target_plan_hash,
+                |(rank, ready, plan_hash, spec_ok, target_plan_hash, terminating, rejected)| {
+                    WorkerState {
+                        rank,
+                        terminating,
+                        ready,
+                        plan_hash,
+                        spec_hash: Some(if spec_ok {
+                            format!("spec{rank}")
+                        } else {
+                            "old-spec".into()
+                        }),
+                        target_plan_hash,
+                        push_since_s: None,
+                        push_rejected: rejected.then(|| "new".to_string()),
+                    }
                 },
             )
     }

@@ -160,6 +160,8 @@ mod tests {
             plan_hash: None,
             spec_hash: None,
             target_plan_hash: None,
+            push_since_s: None,
+            push_rejected: None,
         };
         let ws = [w(0, true), w(1, false), w(5, true)];
         let s = workers_status(
