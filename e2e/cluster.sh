@@ -380,14 +380,19 @@ EOF
     # Node leases: without them kwok sends no heartbeat for over a minute, the node lifecycle
     # controller (grace period 60 s) marks the nodes not ready and sets every pod's Ready to False, and
     # nothing sets it back (there is no kubelet), so a plane older than a minute had no ready pods.
+    # kwok leaves process-backed pods entirely to moe-e2e-pods (their status, IPs and deletion):
+    # its pod-ready stage would call them Ready before their process has loaded anything, and keep
+    # them Ready after it died.
     start kwok "$bin/kwok" --kubeconfig "$KUBECONFIG_ADMIN" \
         --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake --node-lease-duration-seconds 40 \
+        --disregard-status-with-label-selector moe.craft.dev/process-backed=true \
         --cidr "127.$POD_OCTET.255.0/24" --node-ip 127.0.0.1 \
         --server-address "127.0.0.1:$KWOK_PORT"
-    # moe-e2e-pods finds its state dir from MOE_E2E_STATE, which it also passes to every pod process
+    # moe-e2e-pods, the kubelet of process-backed pods, hands out IPs from its own /24 (apart from
+    # kwok's). It finds its state dir from MOE_E2E_STATE, which it also passes to every pod process
     # (so `down` can recognise stray ones).
     start moe-e2e-pods env MOE_E2E_STATE="$STATE" "$pods" --kubeconfig "$KUBECONFIG_ADMIN" \
-        --pods-dir "$STATE/pods"
+        --pods-dir "$STATE/pods" --pod-cidr "127.$POD_OCTET.254.0/24" --host-ip 127.0.0.1
 
     "$bin/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" apply -f <(nodes_yaml) > /dev/null \
         || die "creating the fake nodes failed"

@@ -1,23 +1,38 @@
-//! moe-e2e-pods: gives kwok's fake pods real local processes, for the local control plane
-//! (e2e/cluster.sh starts it).
+//! moe-e2e-pods: the kubelet of the local control plane's process-backed pods (e2e/cluster.sh
+//! starts it; kwok is told to leave these pods alone with `--disregard-status-with-label-selector`).
 //!
-//! A pod that carries the label `moe.craft.dev/process-backed: "true"` gets, once kwok has scheduled it
-//! and given it an IP (kwok pod IPs are inside 127.0.0.0/8, so they are loopback addresses), its first
-//! container's `command` + `args` started as a local process, with:
-//! - the container's `env` and `envFrom` (values, ConfigMap and Secret key references, `fieldRef`),
-//!   `$(VAR)` references expanded as the kubelet does, plus `POD_IP`, `POD_NAME`, `POD_NAMESPACE` and
-//!   `POD_ROOT`;
-//! - its volumes (ConfigMap, Secret, projected incl. a service-account token, downwardAPI, emptyDir,
-//!   hostPath) materialised under `<pods-dir>/<ns>_<name>/volumes/<volume>`, each mount path
-//!   `/a/b` reachable as `$POD_ROOT/a/b` (a symlink to the volume); command, args, env values and
-//!   workingDir that name a path under a mount path are rewritten to that host path;
-//! - stdout and stderr appended to `<pods-dir>/<ns>_<name>/log`, its pid in `.../pid`, its exit status
-//!   in `.../exit`.
+//! A pod that carries the label `moe.craft.dev/process-backed: "true"` gets, once the scheduler has
+//! bound it to a node:
+//! - an IP from this launcher's own loopback /24 (`--pod-cidr`; any 127.x.y.z is bindable locally),
+//!   unique among its live pods, and a status written as a kubelet writes it: phase, podIP(s),
+//!   hostIP, startTime, the Initialized/ContainersReady/Ready conditions and containerStatuses;
+//! - its first container's `command` + `args` started as a local process, with the container's
+//!   `env` and `envFrom` (values, ConfigMap and Secret key references, `fieldRef`), `$(VAR)`
+//!   references expanded as the kubelet does, plus `POD_IP`, `POD_NAME`, `POD_NAMESPACE` and
+//!   `POD_ROOT`; its volumes (ConfigMap, Secret, projected incl. a service-account token,
+//!   downwardAPI, emptyDir, hostPath) materialised under `<pods-dir>/<ns>_<name>/volumes/<volume>`,
+//!   each mount path `/a/b` reachable as `$POD_ROOT/a/b` (a symlink to the volume); command, args,
+//!   env values and workingDir that name a path under a mount path are rewritten to that host path;
+//!   stdout and stderr appended to `<pods-dir>/<ns>_<name>/log`, its pid in `.../pid`, its last
+//!   exit status in `.../exit`;
+//! - its readiness probe (httpGet or tcpSocket, with periodSeconds, timeoutSeconds,
+//!   successThreshold, failureThreshold, initialDelaySeconds) run against the process: Ready is
+//!   False until the probe passes and turns False again after failureThreshold failed periods
+//!   (a stopped or dead process), as on a real node. Without a probe Ready follows "running";
+//! - restarts of an exited process under restartPolicy Always/OnFailure, after a back-off of 1 s
+//!   doubling to 10 s (Ready False meanwhile, restartCount counted); under Never (or OnFailure
+//!   after exit 0) the pod ends Succeeded/Failed;
+//! - ConfigMap, Secret and downwardAPI volume contents re-synced every `--volume-sync-seconds`
+//!   (the kubelet does it about once a minute), each file replaced atomically, so a rotated Secret
+//!   reaches a running process;
+//! - on deletion (deletionTimestamp set): SIGTERM to the process group, SIGKILL after the pod's
+//!   grace period (at most `--max-grace-seconds`), then the pod deleted with gracePeriodSeconds=0,
+//!   as a kubelet does once its containers are gone.
 //!
-//! The process runs in its own process group; it is sent SIGTERM (then SIGKILL after the pod's grace
-//! period, at most `--max-grace-seconds`) when the pod is terminating or deleted, or when this launcher
-//! gets SIGTERM/SIGINT. `command[0]` without a `/` is looked up on PATH (the pod's PATH if its env sets
-//! one, else this launcher's). A process that exits is not restarted.
+//! Liveness and startup probes are not run. `command[0]` without a `/` is looked up on PATH (the
+//! pod's PATH if its env sets one, else this launcher's). On SIGTERM/SIGINT the launcher stops
+//! every process and leaves the pods as they are. Every API call has a deadline, and status that
+//! could not be written (the API server away) is written again until the API shows it.
 
 mod spec;
 
@@ -28,21 +43,40 @@ use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, DownwardAPIVolumeFile, EnvVar, Pod, Secret, ServiceAccount, Volume,
 };
-use kube::api::PostParams;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Config, ResourceExt};
-use spec::{Want, OPT_IN_LABEL};
+use spec::{ContainerState, IpPool, PodView, ProbeCheck, ProbeSpec, Readiness, Want, OPT_IN_LABEL};
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// Deadline of one API call; the API server may be paused (the chaos test stops it), and a call
+/// that never returns would stall a pod's kubelet loop.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// Restart back-off: first delay, and the cap it doubles up to.
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A process that ran this long restarts after the first delay again.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+/// How often a pod's loop looks at what is due (probes, restarts, status writes).
+const TICK: Duration = Duration::from_millis(100);
+/// How long a status the API does not show yet is left before it is written again.
+const STATUS_RECHECK: Duration = Duration::from_secs(2);
 
 #[derive(Parser, Debug)]
-#[command(about = "Runs opted-in kwok pods as local processes bound to their (loopback) pod IPs")]
+#[command(
+    about = "The kubelet of process-backed pods: runs them as local processes on loopback pod IPs"
+)]
 struct Args {
     /// Kubeconfig of the control plane.
     #[arg(long, env = "KUBECONFIG")]
@@ -50,22 +84,21 @@ struct Args {
     /// Directory that gets one `<namespace>_<name>` directory per pod.
     #[arg(long)]
     pods_dir: PathBuf,
+    /// The loopback /24 pod IPs come from (keep it apart from kwok's --cidr).
+    #[arg(long)]
+    pod_cidr: String,
+    /// The pods' status.hostIP (kwok's --node-ip).
+    #[arg(long, default_value = "127.0.0.1")]
+    host_ip: String,
     /// Upper bound on the SIGTERM -> SIGKILL grace period, whatever the pod asks for.
     #[arg(long, default_value_t = 10)]
     max_grace_seconds: u64,
     /// How often pods whose start failed (e.g. a missing Secret) are retried.
     #[arg(long, default_value_t = 3)]
     retry_seconds: u64,
-}
-
-/// A pod's process (or its failed start, kept so it is retried on a timer, not on every event).
-struct Proc {
-    uid: String,
-    pid: Option<u32>,
-    grace: Duration,
-    /// Becomes true once the process has exited.
-    exited: watch::Receiver<bool>,
-    failed_at: Option<Instant>,
+    /// How often ConfigMap, Secret and downwardAPI volume contents are re-synced.
+    #[arg(long, default_value_t = 3)]
+    volume_sync_seconds: u64,
 }
 
 #[tokio::main]
@@ -78,6 +111,7 @@ async fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
+    let ips = IpPool::new(&args.pod_cidr).map_err(anyhow::Error::msg)?;
     let kc = Kubeconfig::read_from(&args.kubeconfig)
         .with_context(|| format!("reading --kubeconfig {}", args.kubeconfig.display()))?;
     let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
@@ -87,133 +121,173 @@ async fn main() -> Result<()> {
     tokio::fs::create_dir_all(&args.pods_dir)
         .await
         .with_context(|| format!("creating --pods-dir {}", args.pods_dir.display()))?;
-    let launcher = Launcher {
-        client: client.clone(),
+    let launcher = Arc::new(Launcher {
+        client,
         pods_dir: args.pods_dir.clone(),
+        host_ip: args.host_ip.clone(),
         max_grace: Duration::from_secs(args.max_grace_seconds),
+        retry: Duration::from_secs(args.retry_seconds.max(1)),
+        volume_sync: Duration::from_secs(args.volume_sync_seconds.max(1)),
         state_env: std::env::var("MOE_E2E_STATE").ok(),
-    };
-    launcher.run(Duration::from_secs(args.retry_seconds)).await
+        ips: Mutex::new(ips),
+    });
+    launcher.run().await
 }
 
 struct Launcher {
     client: Client,
     pods_dir: PathBuf,
+    host_ip: String,
     max_grace: Duration,
+    retry: Duration,
+    volume_sync: Duration,
     /// Passed to every process so `cluster.sh down` can recognise strays of this plane.
     state_env: Option<String>,
+    ips: Mutex<IpPool>,
+}
+
+/// The loop that acts as one pod's kubelet, and how to reach it.
+struct Entry {
+    uid: String,
+    /// The pod as last seen; None once it is gone from the API.
+    tx: watch::Sender<Option<Pod>>,
+    handle: JoinHandle<()>,
+}
+
+/// `fut` with [`API_TIMEOUT`], its error naming `what`.
+async fn api<T, E: std::fmt::Display>(
+    what: impl std::fmt::Display,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T> {
+    match tokio::time::timeout(API_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => bail!("{what}: {e}"),
+        Err(_) => bail!("{what}: no answer within {API_TIMEOUT:?}"),
+    }
+}
+
+fn uid_of(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap_or_default()
+}
+
+fn lock_ips(l: &Launcher) -> std::sync::MutexGuard<'_, IpPool> {
+    l.ips.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Launcher {
-    async fn run(&self, retry: Duration) -> Result<()> {
+    async fn run(self: Arc<Self>) -> Result<()> {
         let api: Api<Pod> = Api::all(self.client.clone());
         let cfg = watcher::Config::default().labels(&format!("{OPT_IN_LABEL}=true"));
-        let (store, writer) = reflector::store();
-        let mut events = reflector(writer, watcher(api, cfg))
-            .default_backoff()
-            .boxed();
-        let mut procs: HashMap<String, Proc> = HashMap::new();
-        let mut init_seen: Option<HashSet<String>> = None;
-        let mut stopping = tokio::task::JoinSet::new();
+        let mut events = watcher(api, cfg).default_backoff().boxed();
+        let mut entries: HashMap<String, Entry> = HashMap::new();
+        let mut detached: Vec<JoinHandle<()>> = Vec::new();
+        // A (re)list's pods, dispatched together at its end so that the IPs pods already carry
+        // are claimed before any new pod is given one.
+        let mut init: Option<Vec<Pod>> = None;
+        let (shutdown_tx, shutdown) = watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut tick = tokio::time::interval(retry);
+        let mut prune = tokio::time::interval(Duration::from_secs(5));
         info!(pods_dir = %self.pods_dir.display(), "watching pods labelled {OPT_IN_LABEL}=true");
         loop {
             tokio::select! {
                 ev = events.next() => match ev {
                     None => bail!("the pod watch stream ended"),
                     Some(Err(e)) => warn!("pod watch error (retrying with backoff): {e}"),
-                    Some(Ok(watcher::Event::Init)) => init_seen = Some(HashSet::new()),
-                    Some(Ok(watcher::Event::InitApply(pod))) => {
-                        if let Some(seen) = init_seen.as_mut() { seen.insert(key(&pod)); }
-                        self.sync(&pod, &mut procs, &mut stopping).await;
-                    }
+                    Some(Ok(watcher::Event::Init)) => init = Some(Vec::new()),
+                    Some(Ok(watcher::Event::InitApply(pod))) => match init.as_mut() {
+                        Some(buf) => buf.push(pod),
+                        None => self.dispatch(pod, &mut entries, &mut detached, &shutdown),
+                    },
                     Some(Ok(watcher::Event::InitDone)) => {
+                        let pods = init.take().unwrap_or_default();
+                        {
+                            let mut ips = lock_ips(&self);
+                            for p in &pods {
+                                if let Some(ip) = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
+                                    ips.reserve(ip, &uid_of(p));
+                                }
+                            }
+                        }
                         // Pods that went away while the watch was down.
-                        let seen = init_seen.take().unwrap_or_default();
+                        let seen: HashSet<String> = pods.iter().map(key).collect();
                         let gone: Vec<String> =
-                            procs.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+                            entries.keys().filter(|k| !seen.contains(*k)).cloned().collect();
                         for k in gone {
-                            if let Some(p) = procs.remove(&k) { stopping.spawn(stop(k, p)); }
+                            if let Some(e) = entries.remove(&k) {
+                                e.tx.send_replace(None);
+                                detached.push(e.handle);
+                            }
+                        }
+                        for p in pods {
+                            self.dispatch(p, &mut entries, &mut detached, &shutdown);
                         }
                     }
-                    Some(Ok(watcher::Event::Apply(pod))) => self.sync(&pod, &mut procs, &mut stopping).await,
+                    Some(Ok(watcher::Event::Apply(pod))) => {
+                        self.dispatch(pod, &mut entries, &mut detached, &shutdown)
+                    }
                     Some(Ok(watcher::Event::Delete(pod))) => {
                         let k = key(&pod);
-                        if procs.get(&k).is_some_and(|p| Some(&p.uid) == pod.metadata.uid.as_ref()) {
-                            let p = procs.remove(&k).expect("checked above");
-                            stopping.spawn(stop(k, p));
+                        if entries.get(&k).is_some_and(|e| e.uid == uid_of(&pod)) {
+                            let e = entries.remove(&k).expect("checked above");
+                            e.tx.send_replace(None);
+                            detached.push(e.handle);
                         }
                     }
                 },
-                _ = tick.tick() => {
-                    let due: Vec<String> = procs.iter()
-                        .filter(|(_, p)| p.failed_at.is_some_and(|t| t.elapsed() >= retry))
-                        .map(|(k, _)| k.clone()).collect();
-                    for k in due {
-                        procs.remove(&k);
-                        let pod = store.state().into_iter().find(|p| key(p) == k);
-                        if let Some(pod) = pod { self.sync(&pod, &mut procs, &mut stopping).await; }
-                    }
+                _ = prune.tick() => {
+                    detached.retain(|h| !h.is_finished());
+                    entries.retain(|_, e| !e.handle.is_finished());
                 }
-                Some(_) = stopping.join_next(), if !stopping.is_empty() => {}
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
             }
         }
-        info!("stopping {} pod process(es)", procs.len());
-        for (k, p) in procs.drain() {
-            stopping.spawn(stop(k, p));
+        info!("stopping {} pod(s)", entries.len());
+        shutdown_tx.send_replace(true);
+        let all = entries
+            .into_values()
+            .map(|e| e.handle)
+            .chain(detached)
+            .collect::<Vec<_>>();
+        let bound = self.max_grace + Duration::from_secs(10);
+        if tokio::time::timeout(bound, futures::future::join_all(all))
+            .await
+            .is_err()
+        {
+            warn!("pod processes still stopping after {bound:?}; leaving");
         }
-        while stopping.join_next().await.is_some() {}
         Ok(())
     }
 
-    /// Brings one pod's process in line with what the pod asks for.
-    async fn sync(
-        &self,
-        pod: &Pod,
-        procs: &mut HashMap<String, Proc>,
-        stopping: &mut tokio::task::JoinSet<()>,
+    /// Hands `pod` to its loop, starting one for a pod newly bound to a node.
+    fn dispatch(
+        self: &Arc<Self>,
+        pod: Pod,
+        entries: &mut HashMap<String, Entry>,
+        detached: &mut Vec<JoinHandle<()>>,
+        shutdown: &watch::Receiver<bool>,
     ) {
-        let k = key(pod);
-        let uid = pod.metadata.uid.clone().unwrap_or_default();
-        match spec::want(pod) {
-            Want::Run { pod_ip } => {
-                match procs.get(&k) {
-                    Some(p) if p.uid == uid => return,
-                    Some(_) => {
-                        // Same name, new pod: the old process must be gone before the new one binds.
-                        let old = procs.remove(&k).expect("matched above");
-                        stop(k.clone(), old).await;
-                    }
-                    None => {}
-                }
-                let proc = match self.start(pod, &pod_ip).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let msg = format!("moe-e2e-pods: cannot start pod {k}: {e:#}\n");
-                        warn!("{}", msg.trim_end());
-                        append(&self.pod_dir(pod).join("log"), &msg).await;
-                        let (_tx, rx) = watch::channel(true);
-                        Proc {
-                            uid,
-                            pid: None,
-                            grace: Duration::ZERO,
-                            exited: rx,
-                            failed_at: Some(Instant::now()),
-                        }
-                    }
-                };
-                procs.insert(k, proc);
+        let k = key(&pod);
+        let uid = uid_of(&pod);
+        if let Some(e) = entries.get(&k) {
+            if e.uid == uid && !e.handle.is_finished() {
+                e.tx.send_replace(Some(pod));
+                return;
             }
-            Want::Stop(reason) => {
-                if let Some(p) = procs.remove(&k) {
-                    info!(pod = %k, "{reason}: stopping its process");
-                    stopping.spawn(stop(k, p));
-                }
-            }
-            Want::Wait(_) => {}
+        }
+        if matches!(spec::want(&pod), Want::Wait(_) | Want::Stop(_)) {
+            return;
+        }
+        // Same name, new pod: the old one's process must be gone before the new one starts in
+        // the same pod directory.
+        let prev = entries.remove(&k).map(|old| {
+            old.tx.send_replace(None);
+            old.handle
+        });
+        let (tx, rx) = watch::channel(Some(pod));
+        let handle = tokio::spawn(pod_loop(self.clone(), rx, prev, shutdown.clone()));
+        if let Some(old) = entries.insert(k, Entry { uid, tx, handle }) {
+            detached.push(old.handle);
         }
     }
 
@@ -223,8 +297,492 @@ impl Launcher {
             &pod.name_any(),
         ))
     }
+}
 
-    async fn start(&self, pod: &Pod, pod_ip: &str) -> Result<Proc> {
+/// A running process of a pod.
+struct Running {
+    pid: u32,
+    started: Instant,
+    started_at: String,
+    /// Some once the process has exited: (exit code as the kubelet reports it, reason).
+    exited: watch::Receiver<Option<(i32, String)>>,
+}
+
+fn now() -> String {
+    Timestamp::from_second(Timestamp::now().as_second())
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// The exit of the running process, if any (a select branch that never fires without one).
+async fn exit_of(p: &mut Option<Running>) -> (i32, String) {
+    match p {
+        Some(r) => {
+            let _ = r.exited.wait_for(|e| e.is_some()).await;
+            let e = r.exited.borrow().clone();
+            e.unwrap_or((-1, "Unknown".into()))
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn join_opt<T>(h: &mut Option<JoinHandle<T>>) -> Option<T> {
+    match h {
+        Some(h) => h.await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// One pod's kubelet: from its binding to its deletion (or the launcher's shutdown).
+async fn pod_loop(
+    l: Arc<Launcher>,
+    mut rx: watch::Receiver<Option<Pod>>,
+    prev: Option<JoinHandle<()>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if let Some(h) = prev {
+        let _ = h.await;
+    }
+    let Some(first) = rx.borrow_and_update().clone() else {
+        return;
+    };
+    let k = key(&first);
+    let uid = uid_of(&first);
+    let wanted_ip = first.status.as_ref().and_then(|s| s.pod_ip.clone());
+    // An IP for the pod's lifetime; a pod that finished before we saw it needs none.
+    let mut ip = lock_ips(&l).assign(wanted_ip.as_deref(), &uid);
+    while ip.is_none() && matches!(spec::want(&first), Want::Run) {
+        warn!(pod = %k, "no free pod IP in --pod-cidr; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(l.retry) => {}
+            _ = shutdown.changed() => return,
+            r = rx.changed() => if r.is_err() || rx.borrow().is_none() { return },
+        }
+        ip = lock_ips(&l).assign(wanted_ip.as_deref(), &uid);
+    }
+    let ip = ip.unwrap_or_default();
+    let mut k8s = PodKubelet::new(l.clone(), &first, ip.clone());
+    k8s.run(&mut rx, &mut shutdown).await;
+    lock_ips(&l).release(&ip, &uid);
+}
+
+struct PodKubelet {
+    l: Arc<Launcher>,
+    key: String,
+    pods: Api<Pod>,
+    pod: Pod,
+    ip: String,
+    container: String,
+    image: String,
+    probe: Option<ProbeSpec>,
+    readiness: Readiness,
+    restart_count: i32,
+    backoff: Duration,
+    next_start: Instant,
+    next_probe: Instant,
+    next_sync: Instant,
+    state: ContainerState,
+    last_state: Option<ContainerState>,
+    /// Succeeded/Failed once the process ended for good.
+    finished: Option<&'static str>,
+    start_time: String,
+    ready_since: String,
+    /// The view the API last acknowledged, and when it was written.
+    acked: Option<(PodView, Instant)>,
+    patch_retry_at: Instant,
+}
+
+impl PodKubelet {
+    fn new(l: Arc<Launcher>, pod: &Pod, ip: String) -> Self {
+        let c = pod.spec.as_ref().and_then(|s| s.containers.first());
+        let t = now();
+        let probe = match c.map(spec::readiness_probe).transpose() {
+            Ok(p) => p.flatten(),
+            Err(e) => {
+                warn!(pod = %key(pod), "{e}; Ready follows whether the process runs");
+                None
+            }
+        };
+        PodKubelet {
+            pods: Api::namespaced(l.client.clone(), &pod.namespace().unwrap_or_default()),
+            l,
+            key: key(pod),
+            pod: pod.clone(),
+            ip,
+            container: c.map(|c| c.name.clone()).unwrap_or_default(),
+            image: c.and_then(|c| c.image.clone()).unwrap_or_default(),
+            probe,
+            readiness: Readiness::default(),
+            restart_count: 0,
+            backoff: BACKOFF_START,
+            next_start: Instant::now(),
+            next_probe: Instant::now(),
+            next_sync: Instant::now(),
+            state: ContainerState::Waiting {
+                reason: "ContainerCreating".into(),
+                message: String::new(),
+            },
+            last_state: None,
+            finished: None,
+            start_time: pod
+                .status
+                .as_ref()
+                .and_then(|s| s.start_time.as_ref())
+                .map(|t| t.0.to_string())
+                .unwrap_or_else(|| t.clone()),
+            ready_since: t,
+            acked: None,
+            patch_retry_at: Instant::now(),
+        }
+    }
+
+    fn view(&self, pid: Option<u32>) -> PodView {
+        PodView {
+            phase: self.finished.unwrap_or(match self.state {
+                ContainerState::Running { .. } => "Running",
+                _ if self.restart_count > 0 || self.last_state.is_some() => "Running",
+                _ => "Pending",
+            }),
+            pod_ip: self.ip.clone(),
+            host_ip: self.l.host_ip.clone(),
+            start_time: self.start_time.clone(),
+            ready: self.readiness.ready,
+            ready_since: self.ready_since.clone(),
+            initialized_at: self.start_time.clone(),
+            container: self.container.clone(),
+            image: self.image.clone(),
+            pid,
+            state: self.state.clone(),
+            last_state: self.last_state.clone(),
+            restart_count: self.restart_count,
+        }
+    }
+
+    fn set_ready(&mut self, ready: bool) {
+        if self.readiness.ready != ready {
+            self.readiness.ready = ready;
+            self.ready_since = now();
+            info!(pod = %self.key, ready, "readiness changed");
+        }
+    }
+
+    async fn run(
+        &mut self,
+        rx: &mut watch::Receiver<Option<Pod>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        let mut proc: Option<Running> = None;
+        let mut probe_task: Option<JoinHandle<bool>> = None;
+        let mut patch_task: Option<JoinHandle<Result<PodView, String>>> = None;
+        let mut sync_task: Option<JoinHandle<()>> = None;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            match spec::want(&self.pod) {
+                Want::Terminate => {
+                    if let Some(h) = patch_task.take() {
+                        h.abort();
+                    }
+                    self.terminate(proc.take(), rx, shutdown).await;
+                    return;
+                }
+                Want::Stop(reason) => {
+                    info!(pod = %self.key, "{reason}");
+                    stop(&self.key, proc.take(), self.grace(None)).await;
+                    return;
+                }
+                Want::Finished if self.finished.is_none() && proc.is_none() => {
+                    // Finished before this loop began (e.g. the launcher was restarted).
+                    return self.idle_until_deleted(rx, shutdown).await;
+                }
+                _ => {}
+            }
+            tokio::select! {
+                r = rx.changed() => {
+                    let gone = r.is_err() || rx.borrow().is_none();
+                    if gone {
+                        stop(&self.key, proc.take(), self.grace(None)).await;
+                        return;
+                    }
+                    if let Some(p) = rx.borrow_and_update().clone() { self.pod = p; }
+                }
+                _ = shutdown.changed() => {
+                    stop(&self.key, proc.take(), self.grace(None)).await;
+                    return;
+                }
+                (code, reason) = exit_of(&mut proc) => {
+                    let r = proc.take().expect("exit_of waits on a running process");
+                    self.exited(r, code, reason);
+                }
+                ok = join_opt(&mut probe_task) => {
+                    probe_task = None;
+                    // A result that arrives after the process it probed exited is stale.
+                    if let (Some(ok), Some(p)) = (ok, self.probe.clone()) {
+                        if proc.is_some() {
+                            let before = self.readiness.ready;
+                            if self.readiness.observe(ok, &p) {
+                                // Through set_ready, for the transition time and the log line.
+                                self.readiness.ready = before;
+                                self.set_ready(!before);
+                            }
+                        }
+                    }
+                }
+                r = join_opt(&mut patch_task) => {
+                    patch_task = None;
+                    match r {
+                        Some(Ok(v)) => self.acked = Some((v, Instant::now())),
+                        Some(Err(e)) => {
+                            debug!(pod = %self.key, "status not written (retrying): {e}");
+                            self.patch_retry_at = Instant::now() + Duration::from_secs(1);
+                        }
+                        None => self.patch_retry_at = Instant::now() + Duration::from_secs(1),
+                    }
+                }
+                _ = join_opt(&mut sync_task) => sync_task = None,
+                _ = tick.tick() => {
+                    let now_i = Instant::now();
+                    if proc.is_none() && self.finished.is_none() && now_i >= self.next_start {
+                        proc = self.start().await;
+                    }
+                    if proc.is_some() {
+                        match &self.probe {
+                            None => self.set_ready(true),
+                            Some(p) if probe_task.is_none() && now_i >= self.next_probe => {
+                                self.next_probe = now_i + p.period;
+                                let (ip, p) = (self.ip.clone(), p.clone());
+                                probe_task = Some(tokio::spawn(async move { probe(&ip, &p).await }));
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    if sync_task.is_none() && proc.is_some() && now_i >= self.next_sync {
+                        self.next_sync = now_i + self.l.volume_sync;
+                        let (l, pod) = (self.l.clone(), self.pod.clone());
+                        sync_task = Some(tokio::spawn(async move {
+                            let _ = tokio::time::timeout(3 * API_TIMEOUT, l.refresh_volumes(&pod)).await;
+                        }));
+                    }
+                    if patch_task.is_none() && now_i >= self.patch_retry_at {
+                        let v = self.view(proc.as_ref().map(|r| r.pid));
+                        let due = match &self.acked {
+                            None => true,
+                            Some((a, _)) if *a != v => true,
+                            // Written, but the API (as watched) shows something else: an older
+                            // write that landed later, or a write lost to a paused API server.
+                            Some((_, at)) => at.elapsed() >= STATUS_RECHECK && !v.shown_by(&self.pod),
+                        };
+                        if due {
+                            let (pods, name) = (self.pods.clone(), self.pod.name_any());
+                            patch_task = Some(tokio::spawn(async move {
+                                api(
+                                    format!("writing the status of pod {name}"),
+                                    pods.patch_status(&name, &PatchParams::default(), &Patch::Strategic(v.status_patch())),
+                                )
+                                .await
+                                .map(|_| v)
+                                .map_err(|e| format!("{e:#}"))
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pod grace period: the deletion's (when given) or the spec's, at most `--max-grace-seconds`.
+    fn grace(&self, deletion: Option<i64>) -> Duration {
+        let spec = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(30);
+        Duration::from_secs(deletion.unwrap_or(spec).max(0) as u64).min(self.l.max_grace)
+    }
+
+    /// Starts the process; on failure the pod waits with the reason and is retried.
+    async fn start(&mut self) -> Option<Running> {
+        let mut pod = self.pod.clone();
+        let st = pod.status.get_or_insert_with(Default::default);
+        st.pod_ip = Some(self.ip.clone());
+        st.host_ip = Some(self.l.host_ip.clone());
+        let started = tokio::time::timeout(4 * API_TIMEOUT, self.l.start(&pod, &self.ip)).await;
+        match started
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("starting took over {:?}", 4 * API_TIMEOUT)))
+        {
+            Ok(r) => {
+                if self.last_state.is_some() {
+                    self.restart_count += 1;
+                }
+                self.state = ContainerState::Running {
+                    started_at: r.started_at.clone(),
+                };
+                self.readiness = Readiness::default();
+                self.readiness.ready = false;
+                let delay = self
+                    .probe
+                    .as_ref()
+                    .map(|p| p.initial_delay)
+                    .unwrap_or_default();
+                self.next_probe = Instant::now() + delay;
+                self.next_sync = Instant::now() + self.l.volume_sync;
+                Some(r)
+            }
+            Err(e) => {
+                let msg = format!("moe-e2e-pods: cannot start pod {}: {e:#}\n", self.key);
+                warn!("{}", msg.trim_end());
+                append(&self.l.pod_dir(&self.pod).join("log"), &msg).await;
+                self.state = ContainerState::Waiting {
+                    reason: "CreateContainerConfigError".into(),
+                    message: format!("{e:#}"),
+                };
+                self.next_start = Instant::now() + self.l.retry;
+                None
+            }
+        }
+    }
+
+    /// The process ended: restart it after a back-off, or finish the pod, per restartPolicy.
+    fn exited(&mut self, r: Running, code: i32, reason: String) {
+        self.set_ready(false);
+        self.readiness = Readiness::default();
+        let started_at = match &self.state {
+            ContainerState::Running { started_at } => started_at.clone(),
+            _ => r.started_at.clone(),
+        };
+        let ended = ContainerState::Terminated {
+            exit_code: code,
+            reason: reason.clone(),
+            started_at,
+            finished_at: now(),
+        };
+        let policy = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.clone())
+            .unwrap_or_else(|| "Always".into());
+        let restart = policy == "Always" || (policy == "OnFailure" && code != 0);
+        if restart {
+            if r.started.elapsed() >= BACKOFF_RESET_AFTER {
+                self.backoff = BACKOFF_START;
+            }
+            self.next_start = Instant::now() + self.backoff;
+            info!(pod = %self.key, code, "restarting in {:?} (restartPolicy {policy})", self.backoff);
+            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            self.last_state = Some(ended);
+            self.state = ContainerState::Waiting {
+                reason: "CrashLoopBackOff".into(),
+                message: format!("back-off restarting the process (exit {code}, {reason})"),
+            };
+        } else {
+            self.finished = Some(if code == 0 { "Succeeded" } else { "Failed" });
+            self.state = ended;
+        }
+    }
+
+    /// Deletion: stop the process within the grace period, then remove the pod from the API.
+    async fn terminate(
+        &mut self,
+        proc: Option<Running>,
+        rx: &mut watch::Receiver<Option<Pod>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        let grace = self.grace(self.pod.metadata.deletion_grace_period_seconds);
+        info!(pod = %self.key, "terminating: stopping its process (grace {grace:?})");
+        stop(&self.key, proc, grace).await;
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: self.pod.metadata.uid.clone(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        let name = self.pod.name_any();
+        loop {
+            match tokio::time::timeout(API_TIMEOUT, self.pods.delete(&name, &dp)).await {
+                Ok(Ok(_)) => {
+                    info!(pod = %self.key, "deleted");
+                    return;
+                }
+                // Gone already, or the name belongs to a newer pod now.
+                Ok(Err(kube::Error::Api(e))) if e.code == 404 || e.code == 409 => return,
+                Ok(Err(e)) => warn!(pod = %self.key, "deleting (retrying): {e}"),
+                Err(_) => {
+                    warn!(pod = %self.key, "deleting: no answer within {API_TIMEOUT:?} (retrying)")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                r = rx.changed() => if r.is_err() || rx.borrow().is_none() { return },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// A finished pod: nothing runs; only its deletion needs finalising.
+    async fn idle_until_deleted(
+        &mut self,
+        rx: &mut watch::Receiver<Option<Pod>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        loop {
+            if matches!(spec::want(&self.pod), Want::Terminate) {
+                return self.terminate(None, rx, shutdown).await;
+            }
+            tokio::select! {
+                r = rx.changed() => {
+                    if r.is_err() { return }
+                    match rx.borrow_and_update().clone() {
+                        Some(p) => self.pod = p,
+                        None => return,
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// One probe of the process on the pod IP: true on success.
+async fn probe(ip: &str, p: &ProbeSpec) -> bool {
+    let attempt = async {
+        match &p.check {
+            ProbeCheck::Tcp { port } => tokio::net::TcpStream::connect((ip, *port)).await.is_ok(),
+            ProbeCheck::Http { path, port } => {
+                let Ok(mut s) = tokio::net::TcpStream::connect((ip, *port)).await else {
+                    return false;
+                };
+                let req = format!(
+                    "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/moe-e2e-pods\r\n\
+                     Accept: */*\r\nConnection: close\r\n\r\n"
+                );
+                if s.write_all(req.as_bytes()).await.is_err() {
+                    return false;
+                }
+                // The status line is all a probe needs; read at most 1 KiB of it.
+                let mut buf = Vec::with_capacity(128);
+                let mut chunk = [0u8; 256];
+                while buf.len() < 1024 && !buf.contains(&b'\n') {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&buf);
+                spec::http_probe_ok(text.lines().next().unwrap_or(""))
+            }
+        }
+    };
+    tokio::time::timeout(p.timeout, attempt)
+        .await
+        .unwrap_or(false)
+}
+
+impl Launcher {
+    async fn start(&self, pod: &Pod, pod_ip: &str) -> Result<Running> {
         let ns = pod.namespace().unwrap_or_default();
         let name = pod.name_any();
         let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -300,32 +858,31 @@ impl Launcher {
         let _ = tokio::fs::remove_file(dir.join("exit")).await;
         info!(pod = %format!("{ns}/{name}"), pid, ip = pod_ip, "started {}", argv.join(" "));
 
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(None);
         let exit_file = dir.join("exit");
         let log_file = log_path.clone();
         let pod_key = format!("{ns}/{name}");
         tokio::spawn(async move {
             let status = child.wait().await;
-            let text = match &status {
-                Ok(s) => s.to_string(),
-                Err(e) => format!("wait failed: {e}"),
+            let (text, code, reason) = match &status {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    let code = s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));
+                    let reason = if s.success() { "Completed" } else { "Error" };
+                    (s.to_string(), code, reason)
+                }
+                Err(e) => (format!("wait failed: {e}"), -1, "Unknown"),
             };
             info!(pod = %pod_key, pid, "process exited: {text}");
             let _ = tokio::fs::write(&exit_file, format!("{text}\n")).await;
             append(&log_file, &format!("moe-e2e-pods: process {pid} {text}\n")).await;
-            let _ = tx.send(true);
+            let _ = tx.send(Some((code, reason.to_string())));
         });
-        let grace = pod_spec
-            .termination_grace_period_seconds
-            .map(|s| Duration::from_secs(s.max(0) as u64))
-            .unwrap_or(Duration::from_secs(30))
-            .min(self.max_grace);
-        Ok(Proc {
-            uid,
-            pid: Some(pid),
-            grace,
+        Ok(Running {
+            pid,
+            started: Instant::now(),
+            started_at: now(),
             exited: rx,
-            failed_at: None,
         })
     }
 
@@ -434,8 +991,8 @@ impl Launcher {
     }
 
     async fn config_map(&self, ns: &str, name: &str, optional: bool) -> Result<Option<ConfigMap>> {
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        match api.get_opt(name).await? {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        match api(format!("reading ConfigMap {ns}/{name}"), cms.get_opt(name)).await? {
             Some(cm) => Ok(Some(cm)),
             None if optional => Ok(None),
             None => bail!("ConfigMap {ns}/{name} not found (the pod references it)"),
@@ -443,8 +1000,8 @@ impl Launcher {
     }
 
     async fn secret(&self, ns: &str, name: &str, optional: bool) -> Result<Option<Secret>> {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        match api.get_opt(name).await? {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        match api(format!("reading Secret {ns}/{name}"), secrets.get_opt(name)).await? {
             Some(s) => Ok(Some(s)),
             None if optional => Ok(None),
             None => bail!("Secret {ns}/{name} not found (the pod references it)"),
@@ -476,7 +1033,7 @@ impl Launcher {
             let vdir = dir.join("volumes").join(&v.name);
             if done.insert(v.name.clone()) {
                 tokio::fs::create_dir_all(&vdir).await?;
-                self.write_volume(pod, &ns, v, &vdir)
+                self.write_volume(pod, &ns, v, &vdir, false)
                     .await
                     .with_context(|| format!("volume {:?}", v.name))?;
             }
@@ -500,7 +1057,44 @@ impl Launcher {
         Ok(mounts)
     }
 
-    async fn write_volume(&self, pod: &Pod, ns: &str, v: &Volume, vdir: &Path) -> Result<()> {
+    /// Re-syncs the contents of the ConfigMap, Secret and downwardAPI volumes the running process
+    /// mounts (service-account tokens are left as issued). A source that cannot be read now keeps
+    /// its files, as on a kubelet.
+    async fn refresh_volumes(&self, pod: &Pod) {
+        let ns = pod.namespace().unwrap_or_default();
+        let Some(c) = pod.spec.as_ref().and_then(|s| s.containers.first()) else {
+            return;
+        };
+        let volumes: &[Volume] = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.as_deref())
+            .unwrap_or(&[]);
+        let dir = self.pod_dir(pod);
+        let mut done: HashSet<&str> = HashSet::new();
+        for m in c.volume_mounts.iter().flatten() {
+            let Some(v) = volumes.iter().find(|v| v.name == m.name) else {
+                continue;
+            };
+            if !done.insert(&v.name) {
+                continue;
+            }
+            let vdir = dir.join("volumes").join(&v.name);
+            if let Err(e) = self.write_volume(pod, &ns, v, &vdir, true).await {
+                debug!(pod = %key(pod), volume = %v.name, "volume not re-synced: {e:#}");
+            }
+        }
+    }
+
+    /// Writes one volume's files; with `refresh`, service-account tokens are not requested again.
+    async fn write_volume(
+        &self,
+        pod: &Pod,
+        ns: &str,
+        v: &Volume,
+        vdir: &Path,
+        refresh: bool,
+    ) -> Result<()> {
         if let Some(src) = &v.config_map {
             let optional = src.optional.unwrap_or(false);
             if let Some(cm) = self.config_map(ns, &src.name, optional).await? {
@@ -557,13 +1151,13 @@ impl Launcher {
                 if let Some(d) = &s.downward_api {
                     write_downward(pod, d.items.as_deref().unwrap_or(&[]), vdir).await?;
                 }
-                if let Some(t) = &s.service_account_token {
+                if let Some(t) = s.service_account_token.as_ref().filter(|_| !refresh) {
                     let sa = pod
                         .spec
                         .as_ref()
                         .and_then(|s| s.service_account_name.clone())
                         .unwrap_or_else(|| "default".into());
-                    let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+                    let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
                     let req = TokenRequest {
                         spec: TokenRequestSpec {
                             audiences: t.audience.iter().cloned().collect(),
@@ -572,19 +1166,18 @@ impl Launcher {
                         },
                         ..Default::default()
                     };
-                    let tok = api
-                        .create_token_request(&sa, &PostParams::default(), &req)
-                        .await
-                        .with_context(|| {
-                            format!("requesting a token for ServiceAccount {ns}/{sa}")
-                        })?;
+                    let tok = api(
+                        format!("requesting a token for ServiceAccount {ns}/{sa}"),
+                        sas.create_token_request(&sa, &PostParams::default(), &req),
+                    )
+                    .await?;
                     let token = tok.status.map(|s| s.token).unwrap_or_default();
                     write_file(vdir, &t.path, token.as_bytes()).await?;
                 }
             }
         } else if let Some(d) = &v.downward_api {
             write_downward(pod, d.items.as_deref().unwrap_or(&[]), vdir).await?;
-        } else if v.empty_dir.is_none() && v.host_path.is_none() {
+        } else if v.empty_dir.is_none() && v.host_path.is_none() && !refresh {
             warn!(volume = %v.name, "volume type not materialised; the process gets an empty directory");
         }
         Ok(())
@@ -648,14 +1241,23 @@ async fn write_downward(pod: &Pod, items: &[DownwardAPIVolumeFile], vdir: &Path)
     Ok(())
 }
 
+/// Writes a volume file when its content differs, through a rename so that a process reading it
+/// (a re-read token file) sees the old or the new content, never a partial one.
 async fn write_file(vdir: &Path, rel: &str, bytes: &[u8]) -> Result<()> {
     let path = vdir.join(spec::safe_relative(rel).map_err(anyhow::Error::msg)?);
-    if let Some(parent) = path.parent() {
-        tokio::fs::create_dir_all(parent).await?;
+    if tokio::fs::read(&path).await.is_ok_and(|old| old == bytes) {
+        return Ok(());
     }
-    tokio::fs::write(&path, bytes)
+    let parent = path.parent().unwrap_or(vdir);
+    tokio::fs::create_dir_all(parent).await?;
+    let file_name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = parent.join(format!("..{file_name}.tmp"));
+    tokio::fs::write(&tmp, bytes)
         .await
-        .with_context(|| format!("writing {}", path.display()))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    tokio::fs::rename(&tmp, &path)
+        .await
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 /// `command[0]` as given when it contains a `/`, else the first executable of that name on PATH.
@@ -699,34 +1301,36 @@ async fn append(path: &Path, text: &str) {
     }
 }
 
-/// SIGTERM to the process group, SIGKILL once the grace period is over.
-async fn stop(key: String, mut p: Proc) {
-    let Some(pid) = p.pid else { return };
-    if *p.exited.borrow() {
+/// SIGTERM to the process group, SIGKILL once `grace` is over (a stopped process gets SIGCONT
+/// too, so that it can act on the SIGTERM).
+async fn stop(key: &str, p: Option<Running>, grace: Duration) {
+    let Some(mut p) = p else { return };
+    if p.exited.borrow().is_some() {
         return;
     }
-    signal_group(pid, "TERM").await;
-    let exited = tokio::time::timeout(p.grace, p.exited.wait_for(|e| *e))
+    signal_group(p.pid, libc::SIGTERM);
+    signal_group(p.pid, libc::SIGCONT);
+    let exited = tokio::time::timeout(grace, p.exited.wait_for(|e| e.is_some()))
         .await
         .is_ok();
     if !exited {
-        warn!(pod = %key, pid, "still running after {:?}: SIGKILL", p.grace);
-        signal_group(pid, "KILL").await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), p.exited.wait_for(|e| *e)).await;
+        warn!(pod = %key, pid = p.pid, "still running after {grace:?}: SIGKILL");
+        signal_group(p.pid, libc::SIGKILL);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), p.exited.wait_for(|e| e.is_some())).await;
     }
-    // Children that left the group's leader behind.
-    signal_group(pid, "KILL").await;
-    info!(pod = %key, pid, "process stopped");
+    // Children that outlived the group's leader.
+    signal_group(p.pid, libc::SIGKILL);
+    info!(pod = %key, pid = p.pid, "process stopped");
 }
 
-/// kill(1) on the negative pid: the whole process group the pod's process leads.
-async fn signal_group(pid: u32, sig: &str) {
-    let _ = tokio::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg("--")
-        .arg(format!("-{pid}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
+/// `sig` to the whole process group the pod's process leads.
+fn signal_group(pid: u32, sig: libc::c_int) {
+    let Ok(pgid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) takes no pointers; a group that is gone gives ESRCH, which is fine.
+    unsafe {
+        libc::kill(-pgid, sig);
+    }
 }

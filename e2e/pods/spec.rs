@@ -1,9 +1,13 @@
-//! Pure parts of the process-backed pod launcher: which pods to run, and how a container's command,
-//! env and mount paths map onto a local process. No I/O here, so all of it is unit-tested.
+//! Pure parts of the process-backed pod launcher: which pods to run, their IPs, readiness from
+//! probe results, the status written for them, and how a container's command, env and mount paths
+//! map onto a local process. No I/O here, so all of it is unit-tested.
 
-use k8s_openapi::api::core::v1::{KeyToPath, ObjectFieldSelector, Pod};
+use k8s_openapi::api::core::v1::{Container, KeyToPath, ObjectFieldSelector, Pod};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The label a pod carries to opt in to getting a real local process.
 pub const OPT_IN_LABEL: &str = "moe.craft.dev/process-backed";
@@ -14,35 +18,42 @@ pub fn pod_dir_name(namespace: &str, name: &str) -> String {
     format!("{namespace}_{name}")
 }
 
-/// Why a pod should (not) have a running process right now.
+/// What the launcher should do about a pod right now.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Want {
-    /// Run it, bound to this IP.
-    Run { pod_ip: String },
-    /// Not (or no longer) wanted; the reason is logged.
+    /// Run its process (and be its kubelet: IP, status, probes, restarts).
+    Run,
+    /// The pod is terminating: stop its process, then delete it for good (gracePeriodSeconds=0),
+    /// as a kubelet does once the containers are gone.
+    Terminate,
+    /// The pod has finished (phase Succeeded/Failed): no process, nothing to restart.
+    Finished,
+    /// Not (or no longer) ours; the reason is logged.
     Stop(&'static str),
-    /// Not yet: the pod has no node or IP yet.
+    /// Not yet: the pod is not scheduled.
     Wait(&'static str),
+}
+
+/// Whether the pod carries the opt-in label.
+pub fn opted_in(pod: &Pod) -> bool {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(OPT_IN_LABEL))
+        .is_some_and(|v| v == "true")
 }
 
 /// What the launcher should do about `pod`.
 pub fn want(pod: &Pod) -> Want {
-    let opted_in = pod
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(OPT_IN_LABEL))
-        .is_some_and(|v| v == "true");
-    if !opted_in {
+    if !opted_in(pod) {
         return Want::Stop("pod does not carry the opt-in label");
     }
     if pod.metadata.deletion_timestamp.is_some() {
-        return Want::Stop("pod is terminating");
+        return Want::Terminate;
     }
-    let status = pod.status.as_ref();
-    if let Some(phase) = status.and_then(|s| s.phase.as_deref()) {
+    if let Some(phase) = pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
         if phase == "Succeeded" || phase == "Failed" {
-            return Want::Stop("pod has finished");
+            return Want::Finished;
         }
     }
     if pod
@@ -53,9 +64,354 @@ pub fn want(pod: &Pod) -> Want {
     {
         return Want::Wait("pod is not scheduled yet");
     }
-    match status.and_then(|s| s.pod_ip.as_ref()) {
-        Some(ip) if !ip.is_empty() => Want::Run { pod_ip: ip.clone() },
-        _ => Want::Wait("pod has no IP yet"),
+    Want::Run
+}
+
+/// The pod IPs this launcher hands out: the host addresses .1-.254 of one loopback /24 (any
+/// 127.x.y.0/24 is bindable locally), each held by one pod uid at a time. Addresses are handed out
+/// round-robin, so a freed address is reused only after the others, as IPAM plugins tend to.
+#[derive(Debug)]
+pub struct IpPool {
+    prefix: [u8; 3],
+    owners: BTreeMap<u8, String>,
+    next: u8,
+}
+
+impl IpPool {
+    /// `cidr` must be a /24 inside 127.0.0.0/8, e.g. `127.9.254.0/24`.
+    pub fn new(cidr: &str) -> Result<Self, String> {
+        let bad = || format!("--pod-cidr {cidr:?}: expected a loopback /24 such as 127.9.254.0/24");
+        let (net, len) = cidr.split_once('/').ok_or_else(bad)?;
+        if len != "24" {
+            return Err(bad());
+        }
+        let o: Vec<u8> = net
+            .split('.')
+            .map(|x| x.parse::<u8>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad())?;
+        if o.len() != 4 || o[0] != 127 || o[3] != 0 {
+            return Err(bad());
+        }
+        Ok(IpPool {
+            prefix: [o[0], o[1], o[2]],
+            owners: BTreeMap::new(),
+            next: 1,
+        })
+    }
+
+    fn host(&self, ip: &str) -> Option<u8> {
+        let o: Vec<u8> = ip
+            .split('.')
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        (o.len() == 4 && o[..3] == self.prefix && (1..=254).contains(&o[3])).then_some(o[3])
+    }
+
+    fn ip(&self, host: u8) -> String {
+        let [a, b, c] = self.prefix;
+        format!("{a}.{b}.{c}.{host}")
+    }
+
+    /// Claims `ip` for `uid` when it is in range and free (or already `uid`'s).
+    pub fn reserve(&mut self, ip: &str, uid: &str) -> bool {
+        let Some(h) = self.host(ip) else { return false };
+        match self.owners.get(&h) {
+            Some(o) => o == uid,
+            None => {
+                self.owners.insert(h, uid.to_string());
+                true
+            }
+        }
+    }
+
+    /// The address `uid` holds, else `wanted` when it can be claimed, else the next free one;
+    /// None when all 254 are held.
+    pub fn assign(&mut self, wanted: Option<&str>, uid: &str) -> Option<String> {
+        if let Some((h, _)) = self.owners.iter().find(|(_, o)| *o == uid) {
+            return Some(self.ip(*h));
+        }
+        if let Some(ip) = wanted.filter(|ip| self.reserve(ip, uid)) {
+            return Some(ip.to_string());
+        }
+        for i in 0..254u16 {
+            let h = ((self.next as u16 - 1 + i) % 254 + 1) as u8;
+            if !self.owners.contains_key(&h) {
+                self.owners.insert(h, uid.to_string());
+                self.next = h % 254 + 1;
+                return Some(self.ip(h));
+            }
+        }
+        None
+    }
+
+    /// Frees `ip` if `uid` holds it.
+    pub fn release(&mut self, ip: &str, uid: &str) {
+        if let Some(h) = self.host(ip) {
+            if self.owners.get(&h).is_some_and(|o| o == uid) {
+                self.owners.remove(&h);
+            }
+        }
+    }
+}
+
+/// How a probe checks the container (the kinds this launcher can run against a local process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeCheck {
+    /// GET `path` on the pod IP and `port`; 200-399 is a success, as for the kubelet.
+    Http { path: String, port: u16 },
+    /// A TCP connect to the pod IP and `port`.
+    Tcp { port: u16 },
+}
+
+/// A container probe with the kubelet's defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSpec {
+    pub check: ProbeCheck,
+    pub initial_delay: Duration,
+    pub period: Duration,
+    pub timeout: Duration,
+    pub success_threshold: u32,
+    pub failure_threshold: u32,
+}
+
+/// The container's readiness probe: Ok(None) when it has none (Ready follows "running"), an error
+/// naming the field for a probe this launcher cannot run (exec, gRPC) or a port it cannot resolve.
+pub fn readiness_probe(c: &Container) -> Result<Option<ProbeSpec>, String> {
+    let Some(p) = &c.readiness_probe else {
+        return Ok(None);
+    };
+    let port = |what: &str, port: &IntOrString| -> Result<u16, String> {
+        let n = match port {
+            IntOrString::Int(n) => *n,
+            IntOrString::String(name) => match c
+                .ports
+                .iter()
+                .flatten()
+                .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+            {
+                Some(cp) => cp.container_port,
+                None => name.parse().map_err(|_| {
+                    format!(
+                        "container {:?}: readinessProbe.{what}.port {name:?} names no container port",
+                        c.name
+                    )
+                })?,
+            },
+        };
+        u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+            format!(
+                "container {:?}: readinessProbe.{what}.port {n} is not a TCP port",
+                c.name
+            )
+        })
+    };
+    let check = if let Some(h) = &p.http_get {
+        if h.scheme.as_deref().is_some_and(|s| s != "HTTP") {
+            return Err(format!(
+                "container {:?}: readinessProbe.httpGet.scheme {:?}: only HTTP is supported",
+                c.name, h.scheme
+            ));
+        }
+        let path = h
+            .path
+            .clone()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "/".into());
+        ProbeCheck::Http {
+            path,
+            port: port("httpGet", &h.port)?,
+        }
+    } else if let Some(t) = &p.tcp_socket {
+        ProbeCheck::Tcp {
+            port: port("tcpSocket", &t.port)?,
+        }
+    } else {
+        return Err(format!(
+            "container {:?}: only httpGet and tcpSocket readiness probes are supported",
+            c.name
+        ));
+    };
+    let secs = |v: Option<i32>, default: i32, min: i32| {
+        Duration::from_secs(v.unwrap_or(default).max(min) as u64)
+    };
+    Ok(Some(ProbeSpec {
+        check,
+        initial_delay: secs(p.initial_delay_seconds, 0, 0),
+        period: secs(p.period_seconds, 10, 1),
+        timeout: secs(p.timeout_seconds, 1, 1),
+        success_threshold: p.success_threshold.unwrap_or(1).max(1) as u32,
+        failure_threshold: p.failure_threshold.unwrap_or(3).max(1) as u32,
+    }))
+}
+
+/// Readiness from consecutive probe results, as the kubelet's prober keeps it: not ready until
+/// `success_threshold` successes in a row, not ready again after `failure_threshold` failures in
+/// a row.
+#[derive(Debug, Default, Clone)]
+pub struct Readiness {
+    pub ready: bool,
+    successes: u32,
+    failures: u32,
+}
+
+impl Readiness {
+    /// Records one probe result; true when `ready` changed.
+    pub fn observe(&mut self, ok: bool, p: &ProbeSpec) -> bool {
+        let before = self.ready;
+        if ok {
+            self.failures = 0;
+            self.successes = self.successes.saturating_add(1);
+            if self.successes >= p.success_threshold {
+                self.ready = true;
+            }
+        } else {
+            self.successes = 0;
+            self.failures = self.failures.saturating_add(1);
+            if self.failures >= p.failure_threshold {
+                self.ready = false;
+            }
+        }
+        before != self.ready
+    }
+}
+
+/// Whether the first line of an HTTP response (`HTTP/1.1 200 OK`) is a probe success (200-399).
+pub fn http_probe_ok(status_line: &str) -> bool {
+    let mut parts = status_line.split_whitespace();
+    parts.next().is_some_and(|v| v.starts_with("HTTP/"))
+        && parts
+            .next()
+            .and_then(|c| c.parse::<u16>().ok())
+            .is_some_and(|c| (200..400).contains(&c))
+}
+
+/// The state of the pod's (first) container, as containerStatuses reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerState {
+    Waiting {
+        reason: String,
+        message: String,
+    },
+    Running {
+        started_at: String,
+    },
+    Terminated {
+        exit_code: i32,
+        reason: String,
+        started_at: String,
+        finished_at: String,
+    },
+}
+
+impl ContainerState {
+    fn json(&self) -> serde_json::Value {
+        match self {
+            ContainerState::Waiting { reason, message } => {
+                json!({"waiting": {"reason": reason, "message": message}})
+            }
+            ContainerState::Running { started_at } => json!({"running": {"startedAt": started_at}}),
+            ContainerState::Terminated {
+                exit_code,
+                reason,
+                started_at,
+                finished_at,
+            } => {
+                json!({"terminated": {"exitCode": exit_code, "reason": reason,
+                                      "startedAt": started_at, "finishedAt": finished_at}})
+            }
+        }
+    }
+}
+
+/// The status the launcher wants a pod to have (what it writes to the status subresource).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodView {
+    pub phase: &'static str,
+    pub pod_ip: String,
+    pub host_ip: String,
+    pub start_time: String,
+    pub ready: bool,
+    /// When Ready last changed (also Initialized's time before the first change).
+    pub ready_since: String,
+    pub initialized_at: String,
+    pub container: String,
+    pub image: String,
+    pub pid: Option<u32>,
+    pub state: ContainerState,
+    pub last_state: Option<ContainerState>,
+    pub restart_count: i32,
+}
+
+impl PodView {
+    /// A strategic-merge patch of the status subresource (conditions merge by type, so the
+    /// scheduler's PodScheduled stays).
+    pub fn status_patch(&self) -> serde_json::Value {
+        let ready = if self.ready { "True" } else { "False" };
+        let cond = |t: &str| {
+            let mut c = json!({"type": t, "status": ready, "lastTransitionTime": self.ready_since,
+                               "lastProbeTime": null});
+            if !self.ready {
+                let (reason, msg) = if matches!(self.phase, "Succeeded" | "Failed") {
+                    ("PodCompleted", String::new())
+                } else {
+                    (
+                        "ContainersNotReady",
+                        format!("containers with unready status: [{}]", self.container),
+                    )
+                };
+                c["reason"] = json!(reason);
+                c["message"] = json!(msg);
+            }
+            c
+        };
+        let started = matches!(self.state, ContainerState::Running { .. });
+        let mut cs = json!({
+            "name": self.container, "image": self.image, "imageID": "",
+            "ready": self.ready, "started": started, "restartCount": self.restart_count,
+            "state": self.state.json(),
+            "lastState": self.last_state.as_ref().map(|s| s.json()).unwrap_or(json!({})),
+        });
+        if let Some(pid) = self.pid {
+            cs["containerID"] = json!(format!("moe-e2e-pods://{pid}"));
+        }
+        json!({"status": {
+            "phase": self.phase,
+            "hostIP": self.host_ip, "hostIPs": [{"ip": self.host_ip}],
+            "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}],
+            "startTime": self.start_time,
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastTransitionTime": self.initialized_at,
+                 "lastProbeTime": null},
+                cond("ContainersReady"),
+                cond("Ready"),
+            ],
+            "containerStatuses": [cs],
+        }})
+    }
+
+    /// Whether `pod`'s status (as last seen from the API) already says what this view says, in
+    /// the fields that matter to readers: phase, pod IP, Ready and the restart count.
+    pub fn shown_by(&self, pod: &Pod) -> bool {
+        let Some(st) = pod.status.as_ref() else {
+            return false;
+        };
+        let ready = st
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.status == "True");
+        let restarts = st
+            .container_statuses
+            .iter()
+            .flatten()
+            .find(|c| c.name == self.container)
+            .map(|c| c.restart_count);
+        st.phase.as_deref() == Some(self.phase)
+            && st.pod_ip.as_deref() == Some(self.pod_ip.as_str())
+            && ready == Some(self.ready)
+            && restarts == Some(self.restart_count)
     }
 }
 
@@ -257,13 +613,9 @@ mod tests {
     }
 
     #[test]
-    fn want_follows_label_node_ip_and_deletion() {
-        assert_eq!(
-            want(&pod(Some("true"), Some("n"), Some("127.9.0.3"))),
-            Want::Run {
-                pod_ip: "127.9.0.3".into()
-            }
-        );
+    fn want_follows_label_node_deletion_and_phase() {
+        // The launcher assigns IPs itself: a scheduled pod runs without one.
+        assert_eq!(want(&pod(Some("true"), Some("n"), None)), Want::Run);
         assert!(matches!(
             want(&pod(Some("false"), Some("n"), Some("127.9.0.3"))),
             Want::Stop(_)
@@ -276,16 +628,216 @@ mod tests {
             want(&pod(Some("true"), None, None)),
             Want::Wait(_)
         ));
-        assert!(matches!(
-            want(&pod(Some("true"), Some("n"), None)),
-            Want::Wait(_)
-        ));
         let mut p = pod(Some("true"), Some("n"), Some("127.9.0.3"));
         p.metadata.deletion_timestamp = Some(Time(Default::default()));
-        assert_eq!(want(&p), Want::Stop("pod is terminating"));
+        assert_eq!(want(&p), Want::Terminate);
         let mut p = pod(Some("true"), Some("n"), Some("127.9.0.3"));
         p.status.as_mut().unwrap().phase = Some("Failed".into());
-        assert_eq!(want(&p), Want::Stop("pod has finished"));
+        assert_eq!(want(&p), Want::Finished);
+        // A finished pod that is deleted still needs its deletion finalised.
+        p.metadata.deletion_timestamp = Some(Time(Default::default()));
+        assert_eq!(want(&p), Want::Terminate);
+    }
+
+    #[test]
+    fn ip_pool_hands_out_unique_addresses_and_reuses_freed_ones() {
+        assert!(IpPool::new("127.9.254.0/16").is_err());
+        assert!(IpPool::new("10.0.0.0/24").is_err());
+        assert!(IpPool::new("127.9.254.7/24").is_err());
+        let mut pool = IpPool::new("127.9.254.0/24").unwrap();
+        let a = pool.assign(None, "a").unwrap();
+        assert_eq!(a, "127.9.254.1");
+        // Asking again for the same uid gives the same address.
+        assert_eq!(pool.assign(None, "a").unwrap(), a);
+        // An address a pod already carries is kept when free, refused when taken or out of range.
+        assert_eq!(
+            pool.assign(Some("127.9.254.77"), "b").unwrap(),
+            "127.9.254.77"
+        );
+        assert_ne!(
+            pool.assign(Some("127.9.254.77"), "c").unwrap(),
+            "127.9.254.77"
+        );
+        assert!(!pool.reserve("127.9.255.3", "d"));
+        assert!(!pool.reserve(&a, "d"));
+        assert!(pool.reserve(&a, "a"));
+        let mut seen = std::collections::BTreeSet::new();
+        let mut pool = IpPool::new("127.9.254.0/24").unwrap();
+        for i in 0..254 {
+            assert!(seen.insert(pool.assign(None, &format!("u{i}")).unwrap()));
+        }
+        assert_eq!(pool.assign(None, "full"), None);
+        // A release by a uid that does not hold the address changes nothing.
+        pool.release("127.9.254.5", "u0");
+        assert_eq!(pool.assign(None, "full"), None);
+        pool.release("127.9.254.5", "u4");
+        assert_eq!(pool.assign(None, "new").as_deref(), Some("127.9.254.5"));
+    }
+
+    fn container_with_probe(probe: serde_json::Value) -> Container {
+        serde_json::from_value(json!({
+            "name": "worker",
+            "ports": [{"name": "metrics", "containerPort": 9401}],
+            "readinessProbe": probe,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn readiness_probe_fills_kubelet_defaults_and_resolves_named_ports() {
+        let p = readiness_probe(&container_with_probe(
+            json!({"httpGet": {"path": "/readyz", "port": "metrics"}}),
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            p,
+            ProbeSpec {
+                check: ProbeCheck::Http {
+                    path: "/readyz".into(),
+                    port: 9401
+                },
+                initial_delay: Duration::ZERO,
+                period: Duration::from_secs(10),
+                timeout: Duration::from_secs(1),
+                success_threshold: 1,
+                failure_threshold: 3,
+            }
+        );
+        let p = readiness_probe(&container_with_probe(json!({
+            "httpGet": {"port": 8080}, "periodSeconds": 5, "timeoutSeconds": 2,
+            "successThreshold": 2, "failureThreshold": 1, "initialDelaySeconds": 3
+        })))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            p.check,
+            ProbeCheck::Http {
+                path: "/".into(),
+                port: 8080
+            }
+        );
+        assert_eq!(
+            (
+                p.period,
+                p.timeout,
+                p.success_threshold,
+                p.failure_threshold,
+                p.initial_delay
+            ),
+            (
+                Duration::from_secs(5),
+                Duration::from_secs(2),
+                2,
+                1,
+                Duration::from_secs(3)
+            )
+        );
+        assert_eq!(
+            readiness_probe(&container_with_probe(
+                json!({"tcpSocket": {"port": "metrics"}})
+            ))
+            .unwrap()
+            .unwrap()
+            .check,
+            ProbeCheck::Tcp { port: 9401 }
+        );
+        let e = readiness_probe(&container_with_probe(json!({"httpGet": {"port": "admin"}})))
+            .unwrap_err();
+        assert!(e.contains("\"admin\" names no container port"), "{e}");
+        assert!(
+            readiness_probe(&container_with_probe(json!({"httpGet": {"port": 70000}}))).is_err()
+        );
+        assert!(readiness_probe(&container_with_probe(
+            json!({"exec": {"command": ["true"]}})
+        ))
+        .is_err());
+        assert!(readiness_probe(&container_with_probe(
+            json!({"httpGet": {"port": 1, "scheme": "HTTPS"}})
+        ))
+        .is_err());
+        let none: Container = serde_json::from_value(json!({"name": "c"})).unwrap();
+        assert_eq!(readiness_probe(&none).unwrap(), None);
+    }
+
+    #[test]
+    fn readiness_needs_consecutive_results() {
+        let p = readiness_probe(&container_with_probe(json!({
+            "httpGet": {"port": 1}, "successThreshold": 2, "failureThreshold": 3
+        })))
+        .unwrap()
+        .unwrap();
+        let mut r = Readiness::default();
+        assert!(!r.observe(true, &p) && !r.ready);
+        assert!(r.observe(true, &p) && r.ready);
+        // Two failures, a success (resets the count), then three failures.
+        assert!(!r.observe(false, &p) && !r.observe(false, &p));
+        assert!(!r.observe(true, &p) && r.ready);
+        assert!(!r.observe(false, &p) && !r.observe(false, &p));
+        assert!(r.observe(false, &p) && !r.ready);
+        // One success is not enough to come back.
+        assert!(!r.observe(true, &p) && !r.ready);
+    }
+
+    #[test]
+    fn http_probe_status_lines() {
+        assert!(http_probe_ok("HTTP/1.1 200 OK"));
+        assert!(http_probe_ok("HTTP/1.0 302 Found"));
+        assert!(!http_probe_ok("HTTP/1.1 503 Service Unavailable"));
+        assert!(!http_probe_ok("HTTP/1.1 404"));
+        assert!(!http_probe_ok("SSH-2.0-OpenSSH"));
+        assert!(!http_probe_ok(""));
+    }
+
+    fn view(ready: bool) -> PodView {
+        PodView {
+            phase: "Running",
+            pod_ip: "127.9.254.1".into(),
+            host_ip: "127.0.0.1".into(),
+            start_time: "2026-01-01T00:00:00Z".into(),
+            ready,
+            ready_since: "2026-01-01T00:00:05Z".into(),
+            initialized_at: "2026-01-01T00:00:00Z".into(),
+            container: "worker".into(),
+            image: "moe-worker:dev".into(),
+            pid: Some(42),
+            state: ContainerState::Running {
+                started_at: "2026-01-01T00:00:01Z".into(),
+            },
+            last_state: None,
+            restart_count: 2,
+        }
+    }
+
+    #[test]
+    fn status_patch_round_trips_through_pod_status() {
+        for ready in [false, true] {
+            let v = view(ready);
+            let patch = v.status_patch();
+            let status: PodStatus = serde_json::from_value(patch["status"].clone()).unwrap();
+            let conds = status.conditions.clone().unwrap();
+            let get = |t: &str| conds.iter().find(|c| c.type_ == t).unwrap().status.clone();
+            let want = if ready { "True" } else { "False" };
+            assert_eq!(
+                (get("Ready"), get("ContainersReady")),
+                (want.into(), want.into())
+            );
+            assert_eq!(get("Initialized"), "True");
+            assert_eq!(status.pod_ips.as_ref().unwrap()[0].ip, "127.9.254.1");
+            assert_eq!(status.host_ip.as_deref(), Some("127.0.0.1"));
+            let cs = &status.container_statuses.as_ref().unwrap()[0];
+            assert_eq!((cs.ready, cs.restart_count), (ready, 2));
+            assert_eq!(cs.container_id.as_deref(), Some("moe-e2e-pods://42"));
+            let mut p = pod(Some("true"), Some("n"), None);
+            p.status = Some(status);
+            assert!(v.shown_by(&p));
+            assert!(!view(!ready).shown_by(&p));
+            let mut restarted = view(ready);
+            restarted.restart_count = 3;
+            assert!(!restarted.shown_by(&p));
+        }
+        // kwok's or nobody's status is not ours.
+        assert!(!view(false).shown_by(&pod(Some("true"), Some("n"), None)));
     }
 
     #[test]

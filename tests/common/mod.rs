@@ -13,10 +13,27 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A binary of this package, given as `env!("CARGO_BIN_EXE_<name>")`: the copy in
+/// `$MOE_E2E_OWN_BIN` when that is set, else cargo's. Worktrees that share one target dir
+/// overwrite each other's `target/debug/*`; a test run from copies keeps running the build it was
+/// started with.
+pub fn own_bin(cargo_path: &str) -> PathBuf {
+    let cargo_path = Path::new(cargo_path);
+    match std::env::var_os("MOE_E2E_OWN_BIN") {
+        Some(dir) => {
+            let p = PathBuf::from(dir).join(cargo_path.file_name().expect("a binary's file name"));
+            assert!(p.exists(), "MOE_E2E_OWN_BIN has no {}", p.display());
+            p
+        }
+        None => cargo_path.to_path_buf(),
+    }
+}
+
 /// `e2e/cluster.sh <verb>` on the plane in `state` with `nodes` fake GPU nodes. The test's own
-/// binaries (target/debug) come first on PATH so process-backed pods run this build.
+/// binaries (target/debug, or `$MOE_E2E_OWN_BIN`) come first on PATH so process-backed pods run
+/// this build.
 pub fn cluster_script(state: &Path, nodes: usize, verb: &str) -> Output {
-    let pods_bin = PathBuf::from(env!("CARGO_BIN_EXE_moe-e2e-pods"));
+    let pods_bin = own_bin(env!("CARGO_BIN_EXE_moe-e2e-pods"));
     let target_debug = pods_bin.parent().expect("binary has a parent dir");
     let path = format!(
         "{}:{}",

@@ -240,7 +240,7 @@ impl OperatorPlane {
             .append(true)
             .open(self.state.join(format!("operator-{identity}.log")))
             .expect("operator log");
-        let child = Command::new(env!("CARGO_BIN_EXE_moe-operator"))
+        let child = Command::new(super::own_bin(env!("CARGO_BIN_EXE_moe-operator")))
             .args([
                 "run",
                 "--metrics-listen",
@@ -342,7 +342,7 @@ pub fn tiny_checkpoint(state: &Path) -> PathBuf {
     if ckpt.exists() {
         return ckpt;
     }
-    let gen = Command::new(env!("CARGO_BIN_EXE_moectl"))
+    let gen = Command::new(super::own_bin(env!("CARGO_BIN_EXE_moectl")))
         .args([
             "gen-checkpoint",
             "--family",
@@ -387,7 +387,7 @@ pub async fn loadgen_round(
     let cm = cms.get(configmap).await.map_err(|e| e.to_string())?;
     let data = cm.data.unwrap_or_default();
     std::fs::write(plan_file, &data["plan.json"]).map_err(|e| e.to_string())?;
-    let out = Command::new(env!("CARGO_BIN_EXE_moectl"))
+    let out = Command::new(super::own_bin(env!("CARGO_BIN_EXE_moectl")))
         .args([
             "loadgen",
             "--plan",
