@@ -44,6 +44,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::validate::GPU_RESOURCE;
 use crate::api::MoEDeployment;
+use crate::plan::expert_plan::HashRule;
 use crate::plan::packed::{self, Packed};
 use crate::plan::ExpertPlan;
 
@@ -272,7 +273,9 @@ pub fn stored_plan(cm: &ConfigMap) -> Option<Result<ExpertPlan, String>> {
     Some(
         packed::unpack(bytes)
             .map_err(|e| e.to_string())
-            .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string())),
+            .and_then(|json| {
+                ExpertPlan::from_json_checked(&json, HashRule::Required).map_err(|e| e.to_string())
+            }),
     )
 }
 

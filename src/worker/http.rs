@@ -30,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
+use crate::plan::expert_plan::HashRule;
 use crate::plan::{limits, ExpertPlan};
 use crate::worker::metrics::CONTENT_TYPE;
 use crate::worker::server::Worker;
@@ -380,16 +381,13 @@ async fn put_plan(State(state): State<AdminState>, headers: HeaderMap, body: Bod
             )
         }
     };
-    let plan: ExpertPlan = match serde_json::from_slice(&bytes) {
+    // The one plan reader: format version first, sizes bounded before anything is allocated.
+    let plan: ExpertPlan = match ExpertPlan::from_json_checked(&bytes, HashRule::MayBeEmpty) {
         Ok(p) => p,
         Err(e) => {
             return json_error(
                 StatusCode::BAD_REQUEST,
-                format!(
-                    "request body is not a plan document: {e} (line {}, column {})",
-                    e.line(),
-                    e.column()
-                ),
+                format!("request body is not a plan this worker can take: {e}"),
             )
         }
     };

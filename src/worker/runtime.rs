@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::plan::expert_plan::HashRule;
 use crate::plan::{limits, ExpertPlan, ModelShape};
 use crate::worker::compute::ExpertLoader;
 use crate::worker::http::{admin_router, metrics_router, serve_http, AdminToken};
@@ -330,8 +331,11 @@ fn read_plan_bounded(path: &Path, max_bytes: usize) -> anyhow::Result<ExpertPlan
         "plan file {} is larger than {max} bytes (--max-plan-bytes, plan::limits::MAX_PLAN_BYTES)",
         path.display()
     );
-    let plan: ExpertPlan = serde_json::from_slice(&bytes)
-        .with_context(|| format!("parsing plan file {} as a plan document", path.display()))?;
+    // A plan ConfigMap's file is gzip when the plan was too large for it as JSON (plan::packed).
+    let bytes = crate::plan::packed::unpack(&bytes)
+        .map_err(|e| anyhow::anyhow!("plan file {}: {e}", path.display()))?;
+    let plan = ExpertPlan::from_json_checked(&bytes, HashRule::MayBeEmpty)
+        .map_err(|e| anyhow::anyhow!("plan file {}: {e}", path.display()))?;
     check_plan_document(plan).map_err(|e| anyhow::anyhow!("plan file {}: {e}", path.display()))
 }
 
@@ -536,7 +540,7 @@ mod tests {
         let bad = dir.path().join("plan.json");
         std::fs::write(&bad, "{\"formatVersion\": 1}").unwrap();
         let e = resolve(&args(&["--plan", bad.to_str().unwrap()], &token)).unwrap_err();
-        assert!(format!("{e:#}").contains("as a plan document"), "{e:#}");
+        assert!(format!("{e:#}").contains("not a plan document"), "{e:#}");
 
         assert!(WorkerArgs::try_parse_from(["moe-worker", "--node", "1", "--rank", "2"]).is_err());
     }

@@ -28,8 +28,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::plan::expert_plan::PLAN_FORMAT_VERSION;
-use crate::plan::{limits, ExpertPlan, ModelShape};
+use crate::plan::expert_plan::HashRule;
+use crate::plan::{ExpertPlan, ModelShape};
 use crate::worker::compute::{ComputeError, ExpertCompute, ExpertKey, ExpertLoader, RowBatch};
 use crate::worker::http::HttpConfig;
 use crate::worker::metrics::WorkerMetrics;
@@ -510,118 +510,14 @@ impl Worker {
     }
 }
 
-/// The checks a plan document passes before anything else looks at it, in this order: its format
-/// version, its hash (a sealed plan must hash to its `hash`; an empty one is filled in), then every
-/// size in it against `plan::limits`, so that nothing sized by a claimed count is allocated before
-/// the count is bounded. `plan.check()` and the worker's own checks come after.
-///
-/// Once the checked plan reader of `plan::expert_plan` (`ExpertPlan::from_json_checked`) exists,
-/// it replaces this function and `read_plan`/`PUT /v1/plan` parse through it.
-pub fn check_plan_document(mut plan: ExpertPlan) -> Result<ExpertPlan, ApplyError> {
-    if plan.format_version != PLAN_FORMAT_VERSION {
-        return Err(ApplyError::Invalid(format!(
-            "field `formatVersion` is {} but this worker reads version {PLAN_FORMAT_VERSION}: write the plan \
-             with a `moectl` of the same release as the worker",
-            plan.format_version
-        )));
-    }
-    let computed = plan.compute_hash();
-    if plan.hash.is_empty() {
-        plan.hash = computed;
-    } else if plan.hash != computed {
-        return Err(ApplyError::Invalid(format!(
-            "field `hash` is {} but the plan's content hashes to {computed}: the plan was edited after it \
-             was sealed; write it again with `moectl plan` or drop the field",
-            plan.hash
-        )));
-    }
-    let m = &plan.model;
-    let over = |field: &str, value: u64, max: u64| {
-        ApplyError::Invalid(format!(
-            "field `{field}` is {value}, over the largest this product accepts ({max}, plan::limits)"
-        ))
-    };
-    let zero = |field: &str| ApplyError::Invalid(format!("field `{field}` must be at least 1"));
-    for (field, value, max) in [
-        ("model.layers", m.layers as u64, limits::MAX_LAYERS as u64),
-        (
-            "model.experts",
-            m.experts as u64,
-            limits::MAX_EXPERTS as u64,
-        ),
-        ("model.topK", m.top_k as u64, limits::MAX_TOP_K as u64),
-        ("model.hiddenSize", m.hidden_size, limits::MAX_HIDDEN_SIZE),
-        (
-            "model.expertIntermediateSize",
-            m.expert_intermediate_size,
-            limits::MAX_EXPERT_INTERMEDIATE_SIZE,
-        ),
-        ("gpus", plan.gpus as u64, limits::MAX_GPUS as u64),
-        ("nodes", plan.nodes as u64, limits::MAX_NODES as u64),
-        (
-            "replicasPerGpu",
-            plan.replicas_per_gpu as u64,
-            limits::MAX_REPLICAS_PER_GPU as u64,
-        ),
-        (
-            "layers (entries)",
-            plan.layers.len() as u64,
-            limits::MAX_LAYERS as u64,
-        ),
-    ] {
-        if value > max {
-            return Err(over(field, value, max));
-        }
-    }
-    for (field, value) in [
-        ("model.layers", m.layers as u64),
-        ("model.experts", m.experts as u64),
-        ("model.hiddenSize", m.hidden_size),
-        ("model.expertIntermediateSize", m.expert_intermediate_size),
-        ("gpus", plan.gpus as u64),
-        ("nodes", plan.nodes as u64),
-    ] {
-        if value == 0 {
-            return Err(zero(field));
-        }
-    }
-    if m.first_moe_layer >= m.layers {
-        return Err(ApplyError::Invalid(format!(
-            "field `model.firstMoeLayer` is {} but the model has {} layers: it would have no MoE layer",
-            m.first_moe_layer, m.layers
-        )));
-    }
-    if plan.gpus / plan.nodes > limits::MAX_GPUS_PER_NODE {
-        return Err(over(
-            "gpus / nodes",
-            (plan.gpus / plan.nodes) as u64,
-            limits::MAX_GPUS_PER_NODE as u64,
-        ));
-    }
-    for lp in &plan.layers {
-        if lp.slots.len() > plan.gpus as usize || lp.shares.len() > plan.gpus as usize {
-            return Err(ApplyError::Invalid(format!(
-                "layer {}: {} slot lists and {} share lists for {} GPUs",
-                lp.layer,
-                lp.slots.len(),
-                lp.shares.len(),
-                plan.gpus
-            )));
-        }
-        if let Some(slots) = lp
-            .slots
-            .iter()
-            .map(Vec::len)
-            .find(|&n| n > limits::MAX_SLOTS_PER_GPU_LAYER as usize)
-        {
-            return Err(over(
-                &format!("layers[layer {}].slots (per GPU)", lp.layer),
-                slots as u64,
-                limits::MAX_SLOTS_PER_GPU_LAYER as u64,
-            ));
-        }
-    }
-    Ok(plan)
+/// The checks a plan document passes before anything else looks at it: the one plan reader's
+/// ([`ExpertPlan::checked`]: format version, every size against `plan::limits` before anything
+/// is allocated from it, layer order, invariants, and the hash; an empty hash is filled in, for
+/// hand-written plans given to `--plan`). The worker's own checks against what it serves come
+/// after.
+pub fn check_plan_document(plan: ExpertPlan) -> Result<ExpertPlan, ApplyError> {
+    plan.checked(HashRule::MayBeEmpty)
+        .map_err(|e| ApplyError::Invalid(e.to_string()))
 }
 
 fn describe(m: &ModelShape) -> String {
