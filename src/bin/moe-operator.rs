@@ -21,7 +21,7 @@ enum Command {
     /// Print the MoEDeployment CustomResourceDefinition as YAML.
     Crd,
     /// Run the controller against the cluster of the ambient kubeconfig or service account.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 /// Log line format.
@@ -87,7 +87,7 @@ fn main() -> Result<()> {
             print!("{}", moe_operator::api::crd_yaml());
             Ok(())
         }
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
     }
 }
 

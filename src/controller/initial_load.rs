@@ -102,18 +102,18 @@ mod tests {
         let t = r#"{"format":"moe-load-trace/v1","experts":1000000000000,"layers":[1,2],"batches":[{"tokens":[[1,2],[3,4]]}]}"#;
         let e = read(Some(&cm("load.json", t))).unwrap_err().to_string();
         assert!(e.contains("more than the limit of 1024"), "{e}");
-        // Within the per-expert limit but past the operator's cell budget: 1,000 batches of the
-        // largest model is more than one namespace's ConfigMap may make the operator hold.
-        let batch = format!("[{}]", vec!["[0]"; 512].join(","));
+        // Within the per-expert limit but past the operator's cell budget (9 batches of the
+        // largest model: 4.7M counts against 4.2M), refused before the counts are read.
         let many = format!(
             r#"{{"format":"moe-load-trace/v1","experts":1024,"layers":[{}],"batches":[{}]}}"#,
             (0..512)
                 .map(|l| l.to_string())
                 .collect::<Vec<_>>()
                 .join(","),
-            vec![format!(r#"{{"tokens":{batch}}}"#); 16].join(",")
+            [r#"{"tokens":[[1]]}"#; 9].join(",")
         );
-        assert!(read(Some(&cm("load.json", &many))).is_err());
+        let e = read(Some(&cm("load.json", &many))).unwrap_err().to_string();
+        assert!(e.contains("the limit for this reader"), "{e}");
     }
 
     #[test]
