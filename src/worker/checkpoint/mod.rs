@@ -508,7 +508,9 @@ impl Checkpoint {
     ) -> Result<Vec<bf16>, CheckpointError> {
         let (f, e) = self.checked(name, safetensors::StDtype::Bf16, shape)?;
         let r = range.unwrap_or(0..e.end - e.start);
-        debug_assert!(r.start <= r.end && r.end <= e.end - e.start && (r.end - r.start) % 2 == 0);
+        debug_assert!(
+            r.start <= r.end && r.end <= e.end - e.start && (r.end - r.start).is_multiple_of(2)
+        );
         let n = ((r.end - r.start) / 2) as usize;
         let mut out = vec![bf16::ZERO; n];
         // SAFETY: bf16 is a 2-byte plain value (repr(transparent) over u16) for which every bit
