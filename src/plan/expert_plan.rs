@@ -186,6 +186,8 @@ pub enum HashRule {
 /// [`ExpertPlan::checked`].
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PlanReadError {
+    #[error("cannot read the plan file: {0}")]
+    Io(String),
     #[error(
         "the plan document is {bytes} bytes, more than the limit of {limit} \
          (plan::limits::MAX_PLAN_BYTES)"
@@ -301,6 +303,20 @@ impl ExpertPlan {
         }
         let plan: ExpertPlan = serde_json::from_slice(bytes).map_err(json)?;
         plan.checked(hash)
+    }
+
+    /// [`ExpertPlan::from_json_checked`] on a file, reading no more than [`MAX_PLAN_BYTES`] of it
+    /// (one byte more, to refuse a larger or endless file without buffering it).
+    pub fn read_file_checked(
+        path: &std::path::Path,
+        hash: HashRule,
+    ) -> Result<ExpertPlan, PlanReadError> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_PLAN_BYTES as u64 + 1).read_to_end(&mut bytes))
+            .map_err(|e| PlanReadError::Io(e.to_string()))?;
+        Self::from_json_checked(&bytes, hash)
     }
 
     /// Everything [`ExpertPlan::from_json_checked`] checks after parsing, for plans built or
