@@ -667,6 +667,7 @@ async fn rollout_under_chaos_keeps_max_unavailable() {
     let gen = mds.get("chaos").await.unwrap().metadata.generation.unwrap();
 
     // Midway (a rank on the new spec), two old workers break and the API server stops for 20 s.
+    let old_hashes = &old_hashes;
     let (midway, old_live) = wait_every(
         "the rollout midway with two old workers left",
         Duration::from_secs(60),
