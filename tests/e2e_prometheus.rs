@@ -173,7 +173,7 @@ async fn prometheus_source_and_kubectl_plugin() {
     let log = std::fs::File::create(plane.state.join("operator.log")).unwrap();
     plane.children.push((
         "operator",
-        Command::new(env!("CARGO_BIN_EXE_moe-operator"))
+        Command::new(common::own_bin(env!("CARGO_BIN_EXE_moe-operator")))
             .args([
                 "run",
                 "--metrics-listen",
@@ -363,8 +363,11 @@ async fn prometheus_source_and_kubectl_plugin() {
     // kubectl moe, found by kubectl on PATH as kubectl-moe (a link to moectl).
     let plugin_dir = plane.state.join("plugins");
     std::fs::create_dir_all(&plugin_dir).unwrap();
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_moectl"), plugin_dir.join("kubectl-moe"))
-        .unwrap();
+    std::os::unix::fs::symlink(
+        common::own_bin(env!("CARGO_BIN_EXE_moectl")),
+        plugin_dir.join("kubectl-moe"),
+    )
+    .unwrap();
     let path = format!(
         "{}:{}",
         plugin_dir.display(),

@@ -181,6 +181,8 @@ impl Launcher {
         let mut events = watcher(api, cfg).default_backoff().boxed();
         let mut entries: HashMap<String, Entry> = HashMap::new();
         let mut detached: Vec<JoinHandle<()>> = Vec::new();
+        // Uids whose loop has ended (pruned from `entries`).
+        let mut finished: HashSet<String> = HashSet::new();
         // A (re)list's pods, dispatched together at its end so that the IPs pods already carry
         // are claimed before any new pod is given one.
         let mut init: Option<Vec<Pod>> = None;
@@ -196,7 +198,7 @@ impl Launcher {
                     Some(Ok(watcher::Event::Init)) => init = Some(Vec::new()),
                     Some(Ok(watcher::Event::InitApply(pod))) => match init.as_mut() {
                         Some(buf) => buf.push(pod),
-                        None => self.dispatch(pod, &mut entries, &mut detached, &shutdown),
+                        None => self.dispatch(pod, &mut entries, &mut detached, &finished, &shutdown),
                     },
                     Some(Ok(watcher::Event::InitDone)) => {
                         let pods = init.take().unwrap_or_default();
@@ -219,11 +221,11 @@ impl Launcher {
                             }
                         }
                         for p in pods {
-                            self.dispatch(p, &mut entries, &mut detached, &shutdown);
+                            self.dispatch(p, &mut entries, &mut detached, &finished, &shutdown);
                         }
                     }
                     Some(Ok(watcher::Event::Apply(pod))) => {
-                        self.dispatch(pod, &mut entries, &mut detached, &shutdown)
+                        self.dispatch(pod, &mut entries, &mut detached, &finished, &shutdown)
                     }
                     Some(Ok(watcher::Event::Delete(pod))) => {
                         let k = key(&pod);
@@ -236,7 +238,17 @@ impl Launcher {
                 },
                 _ = prune.tick() => {
                     detached.retain(|h| !h.is_finished());
-                    entries.retain(|_, e| !e.handle.is_finished());
+                    entries.retain(|_, e| {
+                        let done = e.handle.is_finished();
+                        if done {
+                            finished.insert(e.uid.clone());
+                        }
+                        !done
+                    });
+                    // Late events come within moments; a bounded memory of finished pods is enough.
+                    if finished.len() > 4096 {
+                        finished.clear();
+                    }
                 }
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
@@ -265,15 +277,23 @@ impl Launcher {
         pod: Pod,
         entries: &mut HashMap<String, Entry>,
         detached: &mut Vec<JoinHandle<()>>,
+        finished: &HashSet<String>,
         shutdown: &watch::Receiver<bool>,
     ) {
         let k = key(&pod);
         let uid = uid_of(&pod);
         if let Some(e) = entries.get(&k) {
-            if e.uid == uid && !e.handle.is_finished() {
-                e.tx.send_replace(Some(pod));
+            if e.uid == uid {
+                // A finished loop is done with this pod for good (it finalised the deletion, or
+                // the pod went away): a late event about it starts nothing.
+                if !e.handle.is_finished() {
+                    e.tx.send_replace(Some(pod));
+                }
                 return;
             }
+        }
+        if finished.contains(&uid) {
+            return;
         }
         if matches!(spec::want(&pod), Want::Wait(_) | Want::Stop(_)) {
             return;

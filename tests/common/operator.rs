@@ -278,6 +278,21 @@ impl OperatorPlane {
         }
     }
 
+    /// Starts the operator `identity` again if its process has exited, as its Deployment would
+    /// restart it (it exits when it loses the leader Lease); true when it did.
+    pub fn restart_if_exited(&mut self, identity: &str) -> bool {
+        let Some(i) = self.operators.iter().position(|o| o.identity == identity) else {
+            return false;
+        };
+        if self.operators[i].child.try_wait().ok().flatten().is_none() {
+            return false;
+        }
+        let mut o = self.operators.remove(i);
+        let _ = o.child.wait();
+        self.start_operator(identity);
+        true
+    }
+
     /// Whether the operator `identity` still runs (it never exits on its own while healthy).
     pub fn operator_running(&mut self, identity: &str) -> bool {
         self.operators
