@@ -86,6 +86,6 @@ mod tests {
             assert!(layers <= MAX_LAYERS && experts <= MAX_EXPERTS && top_k <= MAX_TOP_K);
             assert!(hidden <= MAX_HIDDEN_SIZE && inter <= MAX_EXPERT_INTERMEDIATE_SIZE);
         }
-        assert!(MAX_NODES * MAX_GPUS_PER_NODE >= MAX_GPUS);
+        const { assert!(MAX_NODES * MAX_GPUS_PER_NODE >= MAX_GPUS) };
     }
 }
