@@ -392,10 +392,10 @@ impl ExpertPlan {
         )?;
         limit("gpus", self.gpus.into(), MAX_GPUS.into(), "MAX_GPUS")?;
         limit("nodes", self.nodes.into(), MAX_NODES.into(), "MAX_NODES")?;
-        if self.nodes > 0 {
+        if let Some(per_node) = self.gpus.checked_div(self.nodes) {
             limit(
                 "gpus / nodes",
-                (self.gpus / self.nodes).into(),
+                per_node.into(),
                 MAX_GPUS_PER_NODE.into(),
                 "MAX_GPUS_PER_NODE",
             )?;

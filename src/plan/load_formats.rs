@@ -1325,7 +1325,7 @@ mod tests {
         assert_eq!(LoadLimits::operator().max_cells, MAX_LOAD_CELLS_OPERATOR);
         assert_eq!(LoadLimits::file().max_cells, MAX_LOAD_CELLS_FILE);
         let big = r#"{"logical_count": [[[1]]]}"#
-            .replace("[[[1]]]", &format!("[{}]", vec!["[[1]]"; 6].join(",")));
+            .replace("[[[1]]]", &format!("[{}]", ["[[1]]"; 6].join(",")));
         assert!(one(&big).is_err());
     }
 
