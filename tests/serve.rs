@@ -1537,7 +1537,7 @@ async fn plans_are_checked_against_the_served_model_before_they_are_accepted() {
     // No layer at all: on main, 200 and ready, then every request failed.
     let mut empty = plan_a();
     empty.layers.clear();
-    refused(empty.seal(), "MoE layer 1 has no entry").await;
+    refused(empty.seal(), "`layers` is empty").await;
     let mut missing = plan_a();
     missing.layers.pop();
     refused(missing.seal(), "MoE layer 2 has no entry").await;
@@ -1559,8 +1559,9 @@ async fn plans_are_checked_against_the_served_model_before_they_are_accepted() {
     let mut future = plan_a();
     future.format_version = 99;
     refused(future.seal(), "formatVersion").await;
-    let mut tampered = plan_a();
-    tampered.model.experts = u32::MAX;
+    // Edited after sealing (within every limit, so only the hash can tell).
+    let mut tampered = plan_a().seal();
+    tampered.replicas_per_gpu += 1;
     refused(tampered, "hashes to").await;
     assert_eq!(
         http(w.metrics_addr, "GET", "/readyz", None, "").await.0,
@@ -1589,7 +1590,7 @@ async fn plans_are_checked_against_the_served_model_before_they_are_accepted() {
     .await
     .err()
     .expect("a start-up plan without layers is refused");
-    assert!(format!("{e:#}").contains("has no entry"), "{e:#}");
+    assert!(format!("{e:#}").contains("`layers` is empty"), "{e:#}");
 }
 
 #[test]

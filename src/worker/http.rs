@@ -30,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
-use crate::plan::expert_plan::HashRule;
+use crate::plan::expert_plan::{HashRule, PlanReadError};
 use crate::plan::{limits, ExpertPlan};
 use crate::worker::metrics::CONTENT_TYPE;
 use crate::worker::server::Worker;
@@ -384,11 +384,19 @@ async fn put_plan(State(state): State<AdminState>, headers: HeaderMap, body: Bod
     // The one plan reader: format version first, sizes bounded before anything is allocated.
     let plan: ExpertPlan = match ExpertPlan::from_json_checked(&bytes, HashRule::MayBeEmpty) {
         Ok(p) => p,
+        // Not JSON of a plan: 400. A plan document this worker must refuse (version, hash,
+        // sizes, layers): 422, as the worker's own checks against its model answer.
         Err(e) => {
+            let status = match e {
+                PlanReadError::Json { .. } | PlanReadError::TooLarge { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
             return json_error(
-                StatusCode::BAD_REQUEST,
+                status,
                 format!("request body is not a plan this worker can take: {e}"),
-            )
+            );
         }
     };
     drop(bytes);
