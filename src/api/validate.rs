@@ -349,6 +349,34 @@ pub fn validate(spec: &MoEDeploymentSpec, pod_policy: &PodPolicy) -> Vec<FieldEr
             }
         },
     }
+    // The operator holds the window in memory: batches x MoE layers x experts counts, bounded so
+    // that one deployment cannot take the operator's memory for the whole cluster.
+    let batches: Option<u64> = match (&spec.replication.window, interval) {
+        (IntOrString::Int(n), _) => u64::try_from(*n).ok(),
+        (IntOrString::String(s), Some(i)) => parse_duration(s)
+            .ok()
+            .map(|w| (w.as_secs_f64() / i.as_secs_f64()).ceil() as u64),
+        (IntOrString::String(_), None) => None,
+    };
+    let moe_layers =
+        u64::try_from(i64::from(spec.model.layers) - i64::from(spec.model.first_moe_layer))
+            .unwrap_or(0);
+    let experts = u64::try_from(spec.model.experts).unwrap_or(0);
+    if let Some(b) = batches {
+        let cells = b.saturating_mul(moe_layers).saturating_mul(experts);
+        if cells > limits::MAX_LOAD_CELLS_OPERATOR as u64 {
+            err(
+                "spec.replication.window",
+                format!(
+                    "{b} intervals x {moe_layers} MoE layers x {experts} experts is {cells} token \
+                     counts, more than the {} the operator keeps per deployment \
+                     (plan::limits::MAX_LOAD_CELLS_OPERATOR): use a window of at most {} intervals",
+                    limits::MAX_LOAD_CELLS_OPERATOR,
+                    limits::MAX_LOAD_CELLS_OPERATOR as u64 / (moe_layers * experts).max(1)
+                ),
+            );
+        }
+    }
     match (spec.metrics.source, &spec.metrics.prometheus) {
         (MetricsSource::Prometheus, None) => {
             err("spec.metrics.prometheus", "required when metrics.source is Prometheus: give url and query".into())
@@ -625,6 +653,12 @@ worker: {image: "moe-worker:dev"}
                 "number of metrics intervals",
             ),
             (
+                "window holds too many counts",
+                |s| s.replication.window = IntOrString::Int(1_000_000),
+                "spec.replication.window",
+                "MAX_LOAD_CELLS_OPERATOR",
+            ),
+            (
                 "window < interval",
                 |s| s.replication.window = IntOrString::String("10s".into()),
                 "spec.replication.window",
@@ -849,6 +883,9 @@ worker: {image: "moe-worker:dev"}
         s.model.expert_intermediate_size = MAX_EXPERT_INTERMEDIATE_SIZE as i64;
         s.topology.nodes = (MAX_GPUS / MAX_GPUS_PER_NODE) as i32;
         s.topology.gpus_per_node = MAX_GPUS_PER_NODE as i32;
+        // Its load window is bounded too: 8 intervals of 511 x 1024 counts is what the operator
+        // keeps per deployment (the default 10 is refused, naming the largest window that fits).
+        s.replication.window = IntOrString::Int(8);
         assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
         // Each factor within its limit, the product not.
         s.topology.nodes = MAX_NODES as i32;
