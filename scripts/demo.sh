@@ -159,7 +159,8 @@ chmod 600 "$STATE/operator.kubeconfig"
 step "running moe-operator as a local process under ServiceAccount $OP_NS/$RELEASE (log: $OUT/logs/operator.log)"
 KUBECONFIG="$STATE/operator.kubeconfig" POD_NAME=demo-operator RUST_LOG=${MOE_DEMO_OPERATOR_LOG:-info,kube=warn} \
     "$BIN/moe-operator" run --metrics-listen 127.0.0.1:0 --health-listen 127.0.0.1:0 \
-    --leader-election-namespace "$OP_NS" --log-format text >"$STATE/operator.log" 2>&1 &
+    --leader-election-namespace "$OP_NS" --log-format text \
+    --allow-host-path-prefix "$OUT" >"$STATE/operator.log" 2>&1 &
 OPERATOR_PID=$!
 echo "moe-operator pid $OPERATOR_PID; RBAC check: $(kubectl auth can-i patch moedeployments/status \
     --as "system:serviceaccount:$OP_NS:$RELEASE" -n "$NS") to patch moedeployments/status, $(kubectl auth can-i \

@@ -165,6 +165,44 @@ fn names_columns_and_subresources() {
     );
 }
 
+/// Every size field carries the maximum of `plan::limits`, so the apiserver refuses at apply what
+/// the planner, the readers and the worker would refuse later (the CRD had 4096 layers, 65536
+/// experts and top-k, hidden sizes of 2^20 and 64 GPUs per node).
+#[test]
+fn size_fields_carry_the_limits() {
+    use moe_operator::plan::limits::*;
+    let spec = &schema()["properties"]["spec"]["properties"];
+    for (path, max) in [
+        ("model/layers", u64::from(MAX_LAYERS)),
+        ("model/firstMoeLayer", u64::from(MAX_LAYERS - 1)),
+        ("model/experts", MAX_EXPERTS.into()),
+        ("model/topK", MAX_TOP_K.into()),
+        ("model/hiddenSize", MAX_HIDDEN_SIZE),
+        ("model/expertIntermediateSize", MAX_EXPERT_INTERMEDIATE_SIZE),
+        ("topology/nodes", MAX_NODES.into()),
+        ("topology/gpusPerNode", MAX_GPUS_PER_NODE.into()),
+        (
+            "replication/budget/replicasPerGpu",
+            MAX_REPLICAS_PER_GPU.into(),
+        ),
+        ("rollout/maxUnavailable", MAX_NODES.into()),
+    ] {
+        let mut node = spec;
+        for (i, part) in path.split('/').enumerate() {
+            node = if i == 0 {
+                &node[part]
+            } else {
+                &node["properties"][part]
+            };
+        }
+        assert_eq!(
+            node["maximum"].as_f64(),
+            Some(max as f64),
+            "spec.{path}: maximum should be {max}; {REGENERATE}"
+        );
+    }
+}
+
 /// The README's "Bad input" table quotes every CEL message; keep them in step with the CRD.
 #[test]
 fn readme_quotes_every_cel_message() {
@@ -185,4 +223,192 @@ fn readme_quotes_every_cel_message() {
             );
         }
     }
+}
+
+/// `helm` from the e2e build (e2e/build.sh) or PATH. Without it the chart-rendering tests fail
+/// under CI and are skipped, loudly, elsewhere.
+fn helm() -> Option<std::path::PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let from_build = std::process::Command::new(root.join("e2e/build.sh"))
+        .arg("--bin-dir")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| Path::new(String::from_utf8_lossy(&o.stdout).trim()).join("helm"));
+    let found = from_build.filter(|p| p.exists()).or_else(|| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("helm"))
+                .find(|p| p.exists())
+        })
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set and there is no helm: run e2e/build.sh first"
+        );
+        eprintln!("!!!!!!!! no helm (run e2e/build.sh): chart rendering not tested");
+    }
+    found
+}
+
+/// `helm template` of the chart with `args`, as YAML documents.
+fn render(helm: &Path, args: &[&str]) -> Vec<Value> {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/moe-operator");
+    let out = std::process::Command::new(helm)
+        .args([
+            "template",
+            "rel",
+            chart.to_str().unwrap(),
+            "--namespace",
+            "ops",
+        ])
+        .args(args)
+        .output()
+        .expect("running helm template");
+    assert!(
+        out.status.success(),
+        "helm template {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split("\n---")
+        .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())
+        .filter(|v| v.is_object())
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+/// The chart's NetworkPolicy selects exactly the pods `controller::build` makes workers of, by
+/// their labels, and names their ports as build names them: the admin port only from the
+/// operator's own pods (the Deployment's pod labels, in the release namespace), dispatch and
+/// metrics from anywhere.
+#[test]
+fn network_policy_opens_the_admin_port_to_the_operator_only() {
+    use moe_operator::api::MoEDeployment;
+    let Some(helm) = helm() else { return };
+    let md: MoEDeployment = serde_yaml::from_str(&repo("examples/demo.yaml")).unwrap();
+    let mut md = md;
+    md.metadata.uid = Some("u".into());
+    let pod = moe_operator::controller::build::worker_pod(&md, 0, "h").unwrap();
+    let pod_labels = pod.metadata.labels.clone().unwrap();
+    let port_names: Vec<String> = pod.spec.as_ref().unwrap().containers[0]
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.name.clone())
+        .collect();
+
+    let docs = render(&helm, &["--set", "networkPolicy.namespaces={ml,ml-2}"]);
+    let nps = of_kind(&docs, "NetworkPolicy");
+    assert_eq!(nps.len(), 2, "one NetworkPolicy per namespace");
+    let operator_labels =
+        &of_kind(&docs, "Deployment")[0]["spec"]["template"]["metadata"]["labels"];
+    for (np, ns) in nps.iter().zip(["ml", "ml-2"]) {
+        assert_eq!(np["metadata"]["namespace"], ns);
+        let spec = &np["spec"];
+        for (k, v) in spec["podSelector"]["matchLabels"].as_object().unwrap() {
+            assert_eq!(
+                pod_labels.get(k).map(String::as_str),
+                v.as_str(),
+                "worker pods lack the selector label {k}"
+            );
+        }
+        assert_eq!(spec["policyTypes"], serde_json::json!(["Ingress"]));
+        let rules = spec["ingress"].as_array().unwrap();
+        assert_eq!(rules.len(), 2, "{rules:?}");
+        let names = |r: &Value| -> Vec<String> {
+            r["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["port"].as_str().unwrap().to_string())
+                .collect()
+        };
+        for n in names(&rules[0]).iter().chain(&names(&rules[1])) {
+            assert!(port_names.contains(n), "worker pods have no port named {n}");
+        }
+        assert_eq!(names(&rules[0]), ["admin"]);
+        let from = rules[0]["from"].as_array().unwrap();
+        assert_eq!(from.len(), 1);
+        assert_eq!(
+            from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            "ops"
+        );
+        for (k, v) in from[0]["podSelector"]["matchLabels"].as_object().unwrap() {
+            assert_eq!(&operator_labels[k], v, "operator pods lack {k}");
+        }
+        assert_eq!(names(&rules[1]), ["dispatch", "metrics"]);
+        assert!(
+            rules[1].get("from").is_none(),
+            "dispatch and metrics stay open"
+        );
+    }
+    // watchNamespace is the default namespace list; without either there is nothing to protect,
+    // and the value turns it off.
+    let docs = render(&helm, &["--set", "watchNamespace=ml"]);
+    assert_eq!(
+        of_kind(&docs, "NetworkPolicy")[0]["metadata"]["namespace"],
+        "ml"
+    );
+    assert!(of_kind(&render(&helm, &[]), "NetworkPolicy").is_empty());
+    let off = render(
+        &helm,
+        &[
+            "--set",
+            "networkPolicy.namespaces={ml}",
+            "--set",
+            "networkPolicy.enabled=false",
+        ],
+    );
+    assert!(of_kind(&off, "NetworkPolicy").is_empty());
+}
+
+/// The chart's `podPolicy` values reach the operator as the flags `PodPolicyArgs` defines, and
+/// mean the policy they say.
+#[test]
+fn chart_pod_policy_values_become_operator_flags() {
+    use clap::Parser;
+    use moe_operator::api::pod_policy::{PodPolicy, PodPolicyArgs};
+    let Some(helm) = helm() else { return };
+    let values =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/moe-operator/ci/full-values.yaml");
+    let docs = render(&helm, &["-f", values.to_str().unwrap()]);
+    let args: Vec<String> = of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]
+        ["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .filter(|a| a.starts_with("--allow") || a.starts_with("--prometheus"))
+        .collect();
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        policy: PodPolicyArgs,
+    }
+    let cli = Cli::try_parse_from(std::iter::once("moe-operator".to_string()).chain(args.clone()))
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    let p = PodPolicy::from_args(&cli.policy).unwrap();
+    assert_eq!(p.host_path_prefixes, ["/var/lib/moe"]);
+    assert_eq!(p.service_accounts, ["model-reader"]);
+    assert_eq!(p.image_prefixes, ["ghcr.io/moe-operator/moe-worker:"]);
+    assert!(p.allow_env_secret_refs);
+    assert_eq!(
+        p.prometheus_url_prefixes[0].to_string(),
+        "https://prometheus.monitoring:9090"
+    );
+    assert_eq!(
+        p.prometheus_ca_file.as_deref(),
+        Some(Path::new("/etc/moe-operator/prometheus-ca/ca.crt"))
+    );
+    // The defaults pass no policy flag: the operator's restrictive default.
+    let docs = render(&helm, &[]);
+    let default_args = of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+        ["args"]
+        .to_string();
+    assert!(!default_args.contains("--allow"), "{default_args}");
 }

@@ -184,6 +184,9 @@ async fn prometheus_source_and_kubectl_plugin() {
                 "default",
             ])
             .env("KUBECONFIG", &kc)
+            // The pod policy: the checkpoint's hostPath and this Prometheus are allowed.
+            .env("MOE_OPERATOR_ALLOW_HOST_PATH_PREFIXES", &plane.state)
+            .env("MOE_OPERATOR_ALLOWED_PROMETHEUS_URL_PREFIXES", &prom_url)
             .env("RUST_LOG", "info,moe_operator=debug,kube=warn")
             .env("POD_NAME", "e2e-operator")
             .stdout(Stdio::null())

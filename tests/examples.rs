@@ -1,6 +1,18 @@
 //! The sample MoEDeployments parse as the API types and pass validation.
 
+use moe_operator::api::pod_policy::{PodPolicy, PodPolicyArgs};
 use moe_operator::api::validate::validate;
+
+/// The policy of a cluster whose admin allows the examples' checkpoint host directory
+/// (`--allow-host-path-prefix=/var/lib/moe`, chart value podPolicy.hostPathPrefixes): the invalid
+/// examples must be refused for their own defect, not for their hostPath.
+fn policy() -> PodPolicy {
+    PodPolicy::from_args(&PodPolicyArgs {
+        host_path_prefixes: vec!["/var/lib/moe".into()],
+        ..Default::default()
+    })
+    .unwrap()
+}
 use moe_operator::api::MoEDeployment;
 
 #[test]
@@ -9,7 +21,7 @@ fn demo_example_is_a_valid_moedeployment() {
     let text = std::fs::read_to_string(path).unwrap();
     let md: MoEDeployment = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
     assert_eq!(md.metadata.name.as_deref(), Some("demo"));
-    let errs = validate(&md.spec);
+    let errs = validate(&md.spec, &policy());
     assert!(errs.is_empty(), "{path}: {errs:?}");
     // The demo stays within what CEL checks too.
     let s = &md.spec;
@@ -34,7 +46,7 @@ fn invalid_examples_are_refused_by_parsing_or_validation() {
         match serde_yaml::from_str::<MoEDeployment>(&text) {
             Err(_) => {}
             Ok(md) => assert!(
-                !validate(&md.spec).is_empty(),
+                !validate(&md.spec, &policy()).is_empty(),
                 "{}: validation accepts it",
                 path.display()
             ),

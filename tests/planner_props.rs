@@ -2,8 +2,11 @@
 
 use moe_operator::plan::balance::{LayerMatrix, ReplayScratch};
 use moe_operator::plan::craft::{self, allocate, candidate_set, CraftOptions};
-use moe_operator::plan::planner::{make_plan, Budget, PlanRequest};
-use moe_operator::plan::{Algorithm, Dtype, ExpertPlan, LoadWindow, ModelShape, Topology};
+use moe_operator::plan::limits::MAX_TOKEN_COUNT;
+use moe_operator::plan::planner::{make_plan, Budget, PlanError, PlanRequest};
+use moe_operator::plan::{
+    Algorithm, Dtype, ExpertPlan, HashRule, LoadWindow, ModelShape, Topology,
+};
 use proptest::prelude::*;
 
 fn model(layers: u32, experts: u32) -> ModelShape {
@@ -225,4 +228,61 @@ fn errors_name_the_problem() {
         err.to_string().contains("multiple of the 2 MoE layers"),
         "{err}"
     );
+}
+
+#[test]
+fn shapes_past_the_limits_are_refused_before_planning() {
+    let w = LoadWindow::new(vec![0], 8, vec![1.0; 8]).unwrap();
+    let refused = |req: PlanRequest| match make_plan(&req, &w, None) {
+        Err(PlanError::Limit(m)) => m,
+        other => panic!("expected a limit error, got {other:?}"),
+    };
+    // Before: 4294967295 layers made the planner collect 4 billion layer ids (16 GiB).
+    let mut m = model(1, 8);
+    m.layers = u32::MAX;
+    let e = refused(request(Algorithm::Craft, &m, 4, 1, 0));
+    assert_eq!(
+        e,
+        "model layers is 4294967295, past the limit of 512 (plan::limits::MAX_LAYERS)"
+    );
+    let e = refused(request(Algorithm::Craft, &model(1, 8), 4, 1, u32::MAX));
+    assert!(e.contains("MAX_REPLICAS_PER_GPU"), "{e}");
+    let mut req = request(Algorithm::Craft, &model(1, 8), 4, 1, 0);
+    req.topology = Topology::new(1 << 20, 1 << 10).unwrap();
+    assert!(refused(req).starts_with("GPUs is 1048576"));
+    // A memory budget of u64::MAX bytes over 1-byte experts is 1.8e19 replicas per GPU.
+    let mut tiny = model(1, 8);
+    tiny.hidden_size = 1;
+    tiny.expert_intermediate_size = 1;
+    let mut req = request(Algorithm::Craft, &tiny, 4, 1, 0);
+    req.budget = Budget::MemoryPerGpu(u64::MAX);
+    let e = refused(req);
+    assert!(e.contains("past the limit of 4096 replicas per GPU"), "{e}");
+    // The window widened to every MoE layer: 512 batches x 512 layers x 1024 experts.
+    let wide = LoadWindow::new(vec![0], 1024, vec![1.0; 512 * 1024]).unwrap();
+    let mut m = model(512, 1024);
+    m.top_k = 8;
+    let e = make_plan(&request(Algorithm::Craft, &m, 4, 1, 0), &wide, None).unwrap_err();
+    assert!(e.to_string().contains("MAX_LOAD_CELLS_FILE"), "{e}");
+}
+
+#[test]
+fn plans_of_the_largest_counts_have_finite_totals_and_read_back() {
+    // Before: counts of 1e308 summed to infinity and the plan's windowTokens was written as null.
+    // Counts are now at most MAX_TOKEN_COUNT, whose sums stay finite, and the plan reads back.
+    let m = model(2, 8);
+    let w = LoadWindow::new(vec![0, 1], 8, vec![MAX_TOKEN_COUNT; 3 * 2 * 8]).unwrap();
+    for algo in [Algorithm::Craft, Algorithm::Eplb, Algorithm::None] {
+        let r = if algo == Algorithm::Eplb { 2 } else { 1 };
+        let r = if algo == Algorithm::None { 0 } else { r };
+        let plan = make_plan(&request(algo, &m, 4, 1, r), &w, None).unwrap();
+        let stats = plan.stats.as_ref().unwrap();
+        assert_eq!(stats.window_tokens, MAX_TOKEN_COUNT * 48.0);
+        let json = serde_json::to_vec(&plan).unwrap();
+        assert_eq!(
+            ExpertPlan::from_json_checked(&json, HashRule::Required).unwrap(),
+            plan
+        );
+    }
+    assert!(LoadWindow::new(vec![0], 2, vec![1e308, 1e308]).is_err());
 }

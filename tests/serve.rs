@@ -1180,3 +1180,671 @@ async fn random_and_mutated_frames_never_take_the_worker_down() {
     assert_eq!(out.rows, 3);
     w.shutdown().await;
 }
+
+// ---------------------------------------------------------------- hardening (issue 19)
+
+/// A request head (header and shape) claiming `rows` rows of `HIDDEN` values, with no row after it.
+fn request_head(id: u64, rank: u32, rows: u32) -> Vec<u8> {
+    let mut frame = request(id, rank, 1, &[0]).encode();
+    frame.truncate(4 + 32);
+    let len = 32 + rows as usize * (8 + 2 * HIDDEN);
+    frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    frame[4 + 24..4 + 28].copy_from_slice(&rows.to_le_bytes());
+    frame
+}
+
+/// Time one valid request takes on a fresh connection (panics past `limit`).
+async fn timed_request(w: &WorkerHandle, rank: u32, limit: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
+    let layer = 1;
+    let expert = 2 * rank;
+    let reply = tokio::time::timeout(
+        limit,
+        call(&mut s, &request(99, rank, layer, &[expert]).encode()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("a valid request waited more than {limit:?}"));
+    expect_output(reply);
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_loris_prefixes_do_not_delay_a_valid_request() {
+    // As on main: 16 connections each send a 64 MiB length prefix and nothing else, which took
+    // the whole default 1 GiB in-flight budget until the frame timeout.
+    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |c| {
+        c.frame_read_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let mut loris = Vec::new();
+    for _ in 0..16 {
+        let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
+        s.write_all(&(64u32 << 20).to_le_bytes()).await.unwrap();
+        loris.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waited = timed_request(&w, 0, Duration::from_secs(2)).await;
+    assert!(waited < Duration::from_secs(1), "waited {waited:?}");
+
+    // Heads that claim 64 MiB each and stop: they hold the budget for at most the frame timeout.
+    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |c| {
+        c.frame_read_timeout = Duration::from_millis(600);
+        c.max_inflight_bytes = 128 << 20;
+    })
+    .await;
+    let rows = ((64 << 20) - 32) / (8 + 2 * HIDDEN as u32);
+    let mut heads = Vec::new();
+    for i in 0..4 {
+        let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
+        s.write_all(&request_head(i, 0, rows)).await.unwrap();
+        heads.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waited = timed_request(&w, 1, Duration::from_secs(3)).await;
+    assert!(waited < Duration::from_millis(1500), "waited {waited:?}");
+    for mut s in heads {
+        let body = tokio::time::timeout(Duration::from_secs(3), read_frame(&mut s, 1 << 20))
+            .await
+            .expect("a stalled frame is answered")
+            .unwrap()
+            .unwrap();
+        // Past its deadline a head either waited for budget (busy) or for its body (malformed).
+        match decode_reply(&body).unwrap() {
+            Reply::Error(e) if e.code == ErrorCode::Busy => {
+                assert!(e.message.contains("stayed full"), "{}", e.message)
+            }
+            r => {
+                let msg = expect_error(r, ErrorCode::Malformed);
+                assert!(msg.contains("did not arrive"), "{msg}");
+            }
+        }
+    }
+    drop(loris);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_never_reads_does_not_stall_other_ranks() {
+    // The budget holds about one 1000-row frame (40 KB): on main, a client whose replies pile up
+    // unread held it for good, and every other rank's requests waited behind it.
+    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |c| {
+        c.max_inflight_bytes = 48 << 10;
+        c.write_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let experts: Vec<u32> = (0..1000).map(|r| r % 2).collect();
+    let big = request(1, 0, 1, &experts).encode();
+    let mut pipelined = Vec::new();
+    for _ in 0..400 {
+        pipelined.extend_from_slice(&big); // 16 MB of requests, 26 MB of replies never read
+    }
+    let mut hog = TcpStream::connect(w.dispatch_addr).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(20), hog.write_all(&pipelined)).await;
+        hog
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
+    let other: Vec<u32> = (0..1000).map(|r| 2 + r % 2).collect();
+    for i in 0..3 {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            call(&mut s, &request(10 + i, 1, 1, &other).encode()),
+        )
+        .await
+        .expect("rank 1 is served while rank 0's client does not read");
+        expect_output(reply);
+    }
+    let waited = start.elapsed();
+    assert!(waited < Duration::from_secs(3), "waited {waited:?}");
+    let _hog = writer.await.unwrap();
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_connections_and_half_frames_are_closed_after_their_timeouts() {
+    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |c| {
+        c.frame_read_timeout = Duration::from_millis(400);
+        c.idle_timeout = Duration::from_millis(800);
+    })
+    .await;
+    // 100 connections holding 2 bytes of a length prefix: on main they stayed open for good.
+    let start = std::time::Instant::now();
+    let mut halves = Vec::new();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
+        s.write_all(&[1, 0]).await.unwrap();
+        halves.push(s);
+    }
+    let mut idle = TcpStream::connect(w.dispatch_addr).await.unwrap();
+    for s in &mut halves {
+        let body = tokio::time::timeout(Duration::from_secs(3), read_frame(s, 1 << 20))
+            .await
+            .expect("a half-sent prefix is answered and closed")
+            .unwrap()
+            .unwrap();
+        let msg = expect_error(decode_reply(&body).unwrap(), ErrorCode::Malformed);
+        assert!(msg.contains("did not arrive"), "{msg}");
+        assert_closed(s).await;
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    // A connection that never sends is closed without a reply after the idle timeout, and one that
+    // keeps sending frames is not.
+    let mut busy = TcpStream::connect(w.dispatch_addr).await.unwrap();
+    for i in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        expect_output(call(&mut busy, &request(i, 0, 1, &[0]).encode()).await);
+    }
+    assert_closed(&mut idle).await;
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_over_the_cap_get_busy_and_are_closed() {
+    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |c| {
+        c.max_connections = 3;
+    })
+    .await;
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
+        expect_output(call(&mut s, &request(i, 0, 1, &[0]).encode()).await);
+        open.push(s);
+    }
+    let mut extra = TcpStream::connect(w.dispatch_addr).await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(3), read_frame(&mut extra, 1 << 20))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let msg = expect_error(decode_reply(&body).unwrap(), ErrorCode::Busy);
+    assert!(msg.contains("--max-connections"), "{msg}");
+    assert_closed(&mut extra).await;
+    drop(open.pop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = TcpStream::connect(w.dispatch_addr).await.unwrap();
+    expect_output(call(&mut again, &request(9, 1, 1, &[2]).encode()).await);
+    w.shutdown().await;
+}
+
+/// Send an HTTP head (and no body) and read the status line, within `limit`.
+async fn status_of_head(addr: SocketAddr, head: &str, limit: Duration) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = 0;
+    tokio::time::timeout(limit, async {
+        while got < 12 {
+            match s.read(&mut buf[got..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await
+    .ok()?;
+    std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plan_bodies_are_read_only_after_the_token_and_up_to_the_limit() {
+    let w = start_worker(0, Arc::new(TestLoader::default()), None, |c| {
+        c.http.max_plan_bytes = 1 << 20;
+        c.http.body_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let head = |token: Option<&str>, len: usize| {
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        format!("PUT /v1/plan HTTP/1.1\r\nHost: w\r\n{auth}Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n")
+    };
+    // On main the 60 MiB body was awaited (and buffered) before the token was looked at.
+    let limit = Duration::from_secs(2);
+    assert_eq!(
+        status_of_head(w.admin_addr, &head(None, 60 << 20), limit).await,
+        Some(401)
+    );
+    assert_eq!(
+        status_of_head(w.admin_addr, &head(Some("wrong"), 60 << 20), limit).await,
+        Some(401)
+    );
+    // With the token, a declared length over the limit is refused before the body is read, and a
+    // body that does not come is given up after the body timeout.
+    assert_eq!(
+        status_of_head(w.admin_addr, &head(Some(TOKEN), 60 << 20), limit).await,
+        Some(413)
+    );
+    assert_eq!(
+        status_of_head(w.admin_addr, &head(Some(TOKEN), 1000), limit).await,
+        Some(408)
+    );
+    // A chunked body past the limit is cut off at the limit (read while the client still sends).
+    let mut s = TcpStream::connect(w.admin_addr).await.unwrap();
+    s.write_all(
+        format!("PUT /v1/plan HTTP/1.1\r\nHost: w\r\nAuthorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = format!("{:x}\r\n{}\r\n", 256 << 10, " ".repeat(256 << 10));
+        for _ in 0..5 {
+            if wr.write_all(chunk.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(limit, rd.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(std::str::from_utf8(&buf[9..12.min(n)]).unwrap(), "413");
+    drop(writer.await);
+    // Still serving plans.
+    let (status, body) = put_plan(&w, &plan_a()).await;
+    assert_eq!(status, 200, "{body}");
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_sent_http_heads_are_closed_and_do_not_hold_up_shutdown() {
+    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |c| {
+        c.http.header_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let mut halves = Vec::new();
+    for addr in [w.admin_addr, w.metrics_addr] {
+        for _ in 0..10 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"PUT /v1/plan HTTP/1.1\r\nHost: w\r\nContent-Le")
+                .await
+                .unwrap();
+            halves.push(s);
+        }
+    }
+    let start = std::time::Instant::now();
+    for s in &mut halves {
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a half-sent head stayed open");
+    }
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert_eq!(
+        http(w.metrics_addr, "GET", "/readyz", None, "").await.0,
+        200
+    );
+    w.shutdown().await;
+
+    // With a long head timeout, shutdown still ends after its drain: on main 20 half-sent heads
+    // kept the worker from exiting.
+    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |c| {
+        c.http.header_timeout = Duration::from_secs(60);
+        c.http.shutdown_drain = Duration::from_millis(300);
+    })
+    .await;
+    let mut halves = Vec::new();
+    for addr in [w.admin_addr, w.metrics_addr] {
+        for _ in 0..10 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHo").await.unwrap();
+            halves.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), w.shutdown())
+        .await
+        .expect("shutdown ends after the drain");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plans_are_checked_against_the_served_model_before_they_are_accepted() {
+    let w = start_worker(0, Arc::new(TestLoader::default()), None, |c| {
+        c.model = Some(model());
+    })
+    .await;
+    let refused = |p: ExpertPlan, needle: &'static str| {
+        let w = &w;
+        async move {
+            let (status, body) = put_plan(w, &p).await;
+            assert_eq!(status, 422, "{body}");
+            let msg = body["error"].as_str().unwrap().to_string();
+            assert!(msg.contains(needle), "{msg}");
+        }
+    };
+    // No layer at all: on main, 200 and ready, then every request failed.
+    let mut empty = plan_a();
+    empty.layers.clear();
+    refused(empty.seal(), "`layers` is empty").await;
+    let mut missing = plan_a();
+    missing.layers.pop();
+    refused(missing.seal(), "MoE layer 2 has no entry").await;
+    // The first plan applied used to fix the model; now the weights do.
+    let mut wide = plan_a();
+    wide.model.hidden_size = 32;
+    wide.bytes_per_expert = wide.model.bytes_per_expert();
+    refused(wide.seal(), "hidden size 32").await;
+    let mut fp8 = plan_a();
+    fp8.model.dtype = Dtype::Fp8;
+    refused(fp8.seal(), "dtype").await;
+    // Claimed sizes are bounded before anything is allocated by them (main aborted here).
+    let mut huge = plan_a();
+    huge.model.experts = u32::MAX;
+    refused(huge.seal(), "model.experts").await;
+    let mut many_gpus = plan_a();
+    many_gpus.gpus = u32::MAX - 1;
+    refused(many_gpus.seal(), "gpus").await;
+    let mut future = plan_a();
+    future.format_version = 99;
+    refused(future.seal(), "formatVersion").await;
+    // Edited after sealing (within every limit, so only the hash can tell).
+    let mut tampered = plan_a().seal();
+    tampered.replicas_per_gpu += 1;
+    refused(tampered, "hashes to").await;
+    assert_eq!(
+        http(w.metrics_addr, "GET", "/readyz", None, "").await.0,
+        503
+    );
+    let (status, body) = put_plan(&w, &plan_a()).await;
+    assert_eq!(status, 200, "{body}");
+    w.shutdown().await;
+
+    // The start-up plan goes through the same checks.
+    let mut empty = plan_a();
+    empty.layers.clear();
+    let mut serve = ServeConfig::new(0, 2);
+    serve.model = Some(model());
+    let e = start(
+        WorkerOptions {
+            serve,
+            listen: loopback(),
+            metrics_listen: loopback(),
+            admin_listen: loopback(),
+            admin_token: TOKEN.into(),
+            initial_plan: Some(empty.seal()),
+        },
+        vec![Arc::new(TestLoader::default())],
+    )
+    .await
+    .err()
+    .expect("a start-up plan without layers is refused");
+    assert!(format!("{e:#}").contains("`layers` is empty"), "{e:#}");
+}
+
+#[test]
+fn plan_files_are_bounded_and_checked_before_use() {
+    use moe_operator::worker::runtime::read_plan;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plan.json");
+    let mut huge = plan_a();
+    huge.model.experts = u32::MAX;
+    std::fs::write(&path, serde_json::to_vec(&huge.seal()).unwrap()).unwrap();
+    let e = format!("{:#}", read_plan(&path).unwrap_err());
+    assert!(
+        e.contains("model.experts") && e.contains("plan.json"),
+        "{e}"
+    );
+    let mut future = plan_a();
+    future.format_version = 2;
+    std::fs::write(&path, serde_json::to_vec(&future.seal()).unwrap()).unwrap();
+    let e = format!("{:#}", read_plan(&path).unwrap_err());
+    assert!(e.contains("formatVersion"), "{e}");
+    std::fs::write(&path, serde_json::to_vec(&plan_a()).unwrap()).unwrap();
+    assert_eq!(read_plan(&path).unwrap().hash, plan_a().hash);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_token_file_is_honoured_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, "old-token\n").unwrap();
+    let file = path.clone();
+    let w = start_worker(
+        0,
+        Arc::new(TestLoader::default()),
+        Some(plan_a()),
+        move |c| {
+            c.http.admin_token_file = Some(file);
+            c.http.token_recheck = Duration::from_millis(200);
+        },
+    )
+    .await;
+    let get = |token: &'static str| http(w.admin_addr, "GET", "/v1/plan", Some(token), "");
+    assert_eq!(get("old-token").await.0, 200);
+    // The kubelet updates a mounted Secret by writing a new file and renaming it into place.
+    let tmp = dir.path().join("..token.tmp");
+    std::fs::write(&tmp, "new-token\n").unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    // A failed check looks at the file again at once (on main the new token got 401 for good).
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(get("new-token").await.0, 200);
+    assert_eq!(get("old-token").await.0, 401);
+    // An empty or missing file keeps the last good token.
+    std::fs::write(&path, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(get("new-token").await.0, 200);
+    std::fs::remove_file(&path).unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(get("new-token").await.0, 200);
+    w.shutdown().await;
+}
+
+#[cfg(unix)]
+#[test]
+fn the_worker_binary_exits_soon_after_sigterm_with_half_sent_heads_open() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let plan_file = dir.path().join("plan.json");
+    std::fs::write(&plan_file, serde_json::to_vec(&plan_a()).unwrap()).unwrap();
+    let addresses = dir.path().join("addresses.json");
+    // MOE_WORKER_BIN: a copy of the binary, where several checkouts share one target directory.
+    let bin = std::env::var("MOE_WORKER_BIN").unwrap_or(env!("CARGO_BIN_EXE_moe-worker").into());
+    let mut child = std::process::Command::new(bin)
+        .args(["--device", "cpu", "--synthetic-weights", "1", "--node", "0"])
+        .arg("--plan")
+        .arg(&plan_file)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args([
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--shutdown-drain-seconds",
+            "1",
+        ])
+        .arg("--admin-token-file")
+        .arg(&token)
+        .arg("--addresses-file")
+        .arg(&addresses)
+        .env_remove("MOE_NODE_RANK")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let addrs = loop {
+        if let Some(a) = moe_operator::worker::runtime::BoundAddresses::read(&addresses).unwrap() {
+            break a;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the worker exited early: {status}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the worker did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut halves = Vec::new();
+    for addr in [addrs.admin, addrs.metrics] {
+        for _ in 0..10 {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(b"PUT /v1/plan HTTP/1.1\r\nHost: w\r\n")
+                .unwrap();
+            halves.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill only sends a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let term = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if term.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("the worker was still running 15 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        term.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        term.elapsed()
+    );
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The issue-19 probes, with the figures printed (default limits unless noted). Uses only what
+/// the worker had before the hardening, so that it runs on both.
+/// `cargo test --test serve -- --ignored --nocapture issue19_probes`
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "measurement, prints the figures"]
+async fn issue19_probes() {
+    let cap = Duration::from_secs(60);
+    // P1: 16 connections send a 64 MiB length prefix only; how long does a valid request wait?
+    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |_| {}).await;
+    let mut loris = Vec::new();
+    for _ in 0..16 {
+        let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
+        s.write_all(&(64u32 << 20).to_le_bytes()).await.unwrap();
+        loris.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
+    let r = tokio::time::timeout(cap, call(&mut s, &request(1, 0, 1, &[0]).encode())).await;
+    println!(
+        "P1 valid request behind 16 x 64 MiB prefixes: {:?} (answered: {})",
+        start.elapsed(),
+        r.is_ok()
+    );
+    drop(loris);
+
+    // P2: a client pipelines 1000-row requests and never reads; budget of about one frame.
+    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |c| {
+        c.max_inflight_bytes = 48 << 10;
+    })
+    .await;
+    let experts: Vec<u32> = (0..1000).map(|r| r % 2).collect();
+    let big = request(1, 0, 1, &experts).encode();
+    let pipelined: Vec<u8> = (0..400).flat_map(|_| big.iter().copied()).collect();
+    let mut hog = TcpStream::connect(w.dispatch_addr).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(70), hog.write_all(&pipelined)).await;
+        hog
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
+    let other: Vec<u32> = (0..1000).map(|r| 2 + r % 2).collect();
+    let r = tokio::time::timeout(cap, call(&mut s, &request(2, 1, 1, &other).encode())).await;
+    println!(
+        "P2 rank-1 request while rank 0's client does not read: {:?} (answered: {})",
+        start.elapsed(),
+        r.is_ok()
+    );
+    writer.abort();
+
+    // P3: 100 connections holding 2 bytes: how long until the worker closes them?
+    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |_| {}).await;
+    let start = std::time::Instant::now();
+    let mut halves = Vec::new();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(w.dispatch_addr).await.unwrap();
+        s.write_all(&[1, 0]).await.unwrap();
+        halves.push(s);
+    }
+    let mut open = 0;
+    for s in &mut halves {
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(cap.saturating_sub(start.elapsed()), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        open += closed.is_err() as usize;
+    }
+    println!(
+        "P3 100 connections holding 2 bytes: {open} still open after {:?}",
+        start.elapsed()
+    );
+
+    // P4: 8 unauthenticated 60 MiB PUTs (bodies sent whole); resident memory before and after.
+    let w = start_worker(0, Arc::new(TestLoader::default()), Some(plan_a()), |_| {}).await;
+    let before = rss_mib();
+    let body = Arc::new(vec![b' '; 60 << 20]);
+    let before_body = before;
+    let before = rss_mib();
+    let mut puts = Vec::new();
+    for _ in 0..8 {
+        let addr = w.admin_addr;
+        let body = body.clone();
+        puts.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "PUT /v1/plan HTTP/1.1\r\nHost: w\r\nContent-Length: {}\r\n\r\n",
+                60 << 20
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(30), s.write_all(&body)).await;
+            let mut buf = vec![0u8; 256];
+            let _ = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await;
+        }));
+    }
+    let mut peak = before;
+    while puts.iter().any(|p| !p.is_finished()) {
+        peak = peak.max(rss_mib());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "P4 8 unauthenticated 60 MiB PUTs: RSS {before:.0} MiB before ({before_body:.0} MiB before the clients' one shared 60 MiB body), peak {peak:.0} MiB, {:.0} MiB 2 s after",
+        rss_mib()
+    );
+}

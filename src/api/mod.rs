@@ -2,6 +2,7 @@
 //! what the CRD's schema and CEL rules cannot express.
 
 pub mod moedeployment;
+pub mod pod_policy;
 pub mod units;
 pub mod validate;
 

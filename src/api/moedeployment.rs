@@ -23,6 +23,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::plan::limits;
+
 /// Go-style duration (`30s`, `5m`, `1h30m`), as the apiserver's CEL `duration()` reads it.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
 
@@ -126,22 +128,22 @@ pub struct MoEDeploymentSpec {
 ]))]
 pub struct ModelSpec {
     /// Total decoder layers, dense ones included.
-    #[schemars(range(min = 1, max = 4096))]
+    #[schemars(range(min = 1, max = limits::MAX_LAYERS))]
     pub layers: i32,
     /// Index of the first MoE layer; layers before it are dense.
     #[serde(default)]
-    #[schemars(range(min = 0, max = 4095))]
+    #[schemars(range(min = 0, max = limits::MAX_LAYERS - 1))]
     pub first_moe_layer: i32,
     /// Routed (logical) experts per MoE layer.
-    #[schemars(range(min = 1, max = 65536))]
+    #[schemars(range(min = 1, max = limits::MAX_EXPERTS))]
     pub experts: i32,
     /// Experts each token is routed to.
-    #[schemars(range(min = 1, max = 65536))]
+    #[schemars(range(min = 1, max = limits::MAX_TOP_K))]
     pub top_k: i32,
-    #[schemars(range(min = 1, max = 1048576))]
+    #[schemars(range(min = 1, max = limits::MAX_HIDDEN_SIZE))]
     pub hidden_size: i64,
     /// Intermediate size of one routed expert's FFN.
-    #[schemars(range(min = 1, max = 1048576))]
+    #[schemars(range(min = 1, max = limits::MAX_EXPERT_INTERMEDIATE_SIZE))]
     pub expert_intermediate_size: i64,
     #[serde(default)]
     pub dtype: ModelDtype,
@@ -188,12 +190,13 @@ pub struct CheckpointVolume {
 }
 
 /// Expert-parallel topology: `nodes` worker pods of `gpusPerNode` GPUs, D = nodes x gpusPerNode ranks.
+/// D is at most 4096 (checked by the operator; `plan::limits::MAX_GPUS`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TopologySpec {
-    #[schemars(range(min = 1, max = 1024))]
+    #[schemars(range(min = 1, max = limits::MAX_NODES))]
     pub nodes: i32,
-    #[schemars(range(min = 1, max = 64))]
+    #[schemars(range(min = 1, max = limits::MAX_GPUS_PER_NODE))]
     pub gpus_per_node: i32,
 }
 
@@ -284,7 +287,7 @@ fn default_window() -> IntOrString {
 pub struct BudgetSpec {
     /// Extra expert slots per GPU, summed over MoE layers (R).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 1048576))]
+    #[schemars(range(min = 0, max = limits::MAX_REPLICAS_PER_GPU))]
     pub replicas_per_gpu: Option<i32>,
     /// Replica memory per GPU as a quantity (`2Gi`); R = floor(memoryPerGpu / bytes per expert).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -383,7 +386,7 @@ pub struct RolloutSpec {
     pub strategy: RolloutStrategy,
     /// Workers that may be off the serving path at once (being updated or replaced).
     #[serde(default = "default_max_unavailable")]
-    #[schemars(range(min = 1, max = 1024))]
+    #[schemars(range(min = 1, max = limits::MAX_NODES))]
     pub max_unavailable: i32,
 }
 

@@ -11,7 +11,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::moedeployment::{MetricsSource, MoEDeploymentSpec, ModelDtype, ModelSpec};
+use super::pod_policy::{check_pod_policy, PodPolicy};
 use super::units::{parse_duration, parse_quantity};
+use crate::plan::limits;
 use crate::plan::{Dtype, ModelShape};
 
 /// One problem in a spec: where, and what to do about it.
@@ -74,8 +76,9 @@ impl ModelSpec {
     }
 }
 
-/// Check a spec. An empty list means the operator may act on it.
-pub fn validate(spec: &MoEDeploymentSpec) -> Vec<FieldError> {
+/// Check a spec against the product's rules and the cluster's [`PodPolicy`]. An empty list means
+/// the operator may act on it; there is no check without the policy, so nothing bypasses it.
+pub fn validate(spec: &MoEDeploymentSpec, pod_policy: &PodPolicy) -> Vec<FieldError> {
     let mut errs = Vec::new();
     let mut err = |path: &str, message: String| {
         errs.push(FieldError {
@@ -86,27 +89,48 @@ pub fn validate(spec: &MoEDeploymentSpec) -> Vec<FieldError> {
     let m = &spec.model;
     let t = &spec.topology;
 
-    // Model and topology (also CEL / schema; see the module comment).
-    for (field, v) in [
-        ("layers", m.layers),
-        ("experts", m.experts),
-        ("topK", m.top_k),
+    // Model and topology (also CEL / schema; see the module comment). The maxima are
+    // `plan::limits`, which the CRD's schema also carries: an object stored before the CRD had
+    // them must not reach the planner or an allocation sized by it.
+    for (path, v, max) in [
+        (
+            "spec.model.layers",
+            i64::from(m.layers),
+            u64::from(limits::MAX_LAYERS),
+        ),
+        (
+            "spec.model.experts",
+            m.experts.into(),
+            limits::MAX_EXPERTS.into(),
+        ),
+        ("spec.model.topK", m.top_k.into(), limits::MAX_TOP_K.into()),
+        (
+            "spec.model.hiddenSize",
+            m.hidden_size,
+            limits::MAX_HIDDEN_SIZE,
+        ),
+        (
+            "spec.model.expertIntermediateSize",
+            m.expert_intermediate_size,
+            limits::MAX_EXPERT_INTERMEDIATE_SIZE,
+        ),
+        (
+            "spec.topology.nodes",
+            t.nodes.into(),
+            limits::MAX_NODES.into(),
+        ),
+        (
+            "spec.topology.gpusPerNode",
+            t.gpus_per_node.into(),
+            limits::MAX_GPUS_PER_NODE.into(),
+        ),
     ] {
         if v < 1 {
+            err(path, format!("{v} must be at least 1"));
+        } else if v as u64 > max {
             err(
-                &format!("spec.model.{field}"),
-                format!("{v} must be at least 1"),
-            );
-        }
-    }
-    for (field, v) in [
-        ("hiddenSize", m.hidden_size),
-        ("expertIntermediateSize", m.expert_intermediate_size),
-    ] {
-        if v < 1 {
-            err(
-                &format!("spec.model.{field}"),
-                format!("{v} must be at least 1"),
+                path,
+                format!("{v} exceeds {max}, the largest the operator supports: use at most {max}"),
             );
         }
     }
@@ -125,16 +149,18 @@ pub fn validate(spec: &MoEDeploymentSpec) -> Vec<FieldError> {
             format!("{} exceeds model.experts ({})", m.top_k, m.experts),
         );
     }
-    if t.nodes < 1 || t.gpus_per_node < 1 {
+    let ranks = i64::from(t.nodes.max(0)) * i64::from(t.gpus_per_node.max(0));
+    if ranks > i64::from(limits::MAX_GPUS) {
         err(
             "spec.topology",
             format!(
-                "nodes ({}) and gpusPerNode ({}) must be at least 1",
-                t.nodes, t.gpus_per_node
+                "{} nodes x {} gpusPerNode = {ranks} GPUs exceeds {}, the most one deployment supports: use fewer nodes",
+                t.nodes,
+                t.gpus_per_node,
+                limits::MAX_GPUS
             ),
         );
     }
-    let ranks = i64::from(t.nodes.max(0)) * i64::from(t.gpus_per_node.max(0));
     let policy = spec.replication.policy;
     if ranks > 0 && policy != super::ReplicationPolicy::Craft && i64::from(m.experts) % ranks != 0 {
         err(
@@ -217,6 +243,14 @@ pub fn validate(spec: &MoEDeploymentSpec) -> Vec<FieldError> {
             err(
                 "spec.replication.budget.replicasPerGpu",
                 format!("{r} is negative: use 0 or more"),
+            );
+        } else if r as u32 > limits::MAX_REPLICAS_PER_GPU {
+            err(
+                "spec.replication.budget.replicasPerGpu",
+                format!(
+                    "{r} exceeds {}, the largest the operator supports: use a smaller number",
+                    limits::MAX_REPLICAS_PER_GPU
+                ),
             );
         } else if policy.replicates() && i64::from(r) > moe_layers * i64::from(m.experts) {
             err(
@@ -315,19 +349,40 @@ pub fn validate(spec: &MoEDeploymentSpec) -> Vec<FieldError> {
             }
         },
     }
+    // The operator holds the window in memory: batches x MoE layers x experts counts, bounded so
+    // that one deployment cannot take the operator's memory for the whole cluster.
+    let batches: Option<u64> = match (&spec.replication.window, interval) {
+        (IntOrString::Int(n), _) => u64::try_from(*n).ok(),
+        (IntOrString::String(s), Some(i)) => parse_duration(s)
+            .ok()
+            .map(|w| (w.as_secs_f64() / i.as_secs_f64()).ceil() as u64),
+        (IntOrString::String(_), None) => None,
+    };
+    let moe_layers =
+        u64::try_from(i64::from(spec.model.layers) - i64::from(spec.model.first_moe_layer))
+            .unwrap_or(0);
+    let experts = u64::try_from(spec.model.experts).unwrap_or(0);
+    if let Some(b) = batches {
+        let cells = b.saturating_mul(moe_layers).saturating_mul(experts);
+        if cells > limits::MAX_LOAD_CELLS_OPERATOR as u64 {
+            err(
+                "spec.replication.window",
+                format!(
+                    "{b} intervals x {moe_layers} MoE layers x {experts} experts is {cells} token \
+                     counts, more than the {} the operator keeps per deployment \
+                     (plan::limits::MAX_LOAD_CELLS_OPERATOR): use a window of at most {} intervals",
+                    limits::MAX_LOAD_CELLS_OPERATOR,
+                    limits::MAX_LOAD_CELLS_OPERATOR as u64 / (moe_layers * experts).max(1)
+                ),
+            );
+        }
+    }
     match (spec.metrics.source, &spec.metrics.prometheus) {
         (MetricsSource::Prometheus, None) => {
             err("spec.metrics.prometheus", "required when metrics.source is Prometheus: give url and query".into())
         }
         (MetricsSource::Prometheus, Some(p)) => {
-            let rest = p.url.strip_prefix("http://").or_else(|| p.url.strip_prefix("https://"));
-            match rest {
-                Some(r) if !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace) => {}
-                _ => err(
-                    "spec.metrics.prometheus.url",
-                    format!("{:?} is not an http(s) URL with a host, e.g. http://prometheus.monitoring:9090", p.url),
-                ),
-            }
+            // The URL's form and whether this cluster allows it: check_pod_policy, below.
             if p.query.trim().is_empty() {
                 err(
                     "spec.metrics.prometheus.query",
@@ -415,6 +470,7 @@ pub fn validate(spec: &MoEDeploymentSpec) -> Vec<FieldError> {
             );
         }
     }
+    errs.extend(check_pod_policy(spec, pod_policy));
     errs
 }
 
@@ -452,7 +508,7 @@ worker: {image: "moe-worker:dev"}
         assert_eq!(s.replication.budget.auto, Some(true));
         assert_eq!(s.rollout.max_unavailable, 1);
         assert_eq!(s.metrics.interval, "30s");
-        assert_eq!(validate(&s), vec![]);
+        assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
         assert_eq!(s.model.shape().unwrap().moe_layers(), 3);
     }
 
@@ -597,6 +653,12 @@ worker: {image: "moe-worker:dev"}
                 "number of metrics intervals",
             ),
             (
+                "window holds too many counts",
+                |s| s.replication.window = IntOrString::Int(1_000_000),
+                "spec.replication.window",
+                "MAX_LOAD_CELLS_OPERATOR",
+            ),
+            (
                 "window < interval",
                 |s| s.replication.window = IntOrString::String("10s".into()),
                 "spec.replication.window",
@@ -720,7 +782,7 @@ worker: {image: "moe-worker:dev"}
         for (name, edit, path, needle) in cases {
             let mut s = demo_spec();
             edit(&mut s);
-            let errs = validate(&s);
+            let errs = validate(&s, &PodPolicy::default());
             assert!(
                 errs.iter()
                     .any(|e| e.path == path && e.message.contains(needle)),
@@ -738,12 +800,101 @@ worker: {image: "moe-worker:dev"}
             auto: None,
             replicas_per_gpu: None,
         };
-        assert_eq!(validate(&s), vec![]);
+        assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
         // Without replication the budget is not read, so a tiny one is fine.
         s.model.experts = 16;
         s.replication.policy = ReplicationPolicy::PlacementOnly;
         s.replication.budget.memory_per_gpu = Some("1Ki".into());
-        assert_eq!(validate(&s), vec![]);
+        assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
+    }
+
+    /// Objects stored before the CRD had its maxima: every size field above `plan::limits` is
+    /// refused by name, before anything is planned or allocated from it.
+    #[test]
+    fn sizes_above_the_limits_are_refused_by_name() {
+        use crate::plan::limits::*;
+        type Edit = fn(&mut MoEDeploymentSpec, i64);
+        let cases: Vec<(&str, Edit, u64)> = vec![
+            (
+                "spec.model.layers",
+                |s, v| s.model.layers = v as i32,
+                MAX_LAYERS.into(),
+            ),
+            (
+                "spec.model.experts",
+                |s, v| s.model.experts = v as i32,
+                MAX_EXPERTS.into(),
+            ),
+            (
+                "spec.model.topK",
+                |s, v| s.model.top_k = v as i32,
+                MAX_TOP_K.into(),
+            ),
+            (
+                "spec.model.hiddenSize",
+                |s, v| s.model.hidden_size = v,
+                MAX_HIDDEN_SIZE,
+            ),
+            (
+                "spec.model.expertIntermediateSize",
+                |s, v| s.model.expert_intermediate_size = v,
+                MAX_EXPERT_INTERMEDIATE_SIZE,
+            ),
+            (
+                "spec.topology.nodes",
+                |s, v| s.topology.nodes = v as i32,
+                MAX_NODES.into(),
+            ),
+            (
+                "spec.topology.gpusPerNode",
+                |s, v| s.topology.gpus_per_node = v as i32,
+                MAX_GPUS_PER_NODE.into(),
+            ),
+            (
+                "spec.replication.budget.replicasPerGpu",
+                |s, v| {
+                    s.replication.budget = BudgetSpec {
+                        replicas_per_gpu: Some(v as i32),
+                        auto: None,
+                        memory_per_gpu: None,
+                    }
+                },
+                MAX_REPLICAS_PER_GPU.into(),
+            ),
+        ];
+        for (path, edit, max) in cases {
+            for v in [max as i64 + 1, i64::from(i32::MAX)] {
+                let mut s = demo_spec();
+                edit(&mut s, v);
+                let errs = validate(&s, &PodPolicy::default());
+                assert!(
+                    errs.iter()
+                        .any(|e| e.path == path && e.message.contains(&format!("exceeds {max}"))),
+                    "{path}={v}: {errs:?}"
+                );
+            }
+        }
+        // The largest model and topology the limits allow is valid (Craft: no divisibility).
+        let mut s = demo_spec();
+        s.model.layers = MAX_LAYERS as i32;
+        s.model.experts = MAX_EXPERTS as i32;
+        s.model.top_k = MAX_TOP_K as i32;
+        s.model.hidden_size = MAX_HIDDEN_SIZE as i64;
+        s.model.expert_intermediate_size = MAX_EXPERT_INTERMEDIATE_SIZE as i64;
+        s.topology.nodes = (MAX_GPUS / MAX_GPUS_PER_NODE) as i32;
+        s.topology.gpus_per_node = MAX_GPUS_PER_NODE as i32;
+        // Its load window is bounded too: 8 intervals of 511 x 1024 counts is what the operator
+        // keeps per deployment (the default 10 is refused, naming the largest window that fits).
+        s.replication.window = IntOrString::Int(8);
+        assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
+        // Each factor within its limit, the product not.
+        s.topology.nodes = MAX_NODES as i32;
+        let errs = validate(&s, &PodPolicy::default());
+        assert!(
+            errs.iter()
+                .any(|e| e.path == "spec.topology" && e.message.contains("exceeds 4096")),
+            "{errs:?}"
+        );
     }
 
     #[test]
@@ -751,7 +902,7 @@ worker: {image: "moe-worker:dev"}
         let mut s = demo_spec();
         s.model.hidden_size = -1;
         assert_eq!(s.model.shape().unwrap_err().path, "spec.model.hiddenSize");
-        assert!(validate(&s)
+        assert!(validate(&s, &PodPolicy::default())
             .iter()
             .any(|e| e.path == "spec.model.hiddenSize"));
     }

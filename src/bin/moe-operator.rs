@@ -21,7 +21,7 @@ enum Command {
     /// Print the MoEDeployment CustomResourceDefinition as YAML.
     Crd,
     /// Run the controller against the cluster of the ambient kubeconfig or service account.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 /// Log line format.
@@ -75,6 +75,9 @@ struct RunArgs {
     /// long-poll timeout). A frozen API server then fails calls instead of hanging reconciles.
     #[arg(long, env = "MOE_OPERATOR_API_TIMEOUT", default_value = "30s", value_parser = moe_operator::api::units::parse_duration)]
     api_timeout: std::time::Duration,
+    /// What MoEDeployment authors may ask of the worker pods (docs/security.md).
+    #[command(flatten)]
+    pod_policy: moe_operator::api::pod_policy::PodPolicyArgs,
 }
 
 fn main() -> Result<()> {
@@ -84,7 +87,7 @@ fn main() -> Result<()> {
             print!("{}", moe_operator::api::crd_yaml());
             Ok(())
         }
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
     }
 }
 
@@ -159,7 +162,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let acquired = leader::acquire(client.clone(), &cfg).await;
     tracing::info!(%identity, "leading: starting the controller");
     metrics.set_leader(true);
-    let mut ctx = reconcile::Context::new(client.clone(), metrics.clone(), Some(identity));
+    let policy = moe_operator::api::pod_policy::PodPolicy::from_args(&args.pod_policy)?;
+    let mut ctx = reconcile::Context::new(client.clone(), metrics.clone(), Some(identity), policy)
+        .context("setting up the Prometheus client")?;
     ctx.push_timeout = args.push_timeout;
     let ctx = Arc::new(ctx);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -21,13 +21,15 @@ fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(runtime::run(args, move |local_rank| match &synthetic {
-            Some((seed, shape)) => {
-                runtime::synthetic_loader(&device, shape.clone(), *seed, local_rank)
-            }
-            None => backend_loader(&device, checkpoint.as_deref(), local_rank),
-        }))
+        .build()?;
+    let result = rt.block_on(runtime::run(args, move |local_rank| match &synthetic {
+        Some((seed, shape)) => runtime::synthetic_loader(&device, shape.clone(), *seed, local_rank),
+        None => backend_loader(&device, checkpoint.as_deref(), local_rank),
+    }));
+    // Connections still open and expert loads still running (a plan pushed just before SIGTERM)
+    // must not keep the process from exiting: give them a moment, then go.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }

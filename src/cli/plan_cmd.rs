@@ -12,7 +12,7 @@ use crate::plan::craft::CraftOptions;
 use crate::plan::load_formats::read_load_file;
 use crate::plan::planner::{make_plan, Budget, PlanRequest, DEFAULT_AUTO_MIN_GAIN};
 use crate::plan::{
-    parse_byte_size, Algorithm, Dtype, ExpertPlan, LoadWindow, ModelShape, Topology,
+    parse_byte_size, Algorithm, Dtype, ExpertPlan, HashRule, LoadWindow, ModelShape, Topology,
 };
 
 /// Model shape: from a config file, else from flags, else what the load file implies.
@@ -212,14 +212,11 @@ fn load(path: &Path) -> anyhow::Result<LoadWindow> {
     read_load_file(path).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-pub fn read_plan(path: &Path) -> anyhow::Result<ExpertPlan> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let plan: ExpertPlan = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a plan document", path.display()))?;
-    plan.check()
-        .map_err(|e| anyhow::anyhow!("{}: invalid plan: {e}", path.display()))?;
-    Ok(plan)
+/// A plan file through the one checked reader ([`ExpertPlan::read_file_checked`]). `hash` says
+/// whether a hand-written plan without a hash is acceptable here.
+pub fn read_plan(path: &Path, hash: HashRule) -> anyhow::Result<ExpertPlan> {
+    ExpertPlan::read_file_checked(path, hash)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
@@ -227,7 +224,12 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     let model = a.model.resolve(&window)?;
     let topology =
         Topology::new(a.gpus, a.nodes).map_err(|e| anyhow::anyhow!("--gpus/--nodes: {e}"))?;
-    let previous = a.previous.as_deref().map(read_plan).transpose()?;
+    // The previous plan's hash is recorded in the transition: it must be the sealed one in force.
+    let previous = a
+        .previous
+        .as_deref()
+        .map(|p| read_plan(p, HashRule::Required))
+        .transpose()?;
     let req = PlanRequest {
         algorithm: a.algo,
         model,
@@ -346,7 +348,8 @@ pub struct EvaluateArgs {
 }
 
 pub fn evaluate(a: EvaluateArgs) -> anyhow::Result<()> {
-    let plan = read_plan(&a.plan)?;
+    // Plans written by hand to try a placement need no hash; one that has a hash must match it.
+    let plan = read_plan(&a.plan, HashRule::MayBeEmpty)?;
     let window = load(&a.load)?;
     let ev = replay(&plan, &window).map_err(|e| anyhow::anyhow!("{}: {e}", a.load.display()))?;
     if a.json {

@@ -44,6 +44,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::validate::GPU_RESOURCE;
 use crate::api::MoEDeployment;
+use crate::plan::expert_plan::HashRule;
 use crate::plan::packed::{self, Packed};
 use crate::plan::ExpertPlan;
 
@@ -272,7 +273,9 @@ pub fn stored_plan(cm: &ConfigMap) -> Option<Result<ExpertPlan, String>> {
     Some(
         packed::unpack(bytes)
             .map_err(|e| e.to_string())
-            .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string())),
+            .and_then(|json| {
+                ExpertPlan::from_json_checked(&json, HashRule::Required).map_err(|e| e.to_string())
+            }),
     )
 }
 
@@ -480,6 +483,9 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
         tolerations: Some(tolerations),
         node_selector: (!w.node_selector.is_empty()).then(|| w.node_selector.clone()),
         service_account_name: w.service_account_name.clone(),
+        // The worker never calls the API server: no token in its pods unless a ServiceAccount
+        // was chosen on purpose (and allowed by the pod policy).
+        automount_service_account_token: w.service_account_name.is_none().then_some(false),
         priority_class_name: w.priority_class_name.clone(),
         // Stable DNS per rank: <name>-worker-<n>.<name>-workers.<namespace>.svc
         hostname: Some(name.clone()),

@@ -6,7 +6,7 @@
 
 use k8s_openapi::api::core::v1::ConfigMap;
 
-use crate::plan::load_formats::parse_load_bytes;
+use crate::plan::load_formats::{parse_load_bytes_with, LoadLimits};
 use crate::plan::{LoadWindow, ModelShape};
 
 /// Why the initial load could not be used; the message names the ConfigMap, the key and the fix.
@@ -54,8 +54,10 @@ pub fn initial_load_window(
             }
         )));
     };
-    // LoadError names the position and the problem; prefix it with the ConfigMap and key.
-    let w = parse_load_bytes(&what, &bytes).map_err(|e| InitialLoadError(e.to_string()))?;
+    // LoadError names the position and the problem; prefix it with the ConfigMap and key. The
+    // operator's limits: one namespace's ConfigMap must not take the operator's memory.
+    let w = parse_load_bytes_with(&what, &bytes, &LoadLimits::operator())
+        .map_err(|e| InitialLoadError(e.to_string()))?;
     w.check_against(model)
         .map_err(|p| InitialLoadError(format!("{what}: {p}")))?;
     if w.total_tokens() <= 0.0 {
@@ -92,6 +94,26 @@ mod tests {
 
     fn read(c: Option<&ConfigMap>) -> Result<LoadWindow, InitialLoadError> {
         initial_load_window("ml", "traces", "load.json", c, &model())
+    }
+
+    #[test]
+    fn a_trace_claiming_a_huge_shape_is_an_error_not_an_abort() {
+        // Issue 19: 1e12 experts aborted the operator (allocation failure) on every restart.
+        let t = r#"{"format":"moe-load-trace/v1","experts":1000000000000,"layers":[1,2],"batches":[{"tokens":[[1,2],[3,4]]}]}"#;
+        let e = read(Some(&cm("load.json", t))).unwrap_err().to_string();
+        assert!(e.contains("more than the limit of 1024"), "{e}");
+        // Within the per-expert limit but past the operator's cell budget (9 batches of the
+        // largest model: 4.7M counts against 4.2M), refused before the counts are read.
+        let many = format!(
+            r#"{{"format":"moe-load-trace/v1","experts":1024,"layers":[{}],"batches":[{}]}}"#,
+            (0..512)
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            [r#"{"tokens":[[1]]}"#; 9].join(",")
+        );
+        let e = read(Some(&cm("load.json", &many))).unwrap_err().to_string();
+        assert!(e.contains("the limit for this reader"), "{e}");
     }
 
     #[test]

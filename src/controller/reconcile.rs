@@ -30,9 +30,13 @@ use super::rollout::{
     next_step, RolloutGoal, Step, WorkerState, ANNOTATION_PUSH_REJECTED, ANNOTATION_TARGET_PLAN,
     ANNOTATION_TARGET_SINCE,
 };
-use super::scrape::{prometheus_query, put_plan, sample_from_prometheus, scrape_worker, HttpError};
+use super::scrape::{
+    put_plan, sample_from_prometheus, scrape_worker, HttpError, PrometheusClient,
+    PrometheusSetupError,
+};
 use super::status::{plan_status, set_condition, workers_status};
 use super::telemetry::Metrics;
+use crate::api::pod_policy::{check_pod, PodPolicy};
 use crate::api::units::{parse_duration, parse_quantity};
 use crate::api::validate::validate;
 use crate::api::{
@@ -91,11 +95,20 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// How long an in-place push may stay in flight before its pod is replaced.
     pub push_timeout: Duration,
+    /// What MoEDeployment authors may ask of the pods (the one gate, `api::pod_policy`).
+    pub pod_policy: PodPolicy,
+    prometheus: PrometheusClient,
     tracked: Mutex<HashMap<String, Tracked>>,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+    /// `pod_policy` is what the cluster admin allows MoEDeployment authors (the operator's flags).
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        instance: Option<String>,
+        pod_policy: PodPolicy,
+    ) -> Result<Self, PrometheusSetupError> {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -103,13 +116,15 @@ impl Context {
                 instance,
             },
         );
-        Self {
+        Ok(Self {
             client,
             recorder,
             metrics,
             push_timeout: DEFAULT_PUSH_TIMEOUT,
+            prometheus: PrometheusClient::new(&pod_policy)?,
+            pod_policy,
             tracked: Mutex::new(HashMap::new()),
-        }
+        })
     }
 }
 
@@ -289,7 +304,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
     let old_status = status.clone();
 
     // Validate: an invalid spec is reported, never acted on and never Ready.
-    let errs = validate(&md.spec);
+    let errs = validate(&md.spec, &ctx.pod_policy);
     if !errs.is_empty() {
         let msg = errs
             .iter()
@@ -508,7 +523,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
             .as_ref()
             .map(|p| (p.url.clone(), p.query.clone()))
             .unwrap_or_default();
-        match prometheus_query(&url, &query, HTTP_TIMEOUT).await {
+        match ctx.prometheus.query(&url, &query, HTTP_TIMEOUT).await {
             Ok(series) => match sample_from_prometheus(&series) {
                 Ok(s) => {
                     let mut tracked = ctx.tracked.lock().expect("tracked lock");
@@ -716,6 +731,33 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         }
         Err(e) => return Err(e.into()),
     };
+    // The backstop of the pod policy: whatever a spec field maps onto a pod, a pod that asks for
+    // what the cluster admin did not allow is never applied.
+    let refused: Vec<String> = desired
+        .pods
+        .iter()
+        .flat_map(|p| check_pod(p, &ctx.pod_policy))
+        .collect();
+    if !refused.is_empty() {
+        let msg = refused.join("; ");
+        for kind in ["Degraded", "Ready"] {
+            set_condition(
+                &mut status.conditions,
+                kind,
+                kind == "Degraded",
+                "PodPolicy",
+                &msg,
+                gen,
+                &now,
+            );
+        }
+        status.observed_generation = gen;
+        if status != old_status {
+            event(ctx, md, true, "PodPolicy", msg).await;
+            patch_status(&mds, &name, &status).await?;
+        }
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
     apply(&cms, &desired.plan_config_map).await?;
     apply(&secrets, &desired.admin_secret).await?;
     apply(

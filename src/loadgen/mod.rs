@@ -8,13 +8,17 @@
 //!
 //! Hidden vectors are drawn (seeded) from a pool of random bf16 vectors, so that building frames
 //! does not dominate the router's time at large hidden sizes.
+//!
+//! Every connect, write and read has a deadline ([`LoadgenConfig::io_timeout`], `--timeout`): a
+//! worker that accepts and never answers ends the run with an error naming it, not a hang. A reply
+//! may be no larger than the request it answers needs.
 
 pub mod route;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use half::bf16;
@@ -25,8 +29,10 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use crate::plan::{ExpertPlan, LoadWindow};
-use crate::worker::protocol::{decode_reply, encode_request, read_frame, Reply};
+use crate::plan::{ExpertPlan, HashRule, LoadWindow};
+use crate::worker::protocol::{
+    decode_reply, encode_request, read_frame, Reply, HEADER_LEN, MAX_ERROR_MESSAGE, SHAPE_LEN,
+};
 use route::{
     balancedness, hidden_pool, percentile, LayerRouter, ReplicaPicker, RoutedRow, TopKSampler,
 };
@@ -43,8 +49,10 @@ pub struct LoadgenConfig {
     pub seed: u64,
     /// Random hidden vectors to draw from.
     pub hidden_pool: usize,
-    /// Largest reply frame accepted.
+    /// Largest reply frame accepted (a reply is also refused past what its request needs).
     pub max_frame_bytes: usize,
+    /// Deadline of every connect, request write and reply read.
+    pub io_timeout: Duration,
     /// When set (by another task), the run ends after the batch in progress.
     pub stop: Option<Arc<AtomicBool>>,
 }
@@ -60,9 +68,22 @@ impl LoadgenConfig {
             seed: 0,
             hidden_pool: 64,
             max_frame_bytes: 1 << 30,
+            io_timeout: DEFAULT_IO_TIMEOUT,
             stop: None,
         }
     }
+}
+
+/// Default of [`LoadgenConfig::io_timeout`]: far above any layer step of the workers we run
+/// (milliseconds on GPUs, under a second on CPU workers), far below "is it hung?".
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The largest reply frame that can answer a request of `rows` x `hidden`: the output, or an error.
+fn reply_limit(rows: usize, hidden: usize) -> usize {
+    let output =
+        (HEADER_LEN + SHAPE_LEN).saturating_add(rows.saturating_mul(hidden).saturating_mul(4));
+    let error = HEADER_LEN + 8 + MAX_ERROR_MESSAGE;
+    output.max(error)
 }
 
 /// Step-time percentiles of one layer (or all layers), seconds.
@@ -215,14 +236,32 @@ impl RankConn {
         }
     }
 
-    async fn call(&mut self, frame: &[u8], max: usize) -> Result<Reply, LoadgenError> {
-        self.stream
-            .get_mut()
-            .write_all(frame)
+    async fn call(
+        &mut self,
+        frame: &[u8],
+        max: usize,
+        timeout: Duration,
+        layer: u32,
+    ) -> Result<Reply, LoadgenError> {
+        let secs = timeout.as_secs_f64();
+        tokio::time::timeout(timeout, self.stream.get_mut().write_all(frame))
             .await
+            .map_err(|_| {
+                self.fail(format!(
+                    "sending the layer {layer} request ({} bytes) timed out after {secs} s: the worker \
+                     is not reading (raise --timeout if it is only slow)",
+                    frame.len()
+                ))
+            })?
             .map_err(|e| self.fail(format!("sending: {e}")))?;
-        let body = read_frame(&mut self.stream, max)
+        let body = tokio::time::timeout(timeout, read_frame(&mut self.stream, max))
             .await
+            .map_err(|_| {
+                self.fail(format!(
+                    "no reply to the layer {layer} request within {secs} s: the worker accepted \
+                     the request but did not answer (raise --timeout if it is only slow)"
+                ))
+            })?
             .map_err(|e| self.fail(format!("reading the reply: {e}")))?
             .ok_or_else(|| self.fail("the worker closed the connection"))?;
         decode_reply(&body).map_err(|e| self.fail(format!("bad reply frame: {e}")))
@@ -250,9 +289,17 @@ pub fn layer_map(plan: &ExpertPlan, window: &LoadWindow) -> Result<Vec<usize>, L
 
 /// Drive the workers with the trace's load; see the module documentation.
 pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenError> {
-    let plan = &cfg.plan;
-    plan.check()
+    // Bounded and consistent before anything is sized by it (pickers, per-expert counters).
+    let plan = &cfg
+        .plan
+        .clone()
+        .checked(HashRule::Required)
         .map_err(|e| LoadgenError::Config(format!("plan: {e}")))?;
+    if cfg.io_timeout.is_zero() {
+        return Err(LoadgenError::Config(
+            "the I/O timeout must be more than 0 s".into(),
+        ));
+    }
     let experts = plan.model.experts as usize;
     if cfg.window.experts() != experts {
         return Err(LoadgenError::Config(format!(
@@ -290,13 +337,20 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
     let mut conns: Vec<Option<RankConn>> = Vec::with_capacity(d);
     for rank in 0..d as u32 {
         let addr = cfg.workers[rank as usize / per_node].clone();
-        let stream = TcpStream::connect(&addr)
+        let fail = |message: String| LoadgenError::Worker {
+            addr: addr.clone(),
+            rank,
+            message,
+        };
+        let stream = tokio::time::timeout(cfg.io_timeout, TcpStream::connect(&addr))
             .await
-            .map_err(|e| LoadgenError::Worker {
-                addr: addr.clone(),
-                rank,
-                message: format!("connecting: {e}"),
-            })?;
+            .map_err(|_| {
+                fail(format!(
+                    "connecting timed out after {} s",
+                    cfg.io_timeout.as_secs_f64()
+                ))
+            })?
+            .map_err(|e| fail(format!("connecting: {e}")))?;
         let _ = stream.set_nodelay(true);
         conns.push(Some(RankConn {
             rank,
@@ -366,9 +420,11 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
                 let mut conn = conns[g]
                     .take()
                     .expect("connection is back from the previous layer");
-                let (id, n_rows, max) = (request_id, grows.len() as u32, cfg.max_frame_bytes);
+                let (id, n_rows) = (request_id, grows.len() as u32);
+                let max = reply_limit(grows.len(), hidden).min(cfg.max_frame_bytes);
+                let (timeout, layer) = (cfg.io_timeout, lp.layer);
                 set.spawn(async move {
-                    let reply = conn.call(&frame, max).await;
+                    let reply = conn.call(&frame, max, timeout, layer).await;
                     (conn, id, n_rows, reply)
                 });
             }
@@ -488,24 +544,34 @@ pub struct LoadgenArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Seconds each connect, request write and reply read may take before the run fails.
+    #[arg(long, default_value_t = DEFAULT_IO_TIMEOUT.as_secs_f64(), value_name = "SECONDS")]
+    pub timeout: f64,
 }
 
 impl LoadgenArgs {
     /// The run configuration, with the plan read from `--plan` and the trace already parsed
     /// (the caller reads `--load` with the trace parsers of `crate::plan`).
     pub fn config(&self, window: LoadWindow) -> anyhow::Result<LoadgenConfig> {
-        let text = std::fs::read_to_string(&self.plan)
-            .with_context(|| format!("reading plan file {}", self.plan.display()))?;
-        let plan: ExpertPlan = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "parsing plan file {} as a plan document",
-                self.plan.display()
-            )
-        })?;
+        // The workers serve sealed plans; a plan whose hash does not match is not the one they hold.
+        let plan =
+            ExpertPlan::read_file_checked(&self.plan, HashRule::Required).with_context(|| {
+                format!(
+                    "reading plan file {} as a plan document",
+                    self.plan.display()
+                )
+            })?;
+        if !(self.timeout.is_finite() && self.timeout > 0.0 && self.timeout <= 1e6) {
+            anyhow::bail!(
+                "--timeout {}: expected seconds, more than 0 and at most 1e6",
+                self.timeout
+            );
+        }
         let mut cfg = LoadgenConfig::new(plan, self.workers.clone(), window);
         cfg.batches = self.batches;
         cfg.tokens_per_batch = self.tokens;
         cfg.seed = self.seed;
+        cfg.io_timeout = Duration::from_secs_f64(self.timeout);
         Ok(cfg)
     }
 
@@ -571,7 +637,105 @@ mod tests {
         let e = a.config(window.clone()).unwrap_err();
         assert!(format!("{e:#}").contains("plan.json"), "{e:#}");
         std::fs::write(&plan, "not json").unwrap();
-        let e = a.config(window).unwrap_err();
+        let e = a.config(window.clone()).unwrap_err();
         assert!(format!("{e:#}").contains("as a plan document"), "{e:#}");
+        assert_eq!(a.timeout, DEFAULT_IO_TIMEOUT.as_secs_f64());
+
+        // The plan goes through the checked reader: a sealed plan edited afterwards is refused.
+        let mut p = one_rank_plan(64);
+        std::fs::write(&plan, serde_json::to_vec(&p).unwrap()).unwrap();
+        let cfg = a.config(window.clone()).unwrap();
+        assert_eq!(cfg.io_timeout, DEFAULT_IO_TIMEOUT);
+        p.replicas_per_gpu += 1;
+        std::fs::write(&plan, serde_json::to_vec(&p).unwrap()).unwrap();
+        let e = a.config(window).unwrap_err();
+        assert!(format!("{e:#}").contains("hashes to"), "{e:#}");
+    }
+
+    /// A sealed plan of one MoE layer with two experts on one GPU.
+    fn one_rank_plan(hidden: u64) -> ExpertPlan {
+        use crate::plan::planner::{make_plan, Budget, PlanRequest};
+        use crate::plan::{Algorithm, Dtype, ModelShape, Topology};
+        let req = PlanRequest {
+            algorithm: Algorithm::None,
+            model: ModelShape {
+                layers: 1,
+                first_moe_layer: 0,
+                experts: 2,
+                top_k: 1,
+                hidden_size: hidden,
+                expert_intermediate_size: 16,
+                dtype: Dtype::Bf16,
+            },
+            topology: Topology::new(1, 1).unwrap(),
+            budget: Budget::ReplicasPerGpu(0),
+            eplb_groups: None,
+            craft: Default::default(),
+        };
+        let w = LoadWindow::new(vec![0], 2, vec![1.0, 1.0]).unwrap();
+        make_plan(&req, &w, None).unwrap()
+    }
+
+    /// A worker that accepts connections and never reads or answers; keeps them open until the
+    /// returned task is aborted.
+    async fn silent_worker() -> (String, tokio::task::JoinHandle<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        (addr, task)
+    }
+
+    async fn run_against_silent_worker(hidden: u64, tokens: usize) -> (String, Duration) {
+        let (addr, task) = silent_worker().await;
+        let window = LoadWindow::new(vec![0], 2, vec![1.0, 1.0]).unwrap();
+        let mut cfg = LoadgenConfig::new(one_rank_plan(hidden), vec![addr.clone()], window);
+        cfg.batches = 1;
+        cfg.tokens_per_batch = tokens;
+        cfg.io_timeout = Duration::from_millis(300);
+        let t = Instant::now();
+        // The outer deadline only keeps a regression from hanging the test suite.
+        let r = tokio::time::timeout(Duration::from_secs(20), run_loadgen(&cfg))
+            .await
+            .expect("loadgen hung against a worker that never answers");
+        task.abort();
+        let e = r.expect_err("a worker that never answers cannot give a report");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("worker {addr} (rank 0): ")),
+            "{msg}"
+        );
+        (msg, t.elapsed())
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_never_answers_times_out() {
+        // Before: the run waited for the reply forever.
+        let (msg, took) = run_against_silent_worker(64, 16).await;
+        assert!(
+            msg.contains("no reply to the layer 0 request within 0.3 s"),
+            "{msg}"
+        );
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_never_reads_times_out() {
+        // 4096 rows x 8192 bf16 = 64 MiB: more than the socket buffers hold, so the write blocks.
+        let (msg, took) = run_against_silent_worker(8192, 4096).await;
+        assert!(msg.contains("sending the layer 0 request"), "{msg}");
+        assert!(msg.contains("timed out after 0.3 s"), "{msg}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[test]
+    fn replies_are_bounded_by_their_request() {
+        assert_eq!(reply_limit(0, 4096), HEADER_LEN + 8 + MAX_ERROR_MESSAGE);
+        assert_eq!(reply_limit(10, 4096), 32 + 10 * 4096 * 4);
+        assert_eq!(reply_limit(usize::MAX, 2), usize::MAX);
     }
 }

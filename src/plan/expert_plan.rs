@@ -5,6 +5,11 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::limits::{
+    MAX_EXPERTS, MAX_EXPERT_INTERMEDIATE_SIZE, MAX_GPUS, MAX_GPUS_PER_NODE, MAX_HIDDEN_SIZE,
+    MAX_LAYERS, MAX_NODES, MAX_PLAN_BYTES, MAX_REPLICAS_PER_GPU, MAX_SLOTS_PER_GPU_LAYER,
+    MAX_TOP_K,
+};
 use super::model::{ModelShape, Topology};
 
 /// Version of the plan document format.
@@ -166,6 +171,62 @@ pub struct ExpertPlan {
     pub hash: String,
 }
 
+/// What a plan document's `hash` may be when it is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashRule {
+    /// The hash must be present and match the content: plans the planner or the operator wrote,
+    /// a `--previous` plan, what the workers serve.
+    Required,
+    /// An empty (or absent) hash is filled in with the content's; a non-empty one must match.
+    /// For plans a person may write by hand, e.g. `moectl evaluate --plan`.
+    MayBeEmpty,
+}
+
+/// Why a plan document was refused by [`ExpertPlan::from_json_checked`] or
+/// [`ExpertPlan::checked`].
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlanReadError {
+    #[error("cannot read the plan file: {0}")]
+    Io(String),
+    #[error(
+        "the plan document is {bytes} bytes, more than the limit of {limit} \
+         (plan::limits::MAX_PLAN_BYTES)"
+    )]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("not a plan document: {message}")]
+    Json {
+        message: String,
+        line: usize,
+        column: usize,
+    },
+    #[error(
+        "formatVersion {found} is not supported: this build reads formatVersion {supported}; \
+         write the plan again with this version's `moectl plan`"
+    )]
+    UnsupportedVersion { found: u64, supported: u32 },
+    #[error("{field} is {value}, past the limit of {limit} (plan::limits::{constant})")]
+    Limit {
+        field: String,
+        value: u64,
+        limit: u64,
+        constant: &'static str,
+    },
+    #[error("layers[{index}]: {problem}")]
+    Layer { index: usize, problem: String },
+    #[error("invalid plan: {0}")]
+    Invalid(String),
+    #[error(
+        "field `hash` is missing or empty; this reader needs a sealed plan: write it with \
+         `moectl plan` (the content hashes to {computed})"
+    )]
+    HashMissing { computed: String },
+    #[error(
+        "field `hash` is {found} but the plan's content hashes to {computed}: the plan was \
+         edited or damaged after it was sealed; write it again with `moectl plan`"
+    )]
+    HashMismatch { found: String, computed: String },
+}
+
 /// Decimal places kept for token shares, so that the JSON (and its hash) is stable.
 const SHARE_DECIMALS: f64 = 1e6;
 
@@ -203,7 +264,237 @@ impl ExpertPlan {
         &self.hash[..self.hash.len().min(12)]
     }
 
+    /// The one reader of plan documents from files, ConfigMaps and the wire: at most
+    /// [`MAX_PLAN_BYTES`], [`PLAN_FORMAT_VERSION`] only, then [`ExpertPlan::checked`]. Nothing is
+    /// allocated from a size in the document before it is bounded (serde's own vectors are bounded
+    /// by the byte length).
+    pub fn from_json_checked(bytes: &[u8], hash: HashRule) -> Result<ExpertPlan, PlanReadError> {
+        if bytes.len() > MAX_PLAN_BYTES {
+            return Err(PlanReadError::TooLarge {
+                bytes: bytes.len(),
+                limit: MAX_PLAN_BYTES,
+            });
+        }
+        let json = |e: serde_json::Error| PlanReadError::Json {
+            message: e.to_string(),
+            line: e.line(),
+            column: e.column(),
+        };
+        // The version first: another version's document may not parse as this one, and saying
+        // "unsupported version" beats a missing-field error.
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Version {
+            format_version: Option<serde_json::Value>,
+        }
+        let v: Version = serde_json::from_slice(bytes).map_err(json)?;
+        if let Some(found) = v.format_version {
+            if found.as_u64() != Some(PLAN_FORMAT_VERSION as u64) {
+                return Err(match found.as_u64() {
+                    Some(found) => PlanReadError::UnsupportedVersion {
+                        found,
+                        supported: PLAN_FORMAT_VERSION,
+                    },
+                    None => PlanReadError::Invalid(format!(
+                        "formatVersion is {found}; expected the number {PLAN_FORMAT_VERSION}"
+                    )),
+                });
+            }
+        }
+        let plan: ExpertPlan = serde_json::from_slice(bytes).map_err(json)?;
+        plan.checked(hash)
+    }
+
+    /// [`ExpertPlan::from_json_checked`] on a file, reading no more than [`MAX_PLAN_BYTES`] of it
+    /// (one byte more, to refuse a larger or endless file without buffering it).
+    pub fn read_file_checked(
+        path: &std::path::Path,
+        hash: HashRule,
+    ) -> Result<ExpertPlan, PlanReadError> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_PLAN_BYTES as u64 + 1).read_to_end(&mut bytes))
+            .map_err(|e| PlanReadError::Io(e.to_string()))?;
+        Self::from_json_checked(&bytes, hash)
+    }
+
+    /// Everything [`ExpertPlan::from_json_checked`] checks after parsing, for plans built or
+    /// decoded otherwise: every size within `plan::limits` (before [`ExpertPlan::check`] allocates
+    /// per expert), MoE layers strictly increasing within `[firstMoeLayer, layers)`, the
+    /// invariants of [`ExpertPlan::check`], finite stats, and the hash by `hash`. Returns the plan
+    /// with its hash filled in.
+    pub fn checked(mut self, hash: HashRule) -> Result<ExpertPlan, PlanReadError> {
+        if self.format_version != PLAN_FORMAT_VERSION {
+            return Err(PlanReadError::UnsupportedVersion {
+                found: self.format_version as u64,
+                supported: PLAN_FORMAT_VERSION,
+            });
+        }
+        self.check_limits()?;
+        self.check_layer_ids()?;
+        self.check().map_err(PlanReadError::Invalid)?;
+        self.check_stats().map_err(PlanReadError::Invalid)?;
+        let computed = self.compute_hash();
+        if self.hash.is_empty() {
+            if hash == HashRule::Required {
+                return Err(PlanReadError::HashMissing { computed });
+            }
+            self.hash = computed;
+        } else if self.hash != computed {
+            return Err(PlanReadError::HashMismatch {
+                found: self.hash,
+                computed,
+            });
+        }
+        Ok(self)
+    }
+
+    /// Every size in the model, the topology and the slots within `plan::limits`.
+    fn check_limits(&self) -> Result<(), PlanReadError> {
+        let m = &self.model;
+        let limit = |field: &str, value: u64, limit: u64, constant: &'static str| {
+            if value > limit {
+                Err(PlanReadError::Limit {
+                    field: field.to_string(),
+                    value,
+                    limit,
+                    constant,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        limit(
+            "model.layers",
+            m.layers.into(),
+            MAX_LAYERS.into(),
+            "MAX_LAYERS",
+        )?;
+        limit(
+            "model.experts",
+            m.experts.into(),
+            MAX_EXPERTS.into(),
+            "MAX_EXPERTS",
+        )?;
+        limit("model.topK", m.top_k.into(), MAX_TOP_K.into(), "MAX_TOP_K")?;
+        limit(
+            "model.hiddenSize",
+            m.hidden_size,
+            MAX_HIDDEN_SIZE,
+            "MAX_HIDDEN_SIZE",
+        )?;
+        limit(
+            "model.expertIntermediateSize",
+            m.expert_intermediate_size,
+            MAX_EXPERT_INTERMEDIATE_SIZE,
+            "MAX_EXPERT_INTERMEDIATE_SIZE",
+        )?;
+        limit("gpus", self.gpus.into(), MAX_GPUS.into(), "MAX_GPUS")?;
+        limit("nodes", self.nodes.into(), MAX_NODES.into(), "MAX_NODES")?;
+        if let Some(per_node) = self.gpus.checked_div(self.nodes) {
+            limit(
+                "gpus / nodes",
+                per_node.into(),
+                MAX_GPUS_PER_NODE.into(),
+                "MAX_GPUS_PER_NODE",
+            )?;
+        }
+        limit(
+            "replicasPerGpu",
+            self.replicas_per_gpu.into(),
+            MAX_REPLICAS_PER_GPU.into(),
+            "MAX_REPLICAS_PER_GPU",
+        )?;
+        if m.experts == 0 || m.top_k == 0 || m.top_k > m.experts {
+            return Err(PlanReadError::Invalid(format!(
+                "model.topK ({}) must be between 1 and model.experts ({})",
+                m.top_k, m.experts
+            )));
+        }
+        for (i, lp) in self.layers.iter().enumerate() {
+            if let Some((g, slots)) = lp
+                .slots
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.len() > MAX_SLOTS_PER_GPU_LAYER as usize)
+            {
+                return Err(PlanReadError::Limit {
+                    field: format!("layers[{i}].slots[{g}] (layer {})", lp.layer),
+                    value: slots.len() as u64,
+                    limit: MAX_SLOTS_PER_GPU_LAYER.into(),
+                    constant: "MAX_SLOTS_PER_GPU_LAYER",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// MoE layers: at least one, strictly increasing (no duplicate), within the model's MoE layers.
+    fn check_layer_ids(&self) -> Result<(), PlanReadError> {
+        let m = &self.model;
+        if m.first_moe_layer >= m.layers {
+            return Err(PlanReadError::Invalid(format!(
+                "model.firstMoeLayer ({}) must be less than model.layers ({}): the model has no MoE layer",
+                m.first_moe_layer, m.layers
+            )));
+        }
+        if self.layers.is_empty() {
+            return Err(PlanReadError::Invalid(
+                "`layers` is empty: a plan places the experts of at least one MoE layer".into(),
+            ));
+        }
+        for (i, lp) in self.layers.iter().enumerate() {
+            if lp.layer < m.first_moe_layer || lp.layer >= m.layers {
+                return Err(PlanReadError::Layer {
+                    index: i,
+                    problem: format!(
+                        "layer {} is not a MoE layer of the model (MoE layers are {}..{})",
+                        lp.layer, m.first_moe_layer, m.layers
+                    ),
+                });
+            }
+            if i > 0 && lp.layer <= self.layers[i - 1].layer {
+                return Err(PlanReadError::Layer {
+                    index: i,
+                    problem: format!(
+                        "layer {} after layer {}: layers must be listed once each, in increasing order",
+                        lp.layer,
+                        self.layers[i - 1].layer
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Every figure in `stats` finite: serde_json writes NaN and infinities as `null`, which no
+    /// reader takes back.
+    pub fn check_stats(&self) -> Result<(), String> {
+        let Some(s) = &self.stats else {
+            return Ok(());
+        };
+        let named = [
+            ("stats.balancedness", s.balancedness),
+            ("stats.balancednessVllm", s.balancedness_vllm),
+            ("stats.windowTokens", s.window_tokens),
+        ];
+        let per_layer = s
+            .per_layer
+            .iter()
+            .map(|l| ("stats.perLayer[].balancedness", l.balancedness));
+        match named
+            .into_iter()
+            .chain(per_layer)
+            .find(|(_, x)| !x.is_finite())
+        {
+            Some((field, x)) => Err(format!("{field} is {x}, not a finite number")),
+            None => Ok(()),
+        }
+    }
+
     /// Check the invariants every consumer relies on. Returns a description of the first violation.
+    /// Allocates per expert: on a plan from outside, bound it first ([`ExpertPlan::checked`]).
     pub fn check(&self) -> Result<(), String> {
         let d = self.gpus as usize;
         let e = self.model.experts as usize;
@@ -341,6 +632,189 @@ mod tests {
                 serde_json::from_str(&serde_json::to_string(&sealed).unwrap()).unwrap();
             assert_eq!(back.compute_hash(), sealed.hash, "{x:?}");
         }
+    }
+
+    fn read(p: &ExpertPlan, hash: HashRule) -> Result<ExpertPlan, PlanReadError> {
+        ExpertPlan::from_json_checked(&serde_json::to_vec(p).unwrap(), hash)
+    }
+
+    /// Two MoE layers (1 and 2) after a dense layer 0.
+    fn two_layers() -> ExpertPlan {
+        let mut p = tiny();
+        p.model.layers = 3;
+        p.model.first_moe_layer = 1;
+        p.layers[0].layer = 1;
+        let mut second = p.layers[0].clone();
+        second.layer = 2;
+        p.layers.push(second);
+        p
+    }
+
+    #[test]
+    fn the_checked_reader_reads_what_the_planner_writes() {
+        let p = two_layers().seal();
+        let pretty = serde_json::to_vec_pretty(&p).unwrap();
+        assert_eq!(
+            ExpertPlan::from_json_checked(&pretty, HashRule::Required).unwrap(),
+            p
+        );
+    }
+
+    #[test]
+    fn unknown_format_versions_are_refused() {
+        // Before: formatVersion 99 was read as version 1.
+        let mut p = two_layers();
+        p.format_version = 99;
+        let e = read(&p.seal(), HashRule::Required).unwrap_err();
+        assert_eq!(
+            e,
+            PlanReadError::UnsupportedVersion {
+                found: 99,
+                supported: 1
+            }
+        );
+        assert!(e.to_string().contains("this build reads formatVersion 1"));
+        // A version that is not a number, and one whose body would not even parse as version 1.
+        let e = ExpertPlan::from_json_checked(br#"{"formatVersion": "2"}"#, HashRule::Required)
+            .unwrap_err();
+        assert!(e.to_string().contains("expected the number 1"), "{e}");
+        let e = ExpertPlan::from_json_checked(
+            br#"{"formatVersion": 2, "shards": []}"#,
+            HashRule::Required,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, PlanReadError::UnsupportedVersion { found: 2, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn hashes_are_checked_by_the_callers_rule() {
+        // Before: a plan whose hash did not match its content was accepted.
+        let sealed = two_layers().seal();
+        let mut wrong = sealed.clone();
+        wrong.hash = "0".repeat(64);
+        let e = read(&wrong, HashRule::MayBeEmpty).unwrap_err();
+        assert_eq!(
+            e,
+            PlanReadError::HashMismatch {
+                found: "0".repeat(64),
+                computed: sealed.hash.clone()
+            }
+        );
+        // Edited after sealing: the content no longer matches.
+        let mut edited = sealed.clone();
+        edited.layers[0].shares = vec![vec![1.0], vec![1.0]];
+        edited.replicas_per_gpu = 1;
+        assert!(matches!(
+            read(&edited, HashRule::Required),
+            Err(PlanReadError::HashMismatch { .. })
+        ));
+        let unsealed = two_layers();
+        let e = read(&unsealed, HashRule::Required).unwrap_err();
+        assert!(e.to_string().contains("needs a sealed plan"), "{e}");
+        assert_eq!(read(&unsealed, HashRule::MayBeEmpty).unwrap(), sealed);
+    }
+
+    #[test]
+    fn layers_must_be_moe_layers_once_each_in_order() {
+        // Before: a duplicated layer was accepted.
+        let mut dup = two_layers();
+        dup.layers[1].layer = 1;
+        let e = read(&dup.seal(), HashRule::Required).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "layers[1]: layer 1 after layer 1: layers must be listed once each, in increasing order"
+        );
+        let mut unordered = two_layers();
+        unordered.layers.swap(0, 1);
+        assert!(matches!(
+            read(&unordered.seal(), HashRule::Required),
+            Err(PlanReadError::Layer { index: 1, .. })
+        ));
+        for bad in [0, 3] {
+            let mut outside = two_layers();
+            outside.layers[1].layer = bad;
+            let e = read(&outside.seal(), HashRule::Required).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("is not a MoE layer of the model (MoE layers are 1..3)"),
+                "{e}"
+            );
+        }
+        let mut none = two_layers();
+        none.layers.clear();
+        let e = read(&none.seal(), HashRule::Required).unwrap_err();
+        assert!(e.to_string().contains("`layers` is empty"), "{e}");
+    }
+
+    #[test]
+    fn sizes_are_bounded_before_check_allocates() {
+        // Before: 4294967295 experts made check() allocate 34 GB (the process aborted).
+        let mut p = two_layers();
+        p.model.experts = u32::MAX;
+        let e = read(&p.seal(), HashRule::Required).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "model.experts is 4294967295, past the limit of 1024 (plan::limits::MAX_EXPERTS)"
+        );
+        let mut p = two_layers();
+        p.gpus = 1 << 20;
+        p.nodes = 1 << 10;
+        assert!(read(&p.seal(), HashRule::Required)
+            .unwrap_err()
+            .to_string()
+            .starts_with("gpus is 1048576, past the limit of 4096"));
+        let mut p = two_layers();
+        p.model.hidden_size = u64::MAX;
+        assert!(matches!(
+            read(&p.seal(), HashRule::Required),
+            Err(PlanReadError::Limit {
+                constant: "MAX_HIDDEN_SIZE",
+                ..
+            })
+        ));
+        let mut p = two_layers();
+        p.layers[0].slots[0] = vec![0; 1025];
+        p.layers[0].shares[0] = vec![0.0; 1025];
+        let e = read(&p.seal(), HashRule::Required).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("layers[0].slots[0] (layer 1) is 1025"),
+            "{e}"
+        );
+        let big = vec![b' '; MAX_PLAN_BYTES + 1];
+        assert_eq!(
+            ExpertPlan::from_json_checked(&big, HashRule::Required).unwrap_err(),
+            PlanReadError::TooLarge {
+                bytes: MAX_PLAN_BYTES + 1,
+                limit: MAX_PLAN_BYTES
+            }
+        );
+    }
+
+    #[test]
+    fn non_finite_stats_are_refused() {
+        let mut p = two_layers();
+        p.stats = Some(PlanStats {
+            balancedness: 1.0,
+            balancedness_vllm: 1.0,
+            window_batches: 1,
+            window_tokens: f64::INFINITY,
+            per_layer: Vec::new(),
+        });
+        assert_eq!(
+            p.check_stats().unwrap_err(),
+            "stats.windowTokens is inf, not a finite number"
+        );
+        // Written, the infinity is a null that no reader takes back.
+        let json = serde_json::to_vec(&p).unwrap();
+        assert!(ExpertPlan::from_json_checked(&json, HashRule::MayBeEmpty).is_err());
+        assert!(matches!(
+            p.checked(HashRule::MayBeEmpty),
+            Err(PlanReadError::Invalid(_))
+        ));
     }
 
     #[test]

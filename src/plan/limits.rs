@@ -37,6 +37,9 @@ pub const MAX_LOAD_CELLS_FILE: usize = 1 << 27;
 /// Cells of a load window the operator reads from a user's `initialLoad` ConfigMap (32 MiB): one
 /// namespace's object must not be able to take the operator's memory for the whole cluster.
 pub const MAX_LOAD_CELLS_OPERATOR: usize = 1 << 22;
+/// Bytes of a load file `moectl` reads from disk (16 bytes per cell at [`MAX_LOAD_CELLS_FILE`]):
+/// larger files, or endless ones such as a pipe, are refused rather than buffered.
+pub const MAX_LOAD_FILE_BYTES: u64 = 2 << 30;
 /// Largest token count a load format may give one cell; larger (or non-finite) values are refused
 /// so that sums over a window stay finite and every plan's totals serialise as numbers.
 pub const MAX_TOKEN_COUNT: f64 = 1e15;
@@ -83,6 +86,6 @@ mod tests {
             assert!(layers <= MAX_LAYERS && experts <= MAX_EXPERTS && top_k <= MAX_TOP_K);
             assert!(hidden <= MAX_HIDDEN_SIZE && inter <= MAX_EXPERT_INTERMEDIATE_SIZE);
         }
-        assert!(MAX_NODES * MAX_GPUS_PER_NODE >= MAX_GPUS);
+        const { assert!(MAX_NODES * MAX_GPUS_PER_NODE >= MAX_GPUS) };
     }
 }

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::limits::MAX_TOKEN_COUNT;
+
 /// Token counts `W[b][l][e]`: tokens routed to expert `e` of MoE layer `l` in batch `b`.
 /// An aggregate-only input (no batch axis) is a window with one batch.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -15,23 +17,30 @@ pub struct LoadWindow {
 }
 
 impl LoadWindow {
-    /// Build a window from batch-major counts. Every count must be finite and non-negative.
+    /// Build a window from batch-major counts. Every count must be finite, non-negative and at most
+    /// [`MAX_TOKEN_COUNT`], so that every sum over a window (and every plan's totals) stays finite.
     pub fn new(layer_ids: Vec<u32>, experts: usize, counts: Vec<f64>) -> Result<Self, String> {
         let layers = layer_ids.len();
         if layers == 0 || experts == 0 {
             return Err("a load window needs at least one MoE layer and one expert".into());
         }
-        let per_batch = layers * experts;
+        let per_batch = layers
+            .checked_mul(experts)
+            .ok_or_else(|| format!("{layers} layers x {experts} experts per batch overflows"))?;
         if counts.is_empty() || !counts.len().is_multiple_of(per_batch) {
             return Err(format!(
                 "{} counts do not fill whole batches of {layers} layers x {experts} experts",
                 counts.len()
             ));
         }
-        if let Some(i) = counts.iter().position(|c| !c.is_finite() || *c < 0.0) {
+        if let Some(i) = counts
+            .iter()
+            .position(|c| !c.is_finite() || *c < 0.0 || *c > MAX_TOKEN_COUNT)
+        {
             let (b, l, e) = (i / per_batch, (i % per_batch) / experts, i % experts);
             return Err(format!(
-                "batch {b}, layer {}, expert {e}: count {} is not a finite non-negative number",
+                "batch {b}, layer {}, expert {e}: count {} is not a finite number in 0..={MAX_TOKEN_COUNT:e} \
+                 (plan::limits::MAX_TOKEN_COUNT)",
                 layer_ids[l], counts[i]
             ));
         }

@@ -12,8 +12,14 @@
 //!
 //! Everything here is pure except [`read_load_file`], which reads the file and calls
 //! [`parse_load_bytes`].
+//!
+//! Every size a file claims (experts, layer ids, the batches x layers x experts product) and every
+//! count read is bounded by [`LoadLimits`] and `plan::limits` before anything is allocated from it:
+//! the operator reads these formats from users' ConfigMaps ([`LoadLimits::operator`]).
 
+use std::cell::Cell;
 use std::fmt;
+use std::io::Read;
 use std::path::Path;
 
 use rand::{Rng, SeedableRng};
@@ -23,6 +29,10 @@ use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
+use super::limits::{
+    checked_cells, MAX_EXPERTS, MAX_LAYERS, MAX_LOAD_CELLS_FILE, MAX_LOAD_CELLS_OPERATOR,
+    MAX_LOAD_FILE_BYTES, MAX_TOKEN_COUNT,
+};
 use super::load::LoadWindow;
 use super::model::ModelShape;
 
@@ -31,6 +41,53 @@ pub const TRACE_FORMAT: &str = "moe-load-trace/v1";
 
 /// Deepest nesting a count array may have (`[batch][layer][expert]`).
 const MAX_DIM: usize = 3;
+
+/// How much a load parser may read: the cells (batches x layers x experts counts) of one window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadLimits {
+    /// Counts in the whole document (all batches); each becomes an `f64`.
+    pub max_cells: usize,
+}
+
+impl LoadLimits {
+    /// Files given to `moectl` ([`MAX_LOAD_CELLS_FILE`]).
+    pub const fn file() -> Self {
+        Self {
+            max_cells: MAX_LOAD_CELLS_FILE,
+        }
+    }
+
+    /// A user's `initialLoad` ConfigMap read by the operator ([`MAX_LOAD_CELLS_OPERATOR`]).
+    pub const fn operator() -> Self {
+        Self {
+            max_cells: MAX_LOAD_CELLS_OPERATOR,
+        }
+    }
+}
+
+thread_local! {
+    /// (cells left, the limit) for the parse running on this thread. The count arrays are parsed
+    /// by serde's derived code, which cannot pass them a shared budget, and a trace's limit is on
+    /// all its batches together, not on each array: [`parse_load_bytes_with`] sets this for the
+    /// whole document.
+    static CELL_BUDGET: Cell<(usize, usize)> =
+        const { Cell::new((MAX_LOAD_CELLS_FILE, MAX_LOAD_CELLS_FILE)) };
+}
+
+/// Sets the cell budget for one parse and restores the previous one when dropped.
+struct CellBudget((usize, usize));
+
+impl CellBudget {
+    fn enter(max_cells: usize) -> Self {
+        Self(CELL_BUDGET.replace((max_cells, max_cells)))
+    }
+}
+
+impl Drop for CellBudget {
+    fn drop(&mut self) {
+        CELL_BUDGET.set(self.0);
+    }
+}
 
 /// A load file that could not be read, with the file, the position in it, and the problem.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -117,6 +174,22 @@ impl TensorBuilder {
                 self.at()
             )));
         }
+        if v > MAX_TOKEN_COUNT {
+            return Err(E::custom(format!(
+                "{}: count {v:e} is more than the limit of {MAX_TOKEN_COUNT:e} tokens per cell \
+                 (plan::limits::MAX_TOKEN_COUNT), so sums over the window could not stay finite",
+                self.at()
+            )));
+        }
+        let (left, max) = CELL_BUDGET.get();
+        if left == 0 {
+            return Err(E::custom(format!(
+                "{}: more than {max} counts in this load (the limit on batches x layers x experts \
+                 for this reader): split the trace or aggregate its batches",
+                self.at()
+            )));
+        }
+        CELL_BUDGET.set((left - 1, max));
         self.data.push(v);
         Ok(())
     }
@@ -257,8 +330,49 @@ fn window(
     LoadWindow::new(layer_ids, experts, counts).map_err(|p| LoadError::new(file, None, p))
 }
 
+/// Refuse a claimed shape past `plan::limits` or `limits` before anything is sized by it.
+fn check_shape(
+    file: &str,
+    field: &str,
+    (batches, layers, experts): (usize, usize, usize),
+    limits: &LoadLimits,
+) -> Result<(), LoadError> {
+    let at = Some(field.to_string());
+    if experts > MAX_EXPERTS as usize {
+        return Err(LoadError::new(
+            file,
+            at,
+            format!(
+                "{experts} experts per layer is more than the limit of {MAX_EXPERTS} \
+                 (plan::limits::MAX_EXPERTS)"
+            ),
+        ));
+    }
+    if layers > MAX_LAYERS as usize {
+        return Err(LoadError::new(
+            file,
+            at,
+            format!(
+                "{layers} layers is more than the limit of {MAX_LAYERS} (plan::limits::MAX_LAYERS)"
+            ),
+        ));
+    }
+    if checked_cells(&[batches, layers, experts], limits.max_cells).is_none() {
+        return Err(LoadError::new(
+            file,
+            at,
+            format!(
+                "{batches} batches x {layers} layers x {experts} experts is more than {} counts, \
+                 the limit for this reader: split the trace or aggregate its batches",
+                limits.max_cells
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Turn `[B][L][E]` (or `[L][E]`) SGLang counts into a window, dropping dense (all-zero) layers.
-fn from_logical_count(file: &str, t: Tensor) -> Result<LoadWindow, LoadError> {
+fn from_logical_count(file: &str, t: Tensor, limits: &LoadLimits) -> Result<LoadWindow, LoadError> {
     let (batches, layers, experts) = match t.shape[..] {
         [l, e] => (1, l, e),
         [b, l, e] => (b, l, e),
@@ -273,6 +387,7 @@ fn from_logical_count(file: &str, t: Tensor) -> Result<LoadWindow, LoadError> {
             ))
         }
     };
+    check_shape(file, "logical_count", (batches, layers, experts), limits)?;
     let row = |b: usize, l: usize| &t.data[(b * layers + l) * experts..][..experts];
     let keep: Vec<usize> = (0..layers)
         .filter(|&l| (0..batches).any(|b| row(b, l).iter().any(|&c| c > 0.0)))
@@ -302,6 +417,16 @@ fn check_layer_ids(file: &str, field: &str, ids: &[u32]) -> Result<(), LoadError
     if ids.is_empty() {
         return Err(LoadError::new(file, Some(field.into()), "no layers listed"));
     }
+    if let Some(i) = ids.iter().position(|&id| id >= MAX_LAYERS) {
+        return Err(LoadError::new(
+            file,
+            Some(format!("{field}[{i}]")),
+            format!(
+                "layer id {} is past the limit of {MAX_LAYERS} layers (plan::limits::MAX_LAYERS)",
+                ids[i]
+            ),
+        ));
+    }
     if let Some(i) = (1..ids.len()).find(|&i| ids[i] <= ids[i - 1]) {
         return Err(LoadError::new(
             file,
@@ -321,8 +446,10 @@ fn from_olmoe(
     num_experts: usize,
     layers: Vec<u32>,
     t: Tensor,
+    limits: &LoadLimits,
 ) -> Result<LoadWindow, LoadError> {
     check_layer_ids(file, "layers", &layers)?;
+    check_shape(file, "num_experts", (1, layers.len(), num_experts), limits)?;
     match t.shape[..] {
         [l, e] if l == layers.len() && e == num_experts => {
             window(file, layers, num_experts, t.data)
@@ -381,6 +508,7 @@ fn check_trace_header(
     format: &str,
     experts: usize,
     layers: &[u32],
+    limits: &LoadLimits,
 ) -> Result<(), LoadError> {
     if format != TRACE_FORMAT {
         return Err(LoadError::new(
@@ -396,12 +524,13 @@ fn check_trace_header(
             "must be at least 1",
         ));
     }
-    check_layer_ids(file, "layers", layers)
+    check_layer_ids(file, "layers", layers)?;
+    check_shape(file, "experts", (1, layers.len(), experts), limits)
 }
 
-fn from_any_doc(file: &str, doc: AnyDoc) -> Result<LoadWindow, LoadError> {
+fn from_any_doc(file: &str, doc: AnyDoc, limits: &LoadLimits) -> Result<LoadWindow, LoadError> {
     if let Some(t) = doc.logical_count {
-        return from_logical_count(file, t);
+        return from_logical_count(file, t, limits);
     }
     if let Some(format) = doc.format {
         let experts = doc.experts.ok_or_else(|| {
@@ -410,13 +539,19 @@ fn from_any_doc(file: &str, doc: AnyDoc) -> Result<LoadWindow, LoadError> {
         let layers = doc.layers.ok_or_else(|| {
             LoadError::new(file, None, "missing field \"layers\" (model layer ids)")
         })?;
-        check_trace_header(file, &format, experts, &layers)?;
+        check_trace_header(file, &format, experts, &layers, limits)?;
         let batches = doc
             .batches
             .ok_or_else(|| LoadError::new(file, None, "missing field \"batches\""))?;
         if batches.is_empty() {
             return Err(LoadError::new(file, Some("batches".into()), "no batches"));
         }
+        check_shape(
+            file,
+            "batches",
+            (batches.len(), layers.len(), experts),
+            limits,
+        )?;
         let mut counts = Vec::with_capacity(batches.len() * layers.len() * experts);
         for (b, batch) in batches.iter().enumerate() {
             push_batch(
@@ -439,7 +574,7 @@ fn from_any_doc(file: &str, doc: AnyDoc) -> Result<LoadWindow, LoadError> {
             )
         })?;
         let e = t.shape.last().copied().unwrap_or(0);
-        return from_olmoe(file, doc.num_experts.unwrap_or(e), layers, t);
+        return from_olmoe(file, doc.num_experts.unwrap_or(e), layers, t, limits);
     }
     Err(LoadError::new(
         file,
@@ -451,8 +586,13 @@ fn from_any_doc(file: &str, doc: AnyDoc) -> Result<LoadWindow, LoadError> {
     ))
 }
 
-fn parse_jsonl(file: &str, text: &str, header: TraceHeader) -> Result<LoadWindow, LoadError> {
-    check_trace_header(file, &header.format, header.experts, &header.layers)?;
+fn parse_jsonl(
+    file: &str,
+    text: &str,
+    header: TraceHeader,
+    limits: &LoadLimits,
+) -> Result<LoadWindow, LoadError> {
+    check_trace_header(file, &header.format, header.experts, &header.layers, limits)?;
     let mut counts = Vec::new();
     let mut batches = 0;
     for (i, line) in text.lines().enumerate().skip(1) {
@@ -481,8 +621,20 @@ fn parse_jsonl(file: &str, text: &str, header: TraceHeader) -> Result<LoadWindow
     window(file, header.layers, header.experts, counts)
 }
 
-/// Parse a load file's bytes, sniffing the format. `file` names the file in errors.
+/// Parse a load file's bytes, sniffing the format, within [`LoadLimits::file`]. `file` names the
+/// file in errors.
 pub fn parse_load_bytes(file: &str, bytes: &[u8]) -> Result<LoadWindow, LoadError> {
+    parse_load_bytes_with(file, bytes, &LoadLimits::file())
+}
+
+/// [`parse_load_bytes`] within `limits`: the operator reads users' ConfigMaps with
+/// [`LoadLimits::operator`]. Nothing is allocated past the limits, whatever the bytes claim.
+pub fn parse_load_bytes_with(
+    file: &str,
+    bytes: &[u8],
+    limits: &LoadLimits,
+) -> Result<LoadWindow, LoadError> {
+    let _budget = CellBudget::enter(limits.max_cells);
     let text = std::str::from_utf8(bytes).map_err(|e| {
         LoadError::new(
             file,
@@ -496,7 +648,7 @@ pub fn parse_load_bytes(file: &str, bytes: &[u8]) -> Result<LoadWindow, LoadErro
     }
     if trimmed.starts_with('[') {
         let t: Tensor = serde_json::from_str(text).map_err(|e| LoadError::json(file, 0, &e))?;
-        return from_logical_count(file, t);
+        return from_logical_count(file, t, limits);
     }
     // JSON Lines trace: the first line alone is a complete trace header without batches.
     // Headers are short; skip the probe on a long first line (a one-line document) so that big
@@ -504,21 +656,41 @@ pub fn parse_load_bytes(file: &str, bytes: &[u8]) -> Result<LoadWindow, LoadErro
     if let Some(first) = text.lines().next().filter(|l| l.len() < 1 << 16) {
         if let Ok(h) = serde_json::from_str::<TraceHeader>(first) {
             if h.batches.is_none() && h.format == TRACE_FORMAT {
-                return parse_jsonl(file, text, h);
+                return parse_jsonl(file, text, h, limits);
             }
         }
     }
     let doc: AnyDoc = serde_json::from_str(text).map_err(|e| LoadError::json(file, 0, &e))?;
-    from_any_doc(file, doc)
+    from_any_doc(file, doc, limits)
 }
 
 /// Read a load file in any supported format (see the module docs).
 pub fn read_load_file(path: impl AsRef<Path>) -> Result<LoadWindow, LoadError> {
     let path = path.as_ref();
     let name = path.display().to_string();
-    let bytes = std::fs::read(path)
-        .map_err(|e| LoadError::new(&name, None, format!("cannot read: {e}")))?;
+    let bytes = read_bounded(path, MAX_LOAD_FILE_BYTES)?;
     parse_load_bytes(&name, &bytes)
+}
+
+/// The bytes of `path`, refused when there are more than `max`: one byte past the limit is read,
+/// so that a larger (or endless, e.g. a pipe) file is refused rather than buffered.
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, LoadError> {
+    let name = path.display().to_string();
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max.saturating_add(1)).read_to_end(&mut bytes))
+        .map_err(|e| LoadError::new(&name, None, format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > max {
+        return Err(LoadError::new(
+            &name,
+            None,
+            format!(
+                "the file is larger than the limit of {max} bytes \
+                 (plan::limits::MAX_LOAD_FILE_BYTES): split the trace or aggregate its batches"
+            ),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// [`read_load_file`], then [`LoadWindow::check_against`] the model the plan is for.
@@ -809,6 +981,16 @@ pub fn synthetic_window(
             "skew ({skew}) and drift ({drift}) must be finite and >= 0"
         ));
     }
+    check_synthetic_size(batches, layers, experts)?;
+    let per_layer = tokens_per_batch
+        .checked_mul(top_k as u64)
+        .filter(|&t| t as f64 <= MAX_TOKEN_COUNT)
+        .ok_or_else(|| {
+            format!(
+                "tokens_per_batch ({tokens_per_batch}) x top_k ({top_k}) is more than the limit of \
+                 {MAX_TOKEN_COUNT:e} tokens per cell (plan::limits::MAX_TOKEN_COUNT)"
+            )
+        })?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut base = Vec::with_capacity(layers);
     for _ in 0..layers {
@@ -829,11 +1011,23 @@ pub fn synthetic_window(
         &base,
         (0..layers as u32).collect(),
         batches,
-        tokens_per_batch * top_k as u64,
+        per_layer,
         top_k as u64,
         drift,
         &mut rng,
     )
+}
+
+/// A generated window is held like a file's: refuse shapes past [`LoadLimits::file`] and
+/// `plan::limits` before allocating them.
+fn check_synthetic_size(batches: usize, layers: usize, experts: usize) -> Result<(), String> {
+    check_shape(
+        "synthetic trace",
+        "size",
+        (batches, layers, experts),
+        &LoadLimits::file(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Shared by [`synthetic_window`] and [`sample_batches_from_totals`]: per-batch drifted shares of
@@ -895,6 +1089,13 @@ pub fn sample_batches_from_totals(
     }
     if !(drift.is_finite() && drift >= 0.0) {
         return Err(format!("drift ({drift}) must be finite and >= 0"));
+    }
+    check_synthetic_size(batches, totals.layers(), totals.experts())?;
+    if tokens_per_batch as f64 > MAX_TOKEN_COUNT {
+        return Err(format!(
+            "tokens_per_batch ({tokens_per_batch}) is more than the limit of {MAX_TOKEN_COUNT:e} \
+             tokens per cell (plan::limits::MAX_TOKEN_COUNT)"
+        ));
     }
     let mut base = Vec::with_capacity(totals.layers());
     for l in 0..totals.layers() {
@@ -1045,6 +1246,121 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("/nonexistent/load.json: cannot read"), "{e}");
+    }
+
+    #[test]
+    fn claimed_sizes_are_bounded_before_allocating() {
+        // Before: 1e12 experts aborted the process (allocation of 8 TB), u64::MAX panicked on
+        // the overflowing product.
+        let trace = |experts: &str, layers: &str| {
+            format!(
+                r#"{{"format":"moe-load-trace/v1","experts":{experts},"layers":{layers},"batches":[{{"tokens":[[1,2]]}}]}}"#
+            )
+        };
+        let e = err(&trace("1000000000000", "[0]"));
+        assert!(
+            e.starts_with(
+                "t.json: experts: 1000000000000 experts per layer is more than the limit of 1024"
+            ),
+            "{e}"
+        );
+        let e = err(&trace("18446744073709551615", "[0,1]"));
+        assert!(e.contains("MAX_EXPERTS"), "{e}");
+        let e = err(&trace("2", "[0, 4294967295]"));
+        assert!(
+            e.contains("layers[1]: layer id 4294967295 is past the limit of 512"),
+            "{e}"
+        );
+        // The same in the JSON Lines header.
+        let e = err("{\"format\":\"moe-load-trace/v1\",\"experts\":18446744073709551615,\"layers\":[0]}\n{\"tokens\":[[1]]}\n");
+        assert!(
+            e.contains("experts: 18446744073709551615 experts per layer is more"),
+            "{e}"
+        );
+        // OLMoE's num_experts and SGLang's row length.
+        let e = err(r#"{"num_experts":1000000000000,"layers":[0],"counts":[[1]]}"#);
+        assert!(e.contains("num_experts: 1000000000000 experts"), "{e}");
+        let wide = format!("{{\"logical_count\": [[{}]]}}", vec!["1"; 1025].join(","));
+        let e = err(&wide);
+        assert!(e.contains("logical_count: 1025 experts per layer"), "{e}");
+    }
+
+    #[test]
+    fn cells_are_bounded_over_the_whole_document() {
+        let small = LoadLimits { max_cells: 5 };
+        let one = |s: &str| parse_load_bytes_with("cm/key", s.as_bytes(), &small);
+        assert!(one(r#"{"logical_count": [[1,2],[3,4]]}"#).is_ok());
+        // Three batches of two cells: each array is small, the document is not.
+        let doc = r#"{"format":"moe-load-trace/v1","experts":2,"layers":[0],"batches":[{"tokens":[[1,2]]},{"tokens":[[1,2]]},{"tokens":[[1,2]]}]}"#;
+        let e = one(doc).unwrap_err().to_string();
+        assert!(
+            e.starts_with("cm/key: line 1 column") && e.contains("more than 5 counts in this load"),
+            "{e}"
+        );
+        let jl = "{\"format\":\"moe-load-trace/v1\",\"experts\":2,\"layers\":[0]}\n{\"tokens\":[[1,2]]}\n{\"tokens\":[[1,2]]}\n{\"tokens\":[[1,2]]}\n";
+        let e = one(jl).unwrap_err().to_string();
+        assert!(
+            e.contains("line 4 column") && e.contains("more than 5 counts"),
+            "{e}"
+        );
+        // A header that alone is past the limit is refused before any batch is read, and a claimed
+        // shape past the limit before anything is sized by it.
+        let e = one("{\"format\":\"moe-load-trace/v1\",\"experts\":3,\"layers\":[0,1]}\n{\"tokens\":[[1,2,3],[1,2,3]]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("experts: 1 batches x 2 layers x 3 experts is more than 5 counts"),
+            "{e}"
+        );
+        let e = one(r#"{"format":"moe-load-trace/v1","experts":3,"layers":[0,1],"batches":[{"tokens":[[1]]}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("experts: 1 batches x 2 layers x 3 experts is more than 5 counts"),
+            "{e}"
+        );
+        // The budget is per parse: the next parse starts afresh, and the file limits are larger.
+        assert!(one(r#"{"logical_count": [[1,2],[3,4]]}"#).is_ok());
+        assert!(parse(doc).is_ok());
+        assert_eq!(LoadLimits::operator().max_cells, MAX_LOAD_CELLS_OPERATOR);
+        assert_eq!(LoadLimits::file().max_cells, MAX_LOAD_CELLS_FILE);
+        let big = r#"{"logical_count": [[[1]]]}"#
+            .replace("[[[1]]]", &format!("[{}]", ["[[1]]"; 6].join(",")));
+        assert!(one(&big).is_err());
+    }
+
+    #[test]
+    fn huge_counts_are_refused_so_sums_stay_finite() {
+        // Before: two counts of 1e308 made a plan whose windowTokens was written as null.
+        let e = err(r#"{"logical_count": [[1e308,1e308]]}"#);
+        assert!(
+            e.contains("[0][0]: count 1e308 is more than the limit of 1e15 tokens"),
+            "{e}"
+        );
+        let e = err(
+            r#"{"format":"moe-load-trace/v1","experts":2,"layers":[0],"batches":[{"tokens":[[1e16,1]]}]}"#,
+        );
+        assert!(e.contains("MAX_TOKEN_COUNT"), "{e}");
+        assert!(parse(r#"{"logical_count": [[1e15,1e15]]}"#).is_ok());
+        assert!(LoadWindow::new(vec![0], 1, vec![2e15]).is_err());
+    }
+
+    #[test]
+    fn files_past_the_byte_limit_are_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        std::fs::write(&path, r#"{"logical_count": [[1,2]]}"#).unwrap();
+        assert_eq!(read_bounded(&path, 64).unwrap().len(), 26);
+        let e = read_bounded(&path, 25).unwrap_err().to_string();
+        assert!(e.contains("larger than the limit of 25 bytes"), "{e}");
+    }
+
+    #[test]
+    fn synthetic_sizes_are_bounded() {
+        let e = synthetic_window(512, 1024, 1 << 20, 10, 1, 1.0, 0.0, 0).unwrap_err();
+        assert!(e.contains("is more than 134217728 counts"), "{e}");
+        let e = synthetic_window(1, 4, 1, u64::MAX, 2, 1.0, 0.0, 0).unwrap_err();
+        assert!(e.contains("MAX_TOKEN_COUNT"), "{e}");
     }
 
     fn model(experts: u32) -> ModelShape {

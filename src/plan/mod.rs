@@ -23,6 +23,6 @@ pub mod packed;
 pub mod planner;
 pub mod reference;
 
-pub use expert_plan::{Algorithm, ExpertPlan, LayerPlan};
+pub use expert_plan::{Algorithm, ExpertPlan, HashRule, LayerPlan, PlanReadError};
 pub use load::LoadWindow;
 pub use model::{parse_byte_size, Dtype, ModelShape, Topology};

@@ -7,6 +7,10 @@ use super::expert_plan::{
     round_share, Algorithm, ExpertPlan, GpuTransition, LayerBalance, LayerPlan, PlanStats,
     Transition, PLAN_FORMAT_VERSION,
 };
+use super::limits::{
+    checked_cells, MAX_EXPERTS, MAX_EXPERT_INTERMEDIATE_SIZE, MAX_GPUS, MAX_GPUS_PER_NODE,
+    MAX_HIDDEN_SIZE, MAX_LAYERS, MAX_LOAD_CELLS_FILE, MAX_NODES, MAX_REPLICAS_PER_GPU, MAX_TOP_K,
+};
 use super::load::LoadWindow;
 use super::model::{ModelShape, Topology};
 
@@ -46,6 +50,9 @@ pub enum PlanError {
     Budget(String),
     #[error("{0}")]
     Algorithm(String),
+    /// A shape or budget past `plan::limits`: refused before anything is sized by it.
+    #[error("{0}")]
+    Limit(String),
 }
 
 impl PlanError {
@@ -55,8 +62,85 @@ impl PlanError {
             PlanError::Load(_) => "load",
             PlanError::Budget(_) => "budget",
             PlanError::Algorithm(_) => "algorithm",
+            PlanError::Limit(_) => "limit",
         }
     }
+}
+
+/// Refuse a request whose model, topology or window is past `plan::limits`, before anything is
+/// sized by it (the MoE layer ids, the window over them, the per-GPU tables).
+pub fn check_request_limits(req: &PlanRequest, window: &LoadWindow) -> Result<(), PlanError> {
+    let m = &req.model;
+    let t = req.topology;
+    let over = |what: &str, value: u64, limit: u64, constant: &str| {
+        (value > limit).then(|| {
+            PlanError::Limit(format!(
+                "{what} is {value}, past the limit of {limit} (plan::limits::{constant})"
+            ))
+        })
+    };
+    let checks = [
+        over(
+            "model layers",
+            m.layers.into(),
+            MAX_LAYERS.into(),
+            "MAX_LAYERS",
+        ),
+        over(
+            "experts per layer",
+            m.experts.into(),
+            MAX_EXPERTS.into(),
+            "MAX_EXPERTS",
+        ),
+        over("top-k", m.top_k.into(), MAX_TOP_K.into(), "MAX_TOP_K"),
+        over(
+            "hidden size",
+            m.hidden_size,
+            MAX_HIDDEN_SIZE,
+            "MAX_HIDDEN_SIZE",
+        ),
+        over(
+            "expert intermediate size",
+            m.expert_intermediate_size,
+            MAX_EXPERT_INTERMEDIATE_SIZE,
+            "MAX_EXPERT_INTERMEDIATE_SIZE",
+        ),
+        over("GPUs", t.gpus as u64, MAX_GPUS.into(), "MAX_GPUS"),
+        over("nodes", t.nodes as u64, MAX_NODES.into(), "MAX_NODES"),
+        over(
+            "GPUs per node",
+            (t.gpus / t.nodes.max(1)) as u64,
+            MAX_GPUS_PER_NODE.into(),
+            "MAX_GPUS_PER_NODE",
+        ),
+    ];
+    if let Some(e) = checks.into_iter().flatten().next() {
+        return Err(e);
+    }
+    if let Budget::ReplicasPerGpu(r) = req.budget {
+        if let Some(e) = over(
+            "replicas per GPU",
+            r.into(),
+            MAX_REPLICAS_PER_GPU.into(),
+            "MAX_REPLICAS_PER_GPU",
+        ) {
+            return Err(e);
+        }
+    }
+    // The window is widened to every MoE layer of the model before planning.
+    let cells = [
+        window.batches(),
+        m.moe_layers() as usize,
+        m.experts as usize,
+    ];
+    if checked_cells(&cells, MAX_LOAD_CELLS_FILE).is_none() {
+        return Err(PlanError::Limit(format!(
+            "{} batches x {} MoE layers x {} experts is more than {MAX_LOAD_CELLS_FILE} counts \
+             (plan::limits::MAX_LOAD_CELLS_FILE): plan from fewer batches",
+            cells[0], cells[1], cells[2]
+        )));
+    }
+    Ok(())
 }
 
 /// MoE layer ids of a model.
@@ -71,6 +155,7 @@ pub fn make_plan(
     window: &LoadWindow,
     previous: Option<&ExpertPlan>,
 ) -> Result<ExpertPlan, PlanError> {
+    check_request_limits(req, window)?;
     let model = &req.model;
     let topo = req.topology;
     let e = model.experts as usize;
@@ -169,7 +254,15 @@ fn replicas_per_gpu(budget: Budget, bytes_per_expert: u64) -> Result<usize, Plan
                         .into(),
                 ));
             }
-            Ok((b / bytes_per_expert) as usize)
+            let r = b / bytes_per_expert;
+            if r > MAX_REPLICAS_PER_GPU.into() {
+                return Err(PlanError::Limit(format!(
+                    "a memory budget of {b} bytes per GPU holds {r} experts of {bytes_per_expert} bytes, \
+                     past the limit of {MAX_REPLICAS_PER_GPU} replicas per GPU \
+                     (plan::limits::MAX_REPLICAS_PER_GPU)"
+                )));
+            }
+            Ok(r as usize)
         }
         Budget::Auto { .. } => Err(PlanError::Budget(
             "an auto budget is only supported by the craft algorithm; give replicas or memory per GPU".into(),
@@ -313,6 +406,9 @@ fn finish(
             })
             .collect(),
     });
+    // serde_json writes a NaN or an infinity as null, which no reader takes back: never write one.
+    plan.check_stats()
+        .map_err(|m| PlanError::Algorithm(format!("internal: the plan's figures: {m}")))?;
     Ok(plan.seal())
 }
 

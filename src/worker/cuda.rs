@@ -132,16 +132,174 @@ impl GemmMode {
     }
 }
 
-/// Device-side work buffers, grown on demand and reused across batches.
+/// Bytes of each device work buffer: what one batch needs, or what the buffers hold.
+///
+/// Every buffer is sized by exactly what it holds, from all the sizes it depends on. The buffers
+/// are shared by every expert set on a device (sets of different shapes, e.g. a benchmark's
+/// table), so sizing them by the row count alone let a later, wider shape with fewer rows write
+/// past them (issue 19: relative error 11.7 at (4096, 14336, 8) after smaller shapes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScratchSizes {
+    /// Input rows, bf16 [rows, H].
+    pub x: usize,
+    /// Router weights, f32 [rows].
+    pub w: usize,
+    /// Gate|up products, bf16 [rows, 2I].
+    pub y: usize,
+    /// Activations, bf16 [rows, I].
+    pub act: usize,
+    /// Outputs, bf16 [rows, H].
+    pub out: usize,
+    /// The six device pointer arrays of the grouped GEMMs, u64 [6, groups].
+    pub ptrs: usize,
+}
+
+/// Smallest allocation of a scratch buffer, so that tiny batches do not reallocate at every step.
+const MIN_SCRATCH_BYTES: usize = 4096;
+
+impl ScratchSizes {
+    /// What a batch of `rows` rows over `groups` experts of hidden size `h` and intermediate size
+    /// `i` uses; `None` if a size overflows.
+    pub fn for_batch(rows: usize, groups: usize, h: usize, i: usize) -> Option<Self> {
+        let m = |a: usize, b: usize, c: usize| a.checked_mul(b)?.checked_mul(c);
+        Some(Self {
+            x: m(rows, h, 2)?,
+            w: m(rows, 1, 4)?,
+            y: m(rows, 2 * i, 2)?,
+            act: m(rows, i, 2)?,
+            out: m(rows, h, 2)?,
+            ptrs: m(groups, 6, 8)?,
+        })
+    }
+
+    /// The sizes in field order: x, w, y, act, out, ptrs.
+    pub fn to_array(self) -> [usize; 6] {
+        [self.x, self.w, self.y, self.act, self.out, self.ptrs]
+    }
+
+    fn from_array([x, w, y, act, out, ptrs]: [usize; 6]) -> Self {
+        Self {
+            x,
+            w,
+            y,
+            act,
+            out,
+            ptrs,
+        }
+    }
+
+    /// Whether every buffer of `self` (capacities) holds what `need` asks.
+    pub fn holds(&self, need: &Self) -> bool {
+        self.to_array()
+            .iter()
+            .zip(need.to_array())
+            .all(|(&c, n)| c >= n)
+    }
+
+    /// Grows the capacities in `self` to hold `need`: each buffer whose need exceeds its capacity
+    /// (or that was never allocated) gets the next power of two of the need, at least
+    /// [`MIN_SCRATCH_BYTES`]; the others keep theirs. Returns which buffers must be reallocated,
+    /// in field order (x, w, y, act, out, ptrs).
+    pub fn grow_to(&mut self, need: &Self) -> [bool; 6] {
+        let mut cap = self.to_array();
+        let mut grew = [false; 6];
+        for ((c, n), g) in cap.iter_mut().zip(need.to_array()).zip(&mut grew) {
+            if n > *c || *c == 0 {
+                *c = n
+                    .checked_next_power_of_two()
+                    .unwrap_or(n)
+                    .max(MIN_SCRATCH_BYTES);
+                *g = true;
+            }
+        }
+        *self = Self::from_array(cap);
+        grew
+    }
+}
+
+/// Device-side work buffers, grown on demand and reused across batches (and across the expert
+/// sets of a device). `cap` is what each buffer holds, in bytes.
 struct Scratch {
-    rows: usize,
-    groups: usize,
+    cap: ScratchSizes,
     x: Option<CudaSlice<u16>>,
     w: Option<CudaSlice<f32>>,
     y: Option<CudaSlice<u16>>,
     act: Option<CudaSlice<u16>>,
     out: Option<CudaSlice<u16>>,
     ptrs: Option<CudaSlice<u64>>,
+}
+
+/// Replaces `buf` by a fresh allocation of at least `bytes` bytes (the old one is freed first, so
+/// that growing does not need both at once).
+fn realloc<T: cudarc::driver::DeviceRepr>(
+    st: &Arc<CudaStream>,
+    buf: &mut Option<CudaSlice<T>>,
+    bytes: usize,
+) -> Result<(), ComputeError> {
+    *buf = None;
+    let n = bytes.div_ceil(std::mem::size_of::<T>());
+    // SAFETY: scratch is written before it is read in every batch (inputs and pointer arrays
+    // uploaded by `prepare`, y by GEMM 1, act by the kernel, out by GEMM 2), and only the part a
+    // batch wrote is read back.
+    *buf = Some(unsafe { st.alloc::<T>(n) }.map_err(|e| {
+        ComputeError::Device(format!("allocating {bytes} bytes of scratch: {e:?}"))
+    })?);
+    Ok(())
+}
+
+impl Scratch {
+    /// Makes every buffer hold at least `need`, reallocating only those that are too small.
+    fn ensure(&mut self, st: &Arc<CudaStream>, need: &ScratchSizes) -> Result<(), ComputeError> {
+        let mut cap = self.cap;
+        let grew = cap.grow_to(need);
+        // Capacities are committed one buffer at a time, so a failed allocation leaves `cap`
+        // no larger than what is allocated.
+        let [gx, gw, gy, ga, go, gp] = grew;
+        if gx {
+            self.cap.x = 0;
+            realloc(st, &mut self.x, cap.x)?;
+            self.cap.x = cap.x;
+        }
+        if gw {
+            self.cap.w = 0;
+            realloc(st, &mut self.w, cap.w)?;
+            self.cap.w = cap.w;
+        }
+        if gy {
+            self.cap.y = 0;
+            realloc(st, &mut self.y, cap.y)?;
+            self.cap.y = cap.y;
+        }
+        if ga {
+            self.cap.act = 0;
+            realloc(st, &mut self.act, cap.act)?;
+            self.cap.act = cap.act;
+        }
+        if go {
+            self.cap.out = 0;
+            realloc(st, &mut self.out, cap.out)?;
+            self.cap.out = cap.out;
+        }
+        if gp {
+            self.cap.ptrs = 0;
+            realloc(st, &mut self.ptrs, cap.ptrs)?;
+            self.cap.ptrs = cap.ptrs;
+        }
+        Ok(())
+    }
+
+    /// Refuses a batch the buffers do not hold (a set's `prepare` then another set's `enqueue`
+    /// on the same device without the batch lock), instead of writing past them.
+    fn check(&self, need: &ScratchSizes) -> Result<(), ComputeError> {
+        if self.cap.holds(need) {
+            Ok(())
+        } else {
+            Err(ComputeError::Device(format!(
+                "scratch buffers ({:?} bytes) are smaller than this batch needs ({need:?}): another expert set re-prepared the device in between; run prepare, enqueue and download of one batch under one lock",
+                self.cap
+            )))
+        }
+    }
 }
 
 /// One CUDA device: context, stream, cuBLAS handle, compiled kernels.
@@ -205,8 +363,7 @@ impl CudaDevice {
             silu,
             arch,
             scratch: Mutex::new(Scratch {
-                rows: 0,
-                groups: 0,
+                cap: ScratchSizes::default(),
                 x: None,
                 w: None,
                 y: None,
@@ -302,6 +459,8 @@ impl DeviceExpert {
 /// The per-group GEMM arguments of one batch (depend only on the experts and their row counts).
 pub struct Prepared {
     total_rows: usize,
+    /// The scratch this batch uses (checked again when it is enqueued).
+    need: ScratchSizes,
     /// (weights pointer, rows, first row) per expert with rows.
     groups: Vec<(CUdeviceptr, usize, usize)>,
     m1: Vec<i32>,
@@ -370,24 +529,19 @@ impl CudaExperts {
             .map(|(&e, &c)| (e, c))
             .collect();
         let g = live.len();
-        if total > sc.rows || sc.x.is_none() {
-            let cap = total.max(16).next_power_of_two();
-            // SAFETY: every buffer is written before it is read (inputs uploaded, y by GEMM 1,
-            // act by the kernel, out by GEMM 2), and only the first `total` rows are used.
-            unsafe {
-                sc.x = Some(st.alloc::<u16>(cap * h).map_err(dev_err("alloc"))?);
-                sc.w = Some(st.alloc::<f32>(cap).map_err(dev_err("alloc"))?);
-                sc.y = Some(st.alloc::<u16>(cap * 2 * i).map_err(dev_err("alloc"))?);
-                sc.act = Some(st.alloc::<u16>(cap * i).map_err(dev_err("alloc"))?);
-                sc.out = Some(st.alloc::<u16>(cap * h).map_err(dev_err("alloc"))?);
-            }
-            sc.rows = cap;
+        if total.checked_mul(h) != Some(x.len()) || w.len() != total {
+            return Err(ComputeError::Shape(format!(
+                "{} inputs and {} weights for {total} rows of {h}",
+                x.len(),
+                w.len()
+            )));
         }
-        if g > sc.groups || sc.ptrs.is_none() {
-            let cap = g.max(8).next_power_of_two();
-            sc.ptrs = Some(unsafe { st.alloc::<u64>(cap * 6) }.map_err(dev_err("alloc"))?);
-            sc.groups = cap;
-        }
+        let need = ScratchSizes::for_batch(total, g, h, i).ok_or_else(|| {
+            ComputeError::Shape(format!(
+                "{total} rows of hidden {h}, intermediate {i}: scratch size overflows"
+            ))
+        })?;
+        sc.ensure(st, &need)?;
         let ptr = |s: &Option<CudaSlice<u16>>| s.as_ref().expect("allocated").device_ptr(st).0;
         let (px, py, pa, po) = (ptr(&sc.x), ptr(&sc.y), ptr(&sc.act), ptr(&sc.out));
         let mut groups = Vec::with_capacity(g);
@@ -408,13 +562,6 @@ impl CudaExperts {
             groups.push((wp, c, off));
             off += c;
         }
-        if x.len() != total * h || w.len() != total {
-            return Err(ComputeError::Shape(format!(
-                "{} inputs and {} weights for {total} rows of {h}",
-                x.len(),
-                w.len()
-            )));
-        }
         if total > 0 {
             st.memcpy_htod(x, sc.x.as_mut().expect("allocated"))
                 .map_err(dev_err("upload rows"))?;
@@ -426,6 +573,7 @@ impl CudaExperts {
         let n: Vec<i32> = live.iter().map(|&(_, c)| c as i32).collect();
         Ok(Prepared {
             total_rows: total,
+            need,
             groups,
             m1: vec![(2 * i) as i32; g],
             k1: vec![h as i32; g],
@@ -451,6 +599,7 @@ impl CudaExperts {
         let dev = &self.dev;
         let st = &dev.stream;
         let sc = dev.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        sc.check(&p.need)?;
         let mode = dev.mode.lock().unwrap_or_else(|e| e.into_inner()).pick(
             p.groups.len(),
             p.total_rows,
@@ -627,6 +776,13 @@ impl CudaExperts {
     pub fn download(&self, rows: usize) -> Result<Vec<u16>, ComputeError> {
         let dev = &self.dev;
         let sc = dev.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let need = ScratchSizes {
+            out: rows.checked_mul(self.hidden * 2).ok_or_else(|| {
+                ComputeError::Shape(format!("{rows} output rows of {} overflow", self.hidden))
+            })?,
+            ..Default::default()
+        };
+        sc.check(&need)?;
         let mut host = vec![0u16; rows * self.hidden];
         if rows > 0 {
             let out = sc

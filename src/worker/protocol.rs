@@ -32,6 +32,12 @@
 //!   and the worker closes that connection. A well-formed request that cannot be served (rank not on
 //!   this worker, wrong hidden size, expert not resident, no plan yet, compute failure) gets an error
 //!   reply and the connection stays open.
+//! - A frame must arrive whole within the worker's frame-read timeout of its first byte, and a
+//!   reply must be taken by the client within its write timeout; otherwise the worker closes the
+//!   connection (a stalled frame gets a `malformed` reply first). A connection with no frame for the
+//!   idle timeout is closed without a reply. A request that waits past its frame-read timeout for the
+//!   worker's in-flight byte budget, or a connection over the worker's connection cap, gets a `busy`
+//!   reply (code 9) and is closed: the client may retry.
 //!
 //! Encoding and decoding here are pure functions over byte slices; decoding never panics on any
 //! input (property-tested below). The async helpers at the end only move frames over a stream.
@@ -51,6 +57,9 @@ pub const SHAPE_LEN: usize = 16;
 pub const MAX_ERROR_MESSAGE: usize = 4096;
 /// Default maximum frame size (body bytes).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 << 20;
+/// Bytes at the front of a request body that identify it and fix its size (header and shape):
+/// enough to refuse a frame before its body is buffered.
+pub const REQUEST_HEAD_LEN: usize = HEADER_LEN + SHAPE_LEN;
 
 const KIND_REQUEST: u8 = 1;
 const KIND_OUTPUT: u8 = 2;
@@ -111,6 +120,9 @@ pub enum ErrorCode {
     Compute,
     /// Something inside the worker failed (a bug or a crashed compute thread).
     Internal,
+    /// The worker could not take the request in time (in-flight byte budget full past the frame
+    /// timeout, or too many connections); the connection is closed and the client may retry.
+    Busy,
     /// A code this version does not know (sent by a newer peer).
     Other(u16),
 }
@@ -126,6 +138,7 @@ impl ErrorCode {
             ErrorCode::NotReady => 6,
             ErrorCode::Compute => 7,
             ErrorCode::Internal => 8,
+            ErrorCode::Busy => 9,
             ErrorCode::Other(c) => c,
         }
     }
@@ -140,6 +153,7 @@ impl ErrorCode {
             6 => ErrorCode::NotReady,
             7 => ErrorCode::Compute,
             8 => ErrorCode::Internal,
+            9 => ErrorCode::Busy,
             other => ErrorCode::Other(other),
         }
     }
@@ -155,6 +169,7 @@ impl ErrorCode {
             ErrorCode::NotReady => "not_ready",
             ErrorCode::Compute => "compute",
             ErrorCode::Internal => "internal",
+            ErrorCode::Busy => "busy",
             ErrorCode::Other(_) => "other",
         }
     }
@@ -417,8 +432,8 @@ fn decode_shape(
     Ok((rank, layer, rows, hidden, payload))
 }
 
-/// Decode a dispatch request body (the bytes after the length prefix).
-pub fn decode_request(body: &[u8]) -> Result<DispatchRequest, ProtocolError> {
+/// The header of a request body, its kind and dtype checked.
+fn decode_request_header(body: &[u8]) -> Result<Header, ProtocolError> {
     let h = decode_header(body)?;
     if h.kind != KIND_REQUEST {
         return Err(ProtocolError::UnexpectedKind {
@@ -432,6 +447,42 @@ pub fn decode_request(body: &[u8]) -> Result<DispatchRequest, ProtocolError> {
             found: h.dtype,
         });
     }
+    Ok(h)
+}
+
+/// Check the head of a request body of `len` bytes before the rest of it is read: `head` is its
+/// first `min(len, REQUEST_HEAD_LEN)` bytes. Magic, version, kind and dtype are checked, and the
+/// rows and hidden size must account for exactly `len` bytes. A body that passes may still fail
+/// [`decode_request`] (non-finite values); one that fails here fails there with the same error.
+pub fn check_request_head(head: &[u8], len: usize) -> Result<(), ProtocolError> {
+    let head = &head[..head.len().min(REQUEST_HEAD_LEN)];
+    decode_request_header(head)?;
+    if head.len() < REQUEST_HEAD_LEN || len < REQUEST_HEAD_LEN {
+        return Err(ProtocolError::TooShort {
+            len: len.min(head.len()),
+            need: REQUEST_HEAD_LEN,
+        });
+    }
+    let (rows, hidden) = (u32_at(head, HEADER_LEN + 8), u32_at(head, HEADER_LEN + 12));
+    if hidden == 0 {
+        return Err(ProtocolError::ZeroHidden);
+    }
+    let expected = rows as u128 * (8 + 2 * hidden as u128);
+    let found = len - REQUEST_HEAD_LEN;
+    if expected != found as u128 {
+        return Err(ProtocolError::LengthMismatch {
+            rows,
+            hidden,
+            expected,
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// Decode a dispatch request body (the bytes after the length prefix).
+pub fn decode_request(body: &[u8]) -> Result<DispatchRequest, ProtocolError> {
+    let h = decode_request_header(body)?;
     let (rank, layer, rows, hidden, payload) = decode_shape(body, 8, 2)?;
     // The length check above bounds rows and hidden by the frame size, so these fit in memory.
     let (n, hs) = (rows as usize, hidden as usize);
@@ -584,14 +635,15 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
     r: &mut R,
     len: usize,
 ) -> Result<Vec<u8>, ReadFrameError> {
-    let mut body = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        let n = r.read(&mut body[got..]).await?;
-        if n == 0 {
-            return Err(ReadFrameError::Truncated { got, len });
-        }
-        got += n;
+    // The buffer grows with the bytes that arrive, so a peer that claims a large frame and sends
+    // little makes the reader hold little.
+    let mut body = Vec::with_capacity(len.min(1 << 20));
+    (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(ReadFrameError::Truncated {
+            got: body.len(),
+            len,
+        });
     }
     Ok(body)
 }

@@ -11,11 +11,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::plan::ExpertPlan;
+use crate::plan::expert_plan::HashRule;
+use crate::plan::{limits, ExpertPlan, ModelShape};
 use crate::worker::compute::ExpertLoader;
-use crate::worker::http::{admin_router, metrics_router, AdminToken};
+use crate::worker::http::{admin_router, metrics_router, serve_http, AdminToken};
 use crate::worker::protocol::DEFAULT_MAX_FRAME_BYTES;
-use crate::worker::server::{serve_dispatch, ServeConfig, Worker};
+use crate::worker::server::{check_plan_document, serve_dispatch, ServeConfig, Worker};
 
 /// `moe-worker` command line. Every flag can also come from the pod's environment.
 #[derive(Debug, Clone, clap::Parser)]
@@ -74,6 +75,40 @@ pub struct WorkerArgs {
     /// Seconds a replaced plan keeps serving requests routed by it.
     #[arg(long, default_value_t = 30)]
     pub previous_plan_grace_seconds: u64,
+    /// Dispatch connections open at once; more are answered `busy` and closed.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Seconds a dispatch connection may stay open with no frame started.
+    #[arg(long, default_value_t = 300)]
+    pub idle_timeout_seconds: u64,
+    /// Seconds a dispatch frame may take to arrive whole once its first byte has (the wait for
+    /// in-flight budget included); a frame late past it is answered `malformed` and closed.
+    #[arg(long, default_value_t = 10)]
+    pub frame_read_timeout_seconds: u64,
+    /// Seconds a client may take to read one dispatch reply before it is disconnected.
+    #[arg(long, default_value_t = 10)]
+    pub write_timeout_seconds: u64,
+    /// Seconds an HTTP request head may take to arrive once it has started (metrics and admin).
+    #[arg(long, default_value_t = 10)]
+    pub http_header_timeout_seconds: u64,
+    /// Seconds a `PUT /v1/plan` body may take to arrive.
+    #[arg(long, default_value_t = 60)]
+    pub http_body_timeout_seconds: u64,
+    /// Seconds an idle HTTP keep-alive connection stays open.
+    #[arg(long, default_value_t = 60)]
+    pub http_idle_timeout_seconds: u64,
+    /// Seconds an HTTP client may take to read a response.
+    #[arg(long, default_value_t = 10)]
+    pub http_write_timeout_seconds: u64,
+    /// HTTP connections open at once, per listener.
+    #[arg(long, default_value_t = 256)]
+    pub http_max_connections: usize,
+    /// Seconds open HTTP requests may still run after SIGTERM before the worker exits.
+    #[arg(long, default_value_t = 5)]
+    pub shutdown_drain_seconds: u64,
+    /// Largest plan accepted on `PUT /v1/plan` or in --plan, in bytes (at most plan::limits::MAX_PLAN_BYTES).
+    #[arg(long, default_value_t = limits::MAX_PLAN_BYTES)]
+    pub max_plan_bytes: usize,
     /// Write the bound addresses here as JSON (`{"dispatch", "metrics", "admin"}`) once the worker
     /// listens and its start-up plan is in force. With port 0 in the listen flags, this is how a
     /// launcher learns the ports without picking free ones itself (which races with other
@@ -206,7 +241,8 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Stop accepting and wait for the servers to end (open dispatch connections are dropped).
+    /// Stop accepting and wait for the servers to end: HTTP requests still open get the shutdown
+    /// drain (`http.shutdown_drain`) to finish; dispatch connections end with their timeouts.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
@@ -227,7 +263,11 @@ pub async fn start(
     opts: WorkerOptions,
     loaders: Vec<Arc<dyn ExpertLoader>>,
 ) -> anyhow::Result<WorkerHandle> {
-    let token = Arc::new(AdminToken::new(&opts.admin_token).context("admin token")?);
+    let token = Arc::new(match &opts.serve.http.admin_token_file {
+        Some(path) => AdminToken::from_file(path, opts.serve.http.token_recheck)?,
+        None => AdminToken::new(&opts.admin_token).context("admin token")?,
+    });
+    let http = opts.serve.http.clone();
     let worker = Worker::start(opts.serve, loaders)?;
     let dispatch = bind(opts.listen, "--listen").await?;
     let metrics = bind(opts.metrics_listen, "--metrics-listen").await?;
@@ -243,20 +283,13 @@ pub async fn start(
         dispatch,
         rx.clone(),
     ))];
-    for (listener, router) in [
-        (metrics, metrics_router(worker.clone())),
-        (admin, admin_router(worker.clone(), token)),
+    for (listener, router, name) in [
+        (metrics, metrics_router(worker.clone()), "metrics"),
+        (admin, admin_router(worker.clone(), token), "admin"),
     ] {
-        let mut stop = rx.clone();
+        let (stop, http) = (rx.clone(), http.clone());
         tasks.push(tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.changed().await;
-                })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "http server failed");
-            }
+            serve_http(listener, router, &http, stop, name).await;
         }));
     }
     tracing::info!(%dispatch_addr, %metrics_addr, %admin_addr, ranks = ?worker.config().ranks(), "worker listening");
@@ -277,22 +310,63 @@ pub async fn start(
     Ok(handle)
 }
 
-/// Reads a plan file (`--plan`).
+/// Reads a plan file (`--plan`): at most `max_bytes` (and never more than
+/// `plan::limits::MAX_PLAN_BYTES`), then the document checks (format version, hash, sizes) before
+/// anything else uses it.
 pub fn read_plan(path: &Path) -> anyhow::Result<ExpertPlan> {
-    let text = std::fs::read_to_string(path)
+    read_plan_bounded(path, limits::MAX_PLAN_BYTES)
+}
+
+fn read_plan_bounded(path: &Path, max_bytes: usize) -> anyhow::Result<ExpertPlan> {
+    use std::io::Read;
+    let max = max_bytes.min(limits::MAX_PLAN_BYTES);
+    let file = std::fs::File::open(path)
         .with_context(|| format!("reading plan file {}", path.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("parsing plan file {} as a plan document", path.display()))
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading plan file {}", path.display()))?;
+    anyhow::ensure!(
+        bytes.len() <= max,
+        "plan file {} is larger than {max} bytes (--max-plan-bytes, plan::limits::MAX_PLAN_BYTES)",
+        path.display()
+    );
+    // A plan ConfigMap's file is gzip when the plan was too large for it as JSON (plan::packed).
+    let bytes = crate::plan::packed::unpack(&bytes)
+        .map_err(|e| anyhow::anyhow!("plan file {}: {e}", path.display()))?;
+    let plan = ExpertPlan::from_json_checked(&bytes, HashRule::MayBeEmpty)
+        .map_err(|e| anyhow::anyhow!("plan file {}: {e}", path.display()))?;
+    check_plan_document(plan).map_err(|e| anyhow::anyhow!("plan file {}: {e}", path.display()))
+}
+
+/// The model shape of a checkpoint directory, from its `config.json` (read bounded).
+pub fn checkpoint_model(dir: &Path) -> anyhow::Result<ModelShape> {
+    use std::io::Read;
+    const MAX_CONFIG_BYTES: u64 = 4 << 20;
+    let path = dir.join("config.json");
+    let mut text = String::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES).read_to_string(&mut text))
+        .with_context(|| format!("reading {} (--checkpoint)", path.display()))?;
+    let config = super::checkpoint::parse_config(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(config.shape)
 }
 
 fn read_token(args: &WorkerArgs) -> anyhow::Result<String> {
     if let Some(path) = &args.admin_token_file {
-        return std::fs::read_to_string(path).with_context(|| {
-            format!(
-                "reading the admin token file {} (--admin-token-file)",
-                path.display()
-            )
-        });
+        use std::io::Read;
+        let mut token = String::new();
+        // A Secret's key holds a token of a few dozen bytes; read no more than 64 KiB of it.
+        return std::fs::File::open(path)
+            .and_then(|f| f.take(64 << 10).read_to_string(&mut token))
+            .map(|_| token)
+            .with_context(|| {
+                format!(
+                    "reading the admin token file {} (--admin-token-file)",
+                    path.display()
+                )
+            });
     }
     std::env::var("MOE_ADMIN_TOKEN").map_err(|_| {
         anyhow::anyhow!("the admin API needs a bearer token: pass --admin-token-file FILE or set MOE_ADMIN_TOKEN")
@@ -301,7 +375,17 @@ fn read_token(args: &WorkerArgs) -> anyhow::Result<String> {
 
 /// Resolve the arguments into options: node and ranks per node (from the flags or the plan).
 pub fn resolve(args: &WorkerArgs) -> anyhow::Result<WorkerOptions> {
-    let plan = args.plan.as_deref().map(read_plan).transpose()?;
+    anyhow::ensure!(
+        args.max_plan_bytes <= limits::MAX_PLAN_BYTES,
+        "--max-plan-bytes {} is over plan::limits::MAX_PLAN_BYTES ({})",
+        args.max_plan_bytes,
+        limits::MAX_PLAN_BYTES
+    );
+    let plan = args
+        .plan
+        .as_deref()
+        .map(|p| read_plan_bounded(p, args.max_plan_bytes))
+        .transpose()?;
     let gpus_per_node = match (args.gpus_per_node, &plan) {
         (Some(g), _) => g,
         (None, Some(p)) if p.nodes > 0 => p.gpus / p.nodes,
@@ -325,6 +409,24 @@ pub fn resolve(args: &WorkerArgs) -> anyhow::Result<WorkerOptions> {
     serve.max_inflight_bytes = args.max_inflight_bytes;
     serve.max_batch_rows = args.max_batch_rows;
     serve.previous_plan_grace = Duration::from_secs(args.previous_plan_grace_seconds);
+    serve.max_connections = args.max_connections;
+    serve.idle_timeout = Duration::from_secs(args.idle_timeout_seconds);
+    serve.frame_read_timeout = Duration::from_secs(args.frame_read_timeout_seconds);
+    serve.write_timeout = Duration::from_secs(args.write_timeout_seconds);
+    serve.http.header_timeout = Duration::from_secs(args.http_header_timeout_seconds);
+    serve.http.body_timeout = Duration::from_secs(args.http_body_timeout_seconds);
+    serve.http.idle_timeout = Duration::from_secs(args.http_idle_timeout_seconds);
+    serve.http.write_timeout = Duration::from_secs(args.http_write_timeout_seconds);
+    serve.http.max_connections = args.http_max_connections;
+    serve.http.shutdown_drain = Duration::from_secs(args.shutdown_drain_seconds);
+    serve.http.max_plan_bytes = args.max_plan_bytes;
+    serve.http.admin_token_file = args.admin_token_file.clone();
+    // The model the weights are for: plans for another shape are refused (see Worker::validate).
+    serve.model = match (&args.checkpoint, args.synthetic_weights, &plan) {
+        (Some(dir), _, _) => Some(checkpoint_model(dir)?),
+        (None, Some(_), Some(p)) => Some(p.model.clone()),
+        _ => None,
+    };
     Ok(WorkerOptions {
         serve,
         listen: args.listen,
@@ -438,7 +540,7 @@ mod tests {
         let bad = dir.path().join("plan.json");
         std::fs::write(&bad, "{\"formatVersion\": 1}").unwrap();
         let e = resolve(&args(&["--plan", bad.to_str().unwrap()], &token)).unwrap_err();
-        assert!(format!("{e:#}").contains("as a plan document"), "{e:#}");
+        assert!(format!("{e:#}").contains("not a plan document"), "{e:#}");
 
         assert!(WorkerArgs::try_parse_from(["moe-worker", "--node", "1", "--rank", "2"]).is_err());
     }

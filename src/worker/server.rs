@@ -1,9 +1,9 @@
 //! The worker's serving core: the plan in force, in-place plan swaps, and the dispatch TCP server.
 //!
 //! Shape of the data path:
-//! - one task per TCP connection reads frames (bounded by the maximum frame size, and by an
-//!   in-flight byte budget taken before a frame body is read, so memory stays bounded however many
-//!   clients push at once), decodes them and hands each request to the lane of its rank;
+//! - one task per TCP connection (at most `max_connections`) reads frames, decodes them and hands
+//!   each request to the lane of its rank; how long a peer may hold a connection, memory or budget
+//!   is bounded as described at [`serve_connection`];
 //! - one lane per local rank (GPU) batches whatever requests are queued for that rank, grouped by
 //!   layer (rows of different connections concatenated, up to `max_batch_rows`), and runs them on
 //!   the blocking pool so the reactor never waits on compute; a lane has one batch in flight, so
@@ -24,16 +24,19 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::plan::expert_plan::HashRule;
 use crate::plan::{ExpertPlan, ModelShape};
 use crate::worker::compute::{ComputeError, ExpertCompute, ExpertKey, ExpertLoader, RowBatch};
+use crate::worker::http::HttpConfig;
 use crate::worker::metrics::WorkerMetrics;
 use crate::worker::protocol::{
-    decode_request, encode_error, encode_output, peek_request_id, read_frame_body, read_frame_len,
-    DispatchRequest, ErrorCode, ProtocolError, ReadFrameError, DEFAULT_MAX_FRAME_BYTES,
+    check_frame_len, check_request_head, decode_request, encode_error, encode_output,
+    peek_request_id, DispatchRequest, ErrorCode, ReadFrameError, DEFAULT_MAX_FRAME_BYTES,
+    REQUEST_HEAD_LEN,
 };
 
 /// Limits and identity of one worker.
@@ -42,16 +45,29 @@ pub struct ServeConfig {
     /// Node index: this worker serves ranks `node * gpus_per_node .. (node + 1) * gpus_per_node`.
     pub node: u32,
     pub gpus_per_node: u32,
+    /// The model whose weights this worker holds (its checkpoint's `config.json`, or the start-up
+    /// plan's model for synthetic weights): plans for any other shape are refused before they are
+    /// accepted. `None` (test backends without weights of their own): the first plan applied fixes it.
+    pub model: Option<ModelShape>,
     /// Largest frame body accepted.
     pub max_frame_bytes: usize,
     /// Frame bytes that may be buffered or computing at once, over all connections.
     pub max_inflight_bytes: usize,
     /// Rows batched into one compute step of one rank (a single larger request is not split).
     pub max_batch_rows: usize,
-    /// Time allowed for a frame body to arrive once its length prefix has.
+    /// Dispatch connections open at once; further ones get a `busy` reply and are closed.
+    pub max_connections: usize,
+    /// Time a connection may stay open with no frame started; then it is closed.
+    pub idle_timeout: Duration,
+    /// Time allowed for a whole frame (the rest of its length prefix, its body, and the wait for
+    /// in-flight budget) once its first byte has arrived.
     pub frame_read_timeout: Duration,
+    /// Time allowed for writing one reply; a client that does not read is disconnected.
+    pub write_timeout: Duration,
     /// How long a replaced plan keeps serving requests the new plan cannot.
     pub previous_plan_grace: Duration,
+    /// The metrics and admin HTTP listeners.
+    pub http: HttpConfig,
 }
 
 impl ServeConfig {
@@ -59,11 +75,16 @@ impl ServeConfig {
         Self {
             node,
             gpus_per_node,
+            model: None,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_inflight_bytes: 1 << 30,
             max_batch_rows: 16384,
-            frame_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            idle_timeout: Duration::from_secs(300),
+            frame_read_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
             previous_plan_grace: Duration::from_secs(30),
+            http: HttpConfig::default(),
         }
     }
 
@@ -155,6 +176,8 @@ pub struct Worker {
     /// In-flight frame bytes, in KiB permits.
     inflight: Arc<Semaphore>,
     inflight_total: u32,
+    /// Open dispatch connections.
+    connections: Arc<Semaphore>,
     lanes: Vec<mpsc::Sender<Job>>,
 }
 
@@ -173,6 +196,11 @@ impl Worker {
             loaders.len()
         );
         anyhow::ensure!(cfg.max_batch_rows > 0, "max batch rows must be at least 1");
+        anyhow::ensure!(
+            cfg.max_connections > 0,
+            "max connections must be at least 1"
+        );
+        let max_connections = cfg.max_connections.min(Semaphore::MAX_PERMITS);
         let inflight_total = (cfg.max_inflight_bytes / 1024)
             .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize))
             as u32;
@@ -194,6 +222,7 @@ impl Worker {
             metrics: WorkerMetrics::new(),
             inflight: Arc::new(Semaphore::new(inflight_total as usize)),
             inflight_total,
+            connections: Arc::new(Semaphore::new(max_connections)),
             lanes: txs,
         });
         for (local, rx) in rxs.into_iter().enumerate() {
@@ -227,18 +256,51 @@ impl Worker {
         self.loaders[local.min(self.loaders.len() - 1)].clone()
     }
 
-    fn validate(&self, mut plan: ExpertPlan) -> Result<ExpertPlan, ApplyError> {
-        plan.check().map_err(ApplyError::Invalid)?;
-        let computed = plan.compute_hash();
-        if plan.hash.is_empty() {
-            plan.hash = computed;
-        } else if plan.hash != computed {
-            return Err(ApplyError::Invalid(format!(
-                "field `hash` is {} but the plan's content hashes to {computed}: the plan was edited after it \
-                 was sealed; write it again with `moectl plan` or drop the field",
-                plan.hash
-            )));
+    /// Everything a plan must satisfy before this worker accepts it, checked before anything
+    /// sized by the plan is allocated: the document checks of [`check_plan_document`], then the
+    /// model against the weights this worker holds, the plan's invariants, every MoE layer present
+    /// exactly once, and this worker's ranks in the plan.
+    fn validate(&self, plan: ExpertPlan) -> Result<ExpertPlan, ApplyError> {
+        let plan = check_plan_document(plan)?;
+        let m = &plan.model;
+        if let Some(held) = &self.cfg.model {
+            // top-k is the router's business: the worker computes whatever rows it is sent.
+            let differs = |what: &str, in_plan: String, in_weights: String| {
+                ApplyError::Mismatch(format!(
+                    "the plan's model has {what} {in_plan} but the weights this worker serves have {in_weights} \
+                     (plan model: {}; weights: {}): the plan was made for another model",
+                    describe(m),
+                    describe(held)
+                ))
+            };
+            for (what, p, h) in [
+                ("layers", m.layers as u64, held.layers as u64),
+                (
+                    "first MoE layer",
+                    m.first_moe_layer as u64,
+                    held.first_moe_layer as u64,
+                ),
+                ("experts", m.experts as u64, held.experts as u64),
+                ("hidden size", m.hidden_size, held.hidden_size),
+                (
+                    "expert intermediate size",
+                    m.expert_intermediate_size,
+                    held.expert_intermediate_size,
+                ),
+            ] {
+                if p != h {
+                    return Err(differs(what, p.to_string(), h.to_string()));
+                }
+            }
+            if m.dtype != held.dtype {
+                return Err(differs(
+                    "dtype",
+                    format!("{:?}", m.dtype),
+                    format!("{:?}", held.dtype),
+                ));
+            }
         }
+        plan.check().map_err(ApplyError::Invalid)?;
         let g = self.cfg.gpus_per_node;
         let per_node = plan.gpus / plan.nodes;
         let ranks = self.cfg.ranks();
@@ -255,7 +317,6 @@ impl Worker {
                 self.cfg.node, ranks.start, ranks.end, plan.nodes, plan.gpus
             )));
         }
-        let m = &plan.model;
         let mut seen = HashSet::new();
         for lp in &plan.layers {
             if lp.layer < m.first_moe_layer || lp.layer >= m.layers {
@@ -270,6 +331,16 @@ impl Worker {
                     lp.layer
                 )));
             }
+        }
+        if let Some(missing) = (m.first_moe_layer..m.layers).find(|l| !seen.contains(l)) {
+            return Err(ApplyError::Invalid(format!(
+                "MoE layer {missing} has no entry in `layers` ({} of the model's {} MoE layers {}..{} are \
+                 planned): every MoE layer needs a placement, or requests for it fail",
+                plan.layers.len(),
+                m.moe_layers(),
+                m.first_moe_layer,
+                m.layers
+            )));
         }
         if let Some(served) = self.model.get() {
             if served != m {
@@ -437,6 +508,16 @@ impl Worker {
     fn permits_for(&self, frame_len: usize) -> u32 {
         (frame_len.div_ceil(1024).max(1)).min(self.inflight_total as usize) as u32
     }
+}
+
+/// The checks a plan document passes before anything else looks at it: the one plan reader's
+/// ([`ExpertPlan::checked`]: format version, every size against `plan::limits` before anything
+/// is allocated from it, layer order, invariants, and the hash; an empty hash is filled in, for
+/// hand-written plans given to `--plan`). The worker's own checks against what it serves come
+/// after.
+pub fn check_plan_document(plan: ExpertPlan) -> Result<ExpertPlan, ApplyError> {
+    plan.checked(HashRule::MayBeEmpty)
+        .map_err(|e| ApplyError::Invalid(e.to_string()))
 }
 
 fn describe(m: &ModelShape) -> String {
@@ -613,10 +694,17 @@ pub async fn serve_dispatch(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tracing::debug!(%peer, "dispatch connection");
-                    tokio::spawn(serve_connection(worker.clone(), stream));
-                }
+                Ok((stream, peer)) => match worker.connections.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        tracing::debug!(%peer, "dispatch connection");
+                        let w = worker.clone();
+                        tokio::spawn(async move {
+                            serve_connection(w, stream).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => refuse_connection(&worker, stream),
+                },
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -628,50 +716,189 @@ pub async fn serve_dispatch(
     }
 }
 
+/// Over the connection cap: one `busy` reply if the socket takes it at once (never waiting), then
+/// close.
+fn refuse_connection(worker: &Worker, stream: TcpStream) {
+    let max = worker.cfg.max_connections;
+    worker.metrics.count_error(ErrorCode::Busy);
+    tracing::warn!(
+        max,
+        "dispatch connection refused: at the connection cap (--max-connections)"
+    );
+    let reply = encode_error(
+        0,
+        ErrorCode::Busy,
+        &format!("the worker already has {max} dispatch connections open (--max-connections); retry later"),
+    );
+    let _ = stream.try_write(&reply);
+}
+
+/// Read buffer of one connection: small, so that idle connections cost little; a frame body
+/// larger than it is read straight into its own buffer.
+const READ_BUFFER: usize = 16 << 10;
+
+/// What reading the next request frame of a connection gave.
+enum FrameRead {
+    /// The peer closed between frames, stayed idle past the idle timeout, or the socket failed.
+    End,
+    /// A whole frame body, and the in-flight budget it holds.
+    Frame(Vec<u8>, OwnedSemaphorePermit),
+    /// The frame cannot be served: answer with this error and close.
+    Fatal(u64, ErrorCode, String),
+}
+
+/// Why [`read_full`] stopped early.
+enum Short {
+    /// The stream ended after this many bytes.
+    Eof(usize),
+    /// The deadline passed.
+    Late,
+    Io,
+}
+
+/// Fill `buf` from `rd` before `deadline`.
+async fn read_full<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut [u8],
+    deadline: tokio::time::Instant,
+) -> Result<(), Short> {
+    let mut got = 0;
+    let filled = tokio::time::timeout_at(deadline, async {
+        while got < buf.len() {
+            match rd.read(&mut buf[got..]).await {
+                Ok(0) => return Err(Short::Eof(got)),
+                Ok(n) => got += n,
+                Err(_) => return Err(Short::Io),
+            }
+        }
+        Ok(())
+    })
+    .await;
+    filled.unwrap_or(Err(Short::Late))
+}
+
+/// Read one request frame. The steps and what bounds each:
+/// 1. wait up to `idle_timeout` for the frame's first byte (nothing is held meanwhile but the
+///    connection's small read buffer);
+/// 2. from that byte on, the rest of the frame must arrive within `frame_read_timeout`;
+/// 3. the length prefix is checked against `max_frame_bytes`, and the first
+///    [`REQUEST_HEAD_LEN`] body bytes (magic, kind, shape) must describe exactly that length:
+///    a peer must send a real request head before it can claim any budget;
+/// 4. only then is the in-flight budget for the whole body taken, at once (never a part while
+///    waiting for the rest, so connections cannot deadlock holding parts of it), waiting at most
+///    until the frame deadline;
+/// 5. the body buffer is allocated under that budget and filled before the same deadline.
+///
+/// So a peer that sends a length prefix and stops holds no budget at all, and one that sends a
+/// head and stops holds its frame's budget for at most `frame_read_timeout`.
+async fn read_request_frame<R: AsyncRead + Unpin>(worker: &Worker, rd: &mut R) -> FrameRead {
+    let cfg = &worker.cfg;
+    let mut prefix = [0u8; 4];
+    let first = match tokio::time::timeout(cfg.idle_timeout, rd.read(&mut prefix)).await {
+        Ok(Ok(n)) if n > 0 => n,
+        Ok(_) => return FrameRead::End,
+        Err(_) => {
+            tracing::debug!(idle = ?cfg.idle_timeout, "closing an idle dispatch connection");
+            return FrameRead::End;
+        }
+    };
+    let deadline = tokio::time::Instant::now() + cfg.frame_read_timeout;
+    let late = |what: String| {
+        FrameRead::Fatal(
+            0,
+            ErrorCode::Malformed,
+            format!(
+                "{what} did not arrive within {:?} of the frame's first byte (--frame-read-timeout-seconds)",
+                cfg.frame_read_timeout
+            ),
+        )
+    };
+    match read_full(rd, &mut prefix[first..], deadline).await {
+        Ok(()) => {}
+        Err(Short::Eof(_)) => {
+            return FrameRead::Fatal(
+                0,
+                ErrorCode::Malformed,
+                ReadFrameError::TruncatedPrefix.to_string(),
+            )
+        }
+        Err(Short::Late) => return late("the frame length prefix".into()),
+        Err(Short::Io) => return FrameRead::End,
+    }
+    let len = match check_frame_len(prefix, cfg.max_frame_bytes) {
+        Ok(len) => len,
+        Err(e) => return FrameRead::Fatal(0, ErrorCode::FrameTooLarge, e.to_string()),
+    };
+    let truncated = |got: usize| {
+        FrameRead::Fatal(
+            0,
+            ErrorCode::Malformed,
+            ReadFrameError::Truncated { got, len }.to_string(),
+        )
+    };
+    let head_len = len.min(REQUEST_HEAD_LEN);
+    let mut head = [0u8; REQUEST_HEAD_LEN];
+    match read_full(rd, &mut head[..head_len], deadline).await {
+        Ok(()) => {}
+        Err(Short::Eof(got)) => return truncated(got),
+        Err(Short::Late) => return late(format!("the {len}-byte frame body")),
+        Err(Short::Io) => return FrameRead::End,
+    }
+    let head = &head[..head_len];
+    let id = peek_request_id(head);
+    if let Err(e) = check_request_head(head, len) {
+        return FrameRead::Fatal(id, ErrorCode::Malformed, e.to_string());
+    }
+    let acquire = worker
+        .inflight
+        .clone()
+        .acquire_many_owned(worker.permits_for(len));
+    let permits = match tokio::time::timeout_at(deadline, acquire).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => return FrameRead::End,
+        Err(_) => {
+            return FrameRead::Fatal(
+                id,
+                ErrorCode::Busy,
+                format!(
+                    "the worker's in-flight budget (--max-inflight-bytes {}) stayed full for {:?}; retry",
+                    cfg.max_inflight_bytes, cfg.frame_read_timeout
+                ),
+            )
+        }
+    };
+    let mut body = vec![0u8; len];
+    body[..head_len].copy_from_slice(head);
+    match read_full(rd, &mut body[head_len..], deadline).await {
+        Ok(()) => FrameRead::Frame(body, permits),
+        Err(Short::Eof(got)) => truncated(head_len + got),
+        Err(Short::Late) => late(format!("the {len}-byte frame body")),
+        Err(Short::Io) => FrameRead::End,
+    }
+}
+
 /// Serve one connection: frames in, replies out, in order. A frame that cannot be read or decoded
 /// gets an error reply and ends the connection.
+///
+/// What one peer can hold, and for how long (see [`read_request_frame`] for the read side):
+/// - a connection slot (`max_connections`) and a 16 KiB read buffer, for at most `idle_timeout`
+///   between frames and `frame_read_timeout` within one;
+/// - a frame's in-flight budget only from the moment its head has arrived until its reply is
+///   written: while its body arrives (at most `frame_read_timeout`), while it computes (work being
+///   done), and while its reply is written. The reply (up to twice the request's bytes, in f32) is
+///   memory the budget stands for, so the budget is released only after the write, which must
+///   finish within `write_timeout`: a client that does not read its replies is disconnected then,
+///   and the budget returns to the others.
 pub async fn serve_connection(worker: Arc<Worker>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(256 << 10, rd);
-    let mut wr = BufWriter::with_capacity(256 << 10, wr);
-    let max = worker.cfg.max_frame_bytes;
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+    let write_timeout = worker.cfg.write_timeout;
     let fatal: Option<(u64, ErrorCode, String)> = loop {
-        let len = match read_frame_len(&mut rd, max).await {
-            Ok(None) => break None,
-            Ok(Some(len)) => len,
-            Err(ReadFrameError::Io(_)) => break None,
-            Err(e @ ReadFrameError::Protocol(ProtocolError::FrameTooLarge { .. })) => {
-                break Some((0, ErrorCode::FrameTooLarge, e.to_string()))
-            }
-            Err(e) => break Some((0, ErrorCode::Malformed, e.to_string())),
-        };
-        let Ok(permits) = worker
-            .inflight
-            .clone()
-            .acquire_many_owned(worker.permits_for(len))
-            .await
-        else {
-            break None;
-        };
-        let body = match tokio::time::timeout(
-            worker.cfg.frame_read_timeout,
-            read_frame_body(&mut rd, len),
-        )
-        .await
-        {
-            Ok(Ok(body)) => body,
-            Ok(Err(e)) => break Some((0, ErrorCode::Malformed, e.to_string())),
-            Err(_) => {
-                break Some((
-                    0,
-                    ErrorCode::Malformed,
-                    format!(
-                        "the {len}-byte frame body did not arrive within {:?} of its length prefix",
-                        worker.cfg.frame_read_timeout
-                    ),
-                ))
-            }
+        let (body, permits) = match read_request_frame(&worker, &mut rd).await {
+            FrameRead::End => break None,
+            FrameRead::Fatal(id, code, message) => break Some((id, code, message)),
+            FrameRead::Frame(body, permits) => (body, permits),
         };
         let req = match decode_request(&body) {
             Ok(r) => r,
@@ -686,17 +913,27 @@ pub async fn serve_connection(worker: Arc<Worker>, stream: TcpStream) {
                 encode_error(id, code, &message)
             }
         };
-        if wr.write_all(&frame).await.is_err() || wr.flush().await.is_err() {
-            break None;
+        match tokio::time::timeout(write_timeout, wr.write_all(&frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break None,
+            Err(_) => {
+                tracing::info!(
+                    timeout = ?write_timeout,
+                    "closing a dispatch connection whose client did not take its reply (--write-timeout-seconds)"
+                );
+                break None;
+            }
         }
         drop(permits);
     };
     if let Some((id, code, message)) = fatal {
         worker.metrics.count_error(code);
         tracing::info!(code = code.as_str(), %message, "closing dispatch connection after a bad frame");
-        let _ = wr.write_all(&encode_error(id, code, &message)).await;
-        let _ = wr.flush().await;
-        let _ = wr.shutdown().await;
+        let _ = tokio::time::timeout(write_timeout, async {
+            let _ = wr.write_all(&encode_error(id, code, &message)).await;
+            let _ = wr.shutdown().await;
+        })
+        .await;
         // Read a little of what the peer still sends, so that closing with unread data (a TCP
         // reset) does not destroy the error reply before the peer reads it.
         let mut sink = vec![0u8; 64 << 10];
@@ -711,6 +948,6 @@ pub async fn serve_connection(worker: Arc<Worker>, stream: TcpStream) {
         })
         .await;
     } else {
-        let _ = wr.shutdown().await;
+        let _ = tokio::time::timeout(write_timeout, wr.shutdown()).await;
     }
 }

@@ -253,6 +253,8 @@ impl OperatorPlane {
                 "json",
             ])
             .env("KUBECONFIG", &self.sa_kc)
+            // The pod policy: the tests' checkpoints are hostPaths under the plane's state dir.
+            .env("MOE_OPERATOR_ALLOW_HOST_PATH_PREFIXES", &self.state)
             .env("RUST_LOG", "info,moe_operator=debug,kube=warn")
             .env("POD_NAME", identity)
             .stdout(Stdio::null())

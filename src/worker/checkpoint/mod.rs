@@ -1,5 +1,12 @@
 //! Expert weights from Hugging Face checkpoints: model shape from `config.json`, tensors from
-//! (sharded) safetensors files, memory-mapped so that a rank reads only the experts it owns.
+//! (sharded) safetensors files, read with positioned reads so that a rank reads only the experts it
+//! owns.
+//!
+//! The files are read, not memory-mapped: a mapped file truncated or rewritten under a running
+//! worker (a re-download, a full disk, a careless `cp`) raises SIGBUS on the next access to a page
+//! past its new end, killing the process. With `read_exact_at` into owned buffers a changed file
+//! is an error naming the file and tensor; each read is first checked against the file's current
+//! length.
 //!
 //! Tensor layouts understood (L = layer, E = expert, H = hidden, I = expert intermediate size):
 //! - Mixtral: `model.layers.L.block_sparse_moe.experts.E.{w1,w3,w2}.weight`, w1 = gate [I, H],
@@ -11,7 +18,7 @@
 //!   `Qwen3MoeExperts`): `model.layers.L.mlp.experts.gate_up_proj` [E, 2I, H] (rows 0..I the gate,
 //!   I..2I the up projection) and `model.layers.L.mlp.experts.down_proj` [E, H, I].
 
-mod safetensors;
+pub mod safetensors;
 pub mod synthetic;
 
 use std::collections::{BTreeMap, HashMap};
@@ -51,6 +58,12 @@ pub enum CheckpointError {
         file: PathBuf,
         expected: &'static str,
         found: &'static str,
+    },
+    #[error("tensor `{tensor}` in {}: {reason}", file.display())]
+    Changed {
+        tensor: String,
+        file: PathBuf,
+        reason: String,
     },
     #[error("layer {layer} expert {expert}: {reason}")]
     NotAnExpert {
@@ -215,6 +228,26 @@ pub fn parse_config(text: &str) -> Result<CheckpointConfig, String> {
             "inconsistent shape: layers {layers}, first MoE layer {first}, experts {experts}, top-k {top_k}, hidden {hidden}, intermediate {inter}"
         ));
     }
+    // Bound every size before anything is allocated from it (a rank reads experts of hidden x
+    // intermediate elements): the maxima of plan::limits, which follow from real models.
+    use crate::plan::limits as lim;
+    for (what, value, max) in [
+        ("num_hidden_layers", layers as u64, lim::MAX_LAYERS as u64),
+        ("routed experts", experts as u64, lim::MAX_EXPERTS as u64),
+        ("num_experts_per_tok", top_k as u64, lim::MAX_TOP_K as u64),
+        ("hidden_size", hidden, lim::MAX_HIDDEN_SIZE),
+        (
+            "expert intermediate size",
+            inter,
+            lim::MAX_EXPERT_INTERMEDIATE_SIZE,
+        ),
+    ] {
+        if value > max {
+            return Err(format!(
+                "{what} is {value}, over the supported maximum {max} (plan::limits)"
+            ));
+        }
+    }
     Ok(CheckpointConfig {
         family,
         shape: ModelShape {
@@ -231,12 +264,14 @@ pub fn parse_config(text: &str) -> Result<CheckpointConfig, String> {
 
 struct ShardFile {
     path: PathBuf,
-    map: memmap2::Mmap,
+    file: std::fs::File,
+    /// Length when opened (what the header was checked against), for error messages.
+    len: u64,
     tensors: BTreeMap<String, safetensors::TensorEntry>,
 }
 
-/// An opened checkpoint directory. Files are mapped, not read: only the pages of experts that are
-/// asked for are ever touched.
+/// An opened checkpoint directory: each shard's header is read and checked at open; tensors are
+/// read when asked for, so only the experts a rank owns are ever read.
 pub struct Checkpoint {
     dir: PathBuf,
     config: CheckpointConfig,
@@ -255,31 +290,83 @@ struct IndexFile {
     weight_map: BTreeMap<String, String>,
 }
 
-fn map_file(path: &Path) -> Result<ShardFile, CheckpointError> {
+/// Largest `config.json` read (real ones are a few KB).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Largest `model.safetensors.index.json` read (DeepSeek-V3's, ~91,000 tensors, is ~9 MB).
+const MAX_INDEX_BYTES: u64 = 256 << 20;
+
+/// Reads a small text file whole, refusing one over `max` bytes before reading it.
+fn read_text(path: &Path, max: u64) -> Result<String, CheckpointError> {
+    use std::io::Read;
     let io = |e| CheckpointError::Io {
         file: path.to_path_buf(),
         source: e,
     };
     let f = std::fs::File::open(path).map_err(io)?;
-    // SAFETY: the checkpoint is read-only input; a file changed underneath us while mapped is
-    // outside what we can defend against, as with every mmap-based loader.
-    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io)?;
-    let tensors = safetensors::parse_header(path, &map)?;
+    let len = f.metadata().map_err(io)?.len();
+    if len > max {
+        return Err(CheckpointError::BadFile {
+            file: path.to_path_buf(),
+            reason: format!("{len} bytes, over the {max}-byte limit for this file"),
+        });
+    }
+    let mut text = String::with_capacity(len as usize);
+    // `take` in case the file grows between the check and the read.
+    f.take(max).read_to_string(&mut text).map_err(io)?;
+    Ok(text)
+}
+
+fn open_shard(path: &Path) -> Result<ShardFile, CheckpointError> {
+    let file = std::fs::File::open(path).map_err(|e| CheckpointError::Io {
+        file: path.to_path_buf(),
+        source: e,
+    })?;
+    let (tensors, len) = safetensors::read_header(path, &file)?;
     Ok(ShardFile {
         path: path.to_path_buf(),
-        map,
+        file,
+        len,
         tensors,
     })
+}
+
+impl ShardFile {
+    /// Reads `buf.len()` bytes of tensor `name` at absolute offset `at`, after checking that they
+    /// lie inside the file as it is now: a file truncated since it was opened gives an error
+    /// naming it and the tensor, as does a read that comes up short (a truncation racing the read).
+    fn read_at(&self, name: &str, at: u64, buf: &mut [u8]) -> Result<(), CheckpointError> {
+        let changed = |reason: String| CheckpointError::Changed {
+            tensor: name.to_string(),
+            file: self.path.clone(),
+            reason,
+        };
+        let end = at + buf.len() as u64;
+        let now = self
+            .file
+            .metadata()
+            .map_err(|e| changed(format!("cannot stat the file: {e}")))?
+            .len();
+        if end > now {
+            return Err(changed(format!(
+                "bytes {at}..{end} lie past the end of the file, now {now} bytes ({} when opened): the file was truncated or replaced under the worker; restore the checkpoint and restart the worker",
+                self.len
+            )));
+        }
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(buf, at).map_err(|e| {
+            changed(format!(
+                "reading bytes {at}..{end}: {e} (file {} bytes when opened): the file changed under the worker; restore the checkpoint and restart the worker",
+                self.len
+            ))
+        })
+    }
 }
 
 impl Checkpoint {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, CheckpointError> {
         let dir = dir.as_ref().to_path_buf();
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| CheckpointError::Io {
-            file: cfg_path.clone(),
-            source: e,
-        })?;
+        let text = read_text(&cfg_path, MAX_CONFIG_BYTES)?;
         let config = parse_config(&text).map_err(|reason| CheckpointError::Config {
             file: cfg_path.clone(),
             reason,
@@ -288,10 +375,7 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut tensor_file = HashMap::new();
         let listing = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| CheckpointError::Io {
-                file: index_path.clone(),
-                source: e,
-            })?;
+            let text = read_text(&index_path, MAX_INDEX_BYTES)?;
             let index: IndexFile =
                 serde_json::from_str(&text).map_err(|e| CheckpointError::BadFile {
                     file: index_path.clone(),
@@ -310,7 +394,7 @@ impl Checkpoint {
                 let i = match by_name.get(&file) {
                     Some(&i) => i,
                     None => {
-                        files.push(map_file(&dir.join(&file))?);
+                        files.push(open_shard(&dir.join(&file))?);
                         by_name.insert(file.clone(), files.len() - 1);
                         files.len() - 1
                     }
@@ -326,7 +410,7 @@ impl Checkpoint {
                     reason: format!("neither {INDEX} nor {SINGLE} is in this directory"),
                 });
             }
-            let f = map_file(&single)?;
+            let f = open_shard(&single)?;
             for name in f.tensors.keys() {
                 tensor_file.insert(name.clone(), 0);
             }
@@ -372,13 +456,13 @@ impl Checkpoint {
         Ok((f, e))
     }
 
-    /// Checks dtype and shape; returns the tensor's bytes.
-    fn tensor(
+    /// Checks dtype and shape; returns the file and entry of the tensor.
+    fn checked(
         &self,
         name: &str,
         dtype: safetensors::StDtype,
         shape: &[usize],
-    ) -> Result<&[u8], CheckpointError> {
+    ) -> Result<(&ShardFile, &safetensors::TensorEntry), CheckpointError> {
         let (f, e) = self.lookup(name)?;
         if e.dtype != dtype {
             return Err(CheckpointError::WrongDtype {
@@ -396,7 +480,50 @@ impl Checkpoint {
                 found: e.shape.clone(),
             });
         }
-        Ok(&f.map[e.start..e.end])
+        Ok((f, e))
+    }
+
+    /// Bytes `range` (relative to the tensor's start; whole tensor if `None`) of a checked tensor.
+    fn read_bytes(
+        &self,
+        name: &str,
+        dtype: safetensors::StDtype,
+        shape: &[usize],
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Vec<u8>, CheckpointError> {
+        let (f, e) = self.checked(name, dtype, shape)?;
+        let r = range.unwrap_or(0..e.end - e.start);
+        debug_assert!(r.start <= r.end && r.end <= e.end - e.start);
+        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        f.read_at(name, e.start + r.start, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Like [`Self::read_bytes`] for a bf16 tensor, read straight into the returned buffer.
+    fn read_bf16(
+        &self,
+        name: &str,
+        shape: &[usize],
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Vec<bf16>, CheckpointError> {
+        let (f, e) = self.checked(name, safetensors::StDtype::Bf16, shape)?;
+        let r = range.unwrap_or(0..e.end - e.start);
+        debug_assert!(
+            r.start <= r.end && r.end <= e.end - e.start && (r.end - r.start).is_multiple_of(2)
+        );
+        let n = ((r.end - r.start) / 2) as usize;
+        let mut out = vec![bf16::ZERO; n];
+        // SAFETY: bf16 is a 2-byte plain value (repr(transparent) over u16) for which every bit
+        // pattern is valid; the byte slice covers exactly `out`'s n elements and is dropped before
+        // `out` is used again.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), n * 2) };
+        f.read_at(name, e.start + r.start, bytes)?;
+        if cfg!(target_endian = "big") {
+            for x in &mut out {
+                *x = bf16::from_bits(u16::from_le(x.to_bits()));
+            }
+        }
+        Ok(out)
     }
 
     fn per_expert_names(&self, layer: u32, expert: u32) -> [String; 3] {
@@ -418,17 +545,14 @@ impl Checkpoint {
     ) -> Result<Vec<bf16>, CheckpointError> {
         use safetensors::StDtype;
         match self.config.shape.dtype {
-            Dtype::Bf16 => Ok(bf16_from_le(self.tensor(
-                name,
-                StDtype::Bf16,
-                &[rows, cols],
-            )?)),
+            Dtype::Bf16 => self.read_bf16(name, &[rows, cols], None),
             Dtype::Fp8 => {
-                let q = self.tensor(name, StDtype::F8E4M3, &[rows, cols])?;
+                let q = self.read_bytes(name, StDtype::F8E4M3, &[rows, cols], None)?;
                 let scale_name = format!("{name}_scale_inv");
                 let (br, bc) = (rows.div_ceil(128), cols.div_ceil(128));
-                let s = f32_from_le(self.tensor(&scale_name, StDtype::F32, &[br, bc])?);
-                Ok(dequant_fp8(q, &s, rows, cols))
+                let s =
+                    f32_from_le(&self.read_bytes(&scale_name, StDtype::F32, &[br, bc], None)?);
+                Ok(dequant_fp8(&q, &s, rows, cols))
             }
         }
     }
@@ -468,7 +592,6 @@ impl WeightSource for Checkpoint {
         let [g, u, d] = self.per_expert_names(layer, expert);
         let stacked_gu = format!("model.layers.{layer}.mlp.experts.gate_up_proj");
         if !self.tensor_file.contains_key(&g) && self.tensor_file.contains_key(&stacked_gu) {
-            use safetensors::StDtype;
             let e = self.config.shape.experts as usize;
             let stacked_d = format!("model.layers.{layer}.mlp.experts.down_proj");
             if self.config.shape.dtype != Dtype::Bf16 {
@@ -478,17 +601,17 @@ impl WeightSource for Checkpoint {
                     reason: format!("stacked expert tensor `{stacked_gu}` with FP8 weights is not supported; use per-expert tensors"),
                 });
             }
-            let gu = self.tensor(&stacked_gu, StDtype::Bf16, &[e, 2 * i, h])?;
-            let dn = self.tensor(&stacked_d, StDtype::Bf16, &[e, h, i])?;
-            let ex = expert as usize;
-            let per = i * h * 2;
-            let gu = &gu[ex * 2 * per..(ex + 1) * 2 * per];
+            // Only this expert's slices of the stacked tensors are read. Sizes are bounded by
+            // plan::limits (parse_config), so these products fit in 64 bits.
+            let ex = expert as u64;
+            let per = (i * h * 2) as u64;
+            let gu = (&stacked_gu, &[e, 2 * i, h][..]);
             return Ok(ExpertWeights {
                 hidden: h,
                 intermediate: i,
-                gate: bf16_from_le(&gu[..per]),
-                up: bf16_from_le(&gu[per..]),
-                down: bf16_from_le(&dn[ex * per..(ex + 1) * per]),
+                gate: self.read_bf16(gu.0, gu.1, Some(2 * ex * per..(2 * ex + 1) * per))?,
+                up: self.read_bf16(gu.0, gu.1, Some((2 * ex + 1) * per..(2 * ex + 2) * per))?,
+                down: self.read_bf16(&stacked_d, &[e, h, i], Some(ex * per..(ex + 1) * per))?,
             });
         }
         Ok(ExpertWeights {
@@ -499,12 +622,6 @@ impl WeightSource for Checkpoint {
             down: self.projection(&d, h, i)?,
         })
     }
-}
-
-fn bf16_from_le(b: &[u8]) -> Vec<bf16> {
-    b.chunks_exact(2)
-        .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-        .collect()
 }
 
 fn f32_from_le(b: &[u8]) -> Vec<f32> {

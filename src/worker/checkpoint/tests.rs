@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use super::synthetic::synthetic_projection;
 use super::*;
 
@@ -258,4 +260,170 @@ fn generation_is_deterministic_and_validates_args() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("first-moe-layer"), "{err}");
+}
+
+/// Load throughput of `Checkpoint::expert` on a warm page cache, sequential and on all cores, for
+/// the three layouts. Not a check (timings vary with the machine): run by hand with
+/// `cargo test --release --lib worker::checkpoint::tests::load_speed -- --ignored --nocapture`
+/// (`MOE_LOAD_SPEED_EXPERTS` sets the experts per layer, default 16; 2 layers, H 2048, I 768).
+#[test]
+#[ignore]
+fn load_speed() {
+    use rayon::prelude::*;
+    let experts: u32 = std::env::var("MOE_LOAD_SPEED_EXPERTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
+    for (family, dtype, stacked) in [
+        (Family::Qwen3Moe, Dtype::Bf16, false),
+        (Family::Qwen3Moe, Dtype::Bf16, true),
+        (Family::DeepseekV3, Dtype::Fp8, false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ModelShape {
+            layers: 2,
+            first_moe_layer: 0,
+            experts,
+            top_k: 2,
+            hidden_size: 2048,
+            expert_intermediate_size: 768,
+            dtype,
+        };
+        write_synthetic_checkpoint(dir.path(), family, &s, 2, 5, stacked).unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let keys: Vec<(u32, u32)> = (0..2)
+            .flat_map(|l| (0..experts).map(move |e| (l, e)))
+            .collect();
+        // Bytes handed out (bf16 weights), the same for every layout.
+        let bytes = keys.len() as f64 * 3.0 * 2048.0 * 768.0 * 2.0;
+        for round in 0..2 {
+            let t = std::time::Instant::now();
+            for &(l, e) in &keys {
+                std::hint::black_box(ck.expert(l, e).unwrap());
+            }
+            let seq = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            keys.par_iter().for_each(|&(l, e)| {
+                std::hint::black_box(ck.expert(l, e).unwrap());
+            });
+            let par = t.elapsed().as_secs_f64();
+            eprintln!(
+                "load_speed {family:?} stacked={stacked} round {round}: {} experts, {:.0} MB of bf16: sequential {:.3} s ({:.2} GB/s), {} threads {:.3} s ({:.2} GB/s)",
+                keys.len(),
+                bytes / 1e6,
+                seq,
+                bytes / seq / 1e9,
+                rayon::current_num_threads(),
+                par,
+                bytes / par / 1e9
+            );
+        }
+    }
+}
+
+fn truncate(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+/// Issue 19: shards truncated under a running worker, then a plan swap. With memory-mapped shards
+/// the next read of a page past the new end raised SIGBUS and killed the process (this test
+/// process, on the old code); now it is an error naming the file and the tensor.
+#[test]
+fn shard_truncated_after_open_is_an_error_not_a_crash() {
+    for stacked in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = shape(Dtype::Bf16, 0);
+        write_synthetic_checkpoint(dir.path(), Family::Qwen3Moe, &s, 3, 4, stacked).unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        ck.expert(2, 3).unwrap();
+        // Layer 2 lives in the third shard: cut it to just past its header, then to nothing.
+        let shard = dir.path().join("model-00003-of-00003.safetensors");
+        let bytes = std::fs::read(&shard).unwrap();
+        let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        for len in [header + 100, 0] {
+            truncate(&shard, len);
+            for expert in [0u32, 3] {
+                let err = ck.expert(2, expert).unwrap_err().to_string();
+                let tensor = if stacked {
+                    "model.layers.2.mlp.experts.gate_up_proj".to_string()
+                } else {
+                    format!("model.layers.2.mlp.experts.{expert}.gate_proj.weight")
+                };
+                assert!(
+                    err.contains("model-00003-of-00003.safetensors")
+                        && err.contains(&tensor)
+                        && err.contains("truncated or replaced"),
+                    "stacked {stacked}, len {len}: {err}"
+                );
+            }
+            // The other shards are untouched and still load, through a backend loader too.
+            ck.expert(0, 1).unwrap();
+        }
+        let src: Arc<dyn WeightSource> = Arc::new(ck);
+        let loader = crate::worker::cpu::CpuLoader::new(src);
+        use crate::worker::compute::ExpertLoader;
+        let err = loader
+            .load(&[(0, 0), (2, 1)], None)
+            .err()
+            .expect("a truncated shard fails the load")
+            .to_string();
+        assert!(err.contains("model-00003-of-00003.safetensors"), "{err}");
+    }
+}
+
+/// The same for the FP8 layout (weights and their scales), and for a read at the shard level.
+#[test]
+fn fp8_shard_truncated_after_open_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = shape(Dtype::Fp8, 0);
+    write_synthetic_checkpoint(dir.path(), Family::DeepseekV3, &s, 1, 4, false).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let f = &ck.files[0];
+    let mut buf = vec![0u8; 64];
+    truncate(&f.path, 10);
+    let err = f.read_at("t", 0, &mut buf).unwrap_err().to_string();
+    assert!(
+        err.contains("`t`") && err.contains("model.safetensors"),
+        "{err}"
+    );
+    let err = ck.expert(1, 0).unwrap_err().to_string();
+    assert!(
+        err.contains("model.layers.1.mlp.experts.0.gate_proj.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_sizes_are_bounded_by_plan_limits() {
+    let base = r#"{"model_type":"mixtral","num_hidden_layers":2,"hidden_size":HS,"intermediate_size":IS,"num_local_experts":NE,"num_experts_per_tok":2}"#;
+    let cfg = |h: &str, i: &str, e: &str| base.replace("HS", h).replace("IS", i).replace("NE", e);
+    assert!(parse_config(&cfg("4096", "14336", "8")).is_ok());
+    let e = parse_config(&cfg("4294967296", "14336", "8")).unwrap_err();
+    assert!(e.contains("hidden_size") && e.contains("65536"), "{e}");
+    let e = parse_config(&cfg("4096", "1099511627776", "8")).unwrap_err();
+    assert!(e.contains("intermediate") && e.contains("131072"), "{e}");
+    let e = parse_config(&cfg("4096", "14336", "4294967295")).unwrap_err();
+    assert!(e.contains("experts") && e.contains("1024"), "{e}");
+}
+
+#[test]
+fn oversized_config_and_index_are_refused_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = shape(Dtype::Bf16, 0);
+    write_synthetic_checkpoint(dir.path(), Family::Mixtral, &s, 2, 0, false).unwrap();
+    let idx = dir.path().join("model.safetensors.index.json");
+    truncate(&idx, MAX_INDEX_BYTES + 1);
+    let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("index.json") && err.contains("limit"), "{err}");
+    truncate(&dir.path().join("config.json"), MAX_CONFIG_BYTES + 1);
+    let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+    assert!(
+        err.contains("config.json") && err.contains("limit"),
+        "{err}"
+    );
 }

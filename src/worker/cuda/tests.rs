@@ -233,3 +233,220 @@ fn cuda_large_per_expert_matches_grouped() {
         }
     }
 }
+
+/// The issue 19 table: (hidden, intermediate, experts) x tokens per expert, in the order
+/// `benches/gpu/expert_ffn.py` ran them in one process, then the brief's growing and shrinking
+/// sequence. Rows are tokens per expert x experts; groups are experts.
+fn shape_sequence() -> Vec<((usize, usize, usize), usize)> {
+    let table = [(2048, 768, 128), (7168, 2048, 32), (4096, 14336, 8)];
+    let mut seq: Vec<_> = table
+        .iter()
+        .flat_map(|&s| [8, 64, 512, 2048].map(|t| (s, t)))
+        .collect();
+    seq.extend([
+        ((2048, 768, 128), 8),
+        ((2048, 768, 128), 512),
+        ((7168, 2048, 32), 64),
+        ((7168, 2048, 32), 2048),
+        ((4096, 14336, 8), 2048),
+        ((4096, 14336, 8), 8),
+        ((2048, 768, 128), 8),
+        ((4096, 14336, 8), 2048),
+    ]);
+    seq
+}
+
+/// Pure sizing logic (runs in CI): every buffer holds what each batch of a mixed sequence of
+/// shapes needs, from all the sizes it depends on, and grows only when one is too small.
+#[test]
+fn scratch_sizes_follow_every_dimension() {
+    assert_eq!(
+        ScratchSizes::for_batch(10, 3, 64, 40),
+        Some(ScratchSizes {
+            x: 10 * 64 * 2,
+            w: 10 * 4,
+            y: 10 * 80 * 2,
+            act: 10 * 40 * 2,
+            out: 10 * 64 * 2,
+            ptrs: 3 * 6 * 8,
+        })
+    );
+    assert_eq!(ScratchSizes::for_batch(usize::MAX / 2, 1, 4, 4), None);
+    assert_eq!(ScratchSizes::for_batch(1, usize::MAX, 4, 4), None);
+
+    let mut cap = ScratchSizes::default();
+    // The old policy (reallocate when the row count grows, sized with the shape of that moment):
+    // the sequence must hit its defect, or this test would not guard against it.
+    let (mut old_rows, mut old_y, mut old_x) = (0usize, 0usize, 0usize);
+    let mut old_fails = 0;
+    for (step, ((h, i, e), tpe)) in shape_sequence().into_iter().enumerate() {
+        let rows = tpe * e;
+        let need = ScratchSizes::for_batch(rows, e, h, i).unwrap();
+        let before = cap;
+        let grew = cap.grow_to(&need);
+        assert!(
+            cap.holds(&need),
+            "step {step}: {cap:?} does not hold {need:?}"
+        );
+        let (b, n, c) = (before.to_array(), need.to_array(), cap.to_array());
+        for k in 0..6 {
+            // Grown exactly when too small (or never allocated), to at most twice the need.
+            assert_eq!(grew[k], n[k] > b[k] || b[k] == 0, "step {step} buffer {k}");
+            if grew[k] {
+                assert!(c[k] >= n[k] && c[k] <= (2 * n[k]).max(MIN_SCRATCH_BYTES));
+            } else {
+                assert_eq!(c[k], b[k], "step {step} buffer {k} changed without growing");
+            }
+        }
+        if rows > old_rows {
+            old_rows = rows.max(16).next_power_of_two();
+            (old_x, old_y) = (old_rows * h * 2, old_rows * 2 * i * 2);
+        }
+        if need.x > old_x || need.y > old_y {
+            old_fails += 1;
+        }
+    }
+    assert!(
+        old_fails > 0,
+        "the sequence no longer exercises the rows-only sizing defect"
+    );
+    // Shrinking shapes keep the buffers; a wider shape with fewer rows grows only what it needs.
+    let mut cap = ScratchSizes::default();
+    cap.grow_to(&ScratchSizes::for_batch(4096, 128, 2048, 768).unwrap());
+    let wide = ScratchSizes::for_batch(2048, 8, 4096, 14336).unwrap();
+    assert!(!cap.holds(&wide));
+    let grew = cap.grow_to(&wide);
+    assert_eq!(grew, [false, false, true, true, false, false]);
+    assert!(cap.holds(&wide));
+}
+
+/// Issue 19's wrong outputs: one device runs a sequence of shapes and batch sizes (growing and
+/// shrinking hidden, intermediate and rows), in both GEMM modes; every output is checked against
+/// the f64 reference on sampled rows (first, middle and last row of up to 8 experts, the last
+/// expert included, since a buffer overrun lands at the end), every row of the two modes against
+/// each other, and all outputs for finiteness.
+#[test]
+fn cuda_shape_sequence_matches_reference() {
+    let Some(dev) = device("cuda_shape_sequence_matches_reference") else {
+        return;
+    };
+    use crate::worker::checkpoint::synthetic::{hashed_projection, HashedWeights};
+    let shapes = [
+        (2048usize, 768usize, 128usize),
+        (7168, 2048, 32),
+        (4096, 14336, 8),
+    ];
+    let mut sets = HashMap::new();
+    for (k, &(h, i, e)) in shapes.iter().enumerate() {
+        let src = HashedWeights::new(
+            ModelShape {
+                layers: 1,
+                first_moe_layer: 0,
+                experts: e as u32,
+                top_k: 2,
+                hidden_size: h as u64,
+                expert_intermediate_size: i as u64,
+                dtype: Dtype::Bf16,
+            },
+            100 + k as u64,
+        );
+        let keys: Vec<ExpertKey> = (0..e as u32).map(|x| (0, x)).collect();
+        let set = CudaExperts::from_source(dev.clone(), &src, &keys).unwrap();
+        sets.insert((h, i, e), (src, set));
+    }
+    let mut refs: HashMap<((usize, usize, usize), u32), ExpertWeights> = HashMap::new();
+    let started = std::time::Instant::now();
+    let seq = shape_sequence();
+    for (step, (shape, tpe)) in seq.iter().copied().enumerate() {
+        let (h, i, e) = shape;
+        let (src, set) = &sets[&shape];
+        let rows = tpe * e;
+        // Rows interleaved over the experts (row r goes to expert r % e), so grouping reorders.
+        let experts: Vec<u32> = (0..rows).map(|r| (r % e) as u32).collect();
+        let weights: Vec<f32> = (0..rows).map(|r| 0.1 + (r % 9) as f32 * 0.1).collect();
+        let hidden = hashed_projection(1000 + step as u64, rows * h, 1.0);
+        let batch = RowBatch {
+            hidden_size: h,
+            experts: &experts,
+            router_weights: &weights,
+            hidden: &hidden,
+        };
+        let mut outs = Vec::new();
+        for mode in [GemmMode::Grouped, GemmMode::PerExpert] {
+            dev.set_mode(mode);
+            let out = set.forward(0, &batch).unwrap();
+            assert_eq!(out.len(), rows * h);
+            assert!(
+                out.iter().all(|v| v.is_finite()),
+                "step {step} {shape:?} x {tpe} {mode:?}: non-finite output"
+            );
+            outs.push((mode, out));
+        }
+        dev.set_mode(GemmMode::Auto);
+        let rel = |got: &[f32], want: &dyn Fn(usize) -> f64| {
+            let (mut n, mut d) = (0f64, 0f64);
+            for (k, &x) in got.iter().enumerate() {
+                n += (x as f64 - want(k)).powi(2);
+                d += want(k).powi(2);
+            }
+            (n / d.max(1e-30)).sqrt()
+        };
+        let (g, p) = (&outs[0].1, &outs[1].1);
+        for r in 0..rows {
+            let gr = &g[r * h..(r + 1) * h];
+            let err = rel(&p[r * h..(r + 1) * h], &|k| gr[k] as f64);
+            assert!(
+                err < 2e-2,
+                "step {step} {shape:?} x {tpe}: row {r}: per-expert vs grouped relative error {err}"
+            );
+        }
+        let sampled: Vec<u32> = if e <= 8 {
+            (0..e as u32).collect()
+        } else {
+            (0..8).map(|k| (k * (e - 1) / 7) as u32).collect()
+        };
+        for &x in &sampled {
+            refs.entry((shape, x))
+                .or_insert_with(|| src.expert(0, x).unwrap());
+        }
+        // First, middle and last row of each sampled expert x (rows x, x + e, ... in batch
+        // order); the f64 references on all cores.
+        let picks: Vec<(u32, usize)> = sampled
+            .iter()
+            .flat_map(|&x| {
+                let x0 = x as usize;
+                [x0, x0 + (tpe / 2) * e, x0 + (tpe - 1) * e].map(|r| (x, r))
+            })
+            .collect();
+        let wants: Vec<Vec<f64>> = picks
+            .par_iter()
+            .map(|&(x, r)| {
+                crate::worker::cpu::reference_row(
+                    &refs[&(shape, x)],
+                    &hidden[r * h..(r + 1) * h],
+                    weights[r],
+                )
+            })
+            .collect();
+        let mut worst = 0f64;
+        for (&(x, r), want) in picks.iter().zip(&wants) {
+            for (mode, out) in &outs {
+                let err = rel(&out[r * h..(r + 1) * h], &|k| want[k]);
+                assert!(
+                    err < 1e-2,
+                    "step {step} {shape:?} x {tpe} {mode:?}: expert {x} row {r}: relative error {err} against the f64 reference"
+                );
+                worst = worst.max(err);
+            }
+        }
+        eprintln!(
+            "shape_sequence step {step}: (H {h}, I {i}, E {e}) x {tpe} tokens/expert = {rows} rows: worst sampled relative error {worst:.2e} (both modes), {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    eprintln!(
+        "shape_sequence: PASS, {} steps x 2 modes matched the f64 reference in {:.1} s",
+        seq.len(),
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -1,0 +1,1005 @@
+//! The one gate between a MoEDeployment's author and what the operator does for them.
+//!
+//! Creating a MoEDeployment is creating pods: the operator builds worker pods from the spec with
+//! its own rights, so whoever may create a MoEDeployment could otherwise mount any host path,
+//! run under any ServiceAccount of the namespace, or read the namespace's Secrets through `env`,
+//! without the RBAC rights to do any of that themselves; and with `metrics.prometheus.url` they
+//! could make the operator fetch any URL from inside the cluster. A [`PodPolicy`], set once per
+//! cluster by the cluster admin (operator flags, [`PodPolicyArgs`]; chart values `podPolicy.*`),
+//! says what of that is allowed; its [`Default`] allows none of it.
+//!
+//! Two checks use it, and every pod-affecting field must go through both:
+//! - [`check_pod_policy`] on the spec, from `validate`, with the field path and the flag that
+//!   would allow it. A refused spec is never built.
+//! - [`check_pod`] on every pod the operator built, before it is applied: whatever spec field a
+//!   later change maps onto the pod, a host path, ServiceAccount, image, Secret reference or
+//!   privileged setting that the policy does not allow is caught here even if the spec check
+//!   forgot it. Privileged containers, host namespaces, host ports and added capabilities have no
+//!   spec field and no knob: the operator never sets them, and a change that does fails this check.
+//!
+//! None of this can live in the CRD's schema or CEL rules: they are the same in every cluster,
+//! while what is allowed is each cluster's admin's decision. See docs/security.md.
+
+use std::path::PathBuf;
+
+use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, PodSpec};
+
+use super::moedeployment::{MetricsSource, MoEDeploymentSpec};
+use super::validate::FieldError;
+
+/// The operator's flags that set the [`PodPolicy`]; flattened into `moe-operator run`.
+#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodPolicyArgs {
+    /// Let a MoEDeployment mount its checkpoint from a hostPath under this absolute host directory
+    /// (a whole path component: /data allows /data/m, not /database). Repeat for more. Default:
+    /// no hostPath at all. Mounts are always read-only.
+    #[arg(
+        long = "allow-host-path-prefix",
+        value_name = "DIR",
+        env = "MOE_OPERATOR_ALLOW_HOST_PATH_PREFIXES",
+        value_delimiter = ','
+    )]
+    pub host_path_prefixes: Vec<String>,
+    /// Let a MoEDeployment run its workers under this ServiceAccount of its namespace (`*`: any).
+    /// Repeat for more. Default: only the namespace's `default` ServiceAccount.
+    #[arg(
+        long = "allow-service-account",
+        value_name = "NAME",
+        env = "MOE_OPERATOR_ALLOW_SERVICE_ACCOUNTS",
+        value_delimiter = ','
+    )]
+    pub service_accounts: Vec<String>,
+    /// Only worker images starting with this prefix, which must end in `/`, `:` or `@` (a
+    /// registry path, a repository's tags, a repository's digests). Repeat for more. Default: any
+    /// image.
+    #[arg(
+        long = "allowed-image-prefix",
+        value_name = "PREFIX",
+        env = "MOE_OPERATOR_ALLOWED_IMAGE_PREFIXES",
+        value_delimiter = ','
+    )]
+    pub image_prefixes: Vec<String>,
+    /// Let `worker.env` read Secrets of the namespace (`valueFrom.secretKeyRef`). Default: no.
+    #[arg(long, env = "MOE_OPERATOR_ALLOW_ENV_SECRET_REFS")]
+    pub allow_env_secret_refs: bool,
+    /// Let `metrics.source: Prometheus` query URLs under this prefix (scheme, host and port exact,
+    /// then whole path segments), e.g. `http://prometheus.monitoring:9090`. Repeat for more.
+    /// Default: none, so the Prometheus source is refused.
+    #[arg(
+        long = "allowed-prometheus-url-prefix",
+        value_name = "URL",
+        env = "MOE_OPERATOR_ALLOWED_PROMETHEUS_URL_PREFIXES",
+        value_delimiter = ','
+    )]
+    pub prometheus_url_prefixes: Vec<String>,
+    /// PEM file of CA certificates trusted for `https://` Prometheus URLs, added to the system's.
+    #[arg(long, value_name = "FILE", env = "MOE_OPERATOR_PROMETHEUS_CA_FILE")]
+    pub prometheus_ca_file: Option<PathBuf>,
+}
+
+/// What the cluster admin allows MoEDeployment authors; the default allows nothing optional.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodPolicy {
+    /// Host directories a checkpoint hostPath may be in (normalised, absolute).
+    pub host_path_prefixes: Vec<String>,
+    /// ServiceAccounts the workers may run under besides `default`; `*` allows any.
+    pub service_accounts: Vec<String>,
+    /// Image prefixes; empty allows any image (see docs/security.md for why that is the default).
+    pub image_prefixes: Vec<String>,
+    pub allow_env_secret_refs: bool,
+    /// Prometheus URL prefixes; empty refuses the Prometheus metrics source.
+    pub prometheus_url_prefixes: Vec<HttpUrl>,
+    /// Extra CA certificates for https Prometheus (read by the Prometheus client, not here).
+    pub prometheus_ca_file: Option<PathBuf>,
+}
+
+/// A flag value the policy cannot use; names the flag and the fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("--{flag}={value:?}: {problem}")]
+pub struct PolicyArgError {
+    pub flag: &'static str,
+    pub value: String,
+    pub problem: String,
+}
+
+impl PodPolicy {
+    /// The policy the flags describe; refuses values that would not mean what they say.
+    pub fn from_args(a: &PodPolicyArgs) -> Result<Self, PolicyArgError> {
+        let bad = |flag: &'static str, value: &str, problem: &str| PolicyArgError {
+            flag,
+            value: value.to_string(),
+            problem: problem.to_string(),
+        };
+        let mut p = PodPolicy {
+            allow_env_secret_refs: a.allow_env_secret_refs,
+            prometheus_ca_file: a.prometheus_ca_file.clone(),
+            ..Default::default()
+        };
+        for v in &a.host_path_prefixes {
+            let n = normalise_abs_path(v).ok_or_else(|| {
+                bad(
+                    "allow-host-path-prefix",
+                    v,
+                    "give an absolute host directory without '.' or '..' components, e.g. /var/lib/moe",
+                )
+            })?;
+            if n == "/" {
+                return Err(bad(
+                    "allow-host-path-prefix",
+                    v,
+                    "'/' would allow every host file, the kubelet's and the node's credentials included: name the directory holding checkpoints",
+                ));
+            }
+            p.host_path_prefixes.push(n);
+        }
+        for v in &a.service_accounts {
+            if v != "*" && !is_dns_subdomain(v) {
+                return Err(bad(
+                    "allow-service-account",
+                    v,
+                    "not a ServiceAccount name (lowercase DNS subdomain) or '*'",
+                ));
+            }
+            p.service_accounts.push(v.clone());
+        }
+        for v in &a.image_prefixes {
+            if !v.ends_with(['/', ':', '@']) || v.contains(char::is_whitespace) {
+                return Err(bad(
+                    "allowed-image-prefix",
+                    v,
+                    "end the prefix with '/', ':' or '@' (registry.example/ml/, ghcr.io/moe-operator/moe-worker:), so it cannot also match a longer repository name",
+                ));
+            }
+            p.image_prefixes.push(v.clone());
+        }
+        for v in &a.prometheus_url_prefixes {
+            let u = HttpUrl::parse(v).map_err(|e| bad("allowed-prometheus-url-prefix", v, &e))?;
+            p.prometheus_url_prefixes.push(u);
+        }
+        Ok(p)
+    }
+
+    /// Whether a checkpoint may be mounted from host directory `path`.
+    pub fn host_path_allowed(&self, path: &str) -> bool {
+        normalise_abs_path(path).is_some_and(|p| {
+            self.host_path_prefixes
+                .iter()
+                .any(|prefix| path_under(&p, prefix))
+        })
+    }
+
+    /// Whether workers may run under ServiceAccount `name` (`default` always may).
+    pub fn service_account_allowed(&self, name: &str) -> bool {
+        name == "default" || self.service_accounts.iter().any(|a| a == "*" || a == name)
+    }
+
+    pub fn image_allowed(&self, image: &str) -> bool {
+        self.image_prefixes.is_empty() || self.image_prefixes.iter().any(|p| image.starts_with(p))
+    }
+
+    /// Whether the operator may query the Prometheus at `url`; the parse error otherwise names
+    /// what is wrong with the URL itself.
+    pub fn prometheus_url_allowed(&self, url: &str) -> Result<bool, String> {
+        let u = HttpUrl::parse(url)?;
+        Ok(self
+            .prometheus_url_prefixes
+            .iter()
+            .any(|p| u.starts_with(p)))
+    }
+}
+
+/// `/a/b` with empty components dropped; `None` when relative or holding `.` or `..`.
+fn normalise_abs_path(path: &str) -> Option<String> {
+    let rest = path.strip_prefix('/')?;
+    let mut out = String::new();
+    for c in rest.split('/').filter(|c| !c.is_empty()) {
+        if c == "." || c == ".." || c.contains('\0') {
+            return None;
+        }
+        out.push('/');
+        out.push_str(c);
+    }
+    Some(if out.is_empty() { "/".into() } else { out })
+}
+
+/// Whether normalised `path` is `prefix` or inside it (whole components).
+fn path_under(path: &str, prefix: &str) -> bool {
+    path == prefix
+        || prefix == "/"
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// An `http://` or `https://` URL of the strict form the operator fetches: a host (DNS name, IPv4
+/// or bracketed IPv6), an optional port and a path of plain segments; no user info, query,
+/// fragment, percent-encoding, `.` or `..` segments, so that prefix matching cannot be fooled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpUrl {
+    pub https: bool,
+    /// Lowercase; IPv6 keeps its brackets.
+    pub host: String,
+    pub port: u16,
+    /// Path segments (no empty ones).
+    pub segments: Vec<String>,
+}
+
+impl HttpUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let example = "e.g. http://prometheus.monitoring:9090";
+        let (https, rest) = if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else {
+            return Err(format!(
+                "{url:?} is not an http(s) URL with a host, {example}"
+            ));
+        };
+        if let Some(c) = url
+            .chars()
+            .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | '%' | '\\'))
+        {
+            return Err(format!(
+                "{url:?} contains {c:?}: give the base URL of the Prometheus HTTP API without query, fragment or escapes, {example}"
+            ));
+        }
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if authority.contains('@') {
+            return Err(format!(
+                "{url:?} has user info ('@'): put no credentials in the URL"
+            ));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(':') && (!h.starts_with('[') || h.ends_with(']')) => {
+                let port = p
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| format!("{url:?}: bad port {p:?}"))?;
+                (h, port)
+            }
+            _ => (authority, if https { 443 } else { 80 }),
+        };
+        let host = host.to_ascii_lowercase();
+        let valid_host =
+            if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                inner.parse::<std::net::Ipv6Addr>().is_ok()
+            } else {
+                !host.is_empty()
+                    && host.len() <= 253
+                    && host.split('.').all(|l| {
+                        !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    })
+            };
+        if !valid_host {
+            return Err(format!(
+                "{url:?} is not an http(s) URL with a host, {example}"
+            ));
+        }
+        let mut segments = Vec::new();
+        for s in path.split('/').filter(|s| !s.is_empty()) {
+            if s == "." || s == ".." {
+                return Err(format!("{url:?} has a {s:?} path segment: remove it"));
+            }
+            segments.push(s.to_string());
+        }
+        Ok(HttpUrl {
+            https,
+            host,
+            port,
+            segments,
+        })
+    }
+
+    /// Same scheme, host and port, and `prefix`'s path segments lead this one's.
+    pub fn starts_with(&self, prefix: &HttpUrl) -> bool {
+        self.https == prefix.https
+            && self.host == prefix.host
+            && self.port == prefix.port
+            && self.segments.starts_with(&prefix.segments)
+    }
+
+    /// The host as a socket address wants it (IPv6 without brackets).
+    pub fn connect_host(&self) -> &str {
+        self.host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(&self.host)
+    }
+
+    /// `/seg/seg` (empty for the root).
+    pub fn path(&self) -> String {
+        self.segments.iter().map(|s| format!("/{s}")).collect()
+    }
+}
+
+impl std::fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.https { "https" } else { "http" };
+        write!(f, "{scheme}://{}:{}{}", self.host, self.port, self.path())
+    }
+}
+
+/// How a cluster admin allows something, for error messages.
+fn how_to_allow(flag: &str, example: &str, chart_value: &str) -> String {
+    format!("a cluster admin can allow it with the operator flag --{flag}={example} (chart value podPolicy.{chart_value})")
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// Check every field of `spec` that reaches a pod, or that the operator acts on (the Prometheus
+/// URL), against `policy`. Called by `validate`; each error names the field and how to allow it.
+pub fn check_pod_policy(spec: &MoEDeploymentSpec, policy: &PodPolicy) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    let mut err = |path: String, message: String| errs.push(FieldError { path, message });
+
+    if let Some(hp) = spec
+        .model
+        .checkpoint
+        .volume
+        .as_ref()
+        .and_then(|v| v.host_path.as_ref())
+    {
+        if !policy.host_path_allowed(&hp.path) {
+            let dir = normalise_abs_path(&hp.path).unwrap_or_else(|| "/var/lib/moe".into());
+            err(
+                "spec.model.checkpoint.volume.hostPath.path".into(),
+                format!(
+                    "{:?} is not under a host directory this cluster allows (allowed: {}): a hostPath gives the pod the node's files; use a persistentVolumeClaim, or {}",
+                    hp.path,
+                    list_or_none(&policy.host_path_prefixes),
+                    how_to_allow("allow-host-path-prefix", &dir, "hostPathPrefixes"),
+                ),
+            );
+        }
+    }
+
+    let w = &spec.worker;
+    if let Some(sa) = &w.service_account_name {
+        if !policy.service_account_allowed(sa) {
+            err(
+                "spec.worker.serviceAccountName".into(),
+                format!(
+                    "{sa:?} is not a ServiceAccount this cluster lets MoEDeployments choose (allowed besides default: {}): the workers would get its API rights; remove it, or {}",
+                    list_or_none(&policy.service_accounts),
+                    how_to_allow("allow-service-account", sa, "serviceAccounts"),
+                ),
+            );
+        }
+    }
+    if !policy.image_allowed(&w.image) {
+        err(
+            "spec.worker.image".into(),
+            format!(
+                "{:?} does not start with an image prefix this cluster allows ({}): use an allowed image, or {}",
+                w.image,
+                policy.image_prefixes.join(", "),
+                how_to_allow("allowed-image-prefix", "registry.example/ml/", "imagePrefixes"),
+            ),
+        );
+    }
+    for (i, e) in w.env.iter().enumerate() {
+        if env_reads_secret(e) && !policy.allow_env_secret_refs {
+            err(
+                format!("spec.worker.env[{i}].valueFrom.secretKeyRef"),
+                format!(
+                    "{} reads a Secret, which this cluster does not let MoEDeployments do (the operator, not you, would be reading it): remove it, or {}",
+                    e.name,
+                    how_to_allow("allow-env-secret-refs", "true", "allowEnvSecretRefs"),
+                ),
+            );
+        }
+    }
+
+    if let (MetricsSource::Prometheus, Some(p)) = (spec.metrics.source, &spec.metrics.prometheus) {
+        match policy.prometheus_url_allowed(&p.url) {
+            Err(e) => err("spec.metrics.prometheus.url".into(), e),
+            Ok(true) => {}
+            Ok(false) => {
+                let example = HttpUrl::parse(&p.url)
+                    .map(|u| {
+                        let scheme = if u.https { "https" } else { "http" };
+                        format!("{scheme}://{}:{}", u.host, u.port)
+                    })
+                    .unwrap_or_default();
+                let allowed: Vec<String> = policy
+                    .prometheus_url_prefixes
+                    .iter()
+                    .map(|u| u.to_string())
+                    .collect();
+                err(
+                    "spec.metrics.prometheus.url".into(),
+                    format!(
+                        "{:?} is not under a Prometheus URL this cluster allows (allowed: {}): the operator fetches it from inside the cluster; use source: Workers, or {}",
+                        p.url,
+                        list_or_none(&allowed),
+                        how_to_allow("allowed-prometheus-url-prefix", &example, "prometheusUrlPrefixes"),
+                    ),
+                );
+            }
+        }
+    }
+    errs
+}
+
+fn env_reads_secret(e: &EnvVar) -> bool {
+    e.value_from
+        .as_ref()
+        .is_some_and(|v| v.secret_key_ref.is_some())
+}
+
+/// Check a pod the operator built, before it is applied: the backstop for fields a spec check
+/// missed. Returns what is wrong; non-empty means do not apply the pod.
+pub fn check_pod(pod: &Pod, policy: &PodPolicy) -> Vec<String> {
+    let mut out = Vec::new();
+    let name = pod.metadata.name.as_deref().unwrap_or("<unnamed>");
+    let Some(spec) = &pod.spec else {
+        return vec![format!("pod {name} has no spec")];
+    };
+    check_pod_spec(name, spec, policy, &mut out);
+    out
+}
+
+fn check_pod_spec(name: &str, s: &PodSpec, policy: &PodPolicy, out: &mut Vec<String>) {
+    let mut no = |what: String| out.push(format!("pod {name}: {what}"));
+    for (flag, set) in [
+        ("hostNetwork", s.host_network),
+        ("hostPID", s.host_pid),
+        ("hostIPC", s.host_ipc),
+    ] {
+        if set == Some(true) {
+            no(format!("{flag} is set; the operator never allows it"));
+        }
+    }
+    for sa in [&s.service_account_name, &s.service_account]
+        .into_iter()
+        .flatten()
+    {
+        if !policy.service_account_allowed(sa) {
+            no(format!("ServiceAccount {sa:?} is not allowed"));
+        }
+    }
+    for v in s.volumes.iter().flatten() {
+        let kind_ok = v.config_map.is_some()
+            || v.secret.is_some()
+            || v.persistent_volume_claim.is_some()
+            || v.empty_dir.is_some()
+            || v.downward_api.is_some()
+            || v.projected.is_some();
+        if let Some(hp) = &v.host_path {
+            if !policy.host_path_allowed(&hp.path) {
+                no(format!(
+                    "volume {} mounts host path {:?}, not under an allowed prefix",
+                    v.name, hp.path
+                ));
+            }
+        } else if !kind_ok {
+            no(format!(
+                "volume {} is of a kind the policy has no rule for: add one to api::pod_policy before building it",
+                v.name
+            ));
+        }
+    }
+    let containers = s
+        .containers
+        .iter()
+        .chain(s.init_containers.iter().flatten());
+    for c in containers {
+        check_container(c, policy, &mut no);
+    }
+    if s.ephemeral_containers
+        .as_ref()
+        .is_some_and(|e| !e.is_empty())
+    {
+        no("has ephemeral containers".into());
+    }
+}
+
+fn check_container(c: &Container, policy: &PodPolicy, no: &mut impl FnMut(String)) {
+    let n = &c.name;
+    match &c.image {
+        Some(i) if !policy.image_allowed(i) => {
+            no(format!("container {n}: image {i:?} is not allowed"))
+        }
+        Some(_) => {}
+        None => no(format!("container {n} has no image")),
+    }
+    for e in c.env.iter().flatten() {
+        if env_reads_secret(e) && !policy.allow_env_secret_refs {
+            no(format!("container {n}: env {} reads a Secret", e.name));
+        }
+    }
+    for e in c.env_from.iter().flatten() {
+        if e.secret_ref.is_some() && !policy.allow_env_secret_refs {
+            no(format!("container {n}: envFrom reads a Secret"));
+        }
+    }
+    for p in c.ports.iter().flatten() {
+        if p.host_port.is_some() {
+            no(format!(
+                "container {n}: port {} has a hostPort",
+                p.container_port
+            ));
+        }
+    }
+    let sc = c.security_context.as_ref();
+    if sc.and_then(|s| s.privileged) == Some(true) {
+        no(format!("container {n} is privileged"));
+    }
+    if sc.and_then(|s| s.allow_privilege_escalation) != Some(false) {
+        no(format!(
+            "container {n} does not set allowPrivilegeEscalation: false"
+        ));
+    }
+    if sc
+        .and_then(|s| s.capabilities.as_ref())
+        .and_then(|c| c.add.as_ref())
+        .is_some_and(|a| !a.is_empty())
+    {
+        no(format!("container {n} adds capabilities"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::moedeployment::*;
+    use crate::api::validate::validate;
+    use k8s_openapi::api::core::v1::{
+        EnvVarSource, HostPathVolumeSource, PersistentVolumeClaimVolumeSource, SecretKeySelector,
+        SecurityContext, Volume,
+    };
+
+    fn spec() -> MoEDeploymentSpec {
+        serde_yaml::from_str(
+            r#"
+model:
+  layers: 4
+  firstMoeLayer: 1
+  experts: 16
+  topK: 2
+  hiddenSize: 256
+  expertIntermediateSize: 128
+  checkpoint:
+    path: /models/tiny
+topology: {nodes: 2, gpusPerNode: 2}
+worker: {image: "ghcr.io/moe-operator/moe-worker:0.1.0"}
+"#,
+        )
+        .unwrap()
+    }
+
+    fn args(f: impl FnOnce(&mut PodPolicyArgs)) -> PodPolicy {
+        let mut a = PodPolicyArgs::default();
+        f(&mut a);
+        PodPolicy::from_args(&a).unwrap()
+    }
+
+    fn host_path(s: &mut MoEDeploymentSpec, p: &str) {
+        s.model.checkpoint.volume = Some(CheckpointVolume {
+            host_path: Some(HostPathVolumeSource {
+                path: p.into(),
+                ..Default::default()
+            }),
+            persistent_volume_claim: None,
+        });
+    }
+
+    fn only(errs: &[FieldError], path: &str) -> String {
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(errs[0].path, path);
+        errs[0].message.clone()
+    }
+
+    #[test]
+    fn default_policy_refuses_host_paths_naming_the_flag_and_chart_value() {
+        let mut s = spec();
+        host_path(&mut s, "/var/lib/moe/ckpt");
+        let m = only(
+            &validate(&s, &PodPolicy::default()),
+            "spec.model.checkpoint.volume.hostPath.path",
+        );
+        assert!(m.contains("allowed: none"), "{m}");
+        assert!(
+            m.contains("--allow-host-path-prefix=/var/lib/moe/ckpt"),
+            "{m}"
+        );
+        assert!(m.contains("podPolicy.hostPathPrefixes"), "{m}");
+        // A PVC is the author's own storage: always allowed.
+        s.model.checkpoint.volume = Some(CheckpointVolume {
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: "ckpt".into(),
+                read_only: Some(true),
+            }),
+            host_path: None,
+        });
+        assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
+    }
+
+    #[test]
+    fn host_path_prefixes_match_whole_components() {
+        let p = args(|a| a.host_path_prefixes = vec!["/data/".into()]);
+        assert_eq!(p.host_path_prefixes, vec!["/data".to_string()]);
+        for ok in ["/data", "/data/", "/data/models/x", "//data//m"] {
+            assert!(p.host_path_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "/database",
+            "/dat",
+            "/",
+            "/etc",
+            "/data/../etc",
+            "/data/./x",
+            "data/x",
+            "",
+        ] {
+            assert!(!p.host_path_allowed(bad), "{bad}");
+        }
+        let mut s = spec();
+        host_path(&mut s, "/data/deepseek");
+        assert_eq!(validate(&s, &p), vec![]);
+        host_path(&mut s, "/var/lib/kubelet");
+        let m = only(
+            &validate(&s, &p),
+            "spec.model.checkpoint.volume.hostPath.path",
+        );
+        assert!(m.contains("allowed: /data"), "{m}");
+    }
+
+    #[test]
+    fn flag_values_that_would_not_mean_what_they_say_are_refused() {
+        for (f, want) in [
+            (
+                (|a: &mut PodPolicyArgs| a.host_path_prefixes = vec!["/".into()])
+                    as fn(&mut PodPolicyArgs),
+                "allow-host-path-prefix",
+            ),
+            (
+                |a| a.host_path_prefixes = vec!["data".into()],
+                "allow-host-path-prefix",
+            ),
+            (
+                |a| a.host_path_prefixes = vec!["/data/../etc".into()],
+                "allow-host-path-prefix",
+            ),
+            (
+                |a| a.image_prefixes = vec!["ghcr.io/moe-operator/moe-worker".into()],
+                "allowed-image-prefix",
+            ),
+            (
+                |a| a.service_accounts = vec!["Admin SA".into()],
+                "allow-service-account",
+            ),
+            (
+                |a| a.prometheus_url_prefixes = vec!["prometheus:9090".into()],
+                "allowed-prometheus-url-prefix",
+            ),
+            (
+                |a| a.prometheus_url_prefixes = vec!["http://u:p@prom:9090".into()],
+                "allowed-prometheus-url-prefix",
+            ),
+        ] {
+            let mut a = PodPolicyArgs::default();
+            f(&mut a);
+            let e = PodPolicy::from_args(&a).unwrap_err();
+            assert_eq!(e.flag, want, "{e}");
+        }
+    }
+
+    #[test]
+    fn service_account_only_default_unless_allowed() {
+        let mut s = spec();
+        s.worker.service_account_name = Some("default".into());
+        assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
+        s.worker.service_account_name = Some("cluster-admin-sa".into());
+        let m = only(
+            &validate(&s, &PodPolicy::default()),
+            "spec.worker.serviceAccountName",
+        );
+        assert!(
+            m.contains("--allow-service-account=cluster-admin-sa")
+                && m.contains("podPolicy.serviceAccounts"),
+            "{m}"
+        );
+        let p = args(|a| a.service_accounts = vec!["model-reader".into()]);
+        assert_eq!(validate(&s, &p).len(), 1);
+        s.worker.service_account_name = Some("model-reader".into());
+        assert_eq!(validate(&s, &p), vec![]);
+        let any = args(|a| a.service_accounts = vec!["*".into()]);
+        s.worker.service_account_name = Some("anything".into());
+        assert_eq!(validate(&s, &any), vec![]);
+    }
+
+    #[test]
+    fn image_prefixes_when_set() {
+        let mut s = spec();
+        assert!(PodPolicy::default().image_allowed("evil.example/x:1"));
+        let p = args(|a| {
+            a.image_prefixes = vec![
+                "ghcr.io/moe-operator/moe-worker:".into(),
+                "registry.example/ml/".into(),
+            ]
+        });
+        assert_eq!(validate(&s, &p), vec![]);
+        s.worker.image = "ghcr.io/moe-operator/moe-worker-evil:1".into();
+        let m = only(&validate(&s, &p), "spec.worker.image");
+        assert!(m.contains("--allowed-image-prefix"), "{m}");
+        s.worker.image = "registry.example/ml/moe-worker@sha256:00".into();
+        assert_eq!(validate(&s, &p), vec![]);
+    }
+
+    #[test]
+    fn env_secret_refs_only_when_allowed() {
+        let mut s = spec();
+        s.worker.env.push(EnvVar {
+            name: "HF_TOKEN".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: "other-team".into(),
+                    key: "token".into(),
+                    optional: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let m = only(
+            &validate(&s, &PodPolicy::default()),
+            "spec.worker.env[0].valueFrom.secretKeyRef",
+        );
+        assert!(m.contains("--allow-env-secret-refs"), "{m}");
+        let p = args(|a| a.allow_env_secret_refs = true);
+        assert_eq!(validate(&s, &p), vec![]);
+    }
+
+    fn prometheus(s: &mut MoEDeploymentSpec, url: &str) {
+        s.metrics.source = MetricsSource::Prometheus;
+        s.metrics.prometheus = Some(PrometheusSpec {
+            url: url.into(),
+            query: "sum by (layer, expert) (x)".into(),
+        });
+    }
+
+    #[test]
+    fn prometheus_urls_only_under_allowed_prefixes() {
+        let mut s = spec();
+        prometheus(&mut s, "https://prometheus.monitoring:9091/prom");
+        // Default: no Prometheus at all, the flag named.
+        let m = only(
+            &validate(&s, &PodPolicy::default()),
+            "spec.metrics.prometheus.url",
+        );
+        assert!(
+            m.contains("allowed: none")
+                && m.contains("--allowed-prometheus-url-prefix=https://prometheus.monitoring:9091")
+                && m.contains("podPolicy.prometheusUrlPrefixes"),
+            "{m}"
+        );
+        // https is accepted when allowed.
+        let p = args(|a| {
+            a.prometheus_url_prefixes = vec!["https://Prometheus.monitoring:9091/prom/".into()]
+        });
+        assert_eq!(validate(&s, &p), vec![]);
+        // Anything else on that host, or another host, scheme or port, is not.
+        for url in [
+            "http://prometheus.monitoring:9091/prom",
+            "https://prometheus.monitoring:9092/prom",
+            "https://prometheus.monitoring:9091/prometheus",
+            "https://prometheus.monitoring:9091/",
+            "https://prometheus.monitoring:9091.evil.example/prom",
+            "https://prometheus.monitoring.evil.example:9091/prom",
+            "http://169.254.169.254/latest/meta-data",
+            "http://kubernetes.default.svc:443",
+        ] {
+            prometheus(&mut s, url);
+            let errs = validate(&s, &p);
+            assert!(
+                errs.iter().any(|e| e.path == "spec.metrics.prometheus.url"),
+                "{url} accepted: {errs:?}"
+            );
+        }
+        // URLs that could fool a textual prefix match are refused outright.
+        for url in [
+            "https://prometheus.monitoring:9091@evil.example/prom",
+            "https://prometheus.monitoring:9091/prom/../../admin",
+            "https://prometheus.monitoring:9091/prom/%2e%2e/x",
+            "https://prometheus.monitoring:9091/prom?x=1",
+            "https://prometheus.monitoring:9091/prom#x",
+        ] {
+            prometheus(&mut s, url);
+            assert!(
+                p.prometheus_url_allowed(url).is_err(),
+                "{url} parsed as a URL"
+            );
+            assert!(!validate(&s, &p).is_empty(), "{url} accepted");
+        }
+        // Default ports are the same as explicit ones; deeper paths are under the prefix.
+        let p = args(|a| a.prometheus_url_prefixes = vec!["http://prom".into()]);
+        assert_eq!(p.prometheus_url_allowed("http://prom:80/x/y"), Ok(true));
+        assert_eq!(p.prometheus_url_allowed("https://prom:443"), Ok(false));
+        assert_eq!(
+            HttpUrl::parse("https://[::1]:9/a").unwrap().connect_host(),
+            "::1"
+        );
+    }
+
+    fn demo_md(s: MoEDeploymentSpec) -> MoEDeployment {
+        let mut md = MoEDeployment::new("demo", s);
+        md.metadata.namespace = Some("ns".into());
+        md.metadata.uid = Some("u-1".into());
+        md
+    }
+
+    /// What the spec check lets through, the pod check passes: every field that reaches the pod
+    /// is covered by both, for the pods `controller::build` really builds.
+    #[test]
+    fn built_pods_pass_the_pod_check_exactly_when_the_spec_check_does() {
+        let allow = args(|a| {
+            a.host_path_prefixes = vec!["/data".into()];
+            a.service_accounts = vec!["reader".into()];
+            a.allow_env_secret_refs = true;
+            a.image_prefixes = vec!["ghcr.io/moe-operator/".into()];
+        });
+        let mut s = spec();
+        host_path(&mut s, "/data/m");
+        s.worker.service_account_name = Some("reader".into());
+        s.worker.env.push(EnvVar {
+            name: "T".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: "s".into(),
+                    key: "k".into(),
+                    optional: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let md = demo_md(s.clone());
+        let pod = crate::controller::build::worker_pod(&md, 0, "h").unwrap();
+        assert_eq!(check_pod_policy(&s, &allow), vec![]);
+        assert_eq!(check_pod(&pod, &allow), Vec::<String>::new());
+        // Under the default policy both refuse the same three things.
+        let spec_errs = check_pod_policy(&s, &PodPolicy::default());
+        let pod_errs = check_pod(&pod, &PodPolicy::default());
+        assert_eq!(spec_errs.len(), 3, "{spec_errs:#?}");
+        assert_eq!(pod_errs.len(), 3, "{pod_errs:#?}");
+        assert!(pod_errs.iter().any(|e| e.contains("/data/m")));
+        assert!(pod_errs.iter().any(|e| e.contains("reader")));
+        assert!(pod_errs.iter().any(|e| e.contains("reads a Secret")));
+    }
+
+    #[test]
+    fn pod_check_refuses_privileged_settings_no_spec_field_can_set() {
+        let md = demo_md(spec());
+        let base = crate::controller::build::worker_pod(&md, 0, "h").unwrap();
+        let p = PodPolicy::default();
+        assert_eq!(check_pod(&base, &p), Vec::<String>::new());
+        type Edit = fn(&mut Pod);
+        let edits: Vec<(Edit, &str)> = vec![
+            (
+                |p| p.spec.as_mut().unwrap().host_network = Some(true),
+                "hostNetwork",
+            ),
+            (
+                |p| p.spec.as_mut().unwrap().host_pid = Some(true),
+                "hostPID",
+            ),
+            (
+                |p| p.spec.as_mut().unwrap().host_ipc = Some(true),
+                "hostIPC",
+            ),
+            (
+                |p| {
+                    p.spec.as_mut().unwrap().containers[0].security_context =
+                        Some(SecurityContext {
+                            privileged: Some(true),
+                            allow_privilege_escalation: Some(false),
+                            ..Default::default()
+                        })
+                },
+                "privileged",
+            ),
+            (
+                |p| p.spec.as_mut().unwrap().containers[0].security_context = None,
+                "allowPrivilegeEscalation",
+            ),
+            (
+                |p| {
+                    let sc = p.spec.as_mut().unwrap().containers[0]
+                        .security_context
+                        .as_mut()
+                        .unwrap();
+                    sc.capabilities.as_mut().unwrap().add = Some(vec!["SYS_ADMIN".into()]);
+                },
+                "adds capabilities",
+            ),
+            (
+                |p| {
+                    p.spec.as_mut().unwrap().containers[0]
+                        .ports
+                        .as_mut()
+                        .unwrap()[0]
+                        .host_port = Some(80)
+                },
+                "hostPort",
+            ),
+            (
+                |p| {
+                    p.spec
+                        .as_mut()
+                        .unwrap()
+                        .volumes
+                        .as_mut()
+                        .unwrap()
+                        .push(Volume {
+                            name: "nfs".into(),
+                            nfs: Some(Default::default()),
+                            ..Default::default()
+                        })
+                },
+                "no rule for",
+            ),
+            (
+                |p| p.spec.as_mut().unwrap().service_account_name = Some("admin".into()),
+                "ServiceAccount",
+            ),
+        ];
+        for (edit, needle) in edits {
+            let mut pod = base.clone();
+            edit(&mut pod);
+            let errs = check_pod(&pod, &p);
+            assert!(
+                errs.iter().any(|e| e.contains(needle)),
+                "{needle}: {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_parse_from_the_command_line_and_env_lists() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            p: PodPolicyArgs,
+        }
+        let c = Cli::try_parse_from([
+            "x",
+            "--allow-host-path-prefix=/data",
+            "--allow-host-path-prefix=/models,/scratch",
+            "--allowed-prometheus-url-prefix",
+            "https://prom:9090",
+            "--allow-env-secret-refs",
+        ])
+        .unwrap();
+        let p = PodPolicy::from_args(&c.p).unwrap();
+        assert_eq!(p.host_path_prefixes, ["/data", "/models", "/scratch"]);
+        assert!(p.allow_env_secret_refs);
+        assert_eq!(
+            p.prometheus_url_prefixes[0].to_string(),
+            "https://prom:9090"
+        );
+        let d = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(PodPolicy::from_args(&d.p).unwrap(), PodPolicy::default());
+    }
+}
