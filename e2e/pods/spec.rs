@@ -136,8 +136,8 @@ impl IpPool {
         }
         for i in 0..254u16 {
             let h = ((self.next as u16 - 1 + i) % 254 + 1) as u8;
-            if !self.owners.contains_key(&h) {
-                self.owners.insert(h, uid.to_string());
+            if let std::collections::btree_map::Entry::Vacant(e) = self.owners.entry(h) {
+                e.insert(uid.to_string());
                 self.next = h % 254 + 1;
                 return Some(self.ip(h));
             }
