@@ -169,6 +169,8 @@ async fn prometheus_source_and_kubectl_plugin() {
         "--timeout=60s",
     ]);
 
+    let prom_port = free_port();
+    let prom_url = format!("http://127.0.0.1:{prom_port}");
     // The operator, with the admin kubeconfig (RBAC is the operator test's subject, not this one's).
     let log = std::fs::File::create(plane.state.join("operator.log")).unwrap();
     plane.children.push((
@@ -197,8 +199,6 @@ async fn prometheus_source_and_kubectl_plugin() {
 
     let ckpt = tiny_checkpoint(&plane.state);
 
-    let prom_port = free_port();
-    let prom_url = format!("http://127.0.0.1:{prom_port}");
     let mds: Api<MoEDeployment> = Api::namespaced(admin.clone(), NS);
     let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
     let md: MoEDeployment = serde_json::from_value(deployment(&ckpt, &prom_url)).unwrap();
