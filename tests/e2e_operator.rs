@@ -237,6 +237,44 @@ async fn operator_end_to_end() {
         .await;
     }
 
+    // Token rotation: the admin Secret deleted under running workers. Before, the operator minted
+    // a token the workers never read (28 failed pushes in 45 s, the rollout stuck at 0/2). Now it
+    // says so with a Warning, the workers re-read the Secret's file (re-synced like a kubelet
+    // does), and a worker that still refuses a push is replaced: the next plan reaches them all.
+    Api::<Secret>::namespaced(admin.clone(), NS)
+        .delete("tiny-admin-token", &DeleteParams::default())
+        .await
+        .expect("delete the admin Secret");
+    wait_for_event(&events, "an AdminTokenRotated warning", long, |e| {
+        e.reason.as_deref() == Some("AdminTokenRotated") && e.type_.as_deref() == Some("Warning")
+    })
+    .await;
+    // The load shifts (the hot experts swap), so CRAFT plans again and rolls the plan out.
+    std::fs::write(
+        &trace,
+        json!({"logical_count": [row(1), row(0)]}).to_string(),
+    )
+    .unwrap();
+    let after_rotation = wait_for(
+        "a plan made after the token rotation rolled out on every worker",
+        long,
+        || async {
+            loadgen_round(&cms, "tiny-plan", &plan_file, &workers, &trace).await?;
+            let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
+            let st = md.status.clone().unwrap_or_default();
+            let h = st.plan.as_ref().map(|p| p.hash.clone()).unwrap_or_default();
+            let on = st.workers.as_ref().map(|w| w.on_current_plan).unwrap_or(0);
+            let ready = condition(&md, "Ready").map(|c| c.0);
+            if h != hash && on == NODES as i32 && ready.as_deref() == Some("True") {
+                Ok(h)
+            } else {
+                Err(format!("plan {h}, {on} workers on it, Ready {ready:?}"))
+            }
+        },
+    )
+    .await;
+    eprintln!("after the token rotation, plan {after_rotation} rolled out on every worker");
+
     // Invalid spec past CEL (validated by the operator): Degraded and a Warning event naming the field.
     let mut bad = deployment("bad", NS, &ckpt, 2, 2, true);
     bad["spec"]["metrics"]["interval"] = json!("10ms");

@@ -27,8 +27,8 @@ use super::initial_load::initial_load_window;
 use super::load::{ScrapeWindow, WorkerSample};
 use super::replan::{decide, Current};
 use super::rollout::{
-    next_step, RolloutGoal, Step, WorkerState, ANNOTATION_PUSH_REJECTED, ANNOTATION_TARGET_PLAN,
-    ANNOTATION_TARGET_SINCE,
+    next_step, RolloutGoal, Step, WorkerState, ANNOTATION_PUSH_REJECTED,
+    ANNOTATION_PUSH_REJECTED_SINCE, ANNOTATION_TARGET_PLAN, ANNOTATION_TARGET_SINCE,
 };
 use super::scrape::{
     put_plan, sample_from_prometheus, scrape_worker, HttpError, PrometheusClient,
@@ -53,6 +53,10 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for how long an in-place push may take (loading the experts a plan adds, on the
 /// slowest storage we expect) before the worker is replaced instead.
 pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a worker may refuse pushes for holding another admin token before it is replaced:
+/// the kubelet brings a re-created Secret to the mounted file within about a minute (its sync
+/// period plus cache), and the worker re-reads the file when it changes.
+const PUSH_REFUSAL_GRACE: Duration = Duration::from_secs(120);
 /// Requeue while a rollout or start-up is in progress.
 const BUSY_REQUEUE: Duration = Duration::from_secs(2);
 
@@ -797,6 +801,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         strategy: md.spec.rollout.strategy,
         max_unavailable: md.spec.rollout.max_unavailable.max(1) as u32,
         push_timeout_s: i64::try_from(ctx.push_timeout.as_secs()).unwrap_or(i64::MAX),
+        refusal_grace_s: PUSH_REFUSAL_GRACE.as_secs() as i64,
         now_s: wall_s() as i64,
     };
     let step = next_step(&goal, &workers);
@@ -969,11 +974,15 @@ async fn execute(
                             ..
                         }
                     );
-                    if refused {
-                        // The worker holds another admin token (the Secret was re-created): it
-                        // will never take this push. Recorded so that the rollout replaces it.
+                    let first_refusal =
+                        p.annotations().get(ANNOTATION_PUSH_REJECTED) != Some(&plan.hash);
+                    if refused && first_refusal {
+                        // The worker holds another admin token (the Secret was re-created). It
+                        // re-reads its token file, which the kubelet updates within about a
+                        // minute; past the refusal grace the rollout replaces it.
                         let patch = serde_json::json!({"metadata": {"annotations": {
                             ANNOTATION_PUSH_REJECTED: plan.hash,
+                            ANNOTATION_PUSH_REJECTED_SINCE: format!("{:.0}", wall_s()),
                         }}});
                         pods_api
                             .patch(

@@ -17,9 +17,11 @@
 //!   `PUT`, and is in flight until the worker's `moe_worker_plan_info` reports the hash. Re-sending
 //!   the `PUT` for an in-flight push is safe (the worker treats the same plan as a no-op or joins
 //!   the load in progress), which is how a restarted operator finishes one.
-//! - A push expires: when the worker refused it (its token differs, recorded in
-//!   [`ANNOTATION_PUSH_REJECTED`]) or it has been in flight longer than the push timeout (since
-//!   [`ANNOTATION_TARGET_SINCE`]), the pod is replaced. It is already counted unavailable, so the
+//! - A push expires: when the worker has refused it for longer than the refusal grace (its token
+//!   differs, recorded in [`ANNOTATION_PUSH_REJECTED`] from [`ANNOTATION_PUSH_REJECTED_SINCE`]; the
+//!   grace lets the kubelet bring a re-created Secret to the worker's file, which it re-reads) or
+//!   it has been in flight longer than the push timeout (since [`ANNOTATION_TARGET_SINCE`]), the
+//!   pod is replaced. It is already counted unavailable, so the
 //!   replacement costs no budget, and the new pod starts on the plan ConfigMap's plan.
 //! - Availability is the pod's Ready condition (the kubelet's readiness probe on `/readyz`), never
 //!   whether the operator's own scrape reached the worker: a scrape outage must not make every
@@ -36,6 +38,8 @@ pub const ANNOTATION_TARGET_PLAN: &str = "moe.craft.dev/target-plan-hash";
 pub const ANNOTATION_TARGET_SINCE: &str = "moe.craft.dev/target-plan-since";
 /// The plan hash whose push the worker refused (401/403: it holds another admin token).
 pub const ANNOTATION_PUSH_REJECTED: &str = "moe.craft.dev/push-rejected";
+/// When the worker first refused the push of [`ANNOTATION_PUSH_REJECTED`] (seconds since the epoch).
+pub const ANNOTATION_PUSH_REJECTED_SINCE: &str = "moe.craft.dev/push-rejected-since";
 
 /// What the cluster shows of one worker pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +60,8 @@ pub struct WorkerState {
     pub push_since_s: Option<i64>,
     /// The pod's [`ANNOTATION_PUSH_REJECTED`] annotation.
     pub push_rejected: Option<String>,
+    /// The pod's [`ANNOTATION_PUSH_REJECTED_SINCE`] annotation.
+    pub push_rejected_since_s: Option<i64>,
 }
 
 impl WorkerState {
@@ -88,6 +94,8 @@ impl WorkerState {
             target_plan_hash: ann(ANNOTATION_TARGET_PLAN),
             push_since_s: ann(ANNOTATION_TARGET_SINCE).and_then(|v| v.parse::<i64>().ok()),
             push_rejected: ann(ANNOTATION_PUSH_REJECTED),
+            push_rejected_since_s: ann(ANNOTATION_PUSH_REJECTED_SINCE)
+                .and_then(|v| v.parse::<i64>().ok()),
         })
     }
 }
@@ -102,6 +110,8 @@ pub struct RolloutGoal {
     pub max_unavailable: u32,
     /// How long an in-place push may stay in flight before the pod is replaced, in seconds.
     pub push_timeout_s: i64,
+    /// How long a worker may refuse a push (another admin token) before its pod is replaced.
+    pub refusal_grace_s: i64,
     /// The time the step is decided at (seconds since the Unix epoch).
     pub now_s: i64,
 }
@@ -195,7 +205,9 @@ fn pushing(goal: &RolloutGoal, w: &WorkerState) -> bool {
 /// expires when refused.
 fn push_expired(goal: &RolloutGoal, w: &WorkerState) -> bool {
     pushing(goal, w)
-        && (w.push_rejected.as_deref() == Some(goal.plan_hash.as_str())
+        && ((w.push_rejected.as_deref() == Some(goal.plan_hash.as_str())
+            && w.push_rejected_since_s
+                .is_some_and(|t| goal.now_s.saturating_sub(t) > goal.refusal_grace_s))
             || w.push_since_s
                 .is_some_and(|t| goal.now_s.saturating_sub(t) > goal.push_timeout_s))
 }
@@ -332,6 +344,7 @@ mod tests {
             strategy,
             max_unavailable,
             push_timeout_s: 600,
+            refusal_grace_s: 120,
             now_s: 10_000,
         }
     }
@@ -346,6 +359,7 @@ mod tests {
             target_plan_hash: None,
             push_since_s: None,
             push_rejected: None,
+            push_rejected_since_s: None,
         }
     }
 
@@ -505,8 +519,12 @@ mod tests {
         ws[1].target_plan_hash = Some("new".into());
         ws[1].push_since_s = Some(g.now_s - 60);
         assert_eq!(next_step(&g, &ws).in_flight, [1]);
-        // The worker answered 401: it holds another token and will never take this push.
+        // The worker answered 401: it holds another token. Within the grace it may still read
+        // the re-created Secret, so the push stays in flight; past it, the pod is replaced.
         ws[1].push_rejected = Some("new".into());
+        ws[1].push_rejected_since_s = Some(g.now_s - 60);
+        assert_eq!(next_step(&g, &ws).in_flight, [1]);
+        ws[1].push_rejected_since_s = Some(g.now_s - 121);
         let s = next_step(&g, &ws);
         assert_eq!(
             (s.delete.as_slice(), s.expired.as_slice()),
@@ -570,6 +588,7 @@ mod tests {
                     target_plan_hash: None,
                     push_since_s: None,
                     push_rejected: None,
+                    push_rejected_since_s: None,
                 });
             }
             for &rank in &s.push {
@@ -645,6 +664,7 @@ mod tests {
                         target_plan_hash,
                         push_since_s: None,
                         push_rejected: rejected.then(|| "new".to_string()),
+                        push_rejected_since_s: rejected.then_some(0),
                     }
                 },
             )

@@ -162,6 +162,7 @@ mod tests {
             target_plan_hash: None,
             push_since_s: None,
             push_rejected: None,
+            push_rejected_since_s: None,
         };
         let ws = [w(0, true), w(1, false), w(5, true)];
         let s = workers_status(
