@@ -18,6 +18,7 @@ use kube::runtime::{watcher, Controller};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tracing::Instrument;
 
 use super::build::{
     self, admin_secret_name, plan_config_map_name, Desired, ANNOTATION_SPEC_HASH, FIELD_MANAGER,
@@ -268,7 +269,13 @@ fn pod_ip(p: &Pod) -> Option<String> {
 /// Main reconcile entry.
 pub async fn reconcile(md: Arc<MoEDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let r = reconcile_inner(&md, &ctx).await;
+    // One span per reconcile, so a log reader can follow one deployment through every step.
+    let span = tracing::info_span!(
+        "reconcile",
+        deployment = %format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any()),
+        generation = md.metadata.generation.unwrap_or_default(),
+    );
+    let r = reconcile_inner(&md, &ctx).instrument(span).await;
     ctx.metrics.observe_reconcile(
         started.elapsed(),
         r.as_ref().err().map(|e| e.metric_label()),
@@ -952,8 +959,18 @@ async fn execute(
                     )
                     .await?;
             }
-            match put_plan(&ip, admin_port, token, &json, Duration::from_secs(60)).await {
+            let push_span = tracing::info_span!(
+                "push",
+                pod = %p.name_any(),
+                rank,
+                plan = %plan.short_hash()
+            );
+            match put_plan(&ip, admin_port, token, &json, Duration::from_secs(60))
+                .instrument(push_span.clone())
+                .await
+            {
                 Ok(()) => {
+                    tracing::info!(parent: &push_span, "plan pushed");
                     if step.push.contains(&rank) {
                         event_about(
                             ctx,
@@ -967,6 +984,7 @@ async fn execute(
                     }
                 }
                 Err(e) => {
+                    tracing::warn!(parent: &push_span, error = %e, "plan push failed");
                     let refused = matches!(
                         e,
                         HttpError::Status {
