@@ -569,23 +569,11 @@ mod tests {
         SecurityContext, Volume,
     };
 
+    /// The validation tests' spec, with an image under a registry path the image tests use.
     fn spec() -> MoEDeploymentSpec {
-        serde_yaml::from_str(
-            r#"
-model:
-  layers: 4
-  firstMoeLayer: 1
-  experts: 16
-  topK: 2
-  hiddenSize: 256
-  expertIntermediateSize: 128
-  checkpoint:
-    path: /models/tiny
-topology: {nodes: 2, gpusPerNode: 2}
-worker: {image: "ghcr.io/moe-operator/moe-worker:0.1.0"}
-"#,
-        )
-        .unwrap()
+        let mut s = crate::api::validate::tests::demo_spec();
+        s.worker.image = "ghcr.io/moe-operator/moe-worker:0.1.0".into();
+        s
     }
 
     fn args(f: impl FnOnce(&mut PodPolicyArgs)) -> PodPolicy {

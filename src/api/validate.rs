@@ -475,7 +475,7 @@ pub fn validate(spec: &MoEDeploymentSpec, pod_policy: &PodPolicy) -> Vec<FieldEr
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::api::moedeployment::*;
     use k8s_openapi::api::core::v1::{EnvVar, HostPathVolumeSource, ResourceRequirements};

@@ -322,31 +322,13 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
             .map(|e| e.to_string())
             .collect::<Vec<_>>()
             .join("; ");
-        set_condition(
-            &mut status.conditions,
-            "Degraded",
-            true,
-            "InvalidSpec",
-            &msg,
-            gen,
-            &now,
-        );
-        set_condition(
-            &mut status.conditions,
-            "Ready",
-            false,
-            "InvalidSpec",
-            &msg,
-            gen,
-            &now,
-        );
-        status.observed_generation = gen;
-        if status != old_status {
-            event(ctx, md, true, "InvalidSpec", msg).await;
-            patch_status(&mds, &name, &status).await?;
-        }
         ctx.metrics.set_balancedness(&key, None);
-        return Ok(Action::requeue(Duration::from_secs(300)));
+        let held = Held {
+            reason: "InvalidSpec",
+            message: msg,
+            retry: Duration::from_secs(300),
+        };
+        return hold_back(ctx, md, &mds, status, &old_status, &now, held).await;
     }
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
@@ -383,24 +365,12 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
                 Ok(w) => Some(w),
                 Err(_) if optional_missing => None,
                 Err(e) => {
-                    let msg = e.to_string();
-                    for kind in ["Degraded", "Ready"] {
-                        set_condition(
-                            &mut status.conditions,
-                            kind,
-                            kind == "Degraded",
-                            "InitialLoadUnavailable",
-                            &msg,
-                            gen,
-                            &now,
-                        );
-                    }
-                    status.observed_generation = gen;
-                    if status != old_status {
-                        event(ctx, md, true, "InitialLoadUnavailable", msg).await;
-                        patch_status(&mds, &name, &status).await?;
-                    }
-                    return Ok(Action::requeue(Duration::from_secs(30)));
+                    let held = Held {
+                        reason: "InitialLoadUnavailable",
+                        message: e.to_string(),
+                        retry: Duration::from_secs(30),
+                    };
+                    return hold_back(ctx, md, &mds, status, &old_status, &now, held).await;
                 }
             }
         }
@@ -721,24 +691,12 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         // A plan that cannot be stored (too large for its ConfigMap) holds the deployment back
         // with the limit named, as an invalid spec does; the pods keep the plan they have.
         Err(e @ build::BuildError::PlanTooLarge(_)) => {
-            let msg = e.to_string();
-            for kind in ["Degraded", "Ready"] {
-                set_condition(
-                    &mut status.conditions,
-                    kind,
-                    kind == "Degraded",
-                    "PlanTooLarge",
-                    &msg,
-                    gen,
-                    &now,
-                );
-            }
-            status.observed_generation = gen;
-            if status != old_status {
-                event(ctx, md, true, "PlanTooLarge", msg).await;
-                patch_status(&mds, &name, &status).await?;
-            }
-            return Ok(Action::requeue(Duration::from_secs(300)));
+            let held = Held {
+                reason: "PlanTooLarge",
+                message: e.to_string(),
+                retry: Duration::from_secs(300),
+            };
+            return hold_back(ctx, md, &mds, status, &old_status, &now, held).await;
         }
         Err(e) => return Err(e.into()),
     };
@@ -750,24 +708,12 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         .flat_map(|p| check_pod(p, &ctx.pod_policy))
         .collect();
     if !refused.is_empty() {
-        let msg = refused.join("; ");
-        for kind in ["Degraded", "Ready"] {
-            set_condition(
-                &mut status.conditions,
-                kind,
-                kind == "Degraded",
-                "PodPolicy",
-                &msg,
-                gen,
-                &now,
-            );
-        }
-        status.observed_generation = gen;
-        if status != old_status {
-            event(ctx, md, true, "PodPolicy", msg).await;
-            patch_status(&mds, &name, &status).await?;
-        }
-        return Ok(Action::requeue(Duration::from_secs(300)));
+        let held = Held {
+            reason: "PodPolicy",
+            message: refused.join("; "),
+            retry: Duration::from_secs(300),
+        };
+        return hold_back(ctx, md, &mds, status, &old_status, &now, held).await;
     }
     apply(&cms, &desired.plan_config_map).await?;
     apply(&secrets, &desired.admin_secret).await?;
@@ -1028,6 +974,46 @@ async fn execute(
         }
     }
     Ok(())
+}
+
+/// Why a reconcile holds the deployment back before applying anything.
+struct Held {
+    /// The reason of the Degraded and Ready conditions and of the Warning event.
+    reason: &'static str,
+    message: String,
+    /// When to look again (the objects it depends on may not be watched).
+    retry: Duration,
+}
+
+/// Hold the deployment back: Degraded=True and Ready=False with the reason and message, a
+/// Warning event and a status write when that changes the status, nothing applied or rolled.
+async fn hold_back(
+    ctx: &Context,
+    md: &MoEDeployment,
+    mds: &Api<MoEDeployment>,
+    mut status: MoEDeploymentStatus,
+    old_status: &MoEDeploymentStatus,
+    now: &Time,
+    held: Held,
+) -> Result<Action, Error> {
+    let gen = md.metadata.generation;
+    for kind in ["Degraded", "Ready"] {
+        set_condition(
+            &mut status.conditions,
+            kind,
+            kind == "Degraded",
+            held.reason,
+            &held.message,
+            gen,
+            now,
+        );
+    }
+    status.observed_generation = gen;
+    if &status != old_status {
+        event(ctx, md, true, held.reason, held.message).await;
+        patch_status(mds, &md.name_any(), &status).await?;
+    }
+    Ok(Action::requeue(held.retry))
 }
 
 async fn patch_status(
