@@ -38,6 +38,19 @@ fi
 
 export GOTOOLCHAIN=local GOFLAGS="${GOFLAGS:--buildvcs=false}"
 mkdir -p "$BIN" "$CACHE/logs"
+# Go's module and build caches for Kubernetes take several GiB; once the binaries are in $BIN they are
+# not needed again, so they live under $CACHE/go and go away after a successful build (CI's disk is
+# shared with the cargo build that follows). MOE_E2E_KEEP_GO_CACHE=1 keeps them for a developer
+# rebuilding against other pins.
+GO_SCRATCH="$CACHE/go"
+if [[ -z "${MOE_E2E_KEEP_GO_CACHE:-}" ]]; then
+    export GOMODCACHE="$GO_SCRATCH/mod" GOCACHE="$GO_SCRATCH/build"
+fi
+drop_go_scratch() {
+    [[ -d "$GO_SCRATCH" ]] || return 0
+    chmod -R u+w "$GO_SCRATCH" 2>/dev/null || true # the module cache is read-only
+    rm -rf "$GO_SCRATCH"
+}
 
 # wrapper_module DIR MODULE VERSION SIBLING_VERSION
 # Writes DIR/go.mod requiring MODULE@VERSION, with every local-path replace of MODULE's go.mod turned
@@ -137,5 +150,6 @@ build_component helm "$HELM_MODULE" "$HELM_VERSION" "$HELM_VERSION" \
     helm.sh/helm/v3/cmd/helm:helm
 
 complete || { echo "build.sh: cache $BIN incomplete after build" >&2; exit 1; }
+[[ -n "${MOE_E2E_KEEP_GO_CACHE:-}" ]] || drop_go_scratch
 echo "==> all binaries in $BIN ($(( $(date +%s) - T_START ))s)"
 echo "$BIN"
