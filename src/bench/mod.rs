@@ -180,7 +180,8 @@ pub fn fit_window(
             counts.extend_from_slice(window.row(b, l));
         }
     }
-    Ok((LoadWindow::new(ids.to_vec(), e, counts)?, note))
+    let fitted = LoadWindow::new(ids.to_vec(), e, counts).map_err(|e| e.to_string())?;
+    Ok((fitted, note))
 }
 
 /// One rank's rows of one layer, grouped by expert (ascending), as a backend wants them.

@@ -70,6 +70,10 @@ pub enum Error {
     Build(#[from] build::BuildError),
     #[error("planning: {0}")]
     Plan(#[from] crate::plan::planner::PlanError),
+    #[error("spec.topology: {0}")]
+    Topology(#[from] crate::plan::TopologyError),
+    #[error("load window: {0}")]
+    Window(#[from] crate::plan::WindowError),
     #[error("{0}")]
     Other(String),
 }
@@ -80,6 +84,8 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Build(e) => e.metric_label(),
             Error::Plan(e) => e.reason(),
+            Error::Topology(_) => "topology",
+            Error::Window(_) => "load_window",
             Error::Other(_) => "other",
         }
     }
@@ -223,7 +229,7 @@ fn plan_request(md: &MoEDeployment, algorithm: Algorithm) -> Result<PlanRequest,
         (t.nodes.max(0) as usize) * (t.gpus_per_node.max(0) as usize),
         t.nodes.max(0) as usize,
     )
-    .map_err(|e| Error::Other(format!("spec.topology: {e}")))?;
+    .map_err(Error::Topology)?;
     Ok(PlanRequest {
         algorithm,
         model,
@@ -244,7 +250,7 @@ fn initial_plan(md: &MoEDeployment) -> Result<ExpertPlan, Error> {
     let req = plan_request(md, alg)?;
     let ids = moe_layer_ids(&req.model);
     let e = req.model.experts as usize;
-    let zero = LoadWindow::new(ids.clone(), e, vec![0.0; ids.len() * e]).map_err(Error::Other)?;
+    let zero = LoadWindow::new(ids.clone(), e, vec![0.0; ids.len() * e])?;
     Ok(make_plan(&req, &zero, None)?)
 }
 

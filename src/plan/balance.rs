@@ -7,6 +7,7 @@
 
 use super::expert_plan::{ExpertPlan, LayerPlan};
 use super::load::LoadWindow;
+use super::model::ShapeError;
 
 /// One layer's loads in the layout the replay wants: expert-major, `data[e * batches + b]`, f32 so
 /// that the inner loop (one AXPY per replica over the batches) vectorises.
@@ -335,7 +336,7 @@ pub struct LayerEvaluation {
 
 /// Replay `window` through `plan`. The window's layers are matched to the plan's by model layer
 /// index, so a plan can be judged on a load it was not made from.
-pub fn evaluate(plan: &ExpertPlan, window: &LoadWindow) -> Result<Evaluation, String> {
+pub fn evaluate(plan: &ExpertPlan, window: &LoadWindow) -> Result<Evaluation, ShapeError> {
     evaluate_routed(plan, window, Routing::Shares)
 }
 
@@ -344,20 +345,23 @@ pub fn evaluate_routed(
     plan: &ExpertPlan,
     window: &LoadWindow,
     routing: Routing,
-) -> Result<Evaluation, String> {
+) -> Result<Evaluation, ShapeError> {
     if window.experts() != plan.model.experts as usize {
-        return Err(format!(
-            "the load has {} experts per layer but the plan's model has {}",
-            window.experts(),
-            plan.model.experts
-        ));
+        return Err(ShapeError::PlanExperts {
+            load: window.experts(),
+            plan: plan.model.experts,
+        });
     }
     let mut pairs = Vec::new();
     for (wl, &id) in window.layer_ids().iter().enumerate() {
-        let lp = plan.layers.iter().find(|lp| lp.layer == id).ok_or_else(|| {
-            let have: Vec<u32> = plan.layers.iter().map(|l| l.layer).collect();
-            format!("the load has layer {id} but the plan has no such MoE layer (plan layers: {have:?})")
-        })?;
+        let lp = plan
+            .layers
+            .iter()
+            .find(|lp| lp.layer == id)
+            .ok_or_else(|| ShapeError::PlanLayer {
+                layer: id,
+                plan_layers: plan.layers.iter().map(|l| l.layer).collect(),
+            })?;
         pairs.push((lp, LayerMatrix::from_window(window, wl)));
     }
     Ok(evaluate_layers_routed(

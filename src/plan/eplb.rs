@@ -17,7 +17,7 @@ use thiserror::Error;
 
 use super::expert_plan::{round_share, LayerPlan};
 use super::load::LoadWindow;
-use super::model::{ModelShape, Topology};
+use super::model::{ModelShape, ShapeError, Topology};
 
 /// Invalid arguments to [`rebalance_experts`]. Upstream asserts; we return these instead.
 #[derive(Debug, Error, PartialEq)]
@@ -46,6 +46,9 @@ pub enum EplbError {
     TooFewReplicas { replicas: usize, experts: usize },
     #[error("the {experts} logical experts cannot be split into {groups} equal groups: num_groups must divide the expert count")]
     ExpertsNotDivisibleByGroups { experts: usize, groups: usize },
+    /// [`eplb_plan`]: the load window does not fit the model.
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
 }
 
 /// The output of [`rebalance_experts`], indexed by layer first.
@@ -395,16 +398,17 @@ pub fn eplb_plan(
     topo: Topology,
     redundant_per_gpu_per_layer: usize,
     num_groups: Option<usize>,
-) -> Result<Vec<LayerPlan>, String> {
+) -> Result<Vec<LayerPlan>, EplbError> {
     let experts = window.experts();
     if experts != model.experts as usize {
-        return Err(format!(
-            "the load window has {experts} experts per layer but the model has {}: use a load file from this model",
-            model.experts
-        ));
+        return Err(ShapeError::Experts {
+            load: experts,
+            model: model.experts,
+        }
+        .into());
     }
     if topo.gpus == 0 {
-        return Err("gpus must be at least 1".into());
+        return Err(EplbError::Zero { name: "gpus" });
     }
     let per_gpu = experts.div_ceil(topo.gpus) + redundant_per_gpu_per_layer;
     let num_replicas = per_gpu * topo.gpus;
@@ -428,8 +432,7 @@ pub fn eplb_plan(
         num_groups.unwrap_or(1),
         topo.nodes,
         topo.gpus,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
 
     Ok(res
         .phy2log
@@ -698,13 +701,21 @@ mod tests {
     fn eplb_plan_rejects_model_mismatch_and_pads_uneven_experts() {
         let w = LoadWindow::new(vec![0], 5, vec![1.0; 5]).unwrap();
         let err = eplb_plan(&w, &model(6), Topology::new(2, 1).unwrap(), 0, None).unwrap_err();
-        assert!(err.contains("5 experts"), "{err}");
+        assert_eq!(
+            err,
+            EplbError::Shape(ShapeError::Experts { load: 5, model: 6 })
+        );
+        assert!(err.to_string().contains("5 experts"), "{err}");
         // 5 experts on 2 GPUs: 3 slots per GPU, one of them redundant.
         let plans = eplb_plan(&w, &model(5), Topology::new(2, 1).unwrap(), 0, None).unwrap();
         assert_eq!(plans[0].physical_experts(), 6);
         // Groups that do not divide the experts are an error, not a panic.
         let err = eplb_plan(&w, &model(5), Topology::new(2, 1).unwrap(), 0, Some(2)).unwrap_err();
-        assert!(err.contains("num_groups"), "{err}");
+        assert!(
+            matches!(err, EplbError::ExpertsNotDivisibleByGroups { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("num_groups"), "{err}");
     }
 
     #[test]

@@ -6,11 +6,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::limits::{
-    MAX_EXPERTS, MAX_EXPERT_INTERMEDIATE_SIZE, MAX_GPUS, MAX_GPUS_PER_NODE, MAX_HIDDEN_SIZE,
-    MAX_LAYERS, MAX_NODES, MAX_PLAN_BYTES, MAX_REPLICAS_PER_GPU, MAX_SLOTS_PER_GPU_LAYER,
-    MAX_TOP_K,
+    LimitError, MAX_EXPERTS, MAX_EXPERT_INTERMEDIATE_SIZE, MAX_GPUS, MAX_GPUS_PER_NODE,
+    MAX_HIDDEN_SIZE, MAX_LAYERS, MAX_NODES, MAX_PLAN_BYTES, MAX_REPLICAS_PER_GPU,
+    MAX_SLOTS_PER_GPU_LAYER, MAX_TOP_K,
 };
-use super::model::{ModelShape, Topology};
+use super::model::{ModelShape, ShapeError, Topology};
 
 /// Version of the plan document format.
 pub const PLAN_FORMAT_VERSION: u32 = 1;
@@ -44,18 +44,27 @@ impl std::fmt::Display for Algorithm {
     }
 }
 
+/// A name [`Algorithm::from_str`](std::str::FromStr) does not know (lowercased as compared).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown algorithm {name:?}: expected one of none, placement, eplb, craft, craft-reference"
+)]
+pub struct UnknownAlgorithm {
+    pub name: String,
+}
+
 impl std::str::FromStr for Algorithm {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownAlgorithm;
+    fn from_str(s: &str) -> Result<Self, UnknownAlgorithm> {
         match s.to_ascii_lowercase().as_str() {
             "none" => Ok(Algorithm::None),
             "placement" | "placementonly" | "placement-only" => Ok(Algorithm::Placement),
             "eplb" => Ok(Algorithm::Eplb),
             "craft" => Ok(Algorithm::Craft),
             "craft-reference" | "craftreference" => Ok(Algorithm::CraftReference),
-            other => Err(format!(
-                "unknown algorithm {other:?}: expected one of none, placement, eplb, craft, craft-reference"
-            )),
+            other => Err(UnknownAlgorithm {
+                name: other.to_string(),
+            }),
         }
     }
 }
@@ -182,6 +191,60 @@ pub enum HashRule {
     MayBeEmpty,
 }
 
+/// An invariant of a plan that every consumer relies on, broken ([`ExpertPlan::check`],
+/// [`ExpertPlan::check_stats`]). Layers are model layer ids.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvariantError {
+    #[error("gpus ({gpus}) must be a positive multiple of nodes ({nodes})")]
+    Topology { gpus: usize, nodes: u32 },
+    #[error("layer {layer}: expected {expected} GPUs, found {found}")]
+    Gpus {
+        layer: u32,
+        expected: usize,
+        found: usize,
+    },
+    #[error("layer {layer} gpu {gpu}: {slots} slots but {shares} shares")]
+    SlotsShares {
+        layer: u32,
+        gpu: usize,
+        slots: usize,
+        shares: usize,
+    },
+    #[error("layer {layer} gpu {gpu}: expert {expert} out of range (experts = {experts})")]
+    ExpertOutOfRange {
+        layer: u32,
+        gpu: usize,
+        expert: usize,
+        experts: usize,
+    },
+    #[error("layer {layer} gpu {gpu}: share {share} of expert {expert} outside [0, 1]")]
+    ShareOutOfRange {
+        layer: u32,
+        gpu: usize,
+        expert: usize,
+        share: f64,
+    },
+    #[error("layer {layer}: expert {expert} has no replica")]
+    NoReplica { layer: u32, expert: usize },
+    #[error("layer {layer}: shares of expert {expert} sum to {sum} instead of 1")]
+    ShareSum { layer: u32, expert: usize, sum: f64 },
+    /// `field` names the statistic in the document (`stats.windowTokens`, ...).
+    #[error("{field} is {value}, not a finite number")]
+    NonFiniteStat { field: &'static str, value: f64 },
+}
+
+/// What is wrong with `layers[index]` of a plan document (see [`PlanReadError::Layer`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayerError {
+    /// `layer` is outside the model's MoE layers `first..end`.
+    #[error("layer {layer} is not a MoE layer of the model (MoE layers are {first}..{end})")]
+    NotMoe { layer: u32, first: u32, end: u32 },
+    #[error(
+        "layer {layer} after layer {previous}: layers must be listed once each, in increasing order"
+    )]
+    NotIncreasing { layer: u32, previous: u32 },
+}
+
 /// Why a plan document was refused by [`ExpertPlan::from_json_checked`] or
 /// [`ExpertPlan::checked`].
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -204,17 +267,24 @@ pub enum PlanReadError {
          write the plan again with this version's `moectl plan`"
     )]
     UnsupportedVersion { found: u64, supported: u32 },
-    #[error("{field} is {value}, past the limit of {limit} (plan::limits::{constant})")]
-    Limit {
-        field: String,
-        value: u64,
-        limit: u64,
-        constant: &'static str,
+    #[error("invalid plan: formatVersion is {found}; expected the number {supported}")]
+    VersionNotANumber {
+        found: serde_json::Value,
+        supported: u32,
     },
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     #[error("layers[{index}]: {problem}")]
-    Layer { index: usize, problem: String },
+    Layer { index: usize, problem: LayerError },
+    #[error(
+        "invalid plan: `layers` is empty: a plan places the experts of at least one MoE layer"
+    )]
+    NoLayers,
+    /// The model's shape cannot be planned (top-k, MoE layers).
     #[error("invalid plan: {0}")]
-    Invalid(String),
+    Shape(#[from] ShapeError),
+    #[error("invalid plan: {0}")]
+    Invalid(#[from] InvariantError),
     #[error(
         "field `hash` is missing or empty; this reader needs a sealed plan: write it with \
          `moectl plan` (the content hashes to {computed})"
@@ -295,9 +365,10 @@ impl ExpertPlan {
                         found,
                         supported: PLAN_FORMAT_VERSION,
                     },
-                    None => PlanReadError::Invalid(format!(
-                        "formatVersion is {found}; expected the number {PLAN_FORMAT_VERSION}"
-                    )),
+                    None => PlanReadError::VersionNotANumber {
+                        found,
+                        supported: PLAN_FORMAT_VERSION,
+                    },
                 });
             }
         }
@@ -333,8 +404,8 @@ impl ExpertPlan {
         }
         self.check_limits()?;
         self.check_layer_ids()?;
-        self.check().map_err(PlanReadError::Invalid)?;
-        self.check_stats().map_err(PlanReadError::Invalid)?;
+        self.check()?;
+        self.check_stats()?;
         let computed = self.compute_hash();
         if self.hash.is_empty() {
             if hash == HashRule::Required {
@@ -354,16 +425,7 @@ impl ExpertPlan {
     fn check_limits(&self) -> Result<(), PlanReadError> {
         let m = &self.model;
         let limit = |field: &str, value: u64, limit: u64, constant: &'static str| {
-            if value > limit {
-                Err(PlanReadError::Limit {
-                    field: field.to_string(),
-                    value,
-                    limit,
-                    constant,
-                })
-            } else {
-                Ok(())
-            }
+            LimitError::over(field, value, limit, constant).map_or(Ok(()), Err)
         };
         limit(
             "model.layers",
@@ -407,10 +469,11 @@ impl ExpertPlan {
             "MAX_REPLICAS_PER_GPU",
         )?;
         if m.experts == 0 || m.top_k == 0 || m.top_k > m.experts {
-            return Err(PlanReadError::Invalid(format!(
-                "model.topK ({}) must be between 1 and model.experts ({})",
-                m.top_k, m.experts
-            )));
+            return Err(ShapeError::TopK {
+                top_k: m.top_k,
+                experts: m.experts,
+            }
+            .into());
         }
         for (i, lp) in self.layers.iter().enumerate() {
             if let Some((g, slots)) = lp
@@ -419,12 +482,13 @@ impl ExpertPlan {
                 .enumerate()
                 .find(|(_, s)| s.len() > MAX_SLOTS_PER_GPU_LAYER as usize)
             {
-                return Err(PlanReadError::Limit {
+                return Err(LimitError::Over {
                     field: format!("layers[{i}].slots[{g}] (layer {})", lp.layer),
                     value: slots.len() as u64,
                     limit: MAX_SLOTS_PER_GPU_LAYER.into(),
                     constant: "MAX_SLOTS_PER_GPU_LAYER",
-                });
+                }
+                .into());
             }
         }
         Ok(())
@@ -434,34 +498,33 @@ impl ExpertPlan {
     fn check_layer_ids(&self) -> Result<(), PlanReadError> {
         let m = &self.model;
         if m.first_moe_layer >= m.layers {
-            return Err(PlanReadError::Invalid(format!(
-                "model.firstMoeLayer ({}) must be less than model.layers ({}): the model has no MoE layer",
-                m.first_moe_layer, m.layers
-            )));
+            return Err(ShapeError::NoMoeLayer {
+                first_moe_layer: m.first_moe_layer,
+                layers: m.layers,
+            }
+            .into());
         }
         if self.layers.is_empty() {
-            return Err(PlanReadError::Invalid(
-                "`layers` is empty: a plan places the experts of at least one MoE layer".into(),
-            ));
+            return Err(PlanReadError::NoLayers);
         }
         for (i, lp) in self.layers.iter().enumerate() {
             if lp.layer < m.first_moe_layer || lp.layer >= m.layers {
                 return Err(PlanReadError::Layer {
                     index: i,
-                    problem: format!(
-                        "layer {} is not a MoE layer of the model (MoE layers are {}..{})",
-                        lp.layer, m.first_moe_layer, m.layers
-                    ),
+                    problem: LayerError::NotMoe {
+                        layer: lp.layer,
+                        first: m.first_moe_layer,
+                        end: m.layers,
+                    },
                 });
             }
             if i > 0 && lp.layer <= self.layers[i - 1].layer {
                 return Err(PlanReadError::Layer {
                     index: i,
-                    problem: format!(
-                        "layer {} after layer {}: layers must be listed once each, in increasing order",
-                        lp.layer,
-                        self.layers[i - 1].layer
-                    ),
+                    problem: LayerError::NotIncreasing {
+                        layer: lp.layer,
+                        previous: self.layers[i - 1].layer,
+                    },
                 });
             }
         }
@@ -470,7 +533,7 @@ impl ExpertPlan {
 
     /// Every figure in `stats` finite: serde_json writes NaN and infinities as `null`, which no
     /// reader takes back.
-    pub fn check_stats(&self) -> Result<(), String> {
+    pub fn check_stats(&self) -> Result<(), InvariantError> {
         let Some(s) = &self.stats else {
             return Ok(());
         };
@@ -488,51 +551,59 @@ impl ExpertPlan {
             .chain(per_layer)
             .find(|(_, x)| !x.is_finite())
         {
-            Some((field, x)) => Err(format!("{field} is {x}, not a finite number")),
+            Some((field, value)) => Err(InvariantError::NonFiniteStat { field, value }),
             None => Ok(()),
         }
     }
 
     /// Check the invariants every consumer relies on. Returns a description of the first violation.
     /// Allocates per expert: on a plan from outside, bound it first ([`ExpertPlan::checked`]).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), InvariantError> {
         let d = self.gpus as usize;
         let e = self.model.experts as usize;
         if d == 0 || self.nodes == 0 || !d.is_multiple_of(self.nodes as usize) {
-            return Err(format!(
-                "gpus ({d}) must be a positive multiple of nodes ({})",
-                self.nodes
-            ));
+            return Err(InvariantError::Topology {
+                gpus: d,
+                nodes: self.nodes,
+            });
         }
         for lp in &self.layers {
             let l = lp.layer;
             if lp.slots.len() != d || lp.shares.len() != d {
-                return Err(format!(
-                    "layer {l}: expected {d} GPUs, found {}",
-                    lp.slots.len()
-                ));
+                return Err(InvariantError::Gpus {
+                    layer: l,
+                    expected: d,
+                    found: lp.slots.len(),
+                });
             }
             let mut share_sum = vec![0.0f64; e];
             let mut count = vec![0usize; e];
             for (g, (slots, shares)) in lp.slots.iter().zip(&lp.shares).enumerate() {
                 if slots.len() != shares.len() {
-                    return Err(format!(
-                        "layer {l} gpu {g}: {} slots but {} shares",
-                        slots.len(),
-                        shares.len()
-                    ));
+                    return Err(InvariantError::SlotsShares {
+                        layer: l,
+                        gpu: g,
+                        slots: slots.len(),
+                        shares: shares.len(),
+                    });
                 }
                 for (&x, &s) in slots.iter().zip(shares) {
                     let x = x as usize;
                     if x >= e {
-                        return Err(format!(
-                            "layer {l} gpu {g}: expert {x} out of range (experts = {e})"
-                        ));
+                        return Err(InvariantError::ExpertOutOfRange {
+                            layer: l,
+                            gpu: g,
+                            expert: x,
+                            experts: e,
+                        });
                     }
                     if !(0.0..=1.0).contains(&s) {
-                        return Err(format!(
-                            "layer {l} gpu {g}: share {s} of expert {x} outside [0, 1]"
-                        ));
+                        return Err(InvariantError::ShareOutOfRange {
+                            layer: l,
+                            gpu: g,
+                            expert: x,
+                            share: s,
+                        });
                     }
                     share_sum[x] += s;
                     count[x] += 1;
@@ -540,13 +611,17 @@ impl ExpertPlan {
             }
             for x in 0..e {
                 if count[x] == 0 {
-                    return Err(format!("layer {l}: expert {x} has no replica"));
+                    return Err(InvariantError::NoReplica {
+                        layer: l,
+                        expert: x,
+                    });
                 }
                 if (share_sum[x] - 1.0).abs() > 1e-4 {
-                    return Err(format!(
-                        "layer {l}: shares of expert {x} sum to {} instead of 1",
-                        share_sum[x]
-                    ));
+                    return Err(InvariantError::ShareSum {
+                        layer: l,
+                        expert: x,
+                        sum: share_sum[x],
+                    });
                 }
             }
         }
@@ -770,10 +845,10 @@ mod tests {
         p.model.hidden_size = u64::MAX;
         assert!(matches!(
             read(&p.seal(), HashRule::Required),
-            Err(PlanReadError::Limit {
+            Err(PlanReadError::Limit(LimitError::Over {
                 constant: "MAX_HIDDEN_SIZE",
                 ..
-            })
+            }))
         ));
         let mut p = two_layers();
         p.layers[0].slots[0] = vec![0; 1025];
@@ -804,8 +879,16 @@ mod tests {
             window_tokens: f64::INFINITY,
             per_layer: Vec::new(),
         });
+        let e = p.check_stats().unwrap_err();
         assert_eq!(
-            p.check_stats().unwrap_err(),
+            e,
+            InvariantError::NonFiniteStat {
+                field: "stats.windowTokens",
+                value: f64::INFINITY
+            }
+        );
+        assert_eq!(
+            e.to_string(),
             "stats.windowTokens is inf, not a finite number"
         );
         // Written, the infinity is a null that no reader takes back.
@@ -822,6 +905,14 @@ mod tests {
         let mut p = tiny();
         p.layers[0].slots[1][0] = 0;
         p.layers[0].shares = vec![vec![0.5], vec![0.5]];
-        assert_eq!(p.check().unwrap_err(), "layer 0: expert 1 has no replica");
+        let e = p.check().unwrap_err();
+        assert_eq!(
+            e,
+            InvariantError::NoReplica {
+                layer: 0,
+                expert: 1
+            }
+        );
+        assert_eq!(e.to_string(), "layer 0: expert 1 has no replica");
     }
 }

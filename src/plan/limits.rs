@@ -48,6 +48,53 @@ pub const MAX_TOKEN_COUNT: f64 = 1e15;
 /// pretty-printed; the largest shape above fits in this with its shares.
 pub const MAX_PLAN_BYTES: usize = 64 << 20;
 
+/// A size past one of the limits above, refused before anything is sized by it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// One number past its maximum: `field` names it as the reader or request spells it.
+    #[error("{field} is {value}, past the limit of {limit} (plan::limits::{constant})")]
+    Over {
+        field: String,
+        value: u64,
+        limit: u64,
+        constant: &'static str,
+    },
+    /// The planner's window over every MoE layer of the model would hold more than `limit` counts.
+    #[error(
+        "{batches} batches x {layers} MoE layers x {experts} experts is more than {limit} counts \
+         (plan::limits::MAX_LOAD_CELLS_FILE): plan from fewer batches"
+    )]
+    Cells {
+        batches: usize,
+        layers: usize,
+        experts: usize,
+        limit: usize,
+    },
+    /// A memory budget that holds more replicas per GPU than [`MAX_REPLICAS_PER_GPU`].
+    #[error(
+        "a memory budget of {bytes} bytes per GPU holds {replicas} experts of {bytes_per_expert} \
+         bytes, past the limit of {limit} replicas per GPU (plan::limits::MAX_REPLICAS_PER_GPU)"
+    )]
+    MemoryBudget {
+        bytes: u64,
+        replicas: u64,
+        bytes_per_expert: u64,
+        limit: u32,
+    },
+}
+
+impl LimitError {
+    /// `Some(LimitError::Over)` when `value` is past `limit`.
+    pub fn over(field: &str, value: u64, limit: u64, constant: &'static str) -> Option<Self> {
+        (value > limit).then(|| LimitError::Over {
+            field: field.to_string(),
+            value,
+            limit,
+            constant,
+        })
+    }
+}
+
 /// Whether `cells` (a product of claimed dimensions, computed with overflow checks) fits `max`.
 /// Returns `None` on overflow or when it does not fit.
 pub fn checked_cells(dims: &[usize], max: usize) -> Option<usize> {

@@ -3,6 +3,34 @@
 use serde::{Deserialize, Serialize};
 
 use super::limits::MAX_TOKEN_COUNT;
+use super::model::ShapeError;
+
+/// Why counts do not make a [`LoadWindow`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WindowError {
+    #[error("a load window needs at least one MoE layer and one expert")]
+    Empty { layers: usize, experts: usize },
+    #[error("{layers} layers x {experts} experts per batch overflows")]
+    Overflow { layers: usize, experts: usize },
+    #[error("{counts} counts do not fill whole batches of {layers} layers x {experts} experts")]
+    PartialBatch {
+        counts: usize,
+        layers: usize,
+        experts: usize,
+    },
+    /// `layer` is the model layer id.
+    #[error(
+        "batch {batch}, layer {layer}, expert {expert}: count {count} is not a finite number in \
+         0..={max:e} (plan::limits::MAX_TOKEN_COUNT)",
+        max = MAX_TOKEN_COUNT
+    )]
+    BadCount {
+        batch: usize,
+        layer: u32,
+        expert: usize,
+        count: f64,
+    },
+}
 
 /// Token counts `W[b][l][e]`: tokens routed to expert `e` of MoE layer `l` in batch `b`.
 /// An aggregate-only input (no batch axis) is a window with one batch.
@@ -19,30 +47,31 @@ pub struct LoadWindow {
 impl LoadWindow {
     /// Build a window from batch-major counts. Every count must be finite, non-negative and at most
     /// [`MAX_TOKEN_COUNT`], so that every sum over a window (and every plan's totals) stays finite.
-    pub fn new(layer_ids: Vec<u32>, experts: usize, counts: Vec<f64>) -> Result<Self, String> {
+    pub fn new(layer_ids: Vec<u32>, experts: usize, counts: Vec<f64>) -> Result<Self, WindowError> {
         let layers = layer_ids.len();
         if layers == 0 || experts == 0 {
-            return Err("a load window needs at least one MoE layer and one expert".into());
+            return Err(WindowError::Empty { layers, experts });
         }
         let per_batch = layers
             .checked_mul(experts)
-            .ok_or_else(|| format!("{layers} layers x {experts} experts per batch overflows"))?;
+            .ok_or(WindowError::Overflow { layers, experts })?;
         if counts.is_empty() || !counts.len().is_multiple_of(per_batch) {
-            return Err(format!(
-                "{} counts do not fill whole batches of {layers} layers x {experts} experts",
-                counts.len()
-            ));
+            return Err(WindowError::PartialBatch {
+                counts: counts.len(),
+                layers,
+                experts,
+            });
         }
         if let Some(i) = counts
             .iter()
             .position(|c| !c.is_finite() || *c < 0.0 || *c > MAX_TOKEN_COUNT)
         {
-            let (b, l, e) = (i / per_batch, (i % per_batch) / experts, i % experts);
-            return Err(format!(
-                "batch {b}, layer {}, expert {e}: count {} is not a finite number in 0..={MAX_TOKEN_COUNT:e} \
-                 (plan::limits::MAX_TOKEN_COUNT)",
-                layer_ids[l], counts[i]
-            ));
+            return Err(WindowError::BadCount {
+                batch: i / per_batch,
+                layer: layer_ids[(i % per_batch) / experts],
+                expert: i % experts,
+                count: counts[i],
+            });
         }
         Ok(Self {
             batches: counts.len() / per_batch,
@@ -102,13 +131,13 @@ impl LoadWindow {
 impl LoadWindow {
     /// The same window over the model layers `ids` (ascending): layers the window lacks get zero
     /// counts, layers it has keep theirs. Errors if the window has a layer outside `ids`.
-    pub fn with_layers(&self, ids: &[u32]) -> Result<Self, String> {
-        if let Some(id) = self.layer_ids.iter().find(|id| !ids.contains(id)) {
-            return Err(format!(
-                "the load has layer {id}, which is not a MoE layer of the model (MoE layers {}..={})",
-                ids.first().copied().unwrap_or(0),
-                ids.last().copied().unwrap_or(0)
-            ));
+    pub fn with_layers(&self, ids: &[u32]) -> Result<Self, ShapeError> {
+        if let Some(&layer) = self.layer_ids.iter().find(|id| !ids.contains(id)) {
+            return Err(ShapeError::LayerNotMoe {
+                layer,
+                first: ids.first().copied().unwrap_or(0),
+                end: ids.last().map_or(0, |&l| l.saturating_add(1)),
+            });
         }
         let e = self.experts;
         let mut counts = vec![0.0; self.batches * ids.len() * e];
@@ -119,6 +148,8 @@ impl LoadWindow {
                 counts[dst..dst + e].copy_from_slice(self.row(b, l));
             }
         }
-        Self::new(ids.to_vec(), e, counts)
+        // Every layer of this (valid) window is among `ids`, so `ids` is not empty, and the counts
+        // are this window's or zero.
+        Ok(Self::new(ids.to_vec(), e, counts).expect("a valid window widened is valid"))
     }
 }

@@ -33,8 +33,8 @@ use super::limits::{
     checked_cells, MAX_EXPERTS, MAX_LAYERS, MAX_LOAD_CELLS_FILE, MAX_LOAD_CELLS_OPERATOR,
     MAX_LOAD_FILE_BYTES, MAX_TOKEN_COUNT,
 };
-use super::load::LoadWindow;
-use super::model::ModelShape;
+use super::load::{LoadWindow, WindowError};
+use super::model::{ModelShape, ShapeError};
 
 /// The `format` value of our trace format.
 pub const TRACE_FORMAT: &str = "moe-load-trace/v1";
@@ -90,17 +90,121 @@ impl Drop for CellBudget {
 }
 
 /// A load file that could not be read, with the file, the position in it, and the problem.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq)]
 #[error("{file}: {}{problem}", position.as_ref().map(|p| format!("{p}: ")).unwrap_or_default())]
 pub struct LoadError {
     pub file: String,
-    /// Where in the file: a JSON line:column, or a batch/layer/expert index.
+    /// Where in the file: a JSON line:column, a field, or a batch/layer/expert index.
     pub position: Option<String>,
-    pub problem: String,
+    pub problem: LoadProblem,
+}
+
+/// What is wrong with a load file (see [`LoadError`] for where).
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum LoadProblem {
+    /// The JSON does not parse, or a count array is malformed (negative or non-finite counts,
+    /// ragged or unevenly nested rows, too many counts): serde_json's message.
+    #[error("{message} (is this a load file? see README \"Load trace format\")")]
+    Json { message: String },
+    #[error("not UTF-8 text (expected JSON)")]
+    NotUtf8,
+    #[error("the file is empty")]
+    EmptyFile,
+    #[error("cannot read: {message}")]
+    Unreadable { message: String },
+    #[error(
+        "the file is larger than the limit of {max} bytes (plan::limits::MAX_LOAD_FILE_BYTES): \
+         split the trace or aggregate its batches"
+    )]
+    FileTooLarge { max: u64 },
+    #[error(
+        "not a known load format: expected \"logical_count\" (SGLang), \"format\": {trace:?}, \
+         or \"counts\" with \"layers\" (OLMoE/Mixtral routing)",
+        trace = TRACE_FORMAT
+    )]
+    UnknownFormat,
+    #[error("unsupported format {format:?}: expected {trace:?}", trace = TRACE_FORMAT)]
+    UnsupportedFormat { format: String },
+    /// A field the format needs; `hint` says what it holds.
+    #[error("missing field {field:?}{}", hint.map(|h| format!(" ({h})")).unwrap_or_default())]
+    MissingField {
+        field: &'static str,
+        hint: Option<&'static str>,
+    },
+    #[error("must be at least 1")]
+    NoExperts,
+    #[error("no layers listed")]
+    NoLayers,
+    #[error("no batches")]
+    NoBatches,
+    #[error("the trace header is not followed by any batch line")]
+    NoBatchLines,
+    #[error("every layer is all zero: no MoE load was recorded")]
+    AllZero,
+    #[error(
+        "layer id {id} is past the limit of {max} layers (plan::limits::MAX_LAYERS)",
+        max = MAX_LAYERS
+    )]
+    LayerIdPastLimit { id: u32 },
+    #[error("layer ids must be strictly increasing ({id} after {previous})")]
+    LayerIdsNotIncreasing { id: u32, previous: u32 },
+    #[error(
+        "{experts} experts per layer is more than the limit of {max} (plan::limits::MAX_EXPERTS)",
+        max = MAX_EXPERTS
+    )]
+    TooManyExperts { experts: usize },
+    #[error(
+        "{layers} layers is more than the limit of {max} (plan::limits::MAX_LAYERS)",
+        max = MAX_LAYERS
+    )]
+    TooManyLayers { layers: usize },
+    /// More counts than [`LoadLimits::max_cells`].
+    #[error(
+        "{batches} batches x {layers} layers x {experts} experts is more than {max} counts, the \
+         limit for this reader: split the trace or aggregate its batches"
+    )]
+    TooManyCells {
+        batches: usize,
+        layers: usize,
+        experts: usize,
+        max: usize,
+    },
+    /// A count array with the wrong number of dimensions; `expected` says which.
+    #[error("{expected}, found {found} dimension(s)")]
+    Dimensions {
+        expected: &'static str,
+        found: usize,
+    },
+    /// OLMoE/Mixtral: `counts` is `layers x experts` but the file lists other sizes.
+    #[error(
+        "counts is {layers} x {experts} but the file lists {listed_layers} layers and \
+         num_experts = {num_experts}"
+    )]
+    CountsShape {
+        layers: usize,
+        experts: usize,
+        listed_layers: usize,
+        num_experts: usize,
+    },
+    /// A trace batch whose `tokens` is not the header's `layers x experts`.
+    #[error(
+        "tokens is {layers} layers x {experts} experts but the header says {header_layers} layers \
+         x {header_experts} experts"
+    )]
+    TokensShape {
+        layers: usize,
+        experts: usize,
+        header_layers: usize,
+        header_experts: usize,
+    },
+    #[error(transparent)]
+    Window(#[from] WindowError),
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
 }
 
 impl LoadError {
-    fn new(file: &str, position: Option<String>, problem: impl Into<String>) -> Self {
+    fn new(file: &str, position: Option<String>, problem: impl Into<LoadProblem>) -> Self {
         Self {
             file: file.to_string(),
             position,
@@ -117,11 +221,7 @@ impl LoadError {
         };
         let position = (e.line() > 0)
             .then(|| format!("line {} column {}", e.line() + line_offset, e.column()));
-        Self::new(
-            file,
-            position,
-            format!("{problem} (is this a load file? see README \"Load trace format\")"),
-        )
+        Self::new(file, position, LoadProblem::Json { message: problem })
     }
 }
 
@@ -330,45 +430,39 @@ fn window(
     LoadWindow::new(layer_ids, experts, counts).map_err(|p| LoadError::new(file, None, p))
 }
 
+/// The first limit a claimed `(batches, layers, experts)` shape is past, if any.
+fn shape_problem(
+    (batches, layers, experts): (usize, usize, usize),
+    limits: &LoadLimits,
+) -> Option<LoadProblem> {
+    if experts > MAX_EXPERTS as usize {
+        return Some(LoadProblem::TooManyExperts { experts });
+    }
+    if layers > MAX_LAYERS as usize {
+        return Some(LoadProblem::TooManyLayers { layers });
+    }
+    if checked_cells(&[batches, layers, experts], limits.max_cells).is_none() {
+        return Some(LoadProblem::TooManyCells {
+            batches,
+            layers,
+            experts,
+            max: limits.max_cells,
+        });
+    }
+    None
+}
+
 /// Refuse a claimed shape past `plan::limits` or `limits` before anything is sized by it.
 fn check_shape(
     file: &str,
     field: &str,
-    (batches, layers, experts): (usize, usize, usize),
+    shape: (usize, usize, usize),
     limits: &LoadLimits,
 ) -> Result<(), LoadError> {
-    let at = Some(field.to_string());
-    if experts > MAX_EXPERTS as usize {
-        return Err(LoadError::new(
-            file,
-            at,
-            format!(
-                "{experts} experts per layer is more than the limit of {MAX_EXPERTS} \
-                 (plan::limits::MAX_EXPERTS)"
-            ),
-        ));
+    match shape_problem(shape, limits) {
+        Some(p) => Err(LoadError::new(file, Some(field.to_string()), p)),
+        None => Ok(()),
     }
-    if layers > MAX_LAYERS as usize {
-        return Err(LoadError::new(
-            file,
-            at,
-            format!(
-                "{layers} layers is more than the limit of {MAX_LAYERS} (plan::limits::MAX_LAYERS)"
-            ),
-        ));
-    }
-    if checked_cells(&[batches, layers, experts], limits.max_cells).is_none() {
-        return Err(LoadError::new(
-            file,
-            at,
-            format!(
-                "{batches} batches x {layers} layers x {experts} experts is more than {} counts, \
-                 the limit for this reader: split the trace or aggregate its batches",
-                limits.max_cells
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Turn `[B][L][E]` (or `[L][E]`) SGLang counts into a window, dropping dense (all-zero) layers.
@@ -380,10 +474,10 @@ fn from_logical_count(file: &str, t: Tensor, limits: &LoadLimits) -> Result<Load
             return Err(LoadError::new(
                 file,
                 Some("logical_count".into()),
-                format!(
-                "expected [layer][expert] or [batch][layer][expert] counts, found {} dimension(s)",
-                t.shape.len()
-            ),
+                LoadProblem::Dimensions {
+                    expected: "expected [layer][expert] or [batch][layer][expert] counts",
+                    found: t.shape.len(),
+                },
             ))
         }
     };
@@ -396,7 +490,7 @@ fn from_logical_count(file: &str, t: Tensor, limits: &LoadLimits) -> Result<Load
         return Err(LoadError::new(
             file,
             Some("logical_count".into()),
-            "every layer is all zero: no MoE load was recorded",
+            LoadProblem::AllZero,
         ));
     }
     let mut counts = Vec::with_capacity(batches * keep.len() * experts);
@@ -415,27 +509,27 @@ fn from_logical_count(file: &str, t: Tensor, limits: &LoadLimits) -> Result<Load
 
 fn check_layer_ids(file: &str, field: &str, ids: &[u32]) -> Result<(), LoadError> {
     if ids.is_empty() {
-        return Err(LoadError::new(file, Some(field.into()), "no layers listed"));
+        return Err(LoadError::new(
+            file,
+            Some(field.into()),
+            LoadProblem::NoLayers,
+        ));
     }
     if let Some(i) = ids.iter().position(|&id| id >= MAX_LAYERS) {
         return Err(LoadError::new(
             file,
             Some(format!("{field}[{i}]")),
-            format!(
-                "layer id {} is past the limit of {MAX_LAYERS} layers (plan::limits::MAX_LAYERS)",
-                ids[i]
-            ),
+            LoadProblem::LayerIdPastLimit { id: ids[i] },
         ));
     }
     if let Some(i) = (1..ids.len()).find(|&i| ids[i] <= ids[i - 1]) {
         return Err(LoadError::new(
             file,
             Some(format!("{field}[{i}]")),
-            format!(
-                "layer ids must be strictly increasing ({} after {})",
-                ids[i],
-                ids[i - 1]
-            ),
+            LoadProblem::LayerIdsNotIncreasing {
+                id: ids[i],
+                previous: ids[i - 1],
+            },
         ));
     }
     Ok(())
@@ -457,18 +551,20 @@ fn from_olmoe(
         [l, e] => Err(LoadError::new(
             file,
             Some("counts".into()),
-            format!(
-                "counts is {l} x {e} but the file lists {} layers and num_experts = {num_experts}",
-                layers.len()
-            ),
+            LoadProblem::CountsShape {
+                layers: l,
+                experts: e,
+                listed_layers: layers.len(),
+                num_experts,
+            },
         )),
         _ => Err(LoadError::new(
             file,
             Some("counts".into()),
-            format!(
-                "expected [layer][expert] counts, found {} dimension(s)",
-                t.shape.len()
-            ),
+            LoadProblem::Dimensions {
+                expected: "expected [layer][expert] counts",
+                found: t.shape.len(),
+            },
         )),
     }
 }
@@ -490,15 +586,20 @@ fn push_batch(
         [l, e] => Err(LoadError::new(
             file,
             Some(where_.to_string()),
-            format!(
-                "tokens is {l} layers x {e} experts but the header says {} layers x {experts} experts",
-                layers.len()
-            ),
+            LoadProblem::TokensShape {
+                layers: l,
+                experts: e,
+                header_layers: layers.len(),
+                header_experts: experts,
+            },
         )),
         _ => Err(LoadError::new(
             file,
             Some(where_.to_string()),
-            format!("tokens must be [layer][expert] counts, found {} dimension(s)", t.shape.len()),
+            LoadProblem::Dimensions {
+                expected: "tokens must be [layer][expert] counts",
+                found: t.shape.len(),
+            },
         )),
     }
 }
@@ -514,14 +615,16 @@ fn check_trace_header(
         return Err(LoadError::new(
             file,
             Some("format".into()),
-            format!("unsupported format {format:?}: expected {TRACE_FORMAT:?}"),
+            LoadProblem::UnsupportedFormat {
+                format: format.to_string(),
+            },
         ));
     }
     if experts == 0 {
         return Err(LoadError::new(
             file,
             Some("experts".into()),
-            "must be at least 1",
+            LoadProblem::NoExperts,
         ));
     }
     check_layer_ids(file, "layers", layers)?;
@@ -533,18 +636,22 @@ fn from_any_doc(file: &str, doc: AnyDoc, limits: &LoadLimits) -> Result<LoadWind
         return from_logical_count(file, t, limits);
     }
     if let Some(format) = doc.format {
-        let experts = doc.experts.ok_or_else(|| {
-            LoadError::new(file, None, "missing field \"experts\" (experts per layer)")
-        })?;
-        let layers = doc.layers.ok_or_else(|| {
-            LoadError::new(file, None, "missing field \"layers\" (model layer ids)")
-        })?;
+        let missing =
+            |field, hint| LoadError::new(file, None, LoadProblem::MissingField { field, hint });
+        let experts = doc
+            .experts
+            .ok_or_else(|| missing("experts", Some("experts per layer")))?;
+        let layers = doc
+            .layers
+            .ok_or_else(|| missing("layers", Some("model layer ids")))?;
         check_trace_header(file, &format, experts, &layers, limits)?;
-        let batches = doc
-            .batches
-            .ok_or_else(|| LoadError::new(file, None, "missing field \"batches\""))?;
+        let batches = doc.batches.ok_or_else(|| missing("batches", None))?;
         if batches.is_empty() {
-            return Err(LoadError::new(file, Some("batches".into()), "no batches"));
+            return Err(LoadError::new(
+                file,
+                Some("batches".into()),
+                LoadProblem::NoBatches,
+            ));
         }
         check_shape(
             file,
@@ -570,20 +677,16 @@ fn from_any_doc(file: &str, doc: AnyDoc, limits: &LoadLimits) -> Result<LoadWind
             LoadError::new(
                 file,
                 None,
-                "missing field \"layers\" (which layers the counts are for)",
+                LoadProblem::MissingField {
+                    field: "layers",
+                    hint: Some("which layers the counts are for"),
+                },
             )
         })?;
         let e = t.shape.last().copied().unwrap_or(0);
         return from_olmoe(file, doc.num_experts.unwrap_or(e), layers, t, limits);
     }
-    Err(LoadError::new(
-        file,
-        None,
-        format!(
-            "not a known load format: expected \"logical_count\" (SGLang), \"format\": {TRACE_FORMAT:?}, \
-             or \"counts\" with \"layers\" (OLMoE/Mixtral routing)"
-        ),
-    ))
+    Err(LoadError::new(file, None, LoadProblem::UnknownFormat))
 }
 
 fn parse_jsonl(
@@ -612,11 +715,7 @@ fn parse_jsonl(
         batches += 1;
     }
     if batches == 0 {
-        return Err(LoadError::new(
-            file,
-            None,
-            "the trace header is not followed by any batch line",
-        ));
+        return Err(LoadError::new(file, None, LoadProblem::NoBatchLines));
     }
     window(file, header.layers, header.experts, counts)
 }
@@ -639,12 +738,12 @@ pub fn parse_load_bytes_with(
         LoadError::new(
             file,
             Some(format!("byte {}", e.valid_up_to())),
-            "not UTF-8 text (expected JSON)",
+            LoadProblem::NotUtf8,
         )
     })?;
     let trimmed = text.trim_start();
     if trimmed.is_empty() {
-        return Err(LoadError::new(file, None, "the file is empty"));
+        return Err(LoadError::new(file, None, LoadProblem::EmptyFile));
     }
     if trimmed.starts_with('[') {
         let t: Tensor = serde_json::from_str(text).map_err(|e| LoadError::json(file, 0, &e))?;
@@ -679,15 +778,15 @@ fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, LoadError> {
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(max.saturating_add(1)).read_to_end(&mut bytes))
-        .map_err(|e| LoadError::new(&name, None, format!("cannot read: {e}")))?;
+        .map_err(|e| {
+            let message = e.to_string();
+            LoadError::new(&name, None, LoadProblem::Unreadable { message })
+        })?;
     if bytes.len() as u64 > max {
         return Err(LoadError::new(
             &name,
             None,
-            format!(
-                "the file is larger than the limit of {max} bytes \
-                 (plan::limits::MAX_LOAD_FILE_BYTES): split the trace or aggregate its batches"
-            ),
+            LoadProblem::FileTooLarge { max },
         ));
     }
     Ok(bytes)
@@ -708,24 +807,23 @@ pub fn read_load_file_for(
 impl LoadWindow {
     /// Check that this window fits `model`: same experts per layer, MoE layer ids only, no more
     /// layers than the model has MoE layers.
-    pub fn check_against(&self, model: &ModelShape) -> Result<(), String> {
+    pub fn check_against(&self, model: &ModelShape) -> Result<(), ShapeError> {
         if self.experts() != model.experts as usize {
-            return Err(format!(
-                "the load has {} experts per layer but the model has {}: is this load from another model?",
-                self.experts(),
-                model.experts
-            ));
+            return Err(ShapeError::Experts {
+                load: self.experts(),
+                model: model.experts,
+            });
         }
-        if let Some(&l) = self
+        if let Some(&layer) = self
             .layer_ids()
             .iter()
             .find(|&&l| l < model.first_moe_layer || l >= model.layers)
         {
-            return Err(format!(
-                "layer {l} of the load is not a MoE layer of the model (MoE layers are {}..{}): \
-                 check --first-moe-layer and the layer count",
-                model.first_moe_layer, model.layers
-            ));
+            return Err(ShapeError::LayerNotMoe {
+                layer,
+                first: model.first_moe_layer,
+                end: model.layers,
+            });
         }
         Ok(())
     }
@@ -932,6 +1030,41 @@ impl Drift {
     }
 }
 
+/// Why a synthetic window could not be generated ([`synthetic_window`],
+/// [`sample_batches_from_totals`]); each names the argument.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum SyntheticError {
+    /// `names` lists the arguments that must be positive.
+    #[error("{names} must all be at least 1")]
+    Zero { names: &'static str },
+    #[error("top_k ({top_k}) must be between 1 and the expert count ({experts})")]
+    TopK { top_k: usize, experts: usize },
+    #[error("skew ({skew}) and drift ({drift}) must be finite and >= 0")]
+    SkewDrift { skew: f64, drift: f64 },
+    #[error("drift ({drift}) must be finite and >= 0")]
+    Drift { drift: f64 },
+    /// The window would be past [`LoadLimits::file`] or `plan::limits`.
+    #[error("synthetic trace: size: {0}")]
+    Size(LoadProblem),
+    #[error(
+        "tokens_per_batch ({tokens_per_batch}) x top_k ({top_k}) is more than the limit of \
+         {max:e} tokens per cell (plan::limits::MAX_TOKEN_COUNT)",
+        max = MAX_TOKEN_COUNT
+    )]
+    TokensPerCell { tokens_per_batch: u64, top_k: usize },
+    #[error(
+        "tokens_per_batch ({tokens_per_batch}) is more than the limit of {max:e} tokens per cell \
+         (plan::limits::MAX_TOKEN_COUNT)",
+        max = MAX_TOKEN_COUNT
+    )]
+    TokensPerBatch { tokens_per_batch: u64 },
+    /// A layer of the totals with no tokens: there are no shares to sample.
+    #[error("layer {layer} has no load to sample from")]
+    NoLoad { layer: u32 },
+    #[error(transparent)]
+    Window(#[from] WindowError),
+}
+
 /// A seeded synthetic load window shaped like real MoE traces (e.g. DeepSeek-V3's).
 ///
 /// Model, per layer `l`:
@@ -967,29 +1100,25 @@ pub fn synthetic_window(
     skew: f64,
     drift: f64,
     seed: u64,
-) -> Result<LoadWindow, String> {
+) -> Result<LoadWindow, SyntheticError> {
     if layers == 0 || experts == 0 || batches == 0 || tokens_per_batch == 0 {
-        return Err("layers, experts, batches and tokens_per_batch must all be at least 1".into());
+        return Err(SyntheticError::Zero {
+            names: "layers, experts, batches and tokens_per_batch",
+        });
     }
     if top_k == 0 || top_k > experts {
-        return Err(format!(
-            "top_k ({top_k}) must be between 1 and the expert count ({experts})"
-        ));
+        return Err(SyntheticError::TopK { top_k, experts });
     }
     if !(skew.is_finite() && skew >= 0.0 && drift.is_finite() && drift >= 0.0) {
-        return Err(format!(
-            "skew ({skew}) and drift ({drift}) must be finite and >= 0"
-        ));
+        return Err(SyntheticError::SkewDrift { skew, drift });
     }
     check_synthetic_size(batches, layers, experts)?;
     let per_layer = tokens_per_batch
         .checked_mul(top_k as u64)
         .filter(|&t| t as f64 <= MAX_TOKEN_COUNT)
-        .ok_or_else(|| {
-            format!(
-                "tokens_per_batch ({tokens_per_batch}) x top_k ({top_k}) is more than the limit of \
-                 {MAX_TOKEN_COUNT:e} tokens per cell (plan::limits::MAX_TOKEN_COUNT)"
-            )
+        .ok_or(SyntheticError::TokensPerCell {
+            tokens_per_batch,
+            top_k,
         })?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut base = Vec::with_capacity(layers);
@@ -1020,14 +1149,15 @@ pub fn synthetic_window(
 
 /// A generated window is held like a file's: refuse shapes past [`LoadLimits::file`] and
 /// `plan::limits` before allocating them.
-fn check_synthetic_size(batches: usize, layers: usize, experts: usize) -> Result<(), String> {
-    check_shape(
-        "synthetic trace",
-        "size",
-        (batches, layers, experts),
-        &LoadLimits::file(),
-    )
-    .map_err(|e| e.to_string())
+fn check_synthetic_size(
+    batches: usize,
+    layers: usize,
+    experts: usize,
+) -> Result<(), SyntheticError> {
+    match shape_problem((batches, layers, experts), &LoadLimits::file()) {
+        Some(p) => Err(SyntheticError::Size(p)),
+        None => Ok(()),
+    }
 }
 
 /// Shared by [`synthetic_window`] and [`sample_batches_from_totals`]: per-batch drifted shares of
@@ -1041,7 +1171,7 @@ fn sample_batches(
     top_k: u64,
     drift: f64,
     rng: &mut ChaCha8Rng,
-) -> Result<LoadWindow, String> {
+) -> Result<LoadWindow, SyntheticError> {
     let cap = 1.0 / top_k as f64;
     let max_each = per_layer_total / top_k;
     let layers = base.len();
@@ -1070,7 +1200,7 @@ fn sample_batches(
             );
         }
     }
-    LoadWindow::new(layer_ids, experts, counts)
+    Ok(LoadWindow::new(layer_ids, experts, counts)?)
 }
 
 /// Per-batch windows drawn around aggregate counts (e.g. the OLMoE/Mixtral files), for held-out
@@ -1083,29 +1213,27 @@ pub fn sample_batches_from_totals(
     tokens_per_batch: u64,
     drift: f64,
     seed: u64,
-) -> Result<LoadWindow, String> {
+) -> Result<LoadWindow, SyntheticError> {
     if batches == 0 || tokens_per_batch == 0 {
-        return Err("batches and tokens_per_batch must be at least 1".into());
+        return Err(SyntheticError::Zero {
+            names: "batches and tokens_per_batch",
+        });
     }
     if !(drift.is_finite() && drift >= 0.0) {
-        return Err(format!("drift ({drift}) must be finite and >= 0"));
+        return Err(SyntheticError::Drift { drift });
     }
     check_synthetic_size(batches, totals.layers(), totals.experts())?;
     if tokens_per_batch as f64 > MAX_TOKEN_COUNT {
-        return Err(format!(
-            "tokens_per_batch ({tokens_per_batch}) is more than the limit of {MAX_TOKEN_COUNT:e} \
-             tokens per cell (plan::limits::MAX_TOKEN_COUNT)"
-        ));
+        return Err(SyntheticError::TokensPerBatch { tokens_per_batch });
     }
     let mut base = Vec::with_capacity(totals.layers());
     for l in 0..totals.layers() {
         let t = totals.layer_totals(l);
         let s: f64 = t.iter().sum();
         if s <= 0.0 {
-            return Err(format!(
-                "layer {} has no load to sample from",
-                totals.layer_ids()[l]
-            ));
+            return Err(SyntheticError::NoLoad {
+                layer: totals.layer_ids()[l],
+            });
         }
         base.push(t.into_iter().map(|x| x / s).collect::<Vec<_>>());
     }
@@ -1358,9 +1486,25 @@ mod tests {
     #[test]
     fn synthetic_sizes_are_bounded() {
         let e = synthetic_window(512, 1024, 1 << 20, 10, 1, 1.0, 0.0, 0).unwrap_err();
-        assert!(e.contains("is more than 134217728 counts"), "{e}");
+        assert_eq!(
+            e,
+            SyntheticError::Size(LoadProblem::TooManyCells {
+                batches: 1 << 20,
+                layers: 512,
+                experts: 1024,
+                max: MAX_LOAD_CELLS_FILE
+            })
+        );
+        assert!(
+            e.to_string().contains("is more than 134217728 counts"),
+            "{e}"
+        );
         let e = synthetic_window(1, 4, 1, u64::MAX, 2, 1.0, 0.0, 0).unwrap_err();
-        assert!(e.contains("MAX_TOKEN_COUNT"), "{e}");
+        assert!(
+            matches!(e, SyntheticError::TokensPerCell { top_k: 2, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("MAX_TOKEN_COUNT"), "{e}");
     }
 
     fn model(experts: u32) -> ModelShape {
@@ -1379,15 +1523,20 @@ mod tests {
     fn check_against_the_model() {
         let w = LoadWindow::new(vec![1, 15], 4, vec![1.0; 8]).unwrap();
         w.check_against(&model(4)).unwrap();
-        assert!(w
-            .check_against(&model(8))
-            .unwrap_err()
-            .contains("4 experts per layer but the model has 8"));
+        let e = w.check_against(&model(8)).unwrap_err();
+        assert_eq!(e, ShapeError::Experts { load: 4, model: 8 });
+        assert!(
+            e.to_string()
+                .contains("4 experts per layer but the model has 8"),
+            "{e}"
+        );
         let dense = LoadWindow::new(vec![0, 5], 4, vec![1.0; 8]).unwrap();
-        assert!(dense
-            .check_against(&model(4))
-            .unwrap_err()
-            .contains("layer 0 of the load is not a MoE layer"));
+        let e = dense.check_against(&model(4)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("layer 0 of the load is not a MoE layer"),
+            "{e}"
+        );
         let past = LoadWindow::new(vec![16], 4, vec![1.0; 4]).unwrap();
         assert!(past.check_against(&model(4)).is_err());
         let path = concat!(

@@ -10,6 +10,14 @@
 //! - [`expert_plan`]: the plan document (JSON contract of DESIGN.md), its hash and plan diffs;
 //!   [`packed`]: how it is stored in the 1 MiB plan ConfigMap.
 //! - [`limits`]: the largest shapes anything accepts.
+//!
+//! Errors are typed, one enum per domain, each next to what it checks: [`TopologyError`],
+//! [`ShapeError`] (a model's shape, and a load or plan that does not fit it), [`ByteSizeError`] and
+//! [`model::HfConfigError`] in [`model`]; [`WindowError`] in [`load`]; [`load_formats::LoadError`]
+//! (file and position, with a [`load_formats::LoadProblem`]) and
+//! [`load_formats::SyntheticError`]; [`limits::LimitError`]; [`expert_plan::InvariantError`] and
+//! [`PlanReadError`]; [`eplb::EplbError`]; [`reference::ReferenceError`]; [`planner::PlanError`]
+//! with [`planner::BudgetError`] and [`planner::AlgorithmError`]; [`packed::PackError`].
 
 pub mod balance;
 pub mod craft;
@@ -24,5 +32,7 @@ pub mod planner;
 pub mod reference;
 
 pub use expert_plan::{Algorithm, ExpertPlan, HashRule, LayerPlan, PlanReadError};
-pub use load::LoadWindow;
-pub use model::{parse_byte_size, Dtype, ModelShape, Topology};
+pub use load::{LoadWindow, WindowError};
+pub use model::{
+    parse_byte_size, ByteSizeError, Dtype, ModelShape, ShapeError, Topology, TopologyError,
+};

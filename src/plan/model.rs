@@ -53,6 +53,45 @@ impl ModelShape {
     }
 }
 
+/// A model shape that cannot be planned, or a load or plan that does not fit the model it is
+/// used with. Each names the field and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    #[error("model.topK ({top_k}) must be between 1 and model.experts ({experts})")]
+    TopK { top_k: u32, experts: u32 },
+    #[error(
+        "model.firstMoeLayer ({first_moe_layer}) must be less than model.layers ({layers}): the \
+         model has no MoE layer"
+    )]
+    NoMoeLayer { first_moe_layer: u32, layers: u32 },
+    #[error(
+        "the load has {load} experts per layer but the model has {model}: is this load from \
+         another model?"
+    )]
+    Experts { load: usize, model: u32 },
+    /// A layer of the load outside the model's MoE layers `first..end`.
+    #[error(
+        "layer {layer} of the load is not a MoE layer of the model (MoE layers are {first}..{end}): \
+         check --first-moe-layer and the layer count"
+    )]
+    LayerNotMoe { layer: u32, first: u32, end: u32 },
+    #[error("the load has {load} experts per layer but the plan's model has {plan}")]
+    PlanExperts { load: usize, plan: u32 },
+    #[error("the load has layer {layer} but the plan has no such MoE layer (plan layers: {plan_layers:?})")]
+    PlanLayer { layer: u32, plan_layers: Vec<u32> },
+}
+
+/// Why [`Topology::new`] refused a topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TopologyError {
+    #[error("gpus and nodes must be at least 1")]
+    Zero { gpus: usize, nodes: usize },
+    #[error(
+        "gpus ({gpus}) must be a multiple of nodes ({nodes}): every node holds the same number of GPUs"
+    )]
+    Uneven { gpus: usize, nodes: usize },
+}
+
 /// Expert-parallel topology: `gpus` EP ranks spread evenly over `nodes`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Topology {
@@ -61,14 +100,12 @@ pub struct Topology {
 }
 
 impl Topology {
-    pub fn new(gpus: usize, nodes: usize) -> Result<Self, String> {
+    pub fn new(gpus: usize, nodes: usize) -> Result<Self, TopologyError> {
         if gpus == 0 || nodes == 0 {
-            return Err("gpus and nodes must be at least 1".into());
+            return Err(TopologyError::Zero { gpus, nodes });
         }
         if !gpus.is_multiple_of(nodes) {
-            return Err(format!(
-                "gpus ({gpus}) must be a multiple of nodes ({nodes}): every node holds the same number of GPUs"
-            ));
+            return Err(TopologyError::Uneven { gpus, nodes });
         }
         Ok(Self { gpus, nodes })
     }
@@ -112,24 +149,37 @@ mod tests {
     #[test]
     fn topology_rejects_uneven_nodes() {
         assert!(Topology::new(64, 8).is_ok());
-        assert!(Topology::new(10, 4)
-            .unwrap_err()
-            .contains("multiple of nodes"));
+        let e = Topology::new(10, 4).unwrap_err();
+        assert_eq!(e, TopologyError::Uneven { gpus: 10, nodes: 4 });
+        assert!(e.to_string().contains("multiple of nodes"), "{e}");
         assert_eq!(Topology::new(64, 8).unwrap().node_of(17), 2);
     }
+}
+
+/// Why [`parse_byte_size`] refused its input (`input` as given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ByteSizeError {
+    #[error(
+        "{input:?} is not a size: expected a number with an optional unit, e.g. 2GiB or 512Mi"
+    )]
+    NotANumber { input: String },
+    #[error("{input:?}: unknown unit {unit:?}; use B, KiB, MiB, GiB, TiB or K, M, G, T")]
+    UnknownUnit { input: String, unit: String },
+    #[error("{input:?} is out of range")]
+    OutOfRange { input: String },
 }
 
 /// Parse a byte size: a plain number of bytes, or a number with a unit. Binary units (`Ki`, `Mi`,
 /// `Gi`, `Ti`, with or without a trailing `B`) are powers of 1024, as in Kubernetes quantities;
 /// decimal units (`k`/`K`, `M`, `G`, `T`, optionally with `B`) are powers of 1000.
-pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+pub fn parse_byte_size(s: &str) -> Result<u64, ByteSizeError> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|_| {
-        format!("{s:?} is not a size: expected a number with an optional unit, e.g. 2GiB or 512Mi")
+    let value: f64 = num.parse().map_err(|_| ByteSizeError::NotANumber {
+        input: s.to_string(),
     })?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
@@ -142,21 +192,24 @@ pub fn parse_byte_size(s: &str) -> Result<u64, String> {
         "Gi" | "GiB" => 1 << 30,
         "Ti" | "TiB" => 1 << 40,
         other => {
-            return Err(format!(
-                "{s:?}: unknown unit {other:?}; use B, KiB, MiB, GiB, TiB or K, M, G, T"
-            ))
+            return Err(ByteSizeError::UnknownUnit {
+                input: s.to_string(),
+                unit: other.to_string(),
+            })
         }
     };
     let bytes = value * mult as f64;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("{s:?} is out of range"));
+        return Err(ByteSizeError::OutOfRange {
+            input: s.to_string(),
+        });
     }
     Ok(bytes as u64)
 }
 
 #[cfg(test)]
 mod size_tests {
-    use super::parse_byte_size;
+    use super::{parse_byte_size, ByteSizeError};
 
     #[test]
     fn sizes_in_both_unit_systems() {
@@ -164,21 +217,65 @@ mod size_tests {
         assert_eq!(parse_byte_size("2Gi").unwrap(), 2 << 30);
         assert_eq!(parse_byte_size("1.5G").unwrap(), 1_500_000_000);
         assert_eq!(parse_byte_size("4096").unwrap(), 4096);
-        assert!(parse_byte_size("2 parsecs")
-            .unwrap_err()
-            .contains("unknown unit"));
-        assert!(parse_byte_size("GiB").is_err());
+        let e = parse_byte_size("2 parsecs").unwrap_err();
+        assert_eq!(
+            e,
+            ByteSizeError::UnknownUnit {
+                input: "2 parsecs".into(),
+                unit: "parsecs".into()
+            }
+        );
+        assert!(e.to_string().contains("unknown unit"), "{e}");
+        assert!(matches!(
+            parse_byte_size("GiB"),
+            Err(ByteSizeError::NotANumber { .. })
+        ));
     }
+}
+
+/// Why a HuggingFace `config.json` gave no plannable MoE shape; each names the config field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HfConfigError {
+    /// None of the keys that may hold this number is there (as a non-negative integer).
+    #[error("config.json has none of {keys:?} (a positive integer)")]
+    Missing { keys: &'static [&'static str] },
+    #[error(
+        "config.json: `{key}` is {value} (MoE only in some layers); only 1, MoE in every layer \
+         after the leading dense ones, is supported"
+    )]
+    SparseLayers {
+        key: &'static str,
+        value: serde_json::Value,
+    },
+    #[error("config.json: `mlp_only_layers` is {value}; expected a list of layer indices")]
+    DenseLayersNotList { value: serde_json::Value },
+    #[error(
+        "config.json: `mlp_only_layers` {layers:?} is not a prefix 0..k of the layers; only \
+         leading dense layers are supported"
+    )]
+    DenseLayersNotPrefix { layers: Vec<u64> },
+    #[error("config.json: {what} {value} is too large")]
+    TooLarge { what: &'static str, value: u64 },
+    #[error(
+        "config.json: inconsistent shape (layers {layers}, first MoE layer {first_moe_layer}, \
+         experts {experts}, top-k {top_k})"
+    )]
+    Inconsistent {
+        layers: u32,
+        first_moe_layer: u32,
+        experts: u32,
+        top_k: u32,
+    },
 }
 
 /// The shape of a MoE model from a HuggingFace `config.json` (Mixtral, Qwen2/3-MoE, OLMoE,
 /// DeepSeek-V2/V3 field names).
-pub fn from_hf_config(v: &serde_json::Value) -> Result<ModelShape, String> {
+pub fn from_hf_config(v: &serde_json::Value) -> Result<ModelShape, HfConfigError> {
     let int = |keys: &[&str]| -> Option<u64> {
         keys.iter().find_map(|k| v.get(*k).and_then(|x| x.as_u64()))
     };
-    let need = |keys: &[&str]| -> Result<u64, String> {
-        int(keys).ok_or_else(|| format!("config.json has none of {keys:?} (a positive integer)"))
+    let need = |keys: &'static [&'static str]| -> Result<u64, HfConfigError> {
+        int(keys).ok_or(HfConfigError::Missing { keys })
     };
     let layers = need(&["num_hidden_layers"])?;
     let experts = need(&["num_local_experts", "num_experts", "n_routed_experts"])?;
@@ -191,9 +288,10 @@ pub fn from_hf_config(v: &serde_json::Value) -> Result<ModelShape, String> {
     for key in ["decoder_sparse_step", "moe_layer_freq"] {
         if let Some(n) = v.get(key).filter(|x| !x.is_null()) {
             if n.as_u64() != Some(1) {
-                return Err(format!(
-                    "config.json: `{key}` is {n} (MoE only in some layers); only 1, MoE in every layer after the leading dense ones, is supported"
-                ));
+                return Err(HfConfigError::SparseLayers {
+                    key,
+                    value: n.clone(),
+                });
             }
         }
     }
@@ -202,14 +300,10 @@ pub fn from_hf_config(v: &serde_json::Value) -> Result<ModelShape, String> {
         Some(x) => x
             .as_array()
             .and_then(|a| a.iter().map(|l| l.as_u64()).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| {
-                format!("config.json: `mlp_only_layers` is {x}; expected a list of layer indices")
-            })?,
+            .ok_or_else(|| HfConfigError::DenseLayersNotList { value: x.clone() })?,
     };
     if dense.iter().enumerate().any(|(i, &l)| l != i as u64) {
-        return Err(format!(
-            "config.json: `mlp_only_layers` {dense:?} is not a prefix 0..k of the layers; only leading dense layers are supported"
-        ));
+        return Err(HfConfigError::DenseLayersNotPrefix { layers: dense });
     }
     let first_moe_layer = int(&["first_k_dense_replace"])
         .unwrap_or(0)
@@ -218,8 +312,8 @@ pub fn from_hf_config(v: &serde_json::Value) -> Result<ModelShape, String> {
         .pointer("/quantization_config/quant_method")
         .and_then(|x| x.as_str())
         .is_some_and(|m| m.eq_ignore_ascii_case("fp8"));
-    let small = |x: u64, what: &str| {
-        u32::try_from(x).map_err(|_| format!("config.json: {what} {x} is too large"))
+    let small = |value: u64, what: &'static str| {
+        u32::try_from(value).map_err(|_| HfConfigError::TooLarge { what, value })
     };
     let shape = ModelShape {
         layers: small(layers, "num_hidden_layers")?,
@@ -231,10 +325,12 @@ pub fn from_hf_config(v: &serde_json::Value) -> Result<ModelShape, String> {
         dtype: if fp8 { Dtype::Fp8 } else { Dtype::Bf16 },
     };
     if shape.first_moe_layer >= shape.layers || shape.top_k == 0 || shape.top_k > shape.experts {
-        return Err(format!(
-            "config.json: inconsistent shape (layers {}, first MoE layer {}, experts {}, top-k {})",
-            shape.layers, shape.first_moe_layer, shape.experts, shape.top_k
-        ));
+        return Err(HfConfigError::Inconsistent {
+            layers: shape.layers,
+            first_moe_layer: shape.first_moe_layer,
+            experts: shape.experts,
+            top_k: shape.top_k,
+        });
     }
     Ok(shape)
 }
@@ -261,9 +357,9 @@ mod hf_tests {
             (61, 3, 256, 2048)
         );
         assert_eq!(m.dtype, Dtype::Fp8);
-        assert!(from_hf_config(&serde_json::json!({"num_hidden_layers": 2}))
-            .unwrap_err()
-            .contains("num_local_experts"));
+        let e = from_hf_config(&serde_json::json!({"num_hidden_layers": 2})).unwrap_err();
+        assert!(matches!(e, HfConfigError::Missing { .. }), "{e}");
+        assert!(e.to_string().contains("num_local_experts"), "{e}");
     }
 
     #[test]
@@ -287,12 +383,28 @@ mod hf_tests {
         let m = qwen(serde_json::json!({"mlp_only_layers": [0, 1]})).unwrap();
         assert_eq!(m.first_moe_layer, 2);
         let e = qwen(serde_json::json!({"mlp_only_layers": [3]})).unwrap_err();
-        assert!(e.contains("`mlp_only_layers` [3] is not a prefix"), "{e}");
-        let e = qwen(serde_json::json!({"mlp_only_layers": "all"})).unwrap_err();
+        assert_eq!(e, HfConfigError::DenseLayersNotPrefix { layers: vec![3] });
+        assert!(
+            e.to_string()
+                .contains("`mlp_only_layers` [3] is not a prefix"),
+            "{e}"
+        );
+        let e = qwen(serde_json::json!({"mlp_only_layers": "all"}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expected a list of layer indices"), "{e}");
-        let e = qwen(serde_json::json!({"decoder_sparse_step": 2})).unwrap_err();
+        let e = qwen(serde_json::json!({"decoder_sparse_step": 2}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`decoder_sparse_step` is 2"), "{e}");
         let e = qwen(serde_json::json!({"moe_layer_freq": 2})).unwrap_err();
-        assert!(e.contains("`moe_layer_freq` is 2"), "{e}");
+        assert_eq!(
+            e,
+            HfConfigError::SparseLayers {
+                key: "moe_layer_freq",
+                value: serde_json::json!(2)
+            }
+        );
+        assert!(e.to_string().contains("`moe_layer_freq` is 2"), "{e}");
     }
 }

@@ -3,16 +3,19 @@
 
 use super::balance::{evaluate_layers, LayerMatrix};
 use super::craft::{self, CraftOptions, Placement};
+use super::eplb::EplbError;
 use super::expert_plan::{
-    round_share, Algorithm, ExpertPlan, GpuTransition, LayerBalance, LayerPlan, PlanStats,
-    Transition, PLAN_FORMAT_VERSION,
+    round_share, Algorithm, ExpertPlan, GpuTransition, InvariantError, LayerBalance, LayerPlan,
+    PlanStats, Transition, PLAN_FORMAT_VERSION,
 };
 use super::limits::{
-    checked_cells, MAX_EXPERTS, MAX_EXPERT_INTERMEDIATE_SIZE, MAX_GPUS, MAX_GPUS_PER_NODE,
-    MAX_HIDDEN_SIZE, MAX_LAYERS, MAX_LOAD_CELLS_FILE, MAX_NODES, MAX_REPLICAS_PER_GPU, MAX_TOP_K,
+    checked_cells, LimitError, MAX_EXPERTS, MAX_EXPERT_INTERMEDIATE_SIZE, MAX_GPUS,
+    MAX_GPUS_PER_NODE, MAX_HIDDEN_SIZE, MAX_LAYERS, MAX_LOAD_CELLS_FILE, MAX_NODES,
+    MAX_REPLICAS_PER_GPU, MAX_TOP_K,
 };
 use super::load::LoadWindow;
-use super::model::{ModelShape, Topology};
+use super::model::{ModelShape, ShapeError, Topology};
+use super::reference::ReferenceError;
 
 /// How much memory each GPU may spend on replicas.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -42,17 +45,57 @@ pub struct PlanRequest {
     pub craft: CraftOptions,
 }
 
+/// Why [`make_plan`] made no plan. The four kinds are the metric labels of [`PlanError::reason`].
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PlanError {
+    /// The model's shape cannot be planned, or the load does not fit it.
     #[error("load does not fit the model: {0}")]
-    Load(String),
+    Load(#[from] ShapeError),
     #[error("budget: {0}")]
-    Budget(String),
+    Budget(#[from] BudgetError),
     #[error("{0}")]
-    Algorithm(String),
+    Algorithm(#[from] AlgorithmError),
     /// A shape or budget past `plan::limits`: refused before anything is sized by it.
     #[error("{0}")]
-    Limit(String),
+    Limit(#[from] LimitError),
+}
+
+/// A budget the request's algorithm cannot spend.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BudgetError {
+    #[error(
+        "EPLB replicates every layer alike, so replicas per GPU ({replicas}) must be a multiple of \
+         the {layers} MoE layers (one redundant expert per GPU per layer is {layers})"
+    )]
+    EplbNotPerLayer { replicas: usize, layers: usize },
+    #[error(
+        "a memory budget needs the model's hidden and expert intermediate sizes (--model or the \
+         shape flags)"
+    )]
+    MemoryWithoutSizes,
+    #[error(
+        "an auto budget is only supported by the craft algorithm; give replicas or memory per GPU"
+    )]
+    AutoNeedsCraft,
+    #[error("no allocation places exactly {replicas} replicas")]
+    NoAllocation { replicas: usize },
+}
+
+/// The algorithm could not place the experts, or placed them wrongly (`internal`).
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum AlgorithmError {
+    #[error("policy none needs at least as many experts ({experts}) as GPUs ({gpus})")]
+    NoneNeedsExperts { experts: usize, gpus: usize },
+    #[error(transparent)]
+    Eplb(#[from] EplbError),
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    /// A bug: the plan made breaks an invariant of [`ExpertPlan::check`].
+    #[error("internal: the plan breaks an invariant: {0}")]
+    Invariant(InvariantError),
+    /// A bug: the plan's predicted figures are not finite ([`ExpertPlan::check_stats`]).
+    #[error("internal: the plan's figures: {0}")]
+    Stats(InvariantError),
 }
 
 impl PlanError {
@@ -72,13 +115,7 @@ impl PlanError {
 pub fn check_request_limits(req: &PlanRequest, window: &LoadWindow) -> Result<(), PlanError> {
     let m = &req.model;
     let t = req.topology;
-    let over = |what: &str, value: u64, limit: u64, constant: &str| {
-        (value > limit).then(|| {
-            PlanError::Limit(format!(
-                "{what} is {value}, past the limit of {limit} (plan::limits::{constant})"
-            ))
-        })
-    };
+    let over = LimitError::over;
     let checks = [
         over(
             "model layers",
@@ -115,7 +152,7 @@ pub fn check_request_limits(req: &PlanRequest, window: &LoadWindow) -> Result<()
         ),
     ];
     if let Some(e) = checks.into_iter().flatten().next() {
-        return Err(e);
+        return Err(e.into());
     }
     if let Budget::ReplicasPerGpu(r) = req.budget {
         if let Some(e) = over(
@@ -124,7 +161,7 @@ pub fn check_request_limits(req: &PlanRequest, window: &LoadWindow) -> Result<()
             MAX_REPLICAS_PER_GPU.into(),
             "MAX_REPLICAS_PER_GPU",
         ) {
-            return Err(e);
+            return Err(e.into());
         }
     }
     // The window is widened to every MoE layer of the model before planning.
@@ -134,11 +171,13 @@ pub fn check_request_limits(req: &PlanRequest, window: &LoadWindow) -> Result<()
         m.experts as usize,
     ];
     if checked_cells(&cells, MAX_LOAD_CELLS_FILE).is_none() {
-        return Err(PlanError::Limit(format!(
-            "{} batches x {} MoE layers x {} experts is more than {MAX_LOAD_CELLS_FILE} counts \
-             (plan::limits::MAX_LOAD_CELLS_FILE): plan from fewer batches",
-            cells[0], cells[1], cells[2]
-        )));
+        return Err(LimitError::Cells {
+            batches: cells[0],
+            layers: cells[1],
+            experts: cells[2],
+            limit: MAX_LOAD_CELLS_FILE,
+        }
+        .into());
     }
     Ok(())
 }
@@ -160,29 +199,33 @@ pub fn make_plan(
     let topo = req.topology;
     let e = model.experts as usize;
     if window.experts() != e {
-        return Err(PlanError::Load(format!(
-            "the load has {} experts per layer, the model {e}",
-            window.experts()
-        )));
+        return Err(ShapeError::Experts {
+            load: window.experts(),
+            model: model.experts,
+        }
+        .into());
     }
     if model.top_k == 0 || model.top_k > model.experts {
-        return Err(PlanError::Load(format!(
-            "topK {} must be in 1..={e}",
-            model.top_k
-        )));
+        return Err(ShapeError::TopK {
+            top_k: model.top_k,
+            experts: model.experts,
+        }
+        .into());
     }
     let ids = moe_layer_ids(model);
     if ids.is_empty() {
-        return Err(PlanError::Load(
-            "the model has no MoE layer (firstMoeLayer >= layers)".into(),
-        ));
+        return Err(ShapeError::NoMoeLayer {
+            first_moe_layer: model.first_moe_layer,
+            layers: model.layers,
+        }
+        .into());
     }
     // Plan every MoE layer; layers the load lacks count as idle. No copy when the load already
     // covers exactly the model's MoE layers.
     let full = if window.layer_ids() == ids.as_slice() {
         std::borrow::Cow::Borrowed(window)
     } else {
-        std::borrow::Cow::Owned(window.with_layers(&ids).map_err(PlanError::Load)?)
+        std::borrow::Cow::Owned(window.with_layers(&ids)?)
     };
     let layer_index: Vec<usize> = (0..full.layers()).collect();
     let mats = craft::parallel_map(&layer_index, |&l| LayerMatrix::from_window(&full, l));
@@ -192,10 +235,11 @@ pub fn make_plan(
     let (placements, r): (Vec<Placement>, usize) = match req.algorithm {
         Algorithm::None => {
             if e < topo.gpus {
-                return Err(PlanError::Algorithm(format!(
-                    "policy none needs at least as many experts ({e}) as GPUs ({})",
-                    topo.gpus
-                )));
+                return Err(AlgorithmError::NoneNeedsExperts {
+                    experts: e,
+                    gpus: topo.gpus,
+                }
+                .into());
             }
             let caps = craft::capacities(&vec![e; layers], topo.gpus);
             (caps.iter().map(|c| craft::contiguous(e, c)).collect(), 0)
@@ -213,19 +257,20 @@ pub fn make_plan(
         Algorithm::Eplb => {
             let r = replicas_per_gpu(req.budget, bytes)?;
             if r % layers != 0 {
-                return Err(PlanError::Budget(format!(
-                    "EPLB replicates every layer alike, so replicas per GPU ({r}) must be a multiple of the \
-                     {layers} MoE layers (one redundant expert per GPU per layer is {layers})"
-                )));
+                return Err(BudgetError::EplbNotPerLayer {
+                    replicas: r,
+                    layers,
+                }
+                .into());
             }
             let lps = super::eplb::eplb_plan(&full, model, topo, r / layers, req.eplb_groups)
-                .map_err(PlanError::Algorithm)?;
+                .map_err(AlgorithmError::from)?;
             return finish(req, window, &mats, previous, lps, r);
         }
         Algorithm::CraftReference => {
             let r = replicas_per_gpu(req.budget, bytes)?;
             let lps = super::reference::reference_plan(&full, model, topo, r)
-                .map_err(PlanError::Algorithm)?;
+                .map_err(AlgorithmError::from)?;
             let r = lps
                 .iter()
                 .map(|lp| lp.physical_experts() - e)
@@ -249,24 +294,21 @@ fn replicas_per_gpu(budget: Budget, bytes_per_expert: u64) -> Result<usize, Plan
         Budget::ReplicasPerGpu(r) => Ok(r as usize),
         Budget::MemoryPerGpu(b) => {
             if bytes_per_expert == 0 {
-                return Err(PlanError::Budget(
-                    "a memory budget needs the model's hidden and expert intermediate sizes (--model or the shape flags)"
-                        .into(),
-                ));
+                return Err(BudgetError::MemoryWithoutSizes.into());
             }
             let r = b / bytes_per_expert;
             if r > MAX_REPLICAS_PER_GPU.into() {
-                return Err(PlanError::Limit(format!(
-                    "a memory budget of {b} bytes per GPU holds {r} experts of {bytes_per_expert} bytes, \
-                     past the limit of {MAX_REPLICAS_PER_GPU} replicas per GPU \
-                     (plan::limits::MAX_REPLICAS_PER_GPU)"
-                )));
+                return Err(LimitError::MemoryBudget {
+                    bytes: b,
+                    replicas: r,
+                    bytes_per_expert,
+                    limit: MAX_REPLICAS_PER_GPU,
+                }
+                .into());
             }
             Ok(r as usize)
         }
-        Budget::Auto { .. } => Err(PlanError::Budget(
-            "an auto budget is only supported by the craft algorithm; give replicas or memory per GPU".into(),
-        )),
+        Budget::Auto { .. } => Err(BudgetError::AutoNeedsCraft.into()),
     }
 }
 
@@ -315,9 +357,9 @@ fn craft_plan(
         }
         _ => reachable,
     };
-    let extra = alloc.choose(r * d).ok_or_else(|| {
-        PlanError::Budget(format!("no allocation places exactly {} replicas", r * d))
-    })?;
+    let extra = alloc
+        .choose(r * d)
+        .ok_or(BudgetError::NoAllocation { replicas: r * d })?;
     let physical: Vec<usize> = extra.iter().map(|k| e + k).collect();
     let caps = craft::capacities(&physical, d);
     Ok((
@@ -380,9 +422,7 @@ fn finish(
         transition,
         hash: String::new(),
     };
-    plan.check().map_err(|m| {
-        PlanError::Algorithm(format!("internal: the plan breaks an invariant: {m}"))
-    })?;
+    plan.check().map_err(AlgorithmError::Invariant)?;
     // Judge the plan on the layers the load has (the matrices are already built).
     let have: Vec<usize> = (0..plan.layers.len())
         .filter(|&l| window.layer_ids().contains(&plan.layers[l].layer))
@@ -407,8 +447,7 @@ fn finish(
             .collect(),
     });
     // serde_json writes a NaN or an infinity as null, which no reader takes back: never write one.
-    plan.check_stats()
-        .map_err(|m| PlanError::Algorithm(format!("internal: the plan's figures: {m}")))?;
+    plan.check_stats().map_err(AlgorithmError::Stats)?;
     Ok(plan.seal())
 }
 

@@ -31,7 +31,7 @@ use std::collections::BinaryHeap;
 use super::eplb::even_split_plan;
 use super::expert_plan::LayerPlan;
 use super::load::LoadWindow;
-use super::model::{ModelShape, Topology};
+use super::model::{ModelShape, ShapeError, Topology, TopologyError};
 
 /// The reference code's candidate replica counts per layer (`replica_sizes` in `craft_core.py`).
 pub const REFERENCE_K: [usize; 5] = [0, 4, 8, 16, 32];
@@ -325,10 +325,24 @@ pub fn fit_to_budget(alloc: &mut [usize], target: usize) {
     pad_to(alloc, target);
 }
 
-fn check_inputs(window: &LoadWindow, topo: Topology) -> Result<(), String> {
+/// Why the reference algorithm could not plan.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("the load window holds no tokens: nothing to plan from")]
+    NoTokens,
+    /// [`reference_layer_plans`]: one replica count per layer of the window.
+    #[error("{given} per-layer replica counts for a window of {layers} layers")]
+    PerLayerCounts { given: usize, layers: usize },
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
+}
+
+fn check_inputs(window: &LoadWindow, topo: Topology) -> Result<(), ReferenceError> {
     Topology::new(topo.gpus, topo.nodes)?;
     if window.total_tokens() <= 0.0 {
-        return Err("the load window holds no tokens: nothing to plan from".into());
+        return Err(ReferenceError::NoTokens);
     }
     Ok(())
 }
@@ -339,7 +353,7 @@ fn check_inputs(window: &LoadWindow, topo: Topology) -> Result<(), String> {
 pub fn reference_allocation(
     window: &LoadWindow,
     topo: Topology,
-) -> Result<ReferenceAllocation, String> {
+) -> Result<ReferenceAllocation, ReferenceError> {
     check_inputs(window, topo)?;
     let (layers, experts) = (window.layers(), window.experts());
     let kept = kept_batches(window);
@@ -398,14 +412,13 @@ pub fn reference_layer_plans(
     window: &LoadWindow,
     topo: Topology,
     per_layer: &[usize],
-) -> Result<Vec<LayerPlan>, String> {
+) -> Result<Vec<LayerPlan>, ReferenceError> {
     check_inputs(window, topo)?;
     if per_layer.len() != window.layers() {
-        return Err(format!(
-            "{} per-layer replica counts for a window of {} layers",
-            per_layer.len(),
-            window.layers()
-        ));
+        return Err(ReferenceError::PerLayerCounts {
+            given: per_layer.len(),
+            layers: window.layers(),
+        });
     }
     let experts = window.experts();
     let kept = kept_batches(window);
@@ -427,13 +440,13 @@ pub fn reference_plan(
     model: &ModelShape,
     topo: Topology,
     replicas_per_gpu: usize,
-) -> Result<Vec<LayerPlan>, String> {
+) -> Result<Vec<LayerPlan>, ReferenceError> {
     if window.experts() != model.experts as usize {
-        return Err(format!(
-            "the load window has {} experts per layer but the model has {}: use a load file from this model",
-            window.experts(),
-            model.experts
-        ));
+        return Err(ShapeError::Experts {
+            load: window.experts(),
+            model: model.experts,
+        }
+        .into());
     }
     let mut alloc = reference_allocation(window, topo)?.per_layer;
     fit_to_budget(&mut alloc, replicas_per_gpu * topo.gpus);
@@ -620,9 +633,15 @@ mod tests {
                 }
             }
         }
-        assert!(reference_plan(&w, &model(32), topo, 2)
-            .unwrap_err()
-            .contains("64 experts"));
+        let e = reference_plan(&w, &model(32), topo, 2).unwrap_err();
+        assert_eq!(
+            e,
+            ReferenceError::Shape(ShapeError::Experts {
+                load: 64,
+                model: 32
+            })
+        );
+        assert!(e.to_string().contains("64 experts"), "{e}");
     }
 
     #[test]

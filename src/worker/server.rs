@@ -300,7 +300,8 @@ impl Worker {
                 ));
             }
         }
-        plan.check().map_err(ApplyError::Invalid)?;
+        plan.check()
+            .map_err(|e| ApplyError::Invalid(e.to_string()))?;
         let g = self.cfg.gpus_per_node;
         let per_node = plan.gpus / plan.nodes;
         let ranks = self.cfg.ranks();
