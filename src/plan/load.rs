@@ -153,3 +153,55 @@ impl LoadWindow {
         Ok(Self::new(ids.to_vec(), e, counts).expect("a valid window widened is valid"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_carry_the_cell_and_the_shape() {
+        let e = LoadWindow::new(vec![3, 5], 2, vec![1.0, 1.0, 1.0, -1.0]).unwrap_err();
+        assert_eq!(
+            e,
+            WindowError::BadCount {
+                batch: 0,
+                layer: 5,
+                expert: 1,
+                count: -1.0
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "batch 0, layer 5, expert 1: count -1 is not a finite number in 0..=1e15 \
+             (plan::limits::MAX_TOKEN_COUNT)"
+        );
+        assert_eq!(
+            LoadWindow::new(vec![0], 2, vec![1.0; 3]).unwrap_err(),
+            WindowError::PartialBatch {
+                counts: 3,
+                layers: 1,
+                experts: 2
+            }
+        );
+        assert_eq!(
+            LoadWindow::new(vec![], 2, vec![]).unwrap_err(),
+            WindowError::Empty {
+                layers: 0,
+                experts: 2
+            }
+        );
+        let w = LoadWindow::new(vec![3], 2, vec![1.0, 2.0]).unwrap();
+        assert_eq!(
+            w.with_layers(&[1, 2]).unwrap_err(),
+            ShapeError::LayerNotMoe {
+                layer: 3,
+                first: 1,
+                end: 3
+            }
+        );
+        let wide = w.with_layers(&[2, 3, 4]).unwrap();
+        assert_eq!(wide.layer_ids(), &[2, 3, 4]);
+        assert_eq!(wide.row(0, 1), &[1.0, 2.0]);
+        assert_eq!(wide.total_tokens(), 3.0);
+    }
+}

@@ -1370,6 +1370,33 @@ mod tests {
             e.contains("counts: counts is 1 x 3 but the file lists 2 layers"),
             "{e}"
         );
+        let e = parse(r#"{"num_experts":3,"layers":[0,7],"counts":[[1,2,3]]}"#).unwrap_err();
+        assert_eq!(e.position.as_deref(), Some("counts"));
+        assert_eq!(
+            e.problem,
+            LoadProblem::CountsShape {
+                layers: 1,
+                experts: 3,
+                listed_layers: 2,
+                num_experts: 3
+            }
+        );
+        let e = parse(r#"{"format":"moe-load-trace/v1","layers":[0],"batches":[]}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.json: missing field \"experts\" (experts per layer)"
+        );
+        // On two lines, so that the first is no JSON Lines header.
+        let e =
+            parse("{\"format\":\"moe-load-trace/v1\",\n\"experts\":2,\"layers\":[0]}").unwrap_err();
+        assert_eq!(
+            e.problem,
+            LoadProblem::MissingField {
+                field: "batches",
+                hint: None
+            }
+        );
+        assert_eq!(e.to_string(), "t.json: missing field \"batches\"");
         let e = read_load_file("/nonexistent/load.json")
             .unwrap_err()
             .to_string();
