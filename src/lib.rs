@@ -11,4 +11,5 @@ pub mod controller;
 pub mod loadgen;
 pub mod plan;
 pub mod serving;
+pub mod text;
 pub mod worker;
