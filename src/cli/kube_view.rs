@@ -23,7 +23,8 @@ pub struct EventLine {
     pub count: i32,
 }
 
-/// Reasons of the operator's events that mark a plan being adopted (replan.rs, reconcile.rs).
+/// Reasons of the operator's events that mark a plan being adopted (controller::replan and
+/// controller::reconcile).
 const PLAN_ADOPTED: &str = "PlanImproved";
 const INITIAL_PLAN: &str = "InitialPlan";
 
