@@ -29,9 +29,10 @@ fn demo_example_is_a_valid_moedeployment() {
     assert!(s.rollout.max_unavailable <= s.topology.nodes);
 }
 
-/// Every spec in examples/invalid/ (each refused by the CRD's schema or CEL rules, see the README's
-/// "Bad input" table) is also refused by the operator's own checks: it fails to parse as the API
-/// types, or validation reports it. So an object that slipped past an outdated CRD is still caught.
+/// Every spec in examples/invalid/ (each refused by the CRD's schema or CEL rules, see the "Bad
+/// input" table of docs/api.md) is also refused by the operator's own checks: it fails to parse as
+/// the API types, or validation reports it. So an object that slipped past an outdated CRD is still
+/// caught.
 #[test]
 fn invalid_examples_are_refused_by_parsing_or_validation() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/invalid");

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::plan::LoadWindow;
 
-/// Counter of tokens computed per logical expert (DESIGN.md, worker metrics).
+/// Counter of tokens computed per logical expert (../shared/DESIGN.md, worker metrics).
 pub const TOKENS_METRIC: &str = "moe_expert_tokens_total";
 /// Info metric naming the plan in force.
 pub const PLAN_INFO_METRIC: &str = "moe_worker_plan_info";

@@ -8,7 +8,7 @@
 //! - OLMoE/Mixtral routing counts (`allenai/OLMoE` `scripts/routing_output`, converted to JSON):
 //!   `{"num_experts", "layers": [0, 7, 15], "counts": [[int; E]; 3], ...}`, one batch.
 //! - Our trace format `moe-load-trace/v1`, as one JSON document or as JSON Lines (a header line,
-//!   then one batch per line). See the README section "Load trace format".
+//!   then one batch per line). See docs/load-format.md.
 //!
 //! Everything here is pure except [`read_load_file`], which reads the file and calls
 //! [`parse_load_bytes`].
@@ -120,7 +120,7 @@ impl LoadError {
         Self::new(
             file,
             position,
-            format!("{problem} (is this a load file? see README \"Load trace format\")"),
+            format!("{problem} (is this a load file? see docs/load-format.md)"),
         )
     }
 }

@@ -1,4 +1,4 @@
-//! Worker metrics in the contract names of DESIGN.md, rendered in the Prometheus/OpenMetrics text
+//! Worker metrics in the contract names of ../shared/DESIGN.md, rendered in the Prometheus/OpenMetrics text
 //! format by prometheus-client.
 //!
 //! The per-expert token counts are plain atomics, one per (MoE layer, logical expert), bumped by the

@@ -169,7 +169,7 @@ impl OperatorPlane {
             .tempdir()
             .expect("temp state dir");
         let state = tmp.path().to_path_buf();
-        // A failed `up` stops what it started (cluster.sh); from the struct on, Drop tears down.
+        // A failed `up` stops what it started (e2e/cluster.sh); from the struct on, Drop tears down.
         super::run_cluster(&state, nodes, "up");
         let admin = super::client_from(&state.join("kubeconfig")).await;
         let plane = OperatorPlane {
