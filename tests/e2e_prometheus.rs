@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::Api;
 use moe_operator::api::MoEDeployment;
+use moe_operator::worker::wire::TOKENS_METRIC;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -81,7 +82,10 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
 }
 
-const QUERY: &str = "sum by (layer, expert) (increase(moe_expert_tokens_total[10s]))";
+/// The deployment's load query.
+fn query() -> String {
+    format!("sum by (layer, expert) (increase({TOKENS_METRIC}[10s]))")
+}
 
 fn deployment(checkpoint: &Path, prometheus: &str) -> serde_json::Value {
     json!({
@@ -98,7 +102,7 @@ fn deployment(checkpoint: &Path, prometheus: &str) -> serde_json::Value {
             "replication": {"policy": "Craft", "budget": {"replicasPerGpu": 2},
                             "minImprovement": 0.01, "cooldown": "1s", "window": 5},
             "metrics": {"source": "Prometheus", "interval": "2s",
-                        "prometheus": {"url": prometheus, "query": QUERY}},
+                        "prometheus": {"url": prometheus, "query": query()}},
             "rollout": {"strategy": "InPlace", "maxUnavailable": 1},
             "worker": {"image": "moe-worker:dev", "device": "cpu",
                        "nodeSelector": {"type": "kwok"}}
@@ -342,7 +346,7 @@ async fn prometheus_source_and_kubectl_plugin() {
     // on the order of magnitude (it moves on with time, so no exact match).
     let series = moe_operator::controller::scrape::prometheus_query(
         &prom_url,
-        "sum(moe_expert_tokens_total)",
+        &format!("sum({TOKENS_METRIC})"),
         Duration::from_secs(3),
     )
     .await

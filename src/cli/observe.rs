@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use crate::controller::load::{parse_worker_metrics, ScrapeWindow};
+use crate::controller::load::ScrapeWindow;
 use crate::plan::load_formats::to_trace_json;
+use crate::worker::wire::parse_worker_metrics;
 
 #[derive(Args, Debug)]
 pub struct ObserveArgs {

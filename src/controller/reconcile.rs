@@ -25,7 +25,7 @@ use super::build::{
     LABEL_DEPLOYMENT, TOKEN_KEY,
 };
 use super::initial_load::initial_load_window;
-use super::load::{ScrapeWindow, WorkerSample};
+use super::load::ScrapeWindow;
 use super::replan::{decide, Current};
 use super::rollout::{
     next_step, RolloutGoal, Step, WorkerState, ANNOTATION_PUSH_REJECTED,
@@ -48,6 +48,7 @@ use crate::plan::balance::evaluate;
 use crate::plan::craft::CraftOptions;
 use crate::plan::planner::{make_plan, moe_layer_ids, Budget, PlanRequest, DEFAULT_AUTO_MIN_GAIN};
 use crate::plan::{Algorithm, ExpertPlan, LoadWindow, Topology};
+use crate::worker::wire::WorkerSample;
 
 /// Timeout of one worker or Prometheus request.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);

@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::load::{parse_worker_metrics, WorkerSample};
 use crate::api::pod_policy::{HttpUrl, PodPolicy};
+use crate::worker::wire::{parse_worker_metrics, WorkerSample};
 
 /// One series of a Prometheus instant vector: its labels and value.
 pub type Series = (std::collections::BTreeMap<String, String>, f64);
