@@ -26,14 +26,11 @@ use super::build::{
 };
 use super::initial_load::initial_load_window;
 use super::load::ScrapeWindow;
+use super::prometheus::{sample_from_prometheus, PrometheusClient, PrometheusSetupError};
 use super::replan::{decide, Current};
 use super::rollout::{
     next_step, RolloutGoal, Step, WorkerState, ANNOTATION_PUSH_REJECTED,
     ANNOTATION_PUSH_REJECTED_SINCE, ANNOTATION_TARGET_PLAN, ANNOTATION_TARGET_SINCE,
-};
-use super::scrape::{
-    put_plan, sample_from_prometheus, scrape_worker, HttpError, PrometheusClient,
-    PrometheusSetupError,
 };
 use super::status::{plan_status, set_condition, workers_status};
 use super::telemetry::Metrics;
@@ -48,7 +45,7 @@ use crate::plan::balance::evaluate;
 use crate::plan::craft::CraftOptions;
 use crate::plan::planner::{make_plan, moe_layer_ids, Budget, PlanRequest, DEFAULT_AUTO_MIN_GAIN};
 use crate::plan::{Algorithm, ExpertPlan, LoadWindow, Topology};
-use crate::worker::wire::WorkerSample;
+use crate::worker::wire::{HttpError, WorkerClient, WorkerSample};
 
 /// Timeout of one worker or Prometheus request.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,6 +101,8 @@ pub struct Context {
     /// What MoEDeployment authors may ask of the pods (the one gate, `api::pod_policy`).
     pub pod_policy: PodPolicy,
     prometheus: PrometheusClient,
+    /// Scrapes workers and pushes plans; shares the Prometheus client's connection pool.
+    workers: WorkerClient,
     tracked: Mutex<HashMap<String, Tracked>>,
 }
 
@@ -122,12 +121,14 @@ impl Context {
                 instance,
             },
         );
+        let prometheus = PrometheusClient::new(&pod_policy)?;
         Ok(Self {
             client,
             recorder,
             metrics,
             push_timeout: DEFAULT_PUSH_TIMEOUT,
-            prometheus: PrometheusClient::new(&pod_policy)?,
+            workers: WorkerClient::with_http(prometheus.http().clone()),
+            prometheus,
             pod_policy,
             tracked: Mutex::new(HashMap::new()),
         })
@@ -434,7 +435,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         .filter(|p| p.metadata.deletion_timestamp.is_none())
     {
         let Some(ip) = pod_ip(p) else { continue };
-        match scrape_worker(&ip, metrics_port, HTTP_TIMEOUT).await {
+        match ctx.workers.scrape(&ip, metrics_port, HTTP_TIMEOUT).await {
             Ok(s) => {
                 scraped.insert(p.name_any(), s);
             }
@@ -912,7 +913,9 @@ async fn execute(
                 rank,
                 plan = %plan.short_hash()
             );
-            match put_plan(&ip, admin_port, token, &json, Duration::from_secs(60))
+            match ctx
+                .workers
+                .put_plan(&ip, admin_port, token, &json, Duration::from_secs(60))
                 .instrument(push_span.clone())
                 .await
             {

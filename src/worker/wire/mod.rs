@@ -5,13 +5,23 @@
 //!   names and labels of `/metrics` and its content type ([`WorkerMetrics`] renders with them).
 //! - [`sample`]: a scrape of `/metrics` read back as a [`WorkerSample`] (token counters and the
 //!   plan in force).
+//! - [`http`]: the one HTTP client layer (hyper's pooled client over TCP or rustls TLS, deadlines,
+//!   a cap on what is read, [`HttpError`] with the reasons conditions and metric labels use). The
+//!   operator's Prometheus client runs over it too.
+//! - [`client`]: the [`WorkerClient`]: scrape a worker, push a plan, ask for readiness.
 //!
 //! The dispatch protocol (port 9400) has its own module, [`crate::worker::protocol`].
 //!
 //! [`WorkerMetrics`]: crate::worker::metrics::WorkerMetrics
 
+pub mod client;
+pub mod http;
 pub mod sample;
+#[cfg(test)]
+pub(crate) mod testing;
 
+pub use client::{WorkerClient, MAX_RESPONSE_BYTES};
+pub use http::{excerpt, HttpClient, HttpError, Response};
 pub use sample::{parse_worker_metrics, ParseError, WorkerSample};
 
 /// Metrics port: the Prometheus text exposition of the worker.

@@ -1,5 +1,5 @@
 //! A worker's `/metrics` read back: the [`TOKENS_METRIC`] counters per (layer, expert) and the
-//! plan hash of [`PLAN_INFO_METRIC`]. Pure; the caller does the HTTP, and the
+//! plan hash of [`PLAN_INFO_METRIC`]. Pure; the [`super::WorkerClient`] does the HTTP, and the
 //! operator's `ScrapeWindow` (controller::load) turns successive samples into a load window.
 
 use std::collections::BTreeMap;
