@@ -21,8 +21,8 @@ use super::rollout::{
     ANNOTATION_PUSH_REJECTED, ANNOTATION_PUSH_REJECTED_SINCE, ANNOTATION_TARGET_PLAN,
     ANNOTATION_TARGET_SINCE,
 };
-use super::scrape::{put_plan, HttpError};
 use crate::api::{reason, MoEDeployment, MoEDeploymentStatus};
+use crate::worker::wire::HttpError;
 
 /// How long one plan `PUT` may take (the worker answers once the plan is loaded).
 const PUSH_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -218,7 +218,9 @@ async fn push(
             .await?;
     }
     let span = tracing::info_span!("push", pod = %p.name_any(), plan = %plan.short_hash());
-    match put_plan(&ip, r.admin_port, &r.token, json, PUSH_REQUEST_TIMEOUT)
+    match ctx
+        .workers
+        .put_plan(&ip, r.admin_port, &r.token, json, PUSH_REQUEST_TIMEOUT)
         .instrument(span.clone())
         .await
     {

@@ -47,6 +47,7 @@ use crate::api::MoEDeployment;
 use crate::plan::expert_plan::HashRule;
 use crate::plan::packed::{self, Packed};
 use crate::plan::ExpertPlan;
+use crate::worker::wire::{HEALTHZ_PATH, READYZ_PATH};
 
 /// Label naming the owning MoEDeployment on every object it owns (also the orphan selector).
 pub const LABEL_DEPLOYMENT: &str = "moe.craft.dev/deployment";
@@ -419,9 +420,9 @@ fn worker_container(md: &MoEDeployment, rank: u32, mounts: Vec<VolumeMount>) -> 
         volume_mounts: Some(mounts),
         // Loading a large checkpoint takes minutes: the startup probe allows up to an hour
         // before liveness takes over.
-        startup_probe: Some(http_probe("/healthz", p.metrics, 10, 360)),
-        liveness_probe: Some(http_probe("/healthz", p.metrics, 10, 3)),
-        readiness_probe: Some(http_probe("/readyz", p.metrics, 5, 1)),
+        startup_probe: Some(http_probe(HEALTHZ_PATH, p.metrics, 10, 360)),
+        liveness_probe: Some(http_probe(HEALTHZ_PATH, p.metrics, 10, 3)),
+        readiness_probe: Some(http_probe(READYZ_PATH, p.metrics, 5, 1)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             capabilities: Some(Capabilities {

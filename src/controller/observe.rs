@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
-use super::load::{ScrapeWindow, WorkerSample};
-use super::scrape::{sample_from_prometheus, scrape_worker, PrometheusClient};
+use super::load::ScrapeWindow;
+use super::prometheus::{sample_from_prometheus, PrometheusClient};
 use crate::api::reason;
 use crate::api::validate::{LoadSource, ValidSpec};
 use crate::plan::planner::moe_layer_ids;
 use crate::plan::LoadWindow;
+use crate::worker::wire::{WorkerClient, WorkerSample};
 
 /// Timeout of one worker or Prometheus request.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,6 +89,7 @@ impl LoadWindows {
 /// Scrape the deployment's workers and read its load source.
 pub async fn observe(
     windows: &LoadWindows,
+    workers: &WorkerClient,
     prometheus: &PrometheusClient,
     key: &str,
     uid: &str,
@@ -100,7 +102,7 @@ pub async fn observe(
         .filter(|p| p.metadata.deletion_timestamp.is_none())
     {
         let Some(ip) = pod_ip(p) else { continue };
-        match scrape_worker(&ip, spec.ports.metrics, HTTP_TIMEOUT).await {
+        match workers.scrape(&ip, spec.ports.metrics, HTTP_TIMEOUT).await {
             Ok(s) => {
                 obs.scraped.insert(p.name_any(), s);
             }

@@ -20,11 +20,12 @@ use super::build::{self, LABEL_DEPLOYMENT};
 use super::decide::{self, Inputs};
 use super::fetch;
 use super::observe::{observe, LoadWindows};
-use super::scrape::{PrometheusClient, PrometheusSetupError};
+use super::prometheus::{PrometheusClient, PrometheusSetupError};
 use super::telemetry::Metrics;
 use crate::api::pod_policy::PodPolicy;
 use crate::api::validate::validate;
 use crate::api::MoEDeployment;
+use crate::worker::wire::WorkerClient;
 
 /// Default for how long an in-place push may take (loading the experts a plan adds, on the
 /// slowest storage we expect) before the worker is replaced instead.
@@ -72,6 +73,8 @@ pub struct Context {
     /// What MoEDeployment authors may ask of the pods (the one gate, `api::pod_policy`).
     pub pod_policy: PodPolicy,
     prometheus: PrometheusClient,
+    /// Scrapes workers and pushes plans; shares the Prometheus client's connection pool.
+    pub(super) workers: WorkerClient,
     windows: LoadWindows,
 }
 
@@ -90,12 +93,14 @@ impl Context {
                 instance,
             },
         );
+        let prometheus = PrometheusClient::new(&pod_policy)?;
         Ok(Self {
             client,
             recorder,
             metrics,
             push_timeout: DEFAULT_PUSH_TIMEOUT,
-            prometheus: PrometheusClient::new(&pod_policy)?,
+            workers: WorkerClient::with_http(prometheus.http().clone()),
+            prometheus,
             pod_policy,
             windows: LoadWindows::default(),
         })
@@ -153,6 +158,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
     let uid = md.metadata.uid.clone().unwrap_or_default();
     let observed = observe(
         &ctx.windows,
+        &ctx.workers,
         &ctx.prometheus,
         &key,
         &uid,

@@ -11,8 +11,8 @@ use k8s_openapi::jiff::Timestamp;
 use super::*;
 use crate::api::validate::validate;
 use crate::api::MoEDeploymentSpec;
-use crate::controller::load::WorkerSample;
 use crate::controller::observe::MetricsFailure;
+use crate::worker::wire::WorkerSample;
 
 const NOW: i64 = 1_800_000_000;
 
