@@ -108,8 +108,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- build -------------------------------------------------------------------------------------------
-# The test profile (debug, our crate at opt-level 1, dependencies at 2). Why not release: the README's
-# demo section has the measurements. `cargo test` builds these binaries into the same place, but with
+# The test profile (debug, our crate at opt-level 1, dependencies at 2). Why not release: the
+# measurements are in docs/development.md ("Build profile"). `cargo test` builds these binaries into the same place, but with
 # the dev-dependencies' features, so a plain build would compile the crate again (3-4 min on 2 cores):
 # scripts/test.sh, right after `cargo test`, sets MOE_DEMO_PREBUILT=1 to use its binaries.
 BIN=$REPO/target/debug

@@ -1,6 +1,6 @@
 //! moe-operator: serve Mixture-of-Experts models on Kubernetes and keep their experts balanced.
 //!
-//! Module boundaries follow DESIGN.md: `plan` is pure planning with no I/O; the other modules
+//! Module boundaries follow ../shared/DESIGN.md: `plan` is pure planning with no I/O; the other modules
 //! depend on it, never the other way round.
 
 pub mod api;
@@ -11,4 +11,5 @@ pub mod controller;
 pub mod loadgen;
 pub mod plan;
 pub mod serving;
+pub mod text;
 pub mod worker;

@@ -411,7 +411,7 @@ pub fn render(
             out.push('\n');
         } else {
             out.push_str(&format!("\ncontext {} tokens:\n", t.context_tokens));
-            out.push_str(&crate::cli::kube_view::table(&head, &rows));
+            out.push_str(&crate::text::table(&head, &rows));
         }
         if let Some(x) = t.craft_over_eplb() {
             ratios.push((t.context_tokens, x));

@@ -81,17 +81,10 @@ fn pid_file(state: &Path, ns: &str, pod: &str) -> PathBuf {
 
 /// GET `path` on ip:port with a 1 s deadline: (status, body).
 async fn get(ip: &str, port: u16, path: &str) -> Option<(u16, String)> {
-    let r = moe_operator::controller::scrape::request(
-        "GET",
-        ip,
-        port,
-        path,
-        &[],
-        b"",
-        Duration::from_secs(1),
-    )
-    .await
-    .ok()?;
+    let r = moe_operator::worker::wire::WorkerClient::new()
+        .get(ip, port, path, Duration::from_secs(1))
+        .await
+        .ok()?;
     Some((r.status, String::from_utf8_lossy(&r.body).to_string()))
 }
 

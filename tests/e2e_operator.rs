@@ -14,6 +14,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::Api;
 use moe_operator::api::MoEDeployment;
+use moe_operator::worker::wire::WorkerClient;
 use serde_json::json;
 use std::time::Duration;
 
@@ -214,7 +215,8 @@ async fn operator_end_to_end() {
     eprintln!("rolled out {hash}: {p:?}; observed {observed:?}");
     // Every worker reports the new hash in moe_worker_plan_info.
     for (_, ip) in &running {
-        let r = moe_operator::controller::scrape::scrape_worker(ip, 9401, Duration::from_secs(5))
+        let r = WorkerClient::new()
+            .scrape(ip, 9401, Duration::from_secs(5))
             .await
             .expect("worker answers /metrics");
         assert_eq!(r.plan_hash.as_deref(), Some(hash.as_str()), "worker {ip}");

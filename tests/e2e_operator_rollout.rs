@@ -26,6 +26,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::Api;
 use moe_operator::api::MoEDeployment;
+use moe_operator::worker::wire::WorkerClient;
 use serde_json::json;
 
 mod common;
@@ -81,17 +82,10 @@ async fn sample(pods_api: &Api<Pod>, nodes: u32, t0: Instant) -> Option<Sample> 
             let rank: u32 = p.metadata.labels.as_ref()?.get(RANK)?.parse().ok()?;
             let ip = p.status.as_ref()?.pod_ip.clone()?;
             Some(async move {
-                let r = moe_operator::controller::scrape::request(
-                    "GET",
-                    &ip,
-                    9401,
-                    "/readyz",
-                    &[],
-                    b"",
-                    Duration::from_secs(1),
-                )
-                .await;
-                (rank, r.is_ok_and(|r| r.status == 200))
+                let ready = WorkerClient::new()
+                    .ready(&ip, 9401, Duration::from_secs(1))
+                    .await;
+                (rank, ready)
             })
         });
     for (rank, ok) in futures::future::join_all(checks).await {

@@ -16,6 +16,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::Api;
 use moe_operator::api::MoEDeployment;
+use moe_operator::controller::prometheus::prometheus_query;
+use moe_operator::worker::wire::{WorkerClient, TOKENS_METRIC};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -81,7 +83,10 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
 }
 
-const QUERY: &str = "sum by (layer, expert) (increase(moe_expert_tokens_total[10s]))";
+/// The deployment's load query.
+fn query() -> String {
+    format!("sum by (layer, expert) (increase({TOKENS_METRIC}[10s]))")
+}
 
 fn deployment(checkpoint: &Path, prometheus: &str) -> serde_json::Value {
     json!({
@@ -98,7 +103,7 @@ fn deployment(checkpoint: &Path, prometheus: &str) -> serde_json::Value {
             "replication": {"policy": "Craft", "budget": {"replicasPerGpu": 2},
                             "minImprovement": 0.01, "cooldown": "1s", "window": 5},
             "metrics": {"source": "Prometheus", "interval": "2s",
-                        "prometheus": {"url": prometheus, "query": QUERY}},
+                        "prometheus": {"url": prometheus, "query": query()}},
             "rollout": {"strategy": "InPlace", "maxUnavailable": 1},
             "worker": {"image": "moe-worker:dev", "device": "cpu",
                        "nodeSelector": {"type": "kwok"}}
@@ -258,13 +263,9 @@ async fn prometheus_source_and_kubectl_plugin() {
     ));
     let up_query = "sum(up{job=\"moe-workers\"})";
     wait_for("Prometheus to scrape both workers", long, || async {
-        let v = moe_operator::controller::scrape::prometheus_query(
-            &prom_url,
-            up_query,
-            Duration::from_secs(3),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let v = prometheus_query(&prom_url, up_query, Duration::from_secs(3))
+            .await
+            .map_err(|e| e.to_string())?;
         match v.first() {
             Some((_, up)) if *up == NODES as f64 => Ok(()),
             other => Err(format!("{up_query} = {other:?}")),
@@ -340,9 +341,9 @@ async fn prometheus_source_and_kubectl_plugin() {
     assert!(observed.tokens > 0, "{observed:?}");
     // The tokens in status are what Prometheus says, not a worker scrape: the same query agrees
     // on the order of magnitude (it moves on with time, so no exact match).
-    let series = moe_operator::controller::scrape::prometheus_query(
+    let series = prometheus_query(
         &prom_url,
-        "sum(moe_expert_tokens_total)",
+        &format!("sum({TOKENS_METRIC})"),
         Duration::from_secs(3),
     )
     .await
@@ -350,7 +351,8 @@ async fn prometheus_source_and_kubectl_plugin() {
     assert!(series.first().is_some_and(|(_, v)| *v > 0.0), "{series:?}");
     eprintln!("re-planned from Prometheus: {new_hash} {p:?}; observed {observed:?}");
     for (_, ip) in &running {
-        let r = moe_operator::controller::scrape::scrape_worker(ip, 9401, Duration::from_secs(5))
+        let r = WorkerClient::new()
+            .scrape(ip, 9401, Duration::from_secs(5))
             .await
             .expect("worker answers /metrics");
         assert_eq!(

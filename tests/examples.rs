@@ -21,17 +21,18 @@ fn demo_example_is_a_valid_moedeployment() {
     let text = std::fs::read_to_string(path).unwrap();
     let md: MoEDeployment = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
     assert_eq!(md.metadata.name.as_deref(), Some("demo"));
-    let errs = validate(&md.spec, &policy());
-    assert!(errs.is_empty(), "{path}: {errs:?}");
+    let spec = validate(&md.spec, &policy());
+    assert!(spec.is_ok(), "{path}: {spec:?}");
     // The demo stays within what CEL checks too.
     let s = &md.spec;
     assert!(s.model.top_k <= s.model.experts && s.model.first_moe_layer < s.model.layers);
     assert!(s.rollout.max_unavailable <= s.topology.nodes);
 }
 
-/// Every spec in examples/invalid/ (each refused by the CRD's schema or CEL rules, see the README's
-/// "Bad input" table) is also refused by the operator's own checks: it fails to parse as the API
-/// types, or validation reports it. So an object that slipped past an outdated CRD is still caught.
+/// Every spec in examples/invalid/ (each refused by the CRD's schema or CEL rules, see the "Bad
+/// input" table of docs/api.md) is also refused by the operator's own checks: it fails to parse as
+/// the API types, or validation reports it. So an object that slipped past an outdated CRD is still
+/// caught.
 #[test]
 fn invalid_examples_are_refused_by_parsing_or_validation() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/invalid");
@@ -46,7 +47,7 @@ fn invalid_examples_are_refused_by_parsing_or_validation() {
         match serde_yaml::from_str::<MoEDeployment>(&text) {
             Err(_) => {}
             Ok(md) => assert!(
-                !validate(&md.spec, &policy()).is_empty(),
+                validate(&md.spec, &policy()).is_err(),
                 "{}: validation accepts it",
                 path.display()
             ),

@@ -1,4 +1,4 @@
-//! Property tests of the planner's invariants (CRAFT.md and issue "1 of 5").
+//! Property tests of the planner's invariants (../shared/CRAFT.md and issue "1 of 5").
 
 use moe_operator::plan::balance::{LayerMatrix, ReplayScratch};
 use moe_operator::plan::craft::{self, allocate, candidate_set, CraftOptions};

@@ -26,6 +26,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::Api;
 use moe_operator::api::MoEDeployment;
+use moe_operator::worker::wire::WorkerClient;
 use serde_json::json;
 
 mod common;
@@ -160,7 +161,8 @@ async fn worker_hashes(ips: &[String]) -> Vec<Option<String>> {
     let mut out = Vec::new();
     for ip in ips {
         out.push(
-            moe_operator::controller::scrape::scrape_worker(ip, 9401, Duration::from_secs(2))
+            WorkerClient::new()
+                .scrape(ip, 9401, Duration::from_secs(2))
                 .await
                 .ok()
                 .and_then(|s| s.plan_hash),

@@ -21,6 +21,9 @@ use moe_operator::worker::protocol::{
 };
 use moe_operator::worker::runtime::{start, WorkerHandle, WorkerOptions};
 use moe_operator::worker::server::ServeConfig;
+use moe_operator::worker::wire::{
+    parse_worker_metrics, REQUEST_ERRORS_FAMILY, RESIDENT_EXPERTS_METRIC, STEP_SECONDS_METRIC,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -334,33 +337,19 @@ async fn plan_in_force(w: &WorkerHandle) -> String {
     v["hash"].as_str().unwrap().to_string()
 }
 
-/// `moe_expert_tokens_total` of one scrape: (layer, expert) -> count.
+/// The token counters of one scrape, read as the operator reads them: (layer, expert) -> count.
 fn expert_tokens(metrics: &str) -> HashMap<(u32, u32), u64> {
-    let mut out = HashMap::new();
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("moe_expert_tokens_total{"))
-    {
-        let (labels, value) = line["moe_expert_tokens_total{".len()..]
-            .split_once("} ")
-            .unwrap();
-        let mut layer = None;
-        let mut expert = None;
-        for kv in labels.split(',') {
-            let (k, v) = kv.split_once('=').unwrap();
-            let v: u32 = v.trim_matches('"').parse().unwrap();
-            match k {
-                "layer" => layer = Some(v),
-                "expert" => expert = Some(v),
-                other => panic!("unexpected label {other}"),
-            }
-        }
-        out.insert(
-            (layer.unwrap(), expert.unwrap()),
-            value.trim().parse().unwrap(),
-        );
-    }
-    out
+    parse_worker_metrics(metrics)
+        .unwrap()
+        .tokens
+        .into_iter()
+        .map(|(k, v)| (k, v as u64))
+        .collect()
+}
+
+/// The plan in force that one scrape reports.
+fn plan_hash(metrics: &str) -> Option<String> {
+    parse_worker_metrics(metrics).unwrap().plan_hash
 }
 
 fn request(id: u64, rank: u32, layer: u32, experts: &[u32]) -> DispatchRequest {
@@ -505,12 +494,9 @@ async fn readiness_follows_the_plan_and_admin_needs_the_token() {
 
     expect_output(call(&mut s, &request(2, 0, 1, &[0, 1]).encode()).await);
     let (_, metrics) = http(w.metrics_addr, "GET", "/metrics", None, "").await;
+    assert_eq!(plan_hash(&metrics), Some(a.hash.clone()), "{metrics}");
     assert!(
-        metrics.contains(&format!("moe_worker_plan_info{{hash=\"{}\"}} 1", a.hash)),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("moe_worker_resident_experts 8"),
+        metrics.contains(&format!("{RESIDENT_EXPERTS_METRIC} 8")),
         "{metrics}"
     );
     w.shutdown().await;
@@ -742,11 +728,15 @@ async fn malformed_truncated_and_oversized_frames_close_only_their_connection() 
     expect_output(call(&mut good, &request(2, 1, 2, &[2, 3]).encode()).await);
     let (_, metrics) = http(w.metrics_addr, "GET", "/metrics", None, "").await;
     assert!(
-        metrics.contains("moe_worker_request_errors_total{code=\"malformed\"} 4"),
+        metrics.contains(&format!(
+            "{REQUEST_ERRORS_FAMILY}_total{{code=\"malformed\"}} 4"
+        )),
         "{metrics}"
     );
     assert!(
-        metrics.contains("moe_worker_request_errors_total{code=\"frame_too_large\"} 1"),
+        metrics.contains(&format!(
+            "{REQUEST_ERRORS_FAMILY}_total{{code=\"frame_too_large\"}} 1"
+        )),
         "{metrics}"
     );
     w.shutdown().await;
@@ -776,11 +766,11 @@ async fn metrics_count_exactly_the_rows_sent() {
     for w in [&w0, &w1] {
         let (status, text) = http(w.metrics_addr, "GET", "/metrics", None, "").await;
         assert_eq!(status, 200);
+        assert_eq!(plan_hash(&text), Some(b.hash.clone()), "{text}");
         assert!(
-            text.contains(&format!("moe_worker_plan_info{{hash=\"{}\"}} 1", b.hash)),
+            text.contains(&format!("{RESIDENT_EXPERTS_METRIC} 12")),
             "{text}"
-        );
-        assert!(text.contains("moe_worker_resident_experts 12"), "{text}"); // 2 ranks x 2 layers x 3
+        ); // 2 ranks x 2 layers x 3
         for (k, v) in expert_tokens(&text) {
             *scraped.entry(k).or_default() += v;
         }
@@ -952,9 +942,10 @@ async fn concurrent_requests_for_one_rank_are_batched_and_split_back_exactly() {
         t.await.unwrap();
     }
     let (_, text) = http(w.metrics_addr, "GET", "/metrics", None, "").await;
+    let count = format!("{STEP_SECONDS_METRIC}_count ");
     let steps: u64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("moe_worker_step_seconds_count "))
+        .find_map(|l| l.strip_prefix(count.as_str()))
         .expect("step count")
         .trim()
         .parse()

@@ -2,7 +2,7 @@
 # Real ranks against emulated ranks (issue 7): on a host with D GPUs, the same policies, shape,
 # trace and seed run once with D emulated ranks on cuda:0 and once with D real moe-worker processes
 # (rank r on cuda:r) driven by the load generator. Both modes route identically (their observed
-# balancedness matches exactly); tokens/s differ by what each mode times (see README, Policy testbed).
+# balancedness matches exactly); tokens/s differ by what each mode times (see docs/benchmarks.md, Policy testbed).
 #
 # On the device machine (moectl and moe-worker prebuilt into .devrun/):
 #   benches/gpu/policies-ranks.sh              # D = number of GPUs; results under $OUT/ranks/

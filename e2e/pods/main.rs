@@ -141,7 +141,7 @@ struct Launcher {
     max_grace: Duration,
     retry: Duration,
     volume_sync: Duration,
-    /// Passed to every process so `cluster.sh down` can recognise strays of this plane.
+    /// Passed to every process so `e2e/cluster.sh down` can recognise strays of this plane.
     state_env: Option<String>,
     ips: Mutex<IpPool>,
 }

@@ -1,11 +1,13 @@
 //! The `MoEDeployment` API: the custom resource types, the generated CRD, and the validation of
 //! what the CRD's schema and CEL rules cannot express.
 
+pub mod conditions;
 pub mod moedeployment;
 pub mod pod_policy;
 pub mod units;
 pub mod validate;
 
+pub use conditions::{condition, reason};
 pub use moedeployment::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -237,7 +237,7 @@ pub struct ReplicationSpec {
     /// Least time between two rollouts of a new plan.
     #[serde(default = "default_cooldown")]
     #[schemars(
-        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        regex(pattern = DURATION_PATTERN),
         length(max = 64)
     )]
     pub cooldown: String,
@@ -337,7 +337,7 @@ pub struct MetricsSpec {
     /// Time between two load samples.
     #[serde(default = "default_interval")]
     #[schemars(
-        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
+        regex(pattern = DURATION_PATTERN),
         length(max = 64)
     )]
     pub interval: String,
@@ -531,15 +531,6 @@ pub struct MoEDeploymentStatus {
     pub workers: Option<WorkersStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
-}
-
-/// Condition types the operator sets.
-pub mod condition {
-    pub const READY: &str = "Ready";
-    pub const PROGRESSING: &str = "Progressing";
-    pub const DEGRADED: &str = "Degraded";
-    pub const PLAN_READY: &str = "PlanReady";
-    pub const METRICS_AVAILABLE: &str = "MetricsAvailable";
 }
 
 /// The plan in force (or being rolled out).

@@ -563,7 +563,7 @@ fn check_container(c: &Container, policy: &PodPolicy, no: &mut impl FnMut(String
 mod tests {
     use super::*;
     use crate::api::moedeployment::*;
-    use crate::api::validate::validate;
+    use crate::api::validate::tests::errors;
     use k8s_openapi::api::core::v1::{
         EnvVarSource, HostPathVolumeSource, PersistentVolumeClaimVolumeSource, SecretKeySelector,
         SecurityContext, Volume,
@@ -603,7 +603,7 @@ mod tests {
         let mut s = spec();
         host_path(&mut s, "/var/lib/moe/ckpt");
         let m = only(
-            &validate(&s, &PodPolicy::default()),
+            &errors(&s, &PodPolicy::default()),
             "spec.model.checkpoint.volume.hostPath.path",
         );
         assert!(m.contains("allowed: none"), "{m}");
@@ -620,7 +620,7 @@ mod tests {
             }),
             host_path: None,
         });
-        assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
+        assert_eq!(errors(&s, &PodPolicy::default()), vec![]);
     }
 
     #[test]
@@ -644,10 +644,10 @@ mod tests {
         }
         let mut s = spec();
         host_path(&mut s, "/data/deepseek");
-        assert_eq!(validate(&s, &p), vec![]);
+        assert_eq!(errors(&s, &p), vec![]);
         host_path(&mut s, "/var/lib/kubelet");
         let m = only(
-            &validate(&s, &p),
+            &errors(&s, &p),
             "spec.model.checkpoint.volume.hostPath.path",
         );
         assert!(m.contains("allowed: /data"), "{m}");
@@ -697,10 +697,10 @@ mod tests {
     fn service_account_only_default_unless_allowed() {
         let mut s = spec();
         s.worker.service_account_name = Some("default".into());
-        assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
+        assert_eq!(errors(&s, &PodPolicy::default()), vec![]);
         s.worker.service_account_name = Some("cluster-admin-sa".into());
         let m = only(
-            &validate(&s, &PodPolicy::default()),
+            &errors(&s, &PodPolicy::default()),
             "spec.worker.serviceAccountName",
         );
         assert!(
@@ -709,12 +709,12 @@ mod tests {
             "{m}"
         );
         let p = args(|a| a.service_accounts = vec!["model-reader".into()]);
-        assert_eq!(validate(&s, &p).len(), 1);
+        assert_eq!(errors(&s, &p).len(), 1);
         s.worker.service_account_name = Some("model-reader".into());
-        assert_eq!(validate(&s, &p), vec![]);
+        assert_eq!(errors(&s, &p), vec![]);
         let any = args(|a| a.service_accounts = vec!["*".into()]);
         s.worker.service_account_name = Some("anything".into());
-        assert_eq!(validate(&s, &any), vec![]);
+        assert_eq!(errors(&s, &any), vec![]);
     }
 
     #[test]
@@ -727,12 +727,12 @@ mod tests {
                 "registry.example/ml/".into(),
             ]
         });
-        assert_eq!(validate(&s, &p), vec![]);
+        assert_eq!(errors(&s, &p), vec![]);
         s.worker.image = "ghcr.io/moe-operator/moe-worker-evil:1".into();
-        let m = only(&validate(&s, &p), "spec.worker.image");
+        let m = only(&errors(&s, &p), "spec.worker.image");
         assert!(m.contains("--allowed-image-prefix"), "{m}");
         s.worker.image = "registry.example/ml/moe-worker@sha256:00".into();
-        assert_eq!(validate(&s, &p), vec![]);
+        assert_eq!(errors(&s, &p), vec![]);
     }
 
     #[test]
@@ -751,12 +751,12 @@ mod tests {
             ..Default::default()
         });
         let m = only(
-            &validate(&s, &PodPolicy::default()),
+            &errors(&s, &PodPolicy::default()),
             "spec.worker.env[0].valueFrom.secretKeyRef",
         );
         assert!(m.contains("--allow-env-secret-refs"), "{m}");
         let p = args(|a| a.allow_env_secret_refs = true);
-        assert_eq!(validate(&s, &p), vec![]);
+        assert_eq!(errors(&s, &p), vec![]);
     }
 
     fn prometheus(s: &mut MoEDeploymentSpec, url: &str) {
@@ -773,7 +773,7 @@ mod tests {
         prometheus(&mut s, "https://prometheus.monitoring:9091/prom");
         // Default: no Prometheus at all, the flag named.
         let m = only(
-            &validate(&s, &PodPolicy::default()),
+            &errors(&s, &PodPolicy::default()),
             "spec.metrics.prometheus.url",
         );
         assert!(
@@ -786,7 +786,7 @@ mod tests {
         let p = args(|a| {
             a.prometheus_url_prefixes = vec!["https://Prometheus.monitoring:9091/prom/".into()]
         });
-        assert_eq!(validate(&s, &p), vec![]);
+        assert_eq!(errors(&s, &p), vec![]);
         // Anything else on that host, or another host, scheme or port, is not.
         for url in [
             "http://prometheus.monitoring:9091/prom",
@@ -799,7 +799,7 @@ mod tests {
             "http://kubernetes.default.svc:443",
         ] {
             prometheus(&mut s, url);
-            let errs = validate(&s, &p);
+            let errs = errors(&s, &p);
             assert!(
                 errs.iter().any(|e| e.path == "spec.metrics.prometheus.url"),
                 "{url} accepted: {errs:?}"
@@ -818,7 +818,7 @@ mod tests {
                 p.prometheus_url_allowed(url).is_err(),
                 "{url} parsed as a URL"
             );
-            assert!(!validate(&s, &p).is_empty(), "{url} accepted");
+            assert!(!errors(&s, &p).is_empty(), "{url} accepted");
         }
         // Default ports are the same as explicit ones; deeper paths are under the prefix.
         let p = args(|a| a.prometheus_url_prefixes = vec!["http://prom".into()]);

@@ -10,11 +10,15 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::moedeployment::{MetricsSource, MoEDeploymentSpec, ModelDtype, ModelSpec};
+use super::moedeployment::{
+    MetricsSource, MoEDeploymentSpec, ModelDtype, ModelSpec, ReplicationPolicy, RolloutStrategy,
+};
 use super::pod_policy::{check_pod_policy, PodPolicy};
 use super::units::{parse_duration, parse_quantity};
+use crate::plan::craft::CraftOptions;
 use crate::plan::limits;
-use crate::plan::{Dtype, ModelShape};
+use crate::plan::planner::{Budget, PlanRequest, DEFAULT_AUTO_MIN_GAIN};
+use crate::plan::{Algorithm, Dtype, ModelShape, Topology};
 
 /// One problem in a spec: where, and what to do about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,22 +80,208 @@ impl ModelSpec {
     }
 }
 
-/// Check a spec against the product's rules and the cluster's [`PodPolicy`]. An empty list means
-/// the operator may act on it; there is no check without the policy, so nothing bypasses it.
-pub fn validate(spec: &MoEDeploymentSpec, pod_policy: &PodPolicy) -> Vec<FieldError> {
-    let mut errs = Vec::new();
-    let mut err = |path: &str, message: String| {
-        errs.push(FieldError {
+/// A spec that passed [`validate`], with every value the operator acts on resolved once: durations
+/// as [`Duration`], counts and ports unsigned, the model shape, topology and budget in the
+/// planner's types. Build and the reconcile pipeline take this, never the raw numbers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidSpec {
+    pub shape: ModelShape,
+    /// Worker pods, one per node.
+    pub nodes: u32,
+    pub gpus_per_node: u32,
+    pub topology: Topology,
+    pub policy: ReplicationPolicy,
+    pub budget: Budget,
+    pub min_improvement: f64,
+    pub cooldown: Duration,
+    /// How often load is read.
+    pub interval: Duration,
+    /// Metrics intervals the load window holds (at least 1).
+    pub window_batches: usize,
+    pub load_source: LoadSource,
+    pub strategy: RolloutStrategy,
+    /// At least 1, at most `nodes`.
+    pub max_unavailable: u32,
+    pub ports: Ports,
+}
+
+/// Where the operator reads load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadSource {
+    /// Every worker's `/metrics`.
+    Workers,
+    /// One PromQL query per interval.
+    Prometheus { url: String, query: String },
+}
+
+/// The worker's ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ports {
+    pub dispatch: u16,
+    pub metrics: u16,
+    pub admin: u16,
+}
+
+impl ValidSpec {
+    /// The planner's request for `algorithm` on this spec.
+    pub fn plan_request(&self, algorithm: Algorithm) -> PlanRequest {
+        PlanRequest {
+            algorithm,
+            model: self.shape.clone(),
+            topology: self.topology,
+            budget: self.budget,
+            eplb_groups: None,
+            craft: CraftOptions::default(),
+        }
+    }
+
+    /// The algorithm the policy plans with once load is known.
+    pub fn algorithm(&self) -> Algorithm {
+        match self.policy {
+            ReplicationPolicy::Craft => Algorithm::Craft,
+            ReplicationPolicy::Eplb => Algorithm::Eplb,
+            ReplicationPolicy::PlacementOnly => Algorithm::Placement,
+            ReplicationPolicy::None => Algorithm::None,
+        }
+    }
+}
+
+/// Collects the problems of one spec.
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: &str, message: String) {
+        self.0.push(FieldError {
             path: path.to_string(),
             message,
+        });
+    }
+}
+
+/// Check a spec against the product's rules and the cluster's [`PodPolicy`], and resolve what the
+/// operator acts on. The errors name every field at fault; there is no check without the policy,
+/// so nothing bypasses it.
+pub fn validate(
+    spec: &MoEDeploymentSpec,
+    pod_policy: &PodPolicy,
+) -> Result<ValidSpec, Vec<FieldError>> {
+    let mut errs = Errors::default();
+    check_model(spec, &mut errs);
+    check_checkpoint(spec, &mut errs);
+    check_replication(spec, &mut errs);
+    let interval = check_metrics(spec, &mut errs);
+    let window_batches = check_window(spec, interval, &mut errs);
+    check_rollout(spec, &mut errs);
+    check_worker(spec, &mut errs);
+    if let Some(sel) = &spec.initial_load {
+        if sel.name.trim().is_empty() || sel.key.trim().is_empty() {
+            errs.push(
+                "spec.initialLoad",
+                "needs both name (the ConfigMap) and key (the trace in it)".into(),
+            );
+        }
+    }
+    errs.0.extend(check_pod_policy(spec, pod_policy));
+    match (interval, window_batches) {
+        (Some(interval), Some(window_batches)) if errs.0.is_empty() => {
+            resolve(spec, interval, window_batches).map_err(|e| vec![e])
+        }
+        _ => Err(errs.0),
+    }
+}
+
+/// The resolved values of a spec whose checks passed (the conversions cannot fail then; they
+/// still report a field rather than panic).
+fn resolve(
+    spec: &MoEDeploymentSpec,
+    interval: Duration,
+    window_batches: usize,
+) -> Result<ValidSpec, FieldError> {
+    let t = &spec.topology;
+    let unsigned = |path: &str, v: i64| {
+        u32::try_from(v).map_err(|_| FieldError {
+            path: path.into(),
+            message: format!("{v} is out of range"),
         })
     };
+    let port = |path: &str, v: i32| {
+        u16::try_from(v).map_err(|_| FieldError {
+            path: path.into(),
+            message: format!("{v} is not a port number (1..65535)"),
+        })
+    };
+    let nodes = unsigned("spec.topology.nodes", t.nodes.into())?;
+    let gpus_per_node = unsigned("spec.topology.gpusPerNode", t.gpus_per_node.into())?;
+    let topology =
+        Topology::new((nodes * gpus_per_node) as usize, nodes as usize).map_err(|e| {
+            FieldError {
+                path: "spec.topology".into(),
+                message: e.to_string(),
+            }
+        })?;
+    let b = &spec.replication.budget;
+    let budget = match (b.replicas_per_gpu, &b.memory_per_gpu) {
+        (Some(r), _) => Budget::ReplicasPerGpu(unsigned(
+            "spec.replication.budget.replicasPerGpu",
+            r.into(),
+        )?),
+        (None, Some(q)) => {
+            let bytes = parse_quantity(q).map_err(|e| FieldError {
+                path: "spec.replication.budget.memoryPerGpu".into(),
+                message: e.to_string(),
+            })?;
+            Budget::MemoryPerGpu(u64::try_from(bytes).unwrap_or(u64::MAX))
+        }
+        (None, None) => Budget::Auto {
+            min_gain_per_replica: DEFAULT_AUTO_MIN_GAIN,
+        },
+    };
+    let cooldown = parse_duration(&spec.replication.cooldown).map_err(|e| FieldError {
+        path: "spec.replication.cooldown".into(),
+        message: e.to_string(),
+    })?;
+    let load_source = match (spec.metrics.source, &spec.metrics.prometheus) {
+        (MetricsSource::Prometheus, Some(p)) => LoadSource::Prometheus {
+            url: p.url.clone(),
+            query: p.query.clone(),
+        },
+        _ => LoadSource::Workers,
+    };
+    let p = &spec.worker.ports;
+    Ok(ValidSpec {
+        shape: spec.model.shape()?,
+        nodes,
+        gpus_per_node,
+        topology,
+        policy: spec.replication.policy,
+        budget,
+        min_improvement: spec.replication.min_improvement,
+        cooldown,
+        interval,
+        window_batches,
+        load_source,
+        strategy: spec.rollout.strategy,
+        max_unavailable: unsigned(
+            "spec.rollout.maxUnavailable",
+            spec.rollout.max_unavailable.into(),
+        )?,
+        ports: Ports {
+            dispatch: port("spec.worker.ports.dispatch", p.dispatch)?,
+            metrics: port("spec.worker.ports.metrics", p.metrics)?,
+            admin: port("spec.worker.ports.admin", p.admin)?,
+        },
+    })
+}
+
+/// Model and topology (also CEL / schema; see the module comment). The maxima are
+/// `plan::limits`, which the CRD's schema also carries: an object stored before the CRD had them
+/// must not reach the planner or an allocation sized by it.
+fn check_model(spec: &MoEDeploymentSpec, errs: &mut Errors) {
+    let mut err = |path: &str, message: String| errs.push(path, message);
     let m = &spec.model;
     let t = &spec.topology;
 
-    // Model and topology (also CEL / schema; see the module comment). The maxima are
-    // `plan::limits`, which the CRD's schema also carries: an object stored before the CRD had
-    // them must not reach the planner or an allocation sized by it.
     for (path, v, max) in [
         (
             "spec.model.layers",
@@ -180,8 +370,11 @@ pub fn validate(spec: &MoEDeploymentSpec, pod_policy: &PodPolicy) -> Vec<FieldEr
             ),
         );
     }
+}
 
-    // Checkpoint.
+fn check_checkpoint(spec: &MoEDeploymentSpec, errs: &mut Errors) {
+    let mut err = |path: &str, message: String| errs.push(path, message);
+    let m = &spec.model;
     let ck = &m.checkpoint;
     if !ck.path.starts_with('/') {
         err(
@@ -225,8 +418,12 @@ pub fn validate(spec: &MoEDeploymentSpec, pod_policy: &PodPolicy) -> Vec<FieldEr
             }
         }
     }
+}
 
-    // Replication budget.
+fn check_replication(spec: &MoEDeploymentSpec, errs: &mut Errors) {
+    let mut err = |path: &str, message: String| errs.push(path, message);
+    let m = &spec.model;
+    let policy = spec.replication.policy;
     let b = &spec.replication.budget;
     let forms = usize::from(b.replicas_per_gpu.is_some())
         + usize::from(b.memory_per_gpu.is_some())
@@ -301,8 +498,11 @@ pub fn validate(spec: &MoEDeploymentSpec, pod_policy: &PodPolicy) -> Vec<FieldEr
             format!("{e}: write a duration such as 5m"),
         );
     }
+}
 
-    // Metrics.
+/// The metrics interval, when it is valid.
+fn check_metrics(spec: &MoEDeploymentSpec, errs: &mut Errors) -> Option<Duration> {
+    let mut err = |path: &str, message: String| errs.push(path, message);
     let interval = match parse_duration(&spec.metrics.interval) {
         Err(e) => {
             err(
@@ -324,6 +524,36 @@ pub fn validate(spec: &MoEDeploymentSpec, pod_policy: &PodPolicy) -> Vec<FieldEr
         }
         Ok(d) => Some(d),
     };
+    match (spec.metrics.source, &spec.metrics.prometheus) {
+        (MetricsSource::Prometheus, None) => {
+            err("spec.metrics.prometheus", "required when metrics.source is Prometheus: give url and query".into())
+        }
+        (MetricsSource::Prometheus, Some(p)) => {
+            // The URL's form and whether this cluster allows it: check_pod_policy, below.
+            if p.query.trim().is_empty() {
+                err(
+                    "spec.metrics.prometheus.query",
+                    "empty: give a PromQL query with layer and expert labels, e.g. sum by (layer, expert) (increase(moe_expert_tokens_total[1m]))".into(),
+                );
+            }
+        }
+        (MetricsSource::Workers, Some(_)) => err(
+            "spec.metrics.prometheus",
+            "set, but metrics.source is Workers so it would be ignored: set source: Prometheus or remove it".into(),
+        ),
+        (MetricsSource::Workers, None) => {}
+    }
+
+    interval
+}
+
+/// The load window in metrics intervals, when it and the interval are valid.
+fn check_window(
+    spec: &MoEDeploymentSpec,
+    interval: Option<Duration>,
+    errs: &mut Errors,
+) -> Option<usize> {
+    let mut err = |path: &str, message: String| errs.push(path, message);
     match &spec.replication.window {
         IntOrString::Int(n) if *n < 1 => {
             err(
@@ -377,27 +607,14 @@ pub fn validate(spec: &MoEDeploymentSpec, pod_policy: &PodPolicy) -> Vec<FieldEr
             );
         }
     }
-    match (spec.metrics.source, &spec.metrics.prometheus) {
-        (MetricsSource::Prometheus, None) => {
-            err("spec.metrics.prometheus", "required when metrics.source is Prometheus: give url and query".into())
-        }
-        (MetricsSource::Prometheus, Some(p)) => {
-            // The URL's form and whether this cluster allows it: check_pod_policy, below.
-            if p.query.trim().is_empty() {
-                err(
-                    "spec.metrics.prometheus.query",
-                    "empty: give a PromQL query with layer and expert labels, e.g. sum by (layer, expert) (increase(moe_expert_tokens_total[1m]))".into(),
-                );
-            }
-        }
-        (MetricsSource::Workers, Some(_)) => err(
-            "spec.metrics.prometheus",
-            "set, but metrics.source is Workers so it would be ignored: set source: Prometheus or remove it".into(),
-        ),
-        (MetricsSource::Workers, None) => {}
-    }
+    batches
+        .filter(|b| *b >= 1)
+        .and_then(|b| usize::try_from(b).ok())
+}
 
-    // Rollout.
+fn check_rollout(spec: &MoEDeploymentSpec, errs: &mut Errors) {
+    let mut err = |path: &str, message: String| errs.push(path, message);
+    let t = &spec.topology;
     let mu = spec.rollout.max_unavailable;
     if mu < 1 || mu > t.nodes.max(1) {
         err(
@@ -405,8 +622,11 @@ pub fn validate(spec: &MoEDeploymentSpec, pod_policy: &PodPolicy) -> Vec<FieldEr
             format!("{mu} must be between 1 and topology.nodes ({})", t.nodes),
         );
     }
+}
 
-    // Worker.
+fn check_worker(spec: &MoEDeploymentSpec, errs: &mut Errors) {
+    let mut err = |path: &str, message: String| errs.push(path, message);
+    let t = &spec.topology;
     let w = &spec.worker;
     if w.image.trim().is_empty() {
         err(
@@ -470,8 +690,6 @@ pub fn validate(spec: &MoEDeploymentSpec, pod_policy: &PodPolicy) -> Vec<FieldEr
             );
         }
     }
-    errs.extend(check_pod_policy(spec, pod_policy));
-    errs
 }
 
 #[cfg(test)]
@@ -480,6 +698,11 @@ pub(crate) mod tests {
     use crate::api::moedeployment::*;
     use k8s_openapi::api::core::v1::{EnvVar, HostPathVolumeSource, ResourceRequirements};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    /// The errors of a spec (none when it is valid).
+    pub(crate) fn errors(spec: &MoEDeploymentSpec, policy: &PodPolicy) -> Vec<FieldError> {
+        validate(spec, policy).err().unwrap_or_default()
+    }
 
     pub(crate) fn demo_spec() -> MoEDeploymentSpec {
         serde_yaml::from_str(
@@ -508,8 +731,47 @@ worker: {image: "moe-worker:dev"}
         assert_eq!(s.replication.budget.auto, Some(true));
         assert_eq!(s.rollout.max_unavailable, 1);
         assert_eq!(s.metrics.interval, "30s");
-        assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
+        assert_eq!(errors(&s, &PodPolicy::default()), vec![]);
         assert_eq!(s.model.shape().unwrap().moe_layers(), 3);
+    }
+
+    #[test]
+    fn a_valid_spec_is_resolved_once() {
+        let mut s = demo_spec();
+        s.metrics.interval = "15s".into();
+        s.replication.window = IntOrString::String("2m".into());
+        s.replication.cooldown = "90s".into();
+        s.replication.budget = BudgetSpec {
+            replicas_per_gpu: None,
+            memory_per_gpu: Some("1Gi".into()),
+            auto: None,
+        };
+        s.rollout.max_unavailable = 2;
+        let v = validate(&s, &PodPolicy::default()).unwrap();
+        assert_eq!(v.interval, Duration::from_secs(15));
+        assert_eq!(v.window_batches, 8, "2m of 15s intervals");
+        assert_eq!(v.cooldown, Duration::from_secs(90));
+        assert_eq!(v.budget, Budget::MemoryPerGpu(1 << 30));
+        assert_eq!((v.nodes, v.gpus_per_node, v.topology.gpus), (2, 2, 4));
+        assert_eq!(v.max_unavailable, 2);
+        assert_eq!(v.load_source, LoadSource::Workers);
+        assert_eq!(
+            v.ports,
+            Ports {
+                dispatch: 9400,
+                metrics: 9401,
+                admin: 9402
+            }
+        );
+        assert_eq!(v.shape, s.model.shape().unwrap());
+        assert_eq!(v.plan_request(v.algorithm()).algorithm, Algorithm::Craft);
+        // Defaults: an auto budget, a window of 10 intervals.
+        let d = validate(&demo_spec(), &PodPolicy::default()).unwrap();
+        assert!(matches!(d.budget, Budget::Auto { .. }));
+        assert_eq!(
+            (d.window_batches, d.cooldown),
+            (10, Duration::from_secs(300))
+        );
     }
 
     type Edit = fn(&mut MoEDeploymentSpec);
@@ -782,7 +1044,7 @@ worker: {image: "moe-worker:dev"}
         for (name, edit, path, needle) in cases {
             let mut s = demo_spec();
             edit(&mut s);
-            let errs = validate(&s, &PodPolicy::default());
+            let errs = errors(&s, &PodPolicy::default());
             assert!(
                 errs.iter()
                     .any(|e| e.path == path && e.message.contains(needle)),
@@ -800,12 +1062,12 @@ worker: {image: "moe-worker:dev"}
             auto: None,
             replicas_per_gpu: None,
         };
-        assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
+        assert_eq!(errors(&s, &PodPolicy::default()), vec![]);
         // Without replication the budget is not read, so a tiny one is fine.
         s.model.experts = 16;
         s.replication.policy = ReplicationPolicy::PlacementOnly;
         s.replication.budget.memory_per_gpu = Some("1Ki".into());
-        assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
+        assert_eq!(errors(&s, &PodPolicy::default()), vec![]);
     }
 
     /// Objects stored before the CRD had its maxima: every size field above `plan::limits` is
@@ -866,7 +1128,7 @@ worker: {image: "moe-worker:dev"}
             for v in [max as i64 + 1, i64::from(i32::MAX)] {
                 let mut s = demo_spec();
                 edit(&mut s, v);
-                let errs = validate(&s, &PodPolicy::default());
+                let errs = errors(&s, &PodPolicy::default());
                 assert!(
                     errs.iter()
                         .any(|e| e.path == path && e.message.contains(&format!("exceeds {max}"))),
@@ -886,10 +1148,10 @@ worker: {image: "moe-worker:dev"}
         // Its load window is bounded too: 8 intervals of 511 x 1024 counts is what the operator
         // keeps per deployment (the default 10 is refused, naming the largest window that fits).
         s.replication.window = IntOrString::Int(8);
-        assert_eq!(validate(&s, &PodPolicy::default()), vec![]);
+        assert_eq!(errors(&s, &PodPolicy::default()), vec![]);
         // Each factor within its limit, the product not.
         s.topology.nodes = MAX_NODES as i32;
-        let errs = validate(&s, &PodPolicy::default());
+        let errs = errors(&s, &PodPolicy::default());
         assert!(
             errs.iter()
                 .any(|e| e.path == "spec.topology" && e.message.contains("exceeds 4096")),
@@ -902,7 +1164,7 @@ worker: {image: "moe-worker:dev"}
         let mut s = demo_spec();
         s.model.hidden_size = -1;
         assert_eq!(s.model.shape().unwrap_err().path, "spec.model.hiddenSize");
-        assert!(validate(&s, &PodPolicy::default())
+        assert!(errors(&s, &PodPolicy::default())
             .iter()
             .any(|e| e.path == "spec.model.hiddenSize"));
     }

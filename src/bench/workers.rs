@@ -12,10 +12,10 @@ use anyhow::Context;
 
 use super::emulate::{RunConfig, WARMUP_SEED_XOR};
 use super::{LayerResult, Measured, StepMs};
-use crate::controller::scrape::{put_plan, request};
 use crate::loadgen::{run_loadgen, LoadgenConfig, LoadgenReport, StepStats};
 use crate::plan::{ExpertPlan, LoadWindow};
 use crate::worker::runtime::BoundAddresses;
+use crate::worker::wire::WorkerClient;
 
 /// How the workers are started.
 #[derive(Clone, Debug)]
@@ -55,6 +55,8 @@ pub struct WorkerPool {
     children: Vec<Child>,
     handles: Vec<crate::worker::runtime::WorkerHandle>,
     logs: Vec<PathBuf>,
+    /// Asks for readiness and pushes plans.
+    client: WorkerClient,
 }
 
 /// The last lines of a worker's log before any backtrace: the error and its causes, which a
@@ -82,6 +84,7 @@ impl WorkerPool {
             children: Vec::new(),
             handles: Vec::new(),
             logs: Vec::new(),
+            client: WorkerClient::new(),
         };
         match launch {
             Launch::InProcess { weights_seed } => {
@@ -188,17 +191,14 @@ impl WorkerPool {
                         }
                         // Written once the worker listens and serves its start-up plan.
                         if let Some(a) = BoundAddresses::read(addr_file)? {
-                            let ready = request(
-                                "GET",
-                                &a.metrics.ip().to_string(),
-                                a.metrics.port(),
-                                "/readyz",
-                                &[],
-                                b"",
-                                Duration::from_secs(2),
-                            )
-                            .await
-                            .is_ok_and(|resp| resp.status == 200);
+                            let ready = pool
+                                .client
+                                .ready(
+                                    &a.metrics.ip().to_string(),
+                                    a.metrics.port(),
+                                    Duration::from_secs(2),
+                                )
+                                .await;
                             if ready {
                                 pool.dispatch.push(a.dispatch.to_string());
                                 pool.admin.push((a.admin.ip().to_string(), a.admin.port()));
@@ -224,7 +224,8 @@ impl WorkerPool {
     pub async fn apply(&self, plan: &ExpertPlan) -> anyhow::Result<()> {
         let json = serde_json::to_vec(plan)?;
         for (r, (host, port)) in self.admin.iter().enumerate() {
-            put_plan(host, *port, TOKEN, &json, Duration::from_secs(900))
+            self.client
+                .put_plan(host, *port, TOKEN, &json, Duration::from_secs(900))
                 .await
                 .with_context(|| format!("pushing plan {} to rank {r}", plan.short_hash()))?;
         }

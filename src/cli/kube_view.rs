@@ -5,11 +5,11 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use crate::api::units::parse_duration;
-use crate::api::{MoEDeployment, ReplicationPolicy};
+use crate::api::{condition, reason, MoEDeployment, ReplicationPolicy};
 use crate::plan::balance::Evaluation;
 use crate::plan::ExpertPlan;
 
-use super::plan_cmd::human_bytes;
+use crate::text::{age, human_bytes, span, table};
 
 /// One event about a MoEDeployment, reduced to what is printed.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,72 +23,9 @@ pub struct EventLine {
     pub count: i32,
 }
 
-/// Reasons of the operator's events that mark a plan being adopted (replan.rs, reconcile.rs).
-const PLAN_ADOPTED: &str = "PlanImproved";
-const INITIAL_PLAN: &str = "InitialPlan";
-
-/// Left-aligned columns separated by three spaces, as `kubectl get` prints them.
-pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            if let Some(w) = widths.get_mut(i) {
-                *w = (*w).max(c.chars().count());
-            }
-        }
-    }
-    let line = |cells: Vec<&str>| -> String {
-        let n = cells.len();
-        let mut s = String::new();
-        for (i, c) in cells.into_iter().enumerate() {
-            s.push_str(c);
-            if i + 1 < n {
-                let pad = widths[i] - c.chars().count() + 3;
-                s.extend(std::iter::repeat_n(' ', pad));
-            }
-        }
-        s.push('\n');
-        s
-    };
-    let mut out = line(header.to_vec());
-    for r in rows {
-        out.push_str(&line(r.iter().map(String::as_str).collect()));
-    }
-    out
-}
-
-/// kubectl-style age: `45s`, `12m`, `5h`, `3d`; `-` when unknown or in the future by over a minute.
-pub fn age(since_s: Option<i64>, now_s: i64) -> String {
-    let Some(t) = since_s else {
-        return "-".into();
-    };
-    let d = now_s - t;
-    if d < -60 {
-        return "-".into();
-    }
-    let d = d.max(0);
-    if d < 120 {
-        format!("{d}s")
-    } else if d < 120 * 60 {
-        format!("{}m", d / 60)
-    } else if d < 48 * 3600 {
-        format!("{}h", d / 3600)
-    } else {
-        format!("{}d", d / 86400)
-    }
-}
-
-/// A duration in seconds as `1m30s`, `45s`, `2h5m`.
-pub fn span(secs: f64) -> String {
-    let s = secs.max(0.0).round() as i64;
-    match (s / 3600, (s % 3600) / 60, s % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, 0) => format!("{m}m"),
-        (0, m, s) => format!("{m}m{s}s"),
-        (h, 0, _) => format!("{h}h"),
-        (h, m, _) => format!("{h}h{m}m"),
-    }
-}
+/// Reasons of the operator's events that mark a plan being adopted.
+const PLAN_ADOPTED: &str = reason::PLAN_IMPROVED;
+const INITIAL_PLAN: &str = reason::INITIAL_PLAN;
 
 fn opt3(x: Option<f64>) -> String {
     x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
@@ -142,7 +79,7 @@ pub fn status_table(items: &[MoEDeployment], all_namespaces: bool, now_s: i64) -
         .iter()
         .map(|md| {
             let st = md.status.clone().unwrap_or_default();
-            let ready = match (cond(md, "Degraded"), cond(md, "Ready")) {
+            let ready = match (cond(md, condition::DEGRADED), cond(md, condition::READY)) {
                 (Some(d), _) if d.status == "True" => format!("False ({})", d.reason),
                 (_, Some(r)) => r.status.clone(),
                 _ => "-".into(),
@@ -398,7 +335,7 @@ pub fn replan_reasons(md: &MoEDeployment, events: &[EventLine], now_s: i64) -> V
         out.push("replication.policy is None: the contiguous plan is never re-planned.".into());
         return out;
     }
-    if let Some(d) = cond(md, "Degraded").filter(|c| c.status == "True") {
+    if let Some(d) = cond(md, condition::DEGRADED).filter(|c| c.status == "True") {
         out.push(format!(
             "the spec is invalid ({}): nothing is planned or rolled out until it is fixed: {}",
             d.reason, d.message
@@ -424,7 +361,7 @@ pub fn replan_reasons(md: &MoEDeployment, events: &[EventLine], now_s: i64) -> V
         )),
         None => out.push("no plan events found (events expire after an hour by default)".into()),
     }
-    if let Some(m) = cond(md, "MetricsAvailable").filter(|c| c.status != "True") {
+    if let Some(m) = cond(md, condition::METRICS_AVAILABLE).filter(|c| c.status != "True") {
         out.push(format!(
             "load is not being measured ({}): {}; the plan in force stays until it is",
             m.reason, m.message

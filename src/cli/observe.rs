@@ -7,8 +7,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use crate::controller::load::{parse_worker_metrics, ScrapeWindow};
+use crate::controller::load::ScrapeWindow;
 use crate::plan::load_formats::to_trace_json;
+use crate::worker::wire::WorkerClient;
+
+/// Deadline of one scrape.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Args, Debug)]
 pub struct ObserveArgs {
@@ -30,28 +34,12 @@ pub struct ObserveArgs {
     pub out: PathBuf,
 }
 
-/// `GET path` over plain HTTP/1.0; the body, or an error naming the address and status.
-pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .with_context(|| format!("{addr}: connect timed out"))?
-        .with_context(|| format!("{addr}: connect"))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .with_context(|| format!("{addr}{path}: read timed out"))??;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("{addr}{path}: not an HTTP response"))?;
-    let status = head.lines().next().unwrap_or_default();
-    if !status.contains(" 200 ") {
-        anyhow::bail!("{addr}{path}: {status}");
-    }
-    Ok(body.to_string())
+/// `HOST:PORT` (`[v6]:PORT` for IPv6) split into host and port.
+fn host_port(addr: &str) -> anyhow::Result<(&str, u16)> {
+    addr.rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse().ok()?)))
+        .filter(|(h, _)| !h.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("--metrics {addr:?}: give HOST:PORT"))
 }
 
 pub fn observe(a: ObserveArgs) -> anyhow::Result<()> {
@@ -59,16 +47,20 @@ pub fn observe(a: ObserveArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut window = ScrapeWindow::new(a.layers.clone(), a.experts, a.intervals.max(1));
+    let targets = a
+        .metrics
+        .iter()
+        .map(|addr| host_port(addr))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let client = WorkerClient::new();
     rt.block_on(async {
         for i in 0..=a.intervals {
             if i > 0 {
                 tokio::time::sleep(Duration::from_secs_f64(a.interval.max(0.05))).await;
             }
             let mut scrapes = Vec::new();
-            for addr in &a.metrics {
-                let body = http_get(addr, "/metrics").await?;
-                let sample =
-                    parse_worker_metrics(&body).map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+            for (addr, (host, port)) in a.metrics.iter().zip(&targets) {
+                let sample = client.scrape(host, *port, SCRAPE_TIMEOUT).await?;
                 scrapes.push((addr.clone(), sample));
             }
             window.record(&scrapes).map_err(anyhow::Error::msg)?;
@@ -87,4 +79,19 @@ pub fn observe(a: ObserveArgs) -> anyhow::Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_addresses() {
+        assert_eq!(host_port("10.0.0.1:9401").unwrap(), ("10.0.0.1", 9401));
+        assert_eq!(host_port("[fd00::1]:9401").unwrap(), ("[fd00::1]", 9401));
+        assert_eq!(host_port("w-0.ns:80").unwrap(), ("w-0.ns", 80));
+        for bad in ["10.0.0.1", ":9401", "h:port", "h:70000"] {
+            assert!(host_port(bad).is_err(), "{bad}");
+        }
+    }
 }

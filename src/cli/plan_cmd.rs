@@ -14,6 +14,7 @@ use crate::plan::planner::{make_plan, Budget, PlanRequest, DEFAULT_AUTO_MIN_GAIN
 use crate::plan::{
     parse_byte_size, Algorithm, Dtype, ExpertPlan, HashRule, LoadWindow, ModelShape, Topology,
 };
+use crate::text::human_bytes;
 
 /// Model shape: from a config file, else from flags, else what the load file implies.
 #[derive(Args, Debug, Clone, Default)]
@@ -317,21 +318,6 @@ pub fn heatmap_panel(title: &str, plan: &ExpertPlan, window: &LoadWindow) -> Hea
         title: title.to_string(),
         row_labels: labels,
         values: rows,
-    }
-}
-
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = b as f64;
-    let mut u = 0;
-    while x >= 1024.0 && u + 1 < UNITS.len() {
-        x /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{x:.2} {}", UNITS[u])
     }
 }
 

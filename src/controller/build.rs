@@ -42,11 +42,12 @@ use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use crate::api::validate::GPU_RESOURCE;
+use crate::api::validate::{ValidSpec, GPU_RESOURCE};
 use crate::api::MoEDeployment;
 use crate::plan::expert_plan::HashRule;
 use crate::plan::packed::{self, Packed};
 use crate::plan::ExpertPlan;
+use crate::worker::wire::{HEALTHZ_PATH, READYZ_PATH};
 
 /// Label naming the owning MoEDeployment on every object it owns (also the orphan selector).
 pub const LABEL_DEPLOYMENT: &str = "moe.craft.dev/deployment";
@@ -83,15 +84,13 @@ pub enum BuildError {
     TopologyMismatch {
         plan_gpus: u32,
         plan_nodes: u32,
-        spec_gpus: i64,
-        spec_nodes: i32,
+        spec_gpus: u64,
+        spec_nodes: u32,
     },
     #[error("plan is for a different model than spec.model: re-plan for the spec's model")]
     ModelMismatch,
     #[error("plan has no hash: seal it before building")]
     UnsealedPlan,
-    #[error("{0}")]
-    InvalidSpec(String),
     #[error("plan ConfigMap: {0}")]
     PlanTooLarge(#[from] packed::PackError),
 }
@@ -104,7 +103,6 @@ impl BuildError {
             BuildError::TopologyMismatch { .. } => "plan_topology_mismatch",
             BuildError::ModelMismatch => "plan_model_mismatch",
             BuildError::UnsealedPlan => "unsealed_plan",
-            BuildError::InvalidSpec(_) => "invalid_spec",
             BuildError::PlanTooLarge(_) => "plan_too_large",
         }
     }
@@ -193,40 +191,35 @@ fn meta(md: &MoEDeployment, name: String, component: &str) -> Result<ObjectMeta,
 /// Build every owned object. `admin_token` is the existing token (or a [`new_admin_token`]).
 pub fn build(
     md: &MoEDeployment,
+    spec: &ValidSpec,
     plan: &ExpertPlan,
     admin_token: &str,
 ) -> Result<Desired, BuildError> {
-    check_plan(md, plan)?;
-    let pods = (0..md.spec.topology.nodes.max(0) as u32)
+    check_plan(spec, plan)?;
+    let pods = (0..spec.nodes)
         .map(|rank| worker_pod(md, rank, &plan.hash))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Desired {
         plan_config_map: plan_config_map(md, plan)?,
         pods,
         service: service(md)?,
-        pdb: pdb(md)?,
+        pdb: pdb(md, spec)?,
         admin_secret: admin_secret(md, admin_token)?,
     })
 }
 
 /// The plan must fit the spec it is rolled onto.
-pub fn check_plan(md: &MoEDeployment, plan: &ExpertPlan) -> Result<(), BuildError> {
-    let t = &md.spec.topology;
-    let spec_gpus = i64::from(t.nodes) * i64::from(t.gpus_per_node);
-    if i64::from(plan.gpus) != spec_gpus || i64::from(plan.nodes) != i64::from(t.nodes) {
+pub fn check_plan(spec: &ValidSpec, plan: &ExpertPlan) -> Result<(), BuildError> {
+    let spec_gpus = spec.topology.gpus as u64;
+    if u64::from(plan.gpus) != spec_gpus || plan.nodes != spec.nodes {
         return Err(BuildError::TopologyMismatch {
             plan_gpus: plan.gpus,
             plan_nodes: plan.nodes,
             spec_gpus,
-            spec_nodes: t.nodes,
+            spec_nodes: spec.nodes,
         });
     }
-    let shape = md
-        .spec
-        .model
-        .shape()
-        .map_err(|e| BuildError::InvalidSpec(e.to_string()))?;
-    if shape != plan.model {
+    if spec.shape != plan.model {
         return Err(BuildError::ModelMismatch);
     }
     if plan.hash.is_empty() {
@@ -316,6 +309,32 @@ fn http_probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
 
 /// The worker pod of node rank `rank`, started on the plan with hash `plan_hash`.
 pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod, BuildError> {
+    let name = worker_pod_name(md, rank);
+    let (volumes, mounts) = volumes(md);
+    let pod_spec = pod_spec(md, &name, worker_container(md, rank, mounts), volumes);
+    let mut m = meta(md, name, "worker")?;
+    m.labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(LABEL_NODE_RANK.into(), rank.to_string());
+    if process_backed(md) {
+        m.labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(LABEL_PROCESS_BACKED.into(), "true".into());
+    }
+    m.annotations = Some(BTreeMap::from([
+        (ANNOTATION_PLAN_HASH.to_string(), plan_hash.to_string()),
+        (ANNOTATION_SPEC_HASH.to_string(), spec_hash(&pod_spec)),
+    ]));
+    Ok(Pod {
+        metadata: m,
+        spec: Some(pod_spec),
+        status: None,
+    })
+}
+
+/// The worker container: the rank's environment, the `moe-worker` command line, the GPUs, the
+/// probes on the metrics port.
+fn worker_container(md: &MoEDeployment, rank: u32, mounts: Vec<VolumeMount>) -> Container {
     let spec = &md.spec;
     let w = &spec.worker;
     let gpus = spec.topology.gpus_per_node.to_string();
@@ -339,7 +358,7 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
         env("MOE_NODES", spec.topology.nodes.to_string()),
         env("MOE_GPUS_PER_NODE", gpus.clone()),
         env("MOE_PLAN_FILE", plan_file),
-        env("MOE_CHECKPOINT_DIR", ckpt.clone()),
+        env("MOE_CHECKPOINT_DIR", ckpt),
         env("MOE_ADMIN_TOKEN_FILE", token_file),
         env("MOE_DEVICE", w.device.as_str()),
     ];
@@ -378,6 +397,47 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
             .insert(GPU_RESOURCE.into(), Quantity(gpus.clone()));
     }
 
+    let port = |name: &str, n: i32| ContainerPort {
+        name: Some(name.into()),
+        container_port: n,
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+
+    Container {
+        name: CONTAINER.into(),
+        image: Some(w.image.clone()),
+        image_pull_policy: w.image_pull_policy.map(|p| p.as_str().to_string()),
+        command: Some(vec!["moe-worker".into()]),
+        args: Some(args),
+        env: Some(envs),
+        ports: Some(vec![
+            port("dispatch", p.dispatch),
+            port("metrics", p.metrics),
+            port("admin", p.admin),
+        ]),
+        resources: Some(resources),
+        volume_mounts: Some(mounts),
+        // Loading a large checkpoint takes minutes: the startup probe allows up to an hour
+        // before liveness takes over.
+        startup_probe: Some(http_probe(HEALTHZ_PATH, p.metrics, 10, 360)),
+        liveness_probe: Some(http_probe(HEALTHZ_PATH, p.metrics, 10, 3)),
+        readiness_probe: Some(http_probe(READYZ_PATH, p.metrics, 5, 1)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The plan ConfigMap, the admin token Secret and the checkpoint volume, with their mounts.
+fn volumes(md: &MoEDeployment) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let ckpt = md.spec.model.checkpoint.path.clone();
     let mut volumes = vec![
         Volume {
             name: "plan".into(),
@@ -416,7 +476,7 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
             ..Default::default()
         },
     ];
-    if let Some(v) = &spec.model.checkpoint.volume {
+    if let Some(v) = &md.spec.model.checkpoint.volume {
         volumes.push(Volume {
             name: "checkpoint".into(),
             persistent_volume_claim: v.persistent_volume_claim.clone(),
@@ -431,6 +491,13 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
         });
     }
 
+    (volumes, mounts)
+}
+
+/// The pod spec around the container: scheduling (one worker per node, GPU tolerations), a
+/// stable DNS name per rank, and a locked-down security context.
+fn pod_spec(md: &MoEDeployment, name: &str, container: Container, volumes: Vec<Volume>) -> PodSpec {
+    let w = &md.spec.worker;
     let mut tolerations = vec![Toleration {
         key: Some(GPU_RESOURCE.into()),
         operator: Some("Exists".into()),
@@ -439,45 +506,7 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
     }];
     tolerations.extend(w.tolerations.iter().cloned());
 
-    let port = |name: &str, n: i32| ContainerPort {
-        name: Some(name.into()),
-        container_port: n,
-        protocol: Some("TCP".into()),
-        ..Default::default()
-    };
-
-    let container = Container {
-        name: CONTAINER.into(),
-        image: Some(w.image.clone()),
-        image_pull_policy: w.image_pull_policy.map(|p| p.as_str().to_string()),
-        command: Some(vec!["moe-worker".into()]),
-        args: Some(args),
-        env: Some(envs),
-        ports: Some(vec![
-            port("dispatch", p.dispatch),
-            port("metrics", p.metrics),
-            port("admin", p.admin),
-        ]),
-        resources: Some(resources),
-        volume_mounts: Some(mounts),
-        // Loading a large checkpoint takes minutes: the startup probe allows up to an hour
-        // before liveness takes over.
-        startup_probe: Some(http_probe("/healthz", p.metrics, 10, 360)),
-        liveness_probe: Some(http_probe("/healthz", p.metrics, 10, 3)),
-        readiness_probe: Some(http_probe("/readyz", p.metrics, 5, 1)),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-
-    let name = worker_pod_name(md, rank);
-    let pod_spec = PodSpec {
+    PodSpec {
         containers: vec![container],
         volumes: Some(volumes),
         tolerations: Some(tolerations),
@@ -488,7 +517,7 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
         automount_service_account_token: w.service_account_name.is_none().then_some(false),
         priority_class_name: w.priority_class_name.clone(),
         // Stable DNS per rank: <name>-worker-<n>.<name>-workers.<namespace>.svc
-        hostname: Some(name.clone()),
+        hostname: Some(name.to_string()),
         subdomain: Some(service_name(md)),
         restart_policy: Some("Always".into()),
         enable_service_links: Some(false),
@@ -520,26 +549,7 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
             ..Default::default()
         }),
         ..Default::default()
-    };
-
-    let mut m = meta(md, name, "worker")?;
-    m.labels
-        .get_or_insert_with(BTreeMap::new)
-        .insert(LABEL_NODE_RANK.into(), rank.to_string());
-    if process_backed(md) {
-        m.labels
-            .get_or_insert_with(BTreeMap::new)
-            .insert(LABEL_PROCESS_BACKED.into(), "true".into());
     }
-    m.annotations = Some(BTreeMap::from([
-        (ANNOTATION_PLAN_HASH.to_string(), plan_hash.to_string()),
-        (ANNOTATION_SPEC_HASH.to_string(), spec_hash(&pod_spec)),
-    ]));
-    Ok(Pod {
-        metadata: m,
-        spec: Some(pod_spec),
-        status: None,
-    })
 }
 
 /// Whether the deployment asks for process-backed worker pods (the e2e test hook).
@@ -588,9 +598,11 @@ pub fn service(md: &MoEDeployment) -> Result<Service, BuildError> {
 /// subresource only support an integer `minAvailable` (the disruption controller cannot resolve
 /// `maxUnavailable` for them), so `rollout.maxUnavailable` is expressed as
 /// `minAvailable = nodes - maxUnavailable`.
-pub fn pdb(md: &MoEDeployment) -> Result<PodDisruptionBudget, BuildError> {
-    let nodes = md.spec.topology.nodes.max(0);
-    let min_available = (nodes - md.spec.rollout.max_unavailable.clamp(1, nodes.max(1))).max(0);
+pub fn pdb(md: &MoEDeployment, spec: &ValidSpec) -> Result<PodDisruptionBudget, BuildError> {
+    let min_available = spec
+        .nodes
+        .saturating_sub(spec.max_unavailable.clamp(1, spec.nodes.max(1)));
+    let min_available = i32::try_from(min_available).unwrap_or(i32::MAX);
     Ok(PodDisruptionBudget {
         metadata: meta(md, pdb_name(md), "worker")?,
         spec: Some(PodDisruptionBudgetSpec {
@@ -663,6 +675,11 @@ worker:
         .seal()
     }
 
+    fn valid(md: &MoEDeployment) -> ValidSpec {
+        crate::api::validate::validate(&md.spec, &crate::api::pod_policy::PodPolicy::default())
+            .unwrap()
+    }
+
     fn container(p: &Pod) -> &Container {
         &p.spec.as_ref().unwrap().containers[0]
     }
@@ -682,7 +699,7 @@ worker:
         let md = deployment();
         let plan = plan(&md);
         plan.check().unwrap();
-        let d = build(&md, &plan, "tok").unwrap();
+        let d = build(&md, &valid(&md), &plan, "tok").unwrap();
         assert_eq!(d.pods.len(), 2);
         for (rank, pod) in d.pods.iter().enumerate() {
             assert_eq!(
@@ -809,7 +826,7 @@ worker:
     fn config_map_service_pdb_secret() {
         let md = deployment();
         let plan = plan(&md);
-        let d = build(&md, &plan, "s3cret").unwrap();
+        let d = build(&md, &valid(&md), &plan, "s3cret").unwrap();
         let cm = &d.plan_config_map;
         assert_eq!(cm.metadata.name.as_deref(), Some("demo-plan"));
         let data = cm.data.as_ref().unwrap();
@@ -923,19 +940,25 @@ worker:
         let mut p = plan(&md);
         p.gpus = 8;
         assert!(matches!(
-            build(&md, &p, "t"),
+            build(&md, &valid(&md), &p, "t"),
             Err(BuildError::TopologyMismatch { plan_gpus: 8, .. })
         ));
         let mut p = plan(&md);
         p.model.experts = 16;
-        assert_eq!(build(&md, &p, "t").unwrap_err(), BuildError::ModelMismatch);
+        assert_eq!(
+            build(&md, &valid(&md), &p, "t").unwrap_err(),
+            BuildError::ModelMismatch
+        );
         let mut p = plan(&md);
         p.hash.clear();
-        assert_eq!(build(&md, &p, "t").unwrap_err(), BuildError::UnsealedPlan);
+        assert_eq!(
+            build(&md, &valid(&md), &p, "t").unwrap_err(),
+            BuildError::UnsealedPlan
+        );
         let mut no_uid = md.clone();
         no_uid.metadata.uid = None;
         assert_eq!(
-            build(&no_uid, &plan(&md), "t").unwrap_err(),
+            build(&no_uid, &valid(&no_uid), &plan(&md), "t").unwrap_err(),
             BuildError::MissingMetadata("metadata.uid")
         );
     }
@@ -948,7 +971,7 @@ worker:
             "true".to_string(),
         )]));
         let plan = plan(&md);
-        let d = build(&md, &plan, "t").unwrap();
+        let d = build(&md, &valid(&md), &plan, "t").unwrap();
         for p in &d.pods {
             assert_eq!(
                 p.metadata.labels.as_ref().unwrap()[LABEL_PROCESS_BACKED],

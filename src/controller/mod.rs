@@ -1,13 +1,18 @@
-//! The reconcile pipeline's pure steps: building the owned objects and the rollout state machine.
-//! I/O (fetch, server-side apply, scraping, status) lives beside them and calls into these.
+//! The operator: a reconcile pipeline (fetch -> validate -> observe -> decide -> apply) and the
+//! pure pieces `decide` calls (build, initial_load, replan, rollout, status), with the operator's
+//! own telemetry and leader election beside them.
 
+pub mod apply;
 pub mod build;
+pub mod decide;
+pub mod fetch;
 pub mod initial_load;
 pub mod leader;
 pub mod load;
+pub mod observe;
+pub mod prometheus;
 pub mod reconcile;
 pub mod replan;
 pub mod rollout;
-pub mod scrape;
 pub mod status;
 pub mod telemetry;

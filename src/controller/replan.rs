@@ -2,6 +2,8 @@
 //! `minImprovement` in predicted balancedness on the same window, and the cooldown since the last
 //! rollout must have passed. Pure; times are seconds on any monotonic or wall clock.
 
+use crate::api::reason;
+
 /// Why a candidate plan is or is not rolled out (also the Event's reason).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
@@ -25,11 +27,11 @@ impl Decision {
     /// CamelCase reason for Events and conditions.
     pub fn reason(&self) -> &'static str {
         match self {
-            Decision::Initial => "InitialPlan",
-            Decision::RollOut { .. } => "PlanImproved",
-            Decision::GainTooSmall { .. } => "GainBelowMinImprovement",
-            Decision::CoolingDown { .. } => "CoolingDown",
-            Decision::Unchanged => "PlanUnchanged",
+            Decision::Initial => reason::INITIAL_PLAN,
+            Decision::RollOut { .. } => reason::PLAN_IMPROVED,
+            Decision::GainTooSmall { .. } => reason::GAIN_BELOW_MIN_IMPROVEMENT,
+            Decision::CoolingDown { .. } => reason::COOLING_DOWN,
+            Decision::Unchanged => reason::PLAN_UNCHANGED,
         }
     }
 }

@@ -147,7 +147,7 @@ pub struct LoadgenReport {
     pub served_tokens_per_second: f64,
     /// One layer step: from the first request sent to the last reply received.
     pub step_seconds: StepStats,
-    /// Mean over layers of the per-layer balancedness (CRAFT.md's definition, on rows per GPU).
+    /// Mean over layers of the per-layer balancedness (../shared/CRAFT.md's definition, on rows per GPU).
     pub balancedness: f64,
     pub failed_requests: u64,
     /// The first few error replies.

@@ -1,5 +1,5 @@
 //! CRAFT (Zhao et al., MLSys 2026): per-layer replica counts chosen by their measured benefit,
-//! under one memory budget. The steps follow CRAFT.md:
+//! under one memory budget. The steps follow ../shared/CRAFT.md:
 //! 1. [`replication_order`]: which experts get the extra slots (greedy on `w_e / n_e`);
 //! 2. [`layer_capacities`] / [`capacities`]: slots per (layer, GPU);
 //! 3. [`place`] and [`balance_shares`]: which GPU holds each replica and the share of tokens it takes;

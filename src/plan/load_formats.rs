@@ -8,7 +8,7 @@
 //! - OLMoE/Mixtral routing counts (`allenai/OLMoE` `scripts/routing_output`, converted to JSON):
 //!   `{"num_experts", "layers": [0, 7, 15], "counts": [[int; E]; 3], ...}`, one batch.
 //! - Our trace format `moe-load-trace/v1`, as one JSON document or as JSON Lines (a header line,
-//!   then one batch per line). See the README section "Load trace format".
+//!   then one batch per line). See docs/load-format.md.
 //!
 //! Everything here is pure except [`read_load_file`], which reads the file and calls
 //! [`parse_load_bytes`].
@@ -104,7 +104,7 @@ pub struct LoadError {
 pub enum LoadProblem {
     /// The JSON does not parse, or a count array is malformed (negative or non-finite counts,
     /// ragged or unevenly nested rows, too many counts): serde_json's message.
-    #[error("{message} (is this a load file? see README \"Load trace format\")")]
+    #[error("{message} (is this a load file? see docs/load-format.md)")]
     Json { message: String },
     #[error("not UTF-8 text (expected JSON)")]
     NotUtf8,

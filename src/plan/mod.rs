@@ -7,7 +7,7 @@
 //! - [`craft`]: CRAFT (replicate, slot capacities, place, benefit table, knapsack DP).
 //! - [`reference`]: the CRAFT authors' reference heuristic, kept as a baseline.
 //! - [`planner`]: the front door: request + window in, sealed plan out.
-//! - [`expert_plan`]: the plan document (JSON contract of DESIGN.md), its hash and plan diffs;
+//! - [`expert_plan`]: the plan document (JSON contract of ../shared/DESIGN.md), its hash and plan diffs;
 //!   [`packed`]: how it is stored in the 1 MiB plan ConfigMap.
 //! - [`limits`]: the largest shapes anything accepts.
 //!

@@ -122,7 +122,7 @@ impl GemmMode {
     /// side streams above that. The threshold separates every measured case on the H200 in
     /// benches/results/worker-gpu.md. The per-expert path's one wrong result (first H200 run, at
     /// 16,384 rows x 2I = 28,672, on the then single-stream code) has not come back in the
-    /// regression test `cuda_large_per_expert_matches_grouped` since (worker-gpu.md).
+    /// regression test `cuda_large_per_expert_matches_grouped` since (benches/results/worker-gpu.md).
     pub fn pick(self, groups: usize, rows: usize, inter: usize) -> Self {
         match self {
             Self::Auto if rows * 2 * inter < 1_000_000 * groups.max(1) => Self::Grouped,

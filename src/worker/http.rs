@@ -32,8 +32,11 @@ use tokio::time::Sleep;
 
 use crate::plan::expert_plan::{HashRule, PlanReadError};
 use crate::plan::{limits, ExpertPlan};
-use crate::worker::metrics::CONTENT_TYPE;
 use crate::worker::server::Worker;
+use crate::worker::wire::{
+    ADMIN_AUTH_HEADER, BEARER_PREFIX, HEALTHZ_PATH, METRICS_CONTENT_TYPE, METRICS_PATH, PLAN_PATH,
+    READYZ_PATH,
+};
 
 /// Limits of the metrics and admin HTTP listeners.
 #[derive(Clone, Debug)]
@@ -234,7 +237,7 @@ impl AdminToken {
     /// `recheck`, and again on a failed check, so a rotated Secret is honoured within seconds.
     pub fn verify(&self, authorization: Option<&str>) -> bool {
         self.refresh(false);
-        let Some(candidate) = authorization.and_then(|v| v.strip_prefix("Bearer ")) else {
+        let Some(candidate) = authorization.and_then(|v| v.strip_prefix(BEARER_PREFIX)) else {
             return false;
         };
         self.matches(candidate) || (self.refresh(true) && self.matches(candidate))
@@ -262,7 +265,7 @@ async fn readyz(State(worker): State<Arc<Worker>>) -> Response {
 
 async fn metrics(State(worker): State<Arc<Worker>>) -> Response {
     (
-        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
         worker.metrics.render(),
     )
         .into_response()
@@ -271,9 +274,9 @@ async fn metrics(State(worker): State<Arc<Worker>>) -> Response {
 /// `/metrics`, `/healthz`, `/readyz`. No route reads a body, so none is buffered.
 pub fn metrics_router(worker: Arc<Worker>) -> Router {
     Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route(METRICS_PATH, get(metrics))
+        .route(HEALTHZ_PATH, get(healthz))
+        .route(READYZ_PATH, get(readyz))
         .layer(DefaultBodyLimit::max(0))
         .with_state(worker)
 }
@@ -288,9 +291,7 @@ struct AdminState {
 
 /// `None` when the request carries the token, else the 401 to answer with.
 fn authorize(state: &AdminState, headers: &HeaderMap) -> Option<Response> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+    let value = headers.get(ADMIN_AUTH_HEADER).and_then(|v| v.to_str().ok());
     if state.token.verify(value) {
         None
     } else {
@@ -420,9 +421,9 @@ async fn admin_readyz(State(state): State<AdminState>) -> Response {
 pub fn admin_router(worker: Arc<Worker>, token: Arc<AdminToken>) -> Router {
     let cfg = worker.config().http.clone();
     Router::new()
-        .route("/v1/plan", get(get_plan).put(put_plan))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(admin_readyz))
+        .route(PLAN_PATH, get(get_plan).put(put_plan))
+        .route(HEALTHZ_PATH, get(healthz))
+        .route(READYZ_PATH, get(admin_readyz))
         .layer(DefaultBodyLimit::max(cfg.max_plan_bytes))
         .with_state(AdminState {
             worker,

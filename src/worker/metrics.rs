@@ -1,5 +1,5 @@
-//! Worker metrics in the contract names of DESIGN.md, rendered in the Prometheus/OpenMetrics text
-//! format by prometheus-client.
+//! Worker metrics in the contract names of [`crate::worker::wire`], rendered in the
+//! Prometheus/OpenMetrics text format by prometheus-client.
 //!
 //! The per-expert token counts are plain atomics, one per (MoE layer, logical expert), bumped by the
 //! compute threads with a relaxed add and read only when `/metrics` is scraped: no lock and no map
@@ -19,6 +19,10 @@ use prometheus_client::registry::Registry;
 
 use crate::plan::ModelShape;
 use crate::worker::protocol::ErrorCode;
+use crate::worker::wire::{
+    EXPERT_LABEL, LAYER_LABEL, PLAN_HASH_LABEL, PLAN_INFO_METRIC, REQUEST_ERRORS_FAMILY,
+    RESIDENT_EXPERTS_METRIC, STEP_SECONDS_METRIC, TOKENS_FAMILY,
+};
 
 /// Token counters for every (MoE layer, logical expert) of one model shape.
 #[derive(Debug)]
@@ -89,15 +93,15 @@ struct ScrapeCollector {
 impl prometheus_client::collector::Collector for ScrapeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         if let Some(counters) = self.counters.get() {
-            // Counters get `_total` appended by the encoder.
+            // Counters get `_total` appended by the encoder: this is TOKENS_METRIC.
             let mut family = encoder.encode_descriptor(
-                "moe_expert_tokens",
+                TOKENS_FAMILY,
                 "Rows (token, expert pairs) computed per logical expert, summed over this worker's replicas",
                 None,
                 MetricType::Counter,
             )?;
             for (layer, expert, v) in counters.nonzero() {
-                let labels = [("layer", layer), ("expert", expert)];
+                let labels = [(LAYER_LABEL, layer), (EXPERT_LABEL, expert)];
                 family
                     .encode_family(&labels)?
                     .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
@@ -105,12 +109,12 @@ impl prometheus_client::collector::Collector for ScrapeCollector {
         }
         if let Some(hash) = self.plan_hash.load_full() {
             let mut family = encoder.encode_descriptor(
-                "moe_worker_plan_info",
+                PLAN_INFO_METRIC,
                 "1 for the expert plan in force on this worker",
                 None,
                 MetricType::Gauge,
             )?;
-            let labels = [("hash", hash.as_str())];
+            let labels = [(PLAN_HASH_LABEL, hash.as_str())];
             family.encode_family(&labels)?.encode_gauge(&1i64)?;
         }
         Ok(())
@@ -146,19 +150,19 @@ impl WorkerMetrics {
         // 50 us .. ~1.6 s: a step is one backend call for one (rank, layer) batch.
         let step_seconds = Histogram::new(exponential_buckets(50e-6, 2.0, 16));
         registry.register(
-            "moe_worker_step_seconds",
+            STEP_SECONDS_METRIC,
             "Time of one compute step (one rank, one layer, the rows batched together)",
             step_seconds.clone(),
         );
         let resident = Gauge::default();
         registry.register(
-            "moe_worker_resident_experts",
+            RESIDENT_EXPERTS_METRIC,
             "Expert replicas resident on this worker (all its ranks) for the plan in force",
             resident.clone(),
         );
         let errors = Family::default();
         registry.register(
-            "moe_worker_request_errors",
+            REQUEST_ERRORS_FAMILY,
             "Dispatch requests answered with an error reply, by error code",
             errors.clone(),
         );
@@ -194,7 +198,8 @@ impl WorkerMetrics {
         self.errors.get_or_create(&[("code", code.as_str())]).inc();
     }
 
-    /// The text exposition (OpenMetrics flavour of the Prometheus text format).
+    /// The text exposition (OpenMetrics flavour of the Prometheus text format, served as
+    /// [`crate::worker::wire::METRICS_CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -202,9 +207,6 @@ impl WorkerMetrics {
         out
     }
 }
-
-/// The content type of [`WorkerMetrics::render`].
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[cfg(test)]
 mod tests {
@@ -239,6 +241,8 @@ mod tests {
         m.observe_step(0.001);
         m.count_error(ErrorCode::NotResident);
         let text = m.render();
+        // The exact text, literally: this test pins the wire format the names in
+        // `worker::wire` stand for (and that dashboards and Prometheus queries use).
         assert!(
             text.contains("moe_expert_tokens_total{layer=\"1\",expert=\"0\"} 2\n"),
             "{text}"

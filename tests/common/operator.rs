@@ -121,17 +121,14 @@ pub fn condition(md: &MoEDeployment, kind: &str) -> Option<(String, String, Stri
 /// A value of the operator's own `/metrics` on 127.0.0.1:`port` (`name` with its labels, as
 /// rendered), or None when it does not answer or lacks the series.
 pub async fn operator_metric(port: u16, name: &str) -> Option<f64> {
-    let r = moe_operator::controller::scrape::request(
-        "GET",
-        "127.0.0.1",
-        port,
-        "/metrics",
-        &[],
-        b"",
-        Duration::from_secs(2),
-    )
-    .await
-    .ok()?;
+    let r = moe_operator::worker::wire::HttpClient::new()
+        .get(
+            &format!("http://127.0.0.1:{port}/metrics"),
+            Duration::from_secs(2),
+            64 << 20,
+        )
+        .await
+        .ok()?;
     let text = String::from_utf8_lossy(&r.body).to_string();
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
@@ -169,7 +166,7 @@ impl OperatorPlane {
             .tempdir()
             .expect("temp state dir");
         let state = tmp.path().to_path_buf();
-        // A failed `up` stops what it started (cluster.sh); from the struct on, Drop tears down.
+        // A failed `up` stops what it started (e2e/cluster.sh); from the struct on, Drop tears down.
         super::run_cluster(&state, nodes, "up");
         let admin = super::client_from(&state.join("kubeconfig")).await;
         let plane = OperatorPlane {

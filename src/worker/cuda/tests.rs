@@ -138,7 +138,7 @@ fn auto_mode_picks_what_was_measured_fastest() {
         (32, 16384, 2048, GemmMode::PerExpert),
         (8, 64, 14336, GemmMode::Grouped),
         (8, 512, 14336, GemmMode::PerExpert),
-        // The size where the per-expert path was wrong once; verified since (worker-gpu.md).
+        // The size where the per-expert path was wrong once; verified since (benches/results/worker-gpu.md).
         (8, 16384, 14336, GemmMode::PerExpert),
     ] {
         assert_eq!(

@@ -1,0 +1,284 @@
+//! The reconcile's writes: record the decision's Events, server-side apply the owned objects
+//! (the plan ConfigMap first, so replaced pods start on it), carry out the rollout step (delete,
+//! create, push) and write the status. I/O only; what to write is `decide`'s.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::Instrument;
+
+use super::build::{self, FIELD_MANAGER};
+use super::decide::{Decision, Note, Rollout};
+use super::observe::pod_ip;
+use super::reconcile::{Context, Error};
+use super::rollout::{
+    ANNOTATION_PUSH_REJECTED, ANNOTATION_PUSH_REJECTED_SINCE, ANNOTATION_TARGET_PLAN,
+    ANNOTATION_TARGET_SINCE,
+};
+use crate::api::{reason, MoEDeployment, MoEDeploymentStatus};
+use crate::worker::wire::HttpError;
+
+/// How long one plan `PUT` may take (the worker answers once the plan is loaded).
+const PUSH_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Carry out a decision about `md` (namespace `ns`, key `ns/name` for the gauges); `pods` are the
+/// worker pods the decision was made on (the step names their ranks).
+pub async fn apply(
+    ctx: &Context,
+    md: &MoEDeployment,
+    ns: &str,
+    key: &str,
+    pods: &[Pod],
+    decision: &Decision,
+) -> Result<(), Error> {
+    for n in &decision.events {
+        event_about(ctx, md, None, n).await;
+    }
+    ctx.metrics.set_balancedness(key, decision.balancedness);
+    if let Some(r) = &decision.rollout {
+        apply_objects(ctx, ns, r).await?;
+        execute(ctx, md, &Api::namespaced(ctx.client.clone(), ns), pods, r).await?;
+        ctx.metrics
+            .set_rollout(key, r.step.updated, r.desired.pods.len() as u32);
+    }
+    if let Some(status) = &decision.status {
+        patch_status(
+            &Api::namespaced(ctx.client.clone(), ns),
+            &md.name_any(),
+            status,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn apply_objects(ctx: &Context, ns: &str, r: &Rollout) -> Result<(), Error> {
+    let client = ctx.client.clone();
+    let d = &r.desired;
+    server_side_apply(
+        &Api::<ConfigMap>::namespaced(client.clone(), ns),
+        &d.plan_config_map,
+    )
+    .await?;
+    server_side_apply(
+        &Api::<Secret>::namespaced(client.clone(), ns),
+        &d.admin_secret,
+    )
+    .await?;
+    server_side_apply(&Api::<Service>::namespaced(client.clone(), ns), &d.service).await?;
+    server_side_apply(&Api::<PodDisruptionBudget>::namespaced(client, ns), &d.pdb).await?;
+    Ok(())
+}
+
+/// Server-side apply under the operator's field manager, taking ownership of conflicting fields.
+async fn server_side_apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj
+        .meta()
+        .name
+        .clone()
+        .ok_or(Error::MissingMetadata("metadata.name"))?;
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    Ok(api.patch(&name, &pp, &Patch::Apply(obj)).await?)
+}
+
+/// An Event about `md`, concerning one of its pods when `related` is set. The pod is the Event's
+/// related object: the recorder folds Events with the same reason and objects into one series and
+/// keeps only the first note, so without it "pushed to worker-1" would count as a repeat of
+/// "pushed to worker-0".
+async fn event_about(ctx: &Context, md: &MoEDeployment, related: Option<&Pod>, n: &Note) {
+    let ev = Event {
+        type_: if n.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: n.reason.into(),
+        note: Some(n.message.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: related.map(|p| p.object_ref(&())),
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &md.object_ref(&())).await {
+        tracing::warn!(error = %e, reason = n.reason, "publishing event failed");
+    }
+}
+
+async fn pod_event(
+    ctx: &Context,
+    md: &MoEDeployment,
+    pod: &Pod,
+    warning: bool,
+    reason: &'static str,
+    message: String,
+) {
+    let n = Note {
+        warning,
+        reason,
+        message,
+    };
+    event_about(ctx, md, Some(pod), &n).await
+}
+
+fn wall_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The pods of one rank (normally one).
+fn by_rank(pods: &[Pod], rank: u32) -> Vec<&Pod> {
+    let want = rank.to_string();
+    pods.iter()
+        .filter(|p| p.labels().get(build::LABEL_NODE_RANK) == Some(&want))
+        .collect()
+}
+
+/// The step, in the order `rollout::Step` prescribes: delete, create, push.
+async fn execute(
+    ctx: &Context,
+    md: &MoEDeployment,
+    pods_api: &Api<Pod>,
+    pods: &[Pod],
+    r: &Rollout,
+) -> Result<(), Error> {
+    let (step, plan) = (&r.step, &r.plan);
+    for &rank in &step.expired {
+        for p in by_rank(pods, rank) {
+            let message = format!(
+                "{} did not take plan {} in place (refused, or in flight past {:?}): replacing it",
+                p.name_any(),
+                plan.short_hash(),
+                ctx.push_timeout
+            );
+            pod_event(ctx, md, p, true, reason::PLAN_PUSH_EXPIRED, message).await;
+        }
+    }
+    for &rank in &step.delete {
+        for p in by_rank(pods, rank)
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+        {
+            pods_api
+                .delete(&p.name_any(), &DeleteParams::default())
+                .await?;
+            let message = format!("deleted {} (rank {rank}) to replace it", p.name_any());
+            pod_event(ctx, md, p, false, reason::WORKER_REPLACED, message).await;
+        }
+    }
+    for &rank in &step.create {
+        if let Some(p) = r.desired.pods.get(rank as usize) {
+            let created = server_side_apply(pods_api, p).await?;
+            let message = format!("created {}", p.name_any());
+            pod_event(ctx, md, &created, false, reason::WORKER_CREATED, message).await;
+        }
+    }
+    let json = serde_json::to_vec(plan)?;
+    for &rank in step.push.iter().chain(step.in_flight.iter()) {
+        for p in by_rank(pods, rank) {
+            push(ctx, md, pods_api, p, r, &json, step.push.contains(&rank)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Push the plan to one pod (a new push when `first`, else a re-send of one in flight).
+async fn push(
+    ctx: &Context,
+    md: &MoEDeployment,
+    pods_api: &Api<Pod>,
+    p: &Pod,
+    r: &Rollout,
+    json: &[u8],
+    first: bool,
+) -> Result<(), Error> {
+    let plan = &r.plan;
+    let Some(ip) = pod_ip(p) else { return Ok(()) };
+    if first {
+        // Record the target before the PUT so a restarted operator knows a push is on, and when
+        // it began, so that a push that never completes expires.
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            ANNOTATION_TARGET_PLAN: plan.hash,
+            ANNOTATION_TARGET_SINCE: format!("{:.0}", wall_s()),
+        }}});
+        pods_api
+            .patch(
+                &p.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+    }
+    let span = tracing::info_span!("push", pod = %p.name_any(), plan = %plan.short_hash());
+    match ctx
+        .workers
+        .put_plan(&ip, r.admin_port, &r.token, json, PUSH_REQUEST_TIMEOUT)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(parent: &span, "plan pushed");
+            if first {
+                let message = format!("plan {} pushed to {}", plan.short_hash(), p.name_any());
+                pod_event(ctx, md, p, false, reason::PLAN_PUSHED, message).await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(parent: &span, error = %e, "plan push failed");
+            let refused = matches!(
+                e,
+                HttpError::Status {
+                    status: 401 | 403,
+                    ..
+                }
+            );
+            let first_refusal = p.annotations().get(ANNOTATION_PUSH_REJECTED) != Some(&plan.hash);
+            if refused && first_refusal {
+                // The worker holds another admin token (the Secret was re-created). It re-reads
+                // its token file, which the kubelet updates within about a minute; past the
+                // refusal grace the rollout replaces it.
+                let patch = serde_json::json!({"metadata": {"annotations": {
+                    ANNOTATION_PUSH_REJECTED: plan.hash,
+                    ANNOTATION_PUSH_REJECTED_SINCE: format!("{:.0}", wall_s()),
+                }}});
+                pods_api
+                    .patch(
+                        &p.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await?;
+            }
+            let why = if refused {
+                reason::PLAN_PUSH_REFUSED
+            } else {
+                reason::PLAN_PUSH_FAILED
+            };
+            pod_event(ctx, md, p, true, why, format!("{}: {e}", p.name_any())).await;
+        }
+    }
+    Ok(())
+}
+
+async fn patch_status(
+    api: &Api<MoEDeployment>,
+    name: &str,
+    status: &MoEDeploymentStatus,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "apiVersion": "moe.craft.dev/v1alpha1",
+        "kind": "MoEDeployment",
+        "status": status,
+    });
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(name, &pp, &Patch::Apply(&patch)).await?;
+    Ok(())
+}

@@ -1,0 +1,580 @@
+//! The reconcile's decision: from what was fetched and observed, the plan in force, the objects
+//! to apply, the rollout's next step, the Events to record and the status. Pure (no I/O, no
+//! clock, no randomness: the time and the minted token come in), so every decision the operator
+//! makes is tested here without a cluster.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, ConfigMapKeySelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+
+use super::build::{self, Desired, ANNOTATION_SPEC_HASH};
+use super::fetch::Fetched;
+use super::initial_load::initial_load_window;
+use super::observe::Observed;
+use super::reconcile::Error;
+use super::replan::{self, Current};
+use super::rollout::{next_step, RolloutGoal, Step, WorkerState};
+use super::status::{plan_status, set_condition, workers_status};
+use crate::api::pod_policy::{check_pod, PodPolicy};
+use crate::api::validate::{FieldError, LoadSource, ValidSpec};
+use crate::api::{
+    condition, reason, MoEDeployment, MoEDeploymentStatus, ObservedLoad, ReplicationPolicy,
+    RolloutStatus,
+};
+use crate::plan::balance::evaluate;
+use crate::plan::planner::{make_plan, moe_layer_ids};
+use crate::plan::{Algorithm, ExpertPlan, LoadWindow};
+
+/// How long a worker may refuse pushes for holding another admin token before it is replaced:
+/// the kubelet brings a re-created Secret to the mounted file within about a minute (its sync
+/// period plus cache), and the worker re-reads the file when it changes.
+pub const PUSH_REFUSAL_GRACE: Duration = Duration::from_secs(120);
+/// Requeue while a rollout or start-up is in progress.
+pub const BUSY_REQUEUE: Duration = Duration::from_secs(2);
+/// When to look again at a deployment held back by its spec or its plan's size (the spec is
+/// watched, so a fix is seen at once; this only bounds the wait on anything else).
+pub const HELD_RETRY: Duration = Duration::from_secs(300);
+/// When to look again at a missing initial load: its ConfigMap is not watched.
+pub const INITIAL_LOAD_RETRY: Duration = Duration::from_secs(30);
+
+/// An Event to record about the deployment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Note {
+    fn normal(reason: &'static str, message: String) -> Self {
+        Note {
+            warning: false,
+            reason,
+            message,
+        }
+    }
+    fn warning(reason: &'static str, message: String) -> Self {
+        Note {
+            warning: true,
+            reason,
+            message,
+        }
+    }
+}
+
+/// The rollout to carry out: the objects to apply, then the step's deletes, creates and pushes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollout {
+    pub desired: Desired,
+    pub plan: ExpertPlan,
+    pub step: Step,
+    /// The admin token the pushes carry, and the port they go to.
+    pub token: String,
+    pub admin_port: u16,
+}
+
+/// What one reconcile does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// Events, in order, before anything is applied.
+    pub events: Vec<Note>,
+    /// Nothing to apply when the deployment is held back.
+    pub rollout: Option<Rollout>,
+    /// The status to write, when it changed.
+    pub status: Option<MoEDeploymentStatus>,
+    /// The plan's predicted balancedness, for the operator's gauge.
+    pub balancedness: Option<f64>,
+    pub requeue: Duration,
+}
+
+/// What `decide` reads.
+pub struct Inputs<'a> {
+    pub md: &'a MoEDeployment,
+    pub spec: &'a ValidSpec,
+    pub fetched: &'a Fetched,
+    pub observed: &'a Observed,
+    pub pod_policy: &'a PodPolicy,
+    /// How long an in-place push may stay in flight before its pod is replaced.
+    pub push_timeout: Duration,
+    /// Now, for conditions, and the same instant in seconds since the Unix epoch.
+    pub now: &'a Time,
+    pub now_s: f64,
+}
+
+/// Why a deployment is held back: nothing is applied or rolled.
+struct Held {
+    /// The Degraded and Ready conditions' reason and the Warning Event's.
+    reason: &'static str,
+    message: String,
+    retry: Duration,
+}
+
+/// Hold the deployment back: Degraded=True and Ready=False with the reason and message, and a
+/// Warning Event when that changes the status.
+fn hold(
+    md: &MoEDeployment,
+    old: &MoEDeploymentStatus,
+    mut status: MoEDeploymentStatus,
+    mut events: Vec<Note>,
+    held: Held,
+    now: &Time,
+) -> Decision {
+    let gen = md.metadata.generation;
+    for kind in [condition::DEGRADED, condition::READY] {
+        let degraded = kind == condition::DEGRADED;
+        set_condition(
+            &mut status.conditions,
+            kind,
+            degraded,
+            held.reason,
+            &held.message,
+            gen,
+            now,
+        );
+    }
+    status.observed_generation = gen;
+    let changed = status != *old;
+    if changed {
+        events.push(Note::warning(held.reason, held.message));
+    }
+    Decision {
+        events,
+        rollout: None,
+        status: changed.then_some(status),
+        balancedness: None,
+        requeue: held.retry,
+    }
+}
+
+/// A spec that failed validation: reported, never acted on, never Ready.
+pub fn invalid(
+    md: &MoEDeployment,
+    status: &MoEDeploymentStatus,
+    errors: &[FieldError],
+    now: &Time,
+) -> Decision {
+    let message = errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let held = Held {
+        reason: reason::INVALID_SPEC,
+        message,
+        retry: HELD_RETRY,
+    };
+    hold(md, status, status.clone(), Vec::new(), held, now)
+}
+
+/// Decide one reconcile of a deployment with a valid spec.
+pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
+    let (md, spec, fetched) = (inp.md, inp.spec, inp.fetched);
+    let gen = md.metadata.generation;
+    let old = &fetched.status;
+    let mut status = old.clone();
+    let mut events = Vec::new();
+
+    let current = fetched
+        .stored_plan
+        .clone()
+        .filter(|p| build::check_plan(spec, p).is_ok());
+    // No plan yet and an initial load in the spec: the first plan comes from it. A trace that
+    // cannot be read holds the deployment back rather than silently planning without it.
+    let initial_window = match (&current, &md.spec.initial_load) {
+        (None, Some(sel)) => match initial_window(md, spec, sel, fetched) {
+            Ok(w) => w,
+            Err(message) => {
+                let held = Held {
+                    reason: reason::INITIAL_LOAD_UNAVAILABLE,
+                    message,
+                    retry: INITIAL_LOAD_RETRY,
+                };
+                return Ok(hold(md, old, status, events, held, inp.now));
+            }
+        },
+        _ => None,
+    };
+    if fetched.minted && !fetched.pods.is_empty() {
+        // Never rotate silently: running workers hold the old token until they re-read the
+        // Secret's file; a worker that refuses a push with it is replaced (PlanPushRefused).
+        events.push(Note::warning(
+            reason::ADMIN_TOKEN_ROTATED,
+            format!(
+                "Secret {} was missing: minted a new admin token; workers re-read it from their \
+                 mounted Secret, and those that refuse a plan push with it are replaced",
+                build::admin_secret_name(md)
+            ),
+        ));
+    }
+    metrics_condition(inp, &mut status);
+
+    let plan = choose_plan(inp, current, initial_window, &mut status, &mut events)?;
+    let balancedness = plan.stats.as_ref().map(|s| s.balancedness);
+    set_condition(
+        &mut status.conditions,
+        condition::PLAN_READY,
+        true,
+        reason::PLANNED,
+        &format!("plan {} ({})", plan.short_hash(), plan.algorithm),
+        gen,
+        inp.now,
+    );
+
+    // The objects, as they should be. A plan that cannot be stored (too large for its
+    // ConfigMap) holds the deployment back with the limit named; the pods keep the plan they have.
+    let desired = match build::build(md, spec, &plan, &fetched.token) {
+        Ok(d) => d,
+        Err(e @ build::BuildError::PlanTooLarge(_)) => {
+            let held = Held {
+                reason: reason::PLAN_TOO_LARGE,
+                message: e.to_string(),
+                retry: HELD_RETRY,
+            };
+            return Ok(with_gauge(
+                hold(md, old, status, events, held, inp.now),
+                balancedness,
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // The backstop of the pod policy: whatever a spec field maps onto a pod, a pod that asks for
+    // what the cluster admin did not allow is never applied.
+    let refused: Vec<String> = desired
+        .pods
+        .iter()
+        .flat_map(|p| check_pod(p, inp.pod_policy))
+        .collect();
+    if !refused.is_empty() {
+        let held = Held {
+            reason: reason::POD_POLICY,
+            message: refused.join("; "),
+            retry: HELD_RETRY,
+        };
+        return Ok(with_gauge(
+            hold(md, old, status, events, held, inp.now),
+            balancedness,
+        ));
+    }
+    let mut d = roll(inp, desired, plan, status, events);
+    d.balancedness = balancedness;
+    Ok(d)
+}
+
+fn with_gauge(mut d: Decision, balancedness: Option<f64>) -> Decision {
+    d.balancedness = balancedness;
+    d
+}
+
+/// The initial load's window: `Ok(None)` when it is optional and absent; `Err` names what is
+/// wrong with it.
+fn initial_window(
+    md: &MoEDeployment,
+    spec: &ValidSpec,
+    sel: &ConfigMapKeySelector,
+    fetched: &Fetched,
+) -> Result<Option<LoadWindow>, String> {
+    let cm: Option<&ConfigMap> = fetched.initial_load.as_ref().and_then(Option::as_ref);
+    let has_key = |c: &ConfigMap| {
+        c.data.as_ref().is_some_and(|d| d.contains_key(&sel.key))
+            || c.binary_data
+                .as_ref()
+                .is_some_and(|d| d.contains_key(&sel.key))
+    };
+    let optional_missing = sel.optional == Some(true) && !cm.is_some_and(has_key);
+    let ns = md.namespace().unwrap_or_default();
+    match initial_load_window(&ns, &sel.name, &sel.key, cm, &spec.shape) {
+        Ok(w) => Ok(Some(w)),
+        Err(_) if optional_missing => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// MetricsAvailable from this reconcile's readings. Between two Prometheus queries the last
+/// answer stands: a reconcile that did not query must not turn a failure back to True.
+fn metrics_condition(inp: &Inputs<'_>, status: &mut MoEDeploymentStatus) {
+    let obs = inp.observed;
+    let gen = inp.md.metadata.generation;
+    if let Some(first) = obs.failures.first() {
+        let message = obs
+            .failures
+            .iter()
+            .map(|f| format!("{} ({})", f.message, f.reason))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let kind = condition::METRICS_AVAILABLE;
+        set_condition(
+            &mut status.conditions,
+            kind,
+            false,
+            first.reason,
+            &message,
+            gen,
+            inp.now,
+        );
+    } else if obs.fresh {
+        let answered = obs.scraped.len();
+        let message = match inp.spec.load_source {
+            LoadSource::Prometheus { .. } => {
+                format!("load from Prometheus; {answered} worker(s) answered")
+            }
+            LoadSource::Workers => format!("{answered} worker(s) answered"),
+        };
+        let kind = condition::METRICS_AVAILABLE;
+        set_condition(
+            &mut status.conditions,
+            kind,
+            true,
+            reason::SCRAPED,
+            &message,
+            gen,
+            inp.now,
+        );
+    }
+}
+
+/// The plan in force: the stored one, or a first one; then a better one from the window when it
+/// is worth rolling out. Updates `status.plan` and records the Events.
+fn choose_plan(
+    inp: &Inputs<'_>,
+    current: Option<ExpertPlan>,
+    initial: Option<LoadWindow>,
+    status: &mut MoEDeploymentStatus,
+    events: &mut Vec<Note>,
+) -> Result<ExpertPlan, Error> {
+    let (md, spec) = (inp.md, inp.spec);
+    let plan = match current {
+        Some(p) => p,
+        None => {
+            let (p, from) = match (initial, &md.spec.initial_load) {
+                (Some(w), Some(sel)) => (
+                    make_plan(&spec.plan_request(spec.algorithm()), &w, None)?,
+                    format!(
+                        "from the initial load in ConfigMap {}/{} key {:?}",
+                        md.namespace().unwrap_or_default(),
+                        sel.name,
+                        sel.key
+                    ),
+                ),
+                _ => (
+                    initial_plan(spec)?,
+                    "before any load is measured".to_string(),
+                ),
+            };
+            // Announced once: a deployment held back before its plan is stored (pod policy,
+            // size) plans the same first plan on every retry.
+            if status.plan.as_ref().is_none_or(|s| s.hash != p.hash) {
+                events.push(Note::normal(
+                    reason::INITIAL_PLAN,
+                    format!(
+                        "plan {} ({}, R={}) {from}",
+                        p.short_hash(),
+                        p.algorithm,
+                        p.replicas_per_gpu
+                    ),
+                ));
+                status.plan = Some(plan_status(&p, None, Some(inp.now.clone())));
+            }
+            p
+        }
+    };
+    let plan = replan(inp, &plan, status, events).unwrap_or(plan);
+    if status.plan.as_ref().map(|p| p.hash.as_str()) != Some(plan.hash.as_str()) {
+        status.plan = Some(plan_status(&plan, None, Some(inp.now.clone())));
+    }
+    Ok(plan)
+}
+
+/// The plan before any load is measured and without `spec.initialLoad`: placement only on a zero
+/// load (contiguous for policy None).
+pub fn initial_plan(spec: &ValidSpec) -> Result<ExpertPlan, Error> {
+    let alg = match spec.policy {
+        ReplicationPolicy::None => Algorithm::None,
+        _ => Algorithm::Placement,
+    };
+    let req = spec.plan_request(alg);
+    let ids = moe_layer_ids(&req.model);
+    let e = req.model.experts as usize;
+    let zero = LoadWindow::new(ids.clone(), e, vec![0.0; ids.len() * e]).map_err(Error::Window)?;
+    Ok(make_plan(&req, &zero, None)?)
+}
+
+/// A better plan from the window, when it beats `plan` by `minImprovement` and the cooldown has
+/// passed. Records the observed balancedness either way.
+fn replan(
+    inp: &Inputs<'_>,
+    plan: &ExpertPlan,
+    status: &mut MoEDeploymentStatus,
+    events: &mut Vec<Note>,
+) -> Option<ExpertPlan> {
+    let spec = inp.spec;
+    let w = inp.observed.window.as_ref()?;
+    if spec.policy == ReplicationPolicy::None
+        || !inp.observed.window_changed
+        || w.total_tokens() <= 0.0
+    {
+        return None;
+    }
+    let candidate = match make_plan(&spec.plan_request(spec.algorithm()), w, Some(plan)) {
+        Ok(c) => c,
+        Err(e) => {
+            events.push(Note::warning(reason::PLAN_FAILED, e.to_string()));
+            return None;
+        }
+    };
+    let cur_b = evaluate(plan, w).map(|e| e.balancedness).unwrap_or(0.0);
+    let cand_b = evaluate(&candidate, w)
+        .map(|e| e.balancedness)
+        .unwrap_or(0.0);
+    status.observed = Some(ObservedLoad {
+        balancedness: Some(cur_b),
+        tokens: w.total_tokens() as i64,
+        window_batches: w.batches() as i64,
+    });
+    let rolled_out_at_s = status
+        .plan
+        .as_ref()
+        .and_then(|p| p.computed_at.as_ref())
+        .map(|t| t.0.as_second() as f64)
+        .unwrap_or(0.0);
+    let current = Current {
+        hash: &plan.hash,
+        balancedness: cur_b,
+        rolled_out_at_s,
+    };
+    let d = replan::decide(
+        Some(&current),
+        &candidate.hash,
+        cand_b,
+        spec.min_improvement,
+        spec.cooldown.as_secs_f64(),
+        inp.now_s,
+    );
+    if !d.rolls_out() {
+        tracing::debug!(reason = d.reason(), "plan kept");
+        return None;
+    }
+    events.push(Note::normal(
+        d.reason(),
+        format!(
+            "plan {} ({}, R={}): predicted balancedness {:.3} over {:.3} of plan {}",
+            candidate.short_hash(),
+            candidate.algorithm,
+            candidate.replicas_per_gpu,
+            cand_b,
+            cur_b,
+            plan.short_hash()
+        ),
+    ));
+    status.plan = Some(plan_status(&candidate, Some(cur_b), Some(inp.now.clone())));
+    Some(candidate)
+}
+
+/// The rollout's next step on the cluster's state, and the status that reports it.
+fn roll(
+    inp: &Inputs<'_>,
+    desired: Desired,
+    plan: ExpertPlan,
+    mut status: MoEDeploymentStatus,
+    events: Vec<Note>,
+) -> Decision {
+    let (md, spec, fetched) = (inp.md, inp.spec, inp.fetched);
+    let gen = md.metadata.generation;
+    // Readiness is the pod's Ready condition (the kubelet probes `/readyz`); a scrape that fails
+    // (a changed metrics port, a network blip) says nothing about serving.
+    let workers: Vec<WorkerState> = fetched
+        .pods
+        .iter()
+        .filter_map(|p| {
+            let s = inp.observed.scraped.get(&p.name_any());
+            WorkerState::from_pod(p, s.and_then(|s| s.plan_hash.as_deref()))
+        })
+        .collect();
+    let goal = RolloutGoal {
+        plan_hash: plan.hash.clone(),
+        spec_hashes: desired
+            .pods
+            .iter()
+            .map(|p| {
+                p.annotations()
+                    .get(ANNOTATION_SPEC_HASH)
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect(),
+        strategy: spec.strategy,
+        max_unavailable: spec.max_unavailable,
+        push_timeout_s: i64::try_from(inp.push_timeout.as_secs()).unwrap_or(i64::MAX),
+        refusal_grace_s: PUSH_REFUSAL_GRACE.as_secs() as i64,
+        now_s: inp.now_s as i64,
+    };
+    let step = next_step(&goal, &workers);
+    let nodes = goal.nodes();
+    status.workers = Some(workers_status(nodes, &workers, &step));
+    status.rollout = Some(RolloutStatus {
+        target_hash: plan.hash.clone(),
+        updated: step.updated as i32,
+        total: nodes as i32,
+    });
+    let mut message = format!(
+        "{}/{} workers ready on plan {}",
+        step.updated,
+        nodes,
+        plan.short_hash()
+    );
+    if !step.waiting.is_empty() {
+        message.push_str(&format!("; waiting for: {}", step.waiting_summary(8)));
+    }
+    let (ready_reason, progress_reason) = if step.done {
+        (reason::WORKERS_READY, reason::ROLLOUT_COMPLETE)
+    } else {
+        (reason::ROLLING_OUT, reason::ROLLING_OUT)
+    };
+    let cs = &mut status.conditions;
+    // Not Degraded: set here, past every hold, so a held deployment's Degraded condition does
+    // not flip to False and back (a new transition time, a status write) on each retry.
+    let (degraded, valid) = (condition::DEGRADED, reason::SPEC_VALID);
+    set_condition(cs, degraded, false, valid, "", gen, inp.now);
+    set_condition(
+        cs,
+        condition::READY,
+        step.done,
+        ready_reason,
+        &message,
+        gen,
+        inp.now,
+    );
+    let progressing = !step.done;
+    set_condition(
+        cs,
+        condition::PROGRESSING,
+        progressing,
+        progress_reason,
+        &message,
+        gen,
+        inp.now,
+    );
+    status.observed_generation = gen;
+    let requeue = if step.done {
+        spec.interval
+    } else {
+        BUSY_REQUEUE.min(spec.interval)
+    };
+    Decision {
+        events,
+        status: (status != fetched.status).then_some(status),
+        rollout: Some(Rollout {
+            desired,
+            plan,
+            step,
+            token: fetched.token.clone(),
+            admin_port: spec.ports.admin,
+        }),
+        balancedness: None,
+        requeue,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,183 @@
+//! The reconcile's observation step: scrape every worker (its plan hash, and its load when the
+//! source is Workers) and, once per metrics interval, read the load from Prometheus, into the
+//! deployment's load window. I/O only; what to make of it is `decide`'s.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+use super::load::ScrapeWindow;
+use super::prometheus::{sample_from_prometheus, PrometheusClient};
+use crate::api::reason;
+use crate::api::validate::{LoadSource, ValidSpec};
+use crate::plan::planner::moe_layer_ids;
+use crate::plan::LoadWindow;
+use crate::worker::wire::{WorkerClient, WorkerSample};
+
+/// Timeout of one worker or Prometheus request.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One failed load reading: the MetricsAvailable reason and what went wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsFailure {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What the workers and the load source showed this reconcile.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    /// Per pod name, the last scrape that answered.
+    pub scraped: HashMap<String, WorkerSample>,
+    pub failures: Vec<MetricsFailure>,
+    /// The load window (None until it holds a batch).
+    pub window: Option<LoadWindow>,
+    /// The window took new load this time.
+    pub window_changed: bool,
+    /// The load source was read this time (the workers' scrapes always are; Prometheus once per
+    /// interval). Between two readings the last one's MetricsAvailable stands.
+    pub fresh: bool,
+}
+
+/// Per-deployment memory that is only an optimisation or a measurement: the load window (lost on
+/// restart, refilled by the next scrapes). The rollout itself is read from the cluster.
+struct Tracked {
+    uid: String,
+    window: ScrapeWindow,
+    last_read: Option<Instant>,
+}
+
+/// The load windows of every deployment this operator reconciles, keyed `namespace/name`.
+#[derive(Default)]
+pub struct LoadWindows(Mutex<HashMap<String, Tracked>>);
+
+impl LoadWindows {
+    /// Drop a deployment's window (it is being deleted).
+    pub fn forget(&self, key: &str) {
+        self.0.lock().expect("load windows lock").remove(key);
+    }
+
+    /// Run `f` on the deployment's window, starting a new one for a new object (another uid).
+    fn with<R>(
+        &self,
+        key: &str,
+        uid: &str,
+        spec: &ValidSpec,
+        f: impl FnOnce(&mut Tracked) -> R,
+    ) -> R {
+        let mut all = self.0.lock().expect("load windows lock");
+        let fresh = || Tracked {
+            uid: uid.to_string(),
+            window: ScrapeWindow::new(
+                moe_layer_ids(&spec.shape),
+                spec.shape.experts,
+                spec.window_batches,
+            ),
+            last_read: None,
+        };
+        let t = all.entry(key.to_string()).or_insert_with(fresh);
+        if t.uid != uid {
+            *t = fresh();
+        }
+        f(t)
+    }
+}
+
+/// Scrape the deployment's workers and read its load source.
+pub async fn observe(
+    windows: &LoadWindows,
+    workers: &WorkerClient,
+    prometheus: &PrometheusClient,
+    key: &str,
+    uid: &str,
+    spec: &ValidSpec,
+    pods: &[Pod],
+) -> Observed {
+    let mut obs = Observed::default();
+    for p in pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        let Some(ip) = pod_ip(p) else { continue };
+        match workers.scrape(&ip, spec.ports.metrics, HTTP_TIMEOUT).await {
+            Ok(s) => {
+                obs.scraped.insert(p.name_any(), s);
+            }
+            Err(e) => obs.failures.push(MetricsFailure {
+                reason: e.reason(),
+                message: e.to_string(),
+            }),
+        }
+    }
+    let due = windows.with(key, uid, spec, |t| {
+        let due = t.last_read.is_none_or(|at| at.elapsed() >= spec.interval);
+        if due {
+            t.last_read = Some(Instant::now());
+        }
+        due
+    });
+    match &spec.load_source {
+        LoadSource::Workers => {
+            obs.fresh = true;
+            if due {
+                let samples: Vec<(String, WorkerSample)> = obs
+                    .scraped
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let names: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
+                windows.with(key, uid, spec, |t| {
+                    t.window.retain_workers(|w| names.iter().any(|n| n == w));
+                    match t.window.record(&samples) {
+                        Ok(()) => obs.window_changed = !samples.is_empty(),
+                        Err(e) => obs.failures.push(garbled(e.to_string())),
+                    }
+                });
+            }
+        }
+        // One query per interval; its answer is that interval's per-expert load (the query takes
+        // increase() or rate() of the counters), one batch of the window.
+        LoadSource::Prometheus { url, query } if due => {
+            obs.fresh = true;
+            match prometheus.query(url, query, HTTP_TIMEOUT).await {
+                Ok(series) => match sample_from_prometheus(&series) {
+                    Ok(s) => windows.with(key, uid, spec, |t| {
+                        match t
+                            .window
+                            .push_amounts(&format!("Prometheus query at {url}"), &s)
+                        {
+                            Ok(any) => obs.window_changed = any,
+                            Err(e) => obs.failures.push(garbled(e.to_string())),
+                        }
+                    }),
+                    Err(e) => obs.failures.push(garbled(e.to_string())),
+                },
+                Err(e) => obs.failures.push(MetricsFailure {
+                    reason: e.reason(),
+                    message: e.to_string(),
+                }),
+            }
+        }
+        LoadSource::Prometheus { .. } => {}
+    }
+    obs.window = windows.with(key, uid, spec, |t| t.window.load_window());
+    obs
+}
+
+fn garbled(message: String) -> MetricsFailure {
+    MetricsFailure {
+        reason: reason::GARBLED_METRICS,
+        message,
+    }
+}
+
+/// The pod's IP, once it has one.
+pub fn pod_ip(p: &Pod) -> Option<String> {
+    p.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .filter(|s| !s.is_empty())
+}
