@@ -694,6 +694,74 @@ worker:
             .and_then(|e| e.value.clone())
     }
 
+    /// The container every rank gets: GPUs, the command line, the probes and ports.
+    fn assert_worker_container(c: &Container) {
+        let res = c.resources.as_ref().unwrap();
+        assert_eq!(
+            res.requests.as_ref().unwrap()[GPU_RESOURCE],
+            Quantity("2".into())
+        );
+        assert_eq!(
+            res.limits.as_ref().unwrap()[GPU_RESOURCE],
+            Quantity("2".into())
+        );
+        let args = c.args.as_ref().unwrap().join(" ");
+        assert!(args.starts_with("--plan $(MOE_PLAN_FILE) --checkpoint $(MOE_CHECKPOINT_DIR) --node $(MOE_NODE_RANK) --gpus-per-node $(MOE_GPUS_PER_NODE)"), "{args}");
+        assert!(
+            args.contains("--listen $(POD_IP):9400 --metrics-listen $(POD_IP):9401 --admin-listen $(POD_IP):9402")
+                && args.ends_with("--device cuda"),
+            "{args}"
+        );
+        let pod_ip = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "POD_IP")
+            .unwrap();
+        assert_eq!(
+            pod_ip
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "status.podIP"
+        );
+        for probe in [&c.readiness_probe, &c.liveness_probe, &c.startup_probe] {
+            let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+            assert_eq!(get.port, IntOrString::Int(9401));
+        }
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/readyz")
+        );
+        let ports: Vec<_> = c
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.clone().unwrap(), p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("dispatch".into(), 9400),
+                ("metrics".into(), 9401),
+                ("admin".into(), 9402)
+            ]
+        );
+    }
+
     #[test]
     fn one_pod_per_node_with_rank_env_gpus_and_owner() {
         let md = deployment();
@@ -732,71 +800,8 @@ worker:
             );
             assert_eq!(env_of(pod, "RUST_LOG").as_deref(), Some("debug"));
             let c = container(pod);
-            let res = c.resources.as_ref().unwrap();
-            assert_eq!(
-                res.requests.as_ref().unwrap()[GPU_RESOURCE],
-                Quantity("2".into())
-            );
-            assert_eq!(
-                res.limits.as_ref().unwrap()[GPU_RESOURCE],
-                Quantity("2".into())
-            );
-            let args = c.args.as_ref().unwrap().join(" ");
-            assert!(args.starts_with("--plan $(MOE_PLAN_FILE) --checkpoint $(MOE_CHECKPOINT_DIR) --node $(MOE_NODE_RANK) --gpus-per-node $(MOE_GPUS_PER_NODE)"), "{args}");
-            assert!(
-                args.contains("--listen $(POD_IP):9400 --metrics-listen $(POD_IP):9401 --admin-listen $(POD_IP):9402")
-                    && args.ends_with("--device cuda"),
-                "{args}"
-            );
-            let pod_ip = c
-                .env
-                .as_ref()
-                .unwrap()
-                .iter()
-                .find(|e| e.name == "POD_IP")
-                .unwrap();
-            assert_eq!(
-                pod_ip
-                    .value_from
-                    .as_ref()
-                    .unwrap()
-                    .field_ref
-                    .as_ref()
-                    .unwrap()
-                    .field_path,
-                "status.podIP"
-            );
-            for probe in [&c.readiness_probe, &c.liveness_probe, &c.startup_probe] {
-                let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
-                assert_eq!(get.port, IntOrString::Int(9401));
-            }
+            assert_worker_container(c);
             assert!(!labels.contains_key(LABEL_PROCESS_BACKED));
-            assert_eq!(
-                c.readiness_probe
-                    .as_ref()
-                    .unwrap()
-                    .http_get
-                    .as_ref()
-                    .unwrap()
-                    .path
-                    .as_deref(),
-                Some("/readyz")
-            );
-            let ports: Vec<_> = c
-                .ports
-                .as_ref()
-                .unwrap()
-                .iter()
-                .map(|p| (p.name.clone().unwrap(), p.container_port))
-                .collect();
-            assert_eq!(
-                ports,
-                [
-                    ("dispatch".into(), 9400),
-                    ("metrics".into(), 9401),
-                    ("admin".into(), 9402)
-                ]
-            );
             let spec = pod.spec.as_ref().unwrap();
             assert!(spec
                 .tolerations
