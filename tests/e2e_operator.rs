@@ -13,7 +13,7 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::Api;
-use moe_operator::api::MoEDeployment;
+use moe_operator::api::{reason, MoEDeployment};
 use moe_operator::worker::wire::WorkerClient;
 use serde_json::json;
 use std::time::Duration;
@@ -243,12 +243,44 @@ async fn operator_end_to_end() {
     // a token the workers never read (28 failed pushes in 45 s, the rollout stuck at 0/2). Now it
     // says so with a Warning, the workers re-read the Secret's file (re-synced like a kubelet
     // does), and a worker that still refuses a push is replaced: the next plan reaches them all.
-    Api::<Secret>::namespaced(admin.clone(), NS)
+    let secrets = Api::<Secret>::namespaced(admin.clone(), NS);
+    let token_of = |s: &Secret| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get("token"))
+            .map(|b| b.0.clone())
+    };
+    let old_token = token_of(&secrets.get("tiny-admin-token").await.expect("admin Secret"));
+    secrets
         .delete("tiny-admin-token", &DeleteParams::default())
         .await
         .expect("delete the admin Secret");
-    wait_for_event(&events, "an AdminTokenRotated warning", long, |e| {
-        e.reason.as_deref() == Some("AdminTokenRotated") && e.type_.as_deref() == Some("Warning")
+    wait_for("an AdminTokenRotated warning", long, || async {
+        let list = events
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        if list.items.iter().any(|e| {
+            e.reason.as_deref() == Some(reason::ADMIN_TOKEN_ROTATED)
+                && e.type_.as_deref() == Some("Warning")
+        }) {
+            return Ok(());
+        }
+        // A reconcile that read the Secret just before it went applies it again with the token it
+        // read (the workers keep working): delete it again until a reconcile finds it missing.
+        if let Some(s) = secrets
+            .get_opt("tiny-admin-token")
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            if token_of(&s) == old_token {
+                let _ = secrets
+                    .delete("tiny-admin-token", &DeleteParams::default())
+                    .await;
+                return Err("the Secret came back with the old token: deleted it again".into());
+            }
+        }
+        Err(format!("{} events, none matching", list.items.len()))
     })
     .await;
     // The load shifts (the hot experts swap), so CRAFT plans again and rolls the plan out.
