@@ -169,7 +169,7 @@ pub fn validate(
     let mut errs = Errors::default();
     check_model(spec, &mut errs);
     check_checkpoint(spec, &mut errs);
-    check_replication(spec, &mut errs);
+    let replication = check_replication(spec, &mut errs);
     let interval = check_metrics(spec, &mut errs);
     let window_batches = check_window(spec, interval, &mut errs);
     check_rollout(spec, &mut errs);
@@ -183,21 +183,38 @@ pub fn validate(
         }
     }
     errs.0.extend(check_pod_policy(spec, pod_policy));
-    match (interval, window_batches) {
-        (Some(interval), Some(window_batches)) if errs.0.is_empty() => {
-            resolve(spec, interval, window_batches).map_err(|e| vec![e])
+    match (interval, window_batches, replication) {
+        (Some(interval), Some(window_batches), Some((budget, cooldown))) if errs.0.is_empty() => {
+            let times = Times {
+                interval,
+                window_batches,
+                cooldown,
+            };
+            resolve(spec, times, budget).map_err(|e| vec![e])
         }
         _ => Err(errs.0),
     }
+}
+
+/// The durations the checks parsed.
+struct Times {
+    interval: Duration,
+    window_batches: usize,
+    cooldown: Duration,
 }
 
 /// The resolved values of a spec whose checks passed (the conversions cannot fail then; they
 /// still report a field rather than panic).
 fn resolve(
     spec: &MoEDeploymentSpec,
-    interval: Duration,
-    window_batches: usize,
+    times: Times,
+    budget: Budget,
 ) -> Result<ValidSpec, FieldError> {
+    let Times {
+        interval,
+        window_batches,
+        cooldown,
+    } = times;
     let t = &spec.topology;
     let unsigned = |path: &str, v: i64| {
         u32::try_from(v).map_err(|_| FieldError {
@@ -220,27 +237,6 @@ fn resolve(
                 message: e.to_string(),
             }
         })?;
-    let b = &spec.replication.budget;
-    let budget = match (b.replicas_per_gpu, &b.memory_per_gpu) {
-        (Some(r), _) => Budget::ReplicasPerGpu(unsigned(
-            "spec.replication.budget.replicasPerGpu",
-            r.into(),
-        )?),
-        (None, Some(q)) => {
-            let bytes = parse_quantity(q).map_err(|e| FieldError {
-                path: "spec.replication.budget.memoryPerGpu".into(),
-                message: e.to_string(),
-            })?;
-            Budget::MemoryPerGpu(u64::try_from(bytes).unwrap_or(u64::MAX))
-        }
-        (None, None) => Budget::Auto {
-            min_gain_per_replica: DEFAULT_AUTO_MIN_GAIN,
-        },
-    };
-    let cooldown = parse_duration(&spec.replication.cooldown).map_err(|e| FieldError {
-        path: "spec.replication.cooldown".into(),
-        message: e.to_string(),
-    })?;
     let load_source = match (spec.metrics.source, &spec.metrics.prometheus) {
         (MetricsSource::Prometheus, Some(p)) => LoadSource::Prometheus {
             url: p.url.clone(),
@@ -420,7 +416,8 @@ fn check_checkpoint(spec: &MoEDeploymentSpec, errs: &mut Errors) {
     }
 }
 
-fn check_replication(spec: &MoEDeploymentSpec, errs: &mut Errors) {
+/// The budget and the cooldown, when they are valid.
+fn check_replication(spec: &MoEDeploymentSpec, errs: &mut Errors) -> Option<(Budget, Duration)> {
     let mut err = |path: &str, message: String| errs.push(path, message);
     let m = &spec.model;
     let policy = spec.replication.policy;
@@ -434,6 +431,9 @@ fn check_replication(spec: &MoEDeploymentSpec, errs: &mut Errors) {
             format!("{forms} budget forms given: set exactly one of replicasPerGpu, memoryPerGpu or auto: true"),
         );
     }
+    let mut budget = (b.auto == Some(true)).then_some(Budget::Auto {
+        min_gain_per_replica: DEFAULT_AUTO_MIN_GAIN,
+    });
     let moe_layers = i64::from(m.layers - m.first_moe_layer.max(0)).max(0);
     if let Some(r) = b.replicas_per_gpu {
         if r < 0 {
@@ -457,6 +457,8 @@ fn check_replication(spec: &MoEDeploymentSpec, errs: &mut Errors) {
                     m.experts
                 ),
             );
+        } else {
+            budget = Some(Budget::ReplicasPerGpu(r.unsigned_abs()));
         }
     }
     if let Some(q) = &b.memory_per_gpu {
@@ -465,8 +467,11 @@ fn check_replication(spec: &MoEDeploymentSpec, errs: &mut Errors) {
                 "spec.replication.budget.memoryPerGpu",
                 format!("{e}: write a quantity such as 2Gi or 512Mi"),
             ),
-            Ok(bytes) if policy.replicates() => {
-                if let Ok(shape) = m.shape() {
+            Ok(bytes) => {
+                budget = Some(Budget::MemoryPerGpu(
+                    u64::try_from(bytes).unwrap_or(u64::MAX),
+                ));
+                if let (true, Ok(shape)) = (policy.replicates(), m.shape()) {
                     let per_expert = u128::from(shape.bytes_per_expert());
                     if bytes < per_expert {
                         err(
@@ -480,7 +485,6 @@ fn check_replication(spec: &MoEDeploymentSpec, errs: &mut Errors) {
                     }
                 }
             }
-            Ok(_) => {}
         }
     }
     if !(0.0..=1.0).contains(&spec.replication.min_improvement) {
@@ -492,12 +496,17 @@ fn check_replication(spec: &MoEDeploymentSpec, errs: &mut Errors) {
             ),
         );
     }
-    if let Err(e) = parse_duration(&spec.replication.cooldown) {
-        err(
-            "spec.replication.cooldown",
-            format!("{e}: write a duration such as 5m"),
-        );
-    }
+    let cooldown = match parse_duration(&spec.replication.cooldown) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            err(
+                "spec.replication.cooldown",
+                format!("{e}: write a duration such as 5m"),
+            );
+            None
+        }
+    };
+    budget.filter(|_| forms == 1).zip(cooldown)
 }
 
 /// The metrics interval, when it is valid.

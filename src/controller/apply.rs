@@ -2,7 +2,7 @@
 //! (the plan ConfigMap first, so replaced pods start on it), carry out the rollout step (delete,
 //! create, push) and write the status. I/O only; what to write is `decide`'s.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::build::{self, FIELD_MANAGER};
 use super::decide::{Decision, Note, Rollout};
 use super::observe::pod_ip;
-use super::reconcile::{Context, Error};
+use super::reconcile::{wall_s, Context, Error};
 use super::rollout::{
     ANNOTATION_PUSH_REJECTED, ANNOTATION_PUSH_REJECTED_SINCE, ANNOTATION_TARGET_PLAN,
     ANNOTATION_TARGET_SINCE,
@@ -127,11 +127,24 @@ async fn pod_event(
     event_about(ctx, md, Some(pod), &n).await
 }
 
-fn wall_s() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+/// Annotate a pod with `key: hash` and `since_key: now` (seconds since the epoch): the rollout
+/// reads both back to know what a push is about and when it began.
+async fn annotate_since(
+    pods_api: &Api<Pod>,
+    p: &Pod,
+    key: &str,
+    hash: &str,
+    since_key: &str,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        key: hash,
+        since_key: format!("{:.0}", wall_s()),
+    }}});
+    let pp = PatchParams::default();
+    pods_api
+        .patch(&p.name_any(), &pp, &Patch::Merge(&patch))
+        .await?;
+    Ok(())
 }
 
 /// The pods of one rank (normally one).
@@ -205,17 +218,14 @@ async fn push(
     if first {
         // Record the target before the PUT so a restarted operator knows a push is on, and when
         // it began, so that a push that never completes expires.
-        let patch = serde_json::json!({"metadata": {"annotations": {
-            ANNOTATION_TARGET_PLAN: plan.hash,
-            ANNOTATION_TARGET_SINCE: format!("{:.0}", wall_s()),
-        }}});
-        pods_api
-            .patch(
-                &p.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await?;
+        annotate_since(
+            pods_api,
+            p,
+            ANNOTATION_TARGET_PLAN,
+            &plan.hash,
+            ANNOTATION_TARGET_SINCE,
+        )
+        .await?;
     }
     let span = tracing::info_span!("push", pod = %p.name_any(), plan = %plan.short_hash());
     match ctx
@@ -245,17 +255,8 @@ async fn push(
                 // The worker holds another admin token (the Secret was re-created). It re-reads
                 // its token file, which the kubelet updates within about a minute; past the
                 // refusal grace the rollout replaces it.
-                let patch = serde_json::json!({"metadata": {"annotations": {
-                    ANNOTATION_PUSH_REJECTED: plan.hash,
-                    ANNOTATION_PUSH_REJECTED_SINCE: format!("{:.0}", wall_s()),
-                }}});
-                pods_api
-                    .patch(
-                        &p.name_any(),
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await?;
+                let (key, since) = (ANNOTATION_PUSH_REJECTED, ANNOTATION_PUSH_REJECTED_SINCE);
+                annotate_since(pods_api, p, key, &plan.hash, since).await?;
             }
             let why = if refused {
                 reason::PLAN_PUSH_REFUSED

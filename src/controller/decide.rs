@@ -112,13 +112,15 @@ struct Held {
 }
 
 /// Hold the deployment back: Degraded=True and Ready=False with the reason and message, and a
-/// Warning Event when that changes the status.
+/// Warning Event when that changes the status. `plan` is the plan chosen before the hold, if any
+/// (the gauge reports its balancedness).
 fn hold(
     md: &MoEDeployment,
     old: &MoEDeploymentStatus,
     mut status: MoEDeploymentStatus,
     mut events: Vec<Note>,
     held: Held,
+    plan: Option<&ExpertPlan>,
     now: &Time,
 ) -> Decision {
     let gen = md.metadata.generation;
@@ -143,7 +145,7 @@ fn hold(
         events,
         rollout: None,
         status: changed.then_some(status),
-        balancedness: None,
+        balancedness: plan.and_then(gauge),
         requeue: held.retry,
     }
 }
@@ -165,7 +167,7 @@ pub fn invalid(
         message,
         retry: HELD_RETRY,
     };
-    hold(md, status, status.clone(), Vec::new(), held, now)
+    hold(md, status, status.clone(), Vec::new(), held, None, now)
 }
 
 /// Decide one reconcile of a deployment with a valid spec.
@@ -191,7 +193,7 @@ pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
                     message,
                     retry: INITIAL_LOAD_RETRY,
                 };
-                return Ok(hold(md, old, status, events, held, inp.now));
+                return Ok(hold(md, old, status, events, held, None, inp.now));
             }
         },
         _ => None,
@@ -211,7 +213,6 @@ pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
     metrics_condition(inp, &mut status);
 
     let plan = choose_plan(inp, current, initial_window, &mut status, &mut events)?;
-    let balancedness = plan.stats.as_ref().map(|s| s.balancedness);
     set_condition(
         &mut status.conditions,
         condition::PLAN_READY,
@@ -232,10 +233,7 @@ pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
                 message: e.to_string(),
                 retry: HELD_RETRY,
             };
-            return Ok(with_gauge(
-                hold(md, old, status, events, held, inp.now),
-                balancedness,
-            ));
+            return Ok(hold(md, old, status, events, held, Some(&plan), inp.now));
         }
         Err(e) => return Err(e.into()),
     };
@@ -252,19 +250,14 @@ pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
             message: refused.join("; "),
             retry: HELD_RETRY,
         };
-        return Ok(with_gauge(
-            hold(md, old, status, events, held, inp.now),
-            balancedness,
-        ));
+        return Ok(hold(md, old, status, events, held, Some(&plan), inp.now));
     }
-    let mut d = roll(inp, desired, plan, status, events);
-    d.balancedness = balancedness;
-    Ok(d)
+    Ok(roll(inp, desired, plan, status, events))
 }
 
-fn with_gauge(mut d: Decision, balancedness: Option<f64>) -> Decision {
-    d.balancedness = balancedness;
-    d
+/// The plan's predicted balancedness, which the operator's gauge reports.
+fn gauge(plan: &ExpertPlan) -> Option<f64> {
+    plan.stats.as_ref().map(|s| s.balancedness)
 }
 
 /// The initial load's window: `Ok(None)` when it is optional and absent; `Err` names what is
@@ -561,6 +554,7 @@ fn roll(
     } else {
         BUSY_REQUEUE.min(spec.interval)
     };
+    let balancedness = gauge(&plan);
     Decision {
         events,
         status: (status != fetched.status).then_some(status),
@@ -571,7 +565,7 @@ fn roll(
             token: fetched.token.clone(),
             admin_port: spec.ports.admin,
         }),
-        balancedness: None,
+        balancedness,
         requeue,
     }
 }

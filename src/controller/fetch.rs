@@ -40,19 +40,17 @@ pub async fn status(
         .map(|md| md.status.unwrap_or_default()))
 }
 
-/// Everything else `decide` reads, for a deployment whose spec is valid.
+/// Everything else `decide` reads, for a deployment (in namespace `ns`) whose spec is valid.
 pub async fn fetch(
     client: &Client,
     md: &MoEDeployment,
+    ns: &str,
     spec: &ValidSpec,
     status: MoEDeploymentStatus,
 ) -> Result<Fetched, Error> {
-    let ns = md
-        .namespace()
-        .ok_or(Error::MissingMetadata("metadata.namespace"))?;
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
 
     // A ConfigMap that does not parse (edited by hand, truncated) holds no plan: a new one is made.
     let stored_plan = cms

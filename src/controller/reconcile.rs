@@ -154,7 +154,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
             return Ok(Action::requeue(d.requeue));
         }
     };
-    let fetched = fetch::fetch(&ctx.client, md, &spec, status).await?;
+    let fetched = fetch::fetch(&ctx.client, md, &ns, &spec, status).await?;
     let uid = md.metadata.uid.clone().unwrap_or_default();
     let observed = observe(
         &ctx.windows,
@@ -182,11 +182,15 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
 
 /// Now, as a condition timestamp and in seconds since the Unix epoch.
 fn clock() -> (Time, f64) {
-    let s = SystemTime::now()
+    (Time(Timestamp::now()), wall_s())
+}
+
+/// Seconds since the Unix epoch (the rollout's annotations and the cooldown count in these).
+pub(super) fn wall_s() -> f64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    (Time(Timestamp::now()), s)
+        .unwrap_or(0.0)
 }
 
 /// Run the controller until `shutdown` resolves.
