@@ -77,10 +77,19 @@ impl TestServer {
     }
 }
 
+/// Append what one read gives to `buf`; `None` at EOF, on an error or after 5 s.
+async fn read_more<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+        .await
+        .ok()?
+        .ok()?;
+    (n > 0).then(|| buf.extend_from_slice(&chunk[..n]))
+}
+
 /// Read one request (head, and a body of its `Content-Length`); `None` at EOF or after 5 s.
 async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<Seen> {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
     let end = loop {
         if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break p;
@@ -88,14 +97,7 @@ async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<Seen> {
         if buf.len() > 65536 {
             return None;
         }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(s, &mut buf).await?;
     };
     let head: Vec<String> = String::from_utf8_lossy(&buf[..end])
         .split("\r\n")
@@ -110,14 +112,7 @@ async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<Seen> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     while seen.body.len() < len {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        seen.body.extend_from_slice(&chunk[..n]);
+        read_more(s, &mut seen.body).await?;
     }
     Some(seen)
 }
