@@ -8,6 +8,7 @@ pub mod bench;
 pub mod charts;
 pub mod cli;
 pub mod controller;
+pub mod ep;
 pub mod loadgen;
 pub mod plan;
 pub mod serving;

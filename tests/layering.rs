@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("worker", 1),
     ("serving", 1),
     ("controller", 2),
+    ("ep", 2),
     ("loadgen", 2),
     ("bench", 2),
     ("cli", 3),
