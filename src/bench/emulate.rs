@@ -143,6 +143,12 @@ impl CudaExec {
     }
 }
 
+impl CudaExec {
+    pub fn device(&self) -> &Arc<crate::worker::cuda::CudaDevice> {
+        &self.dev
+    }
+}
+
 impl RankExec for CudaExec {
     fn run(&mut self, layer: u32, share: &RankShare, pool: &[bf16]) -> anyhow::Result<f64> {
         use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;

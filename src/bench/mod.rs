@@ -7,6 +7,7 @@
 //! ranks on one device, [`workers`] runs real `moe-worker`s; the CLI is `crate::cli::bench`.
 
 pub mod emulate;
+pub mod ranks;
 pub mod workers;
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,9 @@ pub enum Mode {
     Emulated,
     /// One real `moe-worker` per rank, driven by the load generator over the dispatch protocol.
     Workers,
+    /// One process per rank on a GPU transport (the data plane, `--transport`), next to the
+    /// emulated ranks on the same draws.
+    Ranks,
 }
 
 impl Mode {
@@ -32,6 +36,7 @@ impl Mode {
         match self {
             Mode::Emulated => "emulated",
             Mode::Workers => "workers",
+            Mode::Ranks => "ranks",
         }
     }
 }

@@ -9,6 +9,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
 use crate::bench::emulate::{run_emulated, CpuExec, CudaExec, RankExec, RunConfig};
+use crate::bench::ranks::{
+    d2d_copy_seconds, markdown, rank_main, result, run_emulated_sources, run_rank_processes,
+    RankJob,
+};
 use crate::bench::workers::{run_workers, served_plan, Launch, WorkerPool};
 use crate::bench::{
     first_moe_layers, fit_window, policy_specs, preset, BenchReport, Mode, PolicyResult, Regime,
@@ -35,12 +39,28 @@ pub enum BenchCommand {
     Policies(Box<PoliciesArgs>),
     /// Write a seeded skewed load trace (moe-load-trace/v1) of any shape.
     Trace(TraceArgs),
+    /// One rank process of `bench policies --mode ranks` (started by it).
+    #[command(hide = true)]
+    EpRank(EpRankArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EpRankArgs {
+    #[arg(long)]
+    pub job: PathBuf,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.command {
         BenchCommand::Policies(p) => policies(&p).map(|_| ()),
         BenchCommand::Trace(t) => trace(&t),
+        BenchCommand::EpRank(r) => {
+            crate::worker::runtime::init_logging(false);
+            let b =
+                std::fs::read(&r.job).with_context(|| format!("reading {}", r.job.display()))?;
+            let job: RankJob = serde_json::from_slice(&b).context("the rank job")?;
+            rank_main(&job)
+        }
     }
 }
 
@@ -115,9 +135,15 @@ pub struct PoliciesArgs {
     /// Workers mode: the moe-worker binary (default: next to this moectl).
     #[arg(long)]
     pub worker_bin: Option<PathBuf>,
-    /// Workers mode: directory for plans and worker logs (default: a temporary one).
+    /// Workers and ranks modes: directory for plans and logs (default: a temporary one).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Ranks mode: the GPU transport, ipc (all ranks on --device) or nccl (rank r on cuda:N+r).
+    #[arg(long, default_value = "ipc")]
+    pub transport: String,
+    /// Run only these policies (none, placement, eplb, craft); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub policies: Vec<String>,
 }
 
 impl PoliciesArgs {
@@ -251,7 +277,16 @@ pub fn policies(a: &PoliciesArgs) -> anyhow::Result<Vec<BenchReport>> {
         Topology::new(a.gpus, a.nodes).map_err(|e| anyhow::anyhow!("--gpus/--nodes: {e}"))?;
     let (window, trace_note) =
         fit_window(&trace, &moe_layer_ids(&model)).map_err(anyhow::Error::msg)?;
-    let plans = make_plans(&model, topology, &a.budgets, &window)?;
+    let mut plans = make_plans(&model, topology, &a.budgets, &window)?;
+    if !a.policies.is_empty() {
+        plans.retain(|p| a.policies.iter().any(|n| *n == p.algorithm.to_string()));
+        if plans.is_empty() {
+            bail!(
+                "--policies {:?}: none of none, placement, eplb, craft",
+                a.policies
+            );
+        }
+    }
 
     let mut notes = Vec::new();
     if let Some(n) = trace_note {
@@ -276,6 +311,9 @@ pub fn policies(a: &PoliciesArgs) -> anyhow::Result<Vec<BenchReport>> {
         ));
     }
 
+    if a.mode == Mode::Ranks {
+        return ranks_mode(a, &model, &runs, &window, &plans, notes).map(|_| Vec::new());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -310,6 +348,7 @@ pub fn policies(a: &PoliciesArgs) -> anyhow::Result<Vec<BenchReport>> {
             );
             (Runner::Emulated(exec), device, note)
         }
+        Mode::Ranks => unreachable!("ranks mode returned above"),
         Mode::Workers => {
             let bin = match &a.worker_bin {
                 Some(b) => b.clone(),
@@ -477,4 +516,149 @@ mod tests {
         );
         assert_eq!(labelled(Path::new("r"), "t64", true), Path::new("r-t64"));
     }
+}
+
+/// `--mode ranks`: per policy, the emulated ranks and then one process per rank on the GPU
+/// transport, on the same draws; a markdown table and JSON of both.
+fn ranks_mode(
+    a: &PoliciesArgs,
+    model: &ModelShape,
+    runs: &[(String, usize, Option<Regime>)],
+    window: &LoadWindow,
+    plans: &[ExpertPlan],
+    mut notes: Vec<String>,
+) -> anyhow::Result<()> {
+    let ordinal = match a.device.parse::<DeviceSpec>().map_err(anyhow::Error::msg)? {
+        DeviceSpec::Cuda(n) => n,
+        _ => bail!("--mode ranks runs on GPUs: give --device cuda:N"),
+    };
+    if !matches!(a.transport.as_str(), "ipc" | "nccl") {
+        bail!("--transport {:?}: ipc or nccl", a.transport);
+    }
+    let exe = std::env::current_exe().context("locating moectl")?;
+    let dir = match &a.work_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("moe-bench-ranks-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let load = std::fs::canonicalize(&a.load)?;
+    let layer_ids = moe_layer_ids(model);
+    let source: Arc<dyn WeightSource> = Arc::new(HashedWeights::new(model.clone(), a.weights_seed));
+    let t = Instant::now();
+    let mut exec = CudaExec::new(ordinal, source, &layer_ids)?;
+    eprintln!(
+        "emulated ranks ready on cuda:{ordinal} in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    notes.push(format!(
+        "ranks: {} processes, transport {}, {}; each rank takes 1/{} of every batch's tokens, routes them, dispatches rows to the replicas' ranks, computes its experts and combines the outputs back, layer after layer (wall clock of rank 0 per step). emulated: the same shares, each timed alone on the device with CUDA events (kernels only), layer = slowest rank; serial: the same shares one after another (what one device shared by all ranks can do at best)",
+        a.gpus,
+        a.transport,
+        if a.transport == "ipc" { format!("all on cuda:{ordinal}") } else { format!("rank r on cuda:{ordinal}+r") },
+        a.gpus
+    ));
+    let sizes: Vec<usize> = runs.iter().map(|r| r.1).collect();
+    let mut rows = Vec::new();
+    for plan in plans {
+        let short = plan.short_hash().to_string();
+        let plan_file = dir.join(format!("plan-{short}.json"));
+        std::fs::write(&plan_file, serde_json::to_string(plan)?)?;
+        let mut emulated = Vec::new();
+        for (label, tokens, _) in runs {
+            let mut cfg = RunConfig::new(a.batches, *tokens, a.seed);
+            cfg.warmup = a.warmup;
+            let (m, serial) = run_emulated_sources(plan, window, &cfg, &mut exec)
+                .with_context(|| format!("{label}: emulated, policy {}", plan.algorithm))?;
+            emulated.push((m, serial));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let jobs: Vec<RankJob> = (0..a.gpus)
+            .map(|r| RankJob {
+                session: crate::ep::session::SessionConfig {
+                    rank: r,
+                    world: a.gpus,
+                    rendezvous: format!("127.0.0.1:{port}"),
+                    listen: None,
+                    transport: a.transport.clone(),
+                    device: if a.transport == "nccl" {
+                        ordinal + r
+                    } else {
+                        ordinal
+                    },
+                    plan: plan_file.clone(),
+                    epoch: 1,
+                    checkpoint: None,
+                    synthetic_weights: Some(a.weights_seed),
+                    rendezvous_timeout_s: 300.0,
+                    step_timeout_s: 120.0,
+                },
+                load: load.clone(),
+                tokens: sizes.clone(),
+                batches: a.batches,
+                warmup: a.warmup,
+                seed: a.seed,
+                comm_repeats: 3,
+                report: dir.join(format!("rank-{r}-{short}.report.json")),
+            })
+            .collect();
+        let t = Instant::now();
+        let reports = run_rank_processes(&exe, &jobs, &dir, std::time::Duration::from_secs(900))
+            .with_context(|| {
+                format!(
+                    "ranks of policy {} (logs in {})",
+                    plan.algorithm,
+                    dir.display()
+                )
+            })?;
+        eprintln!(
+            "{} ranks of {} R={} done in {:.1} s",
+            a.gpus,
+            plan.algorithm,
+            plan.replicas_per_gpu,
+            t.elapsed().as_secs_f64()
+        );
+        for (i, (label, tokens, _)) in runs.iter().enumerate() {
+            let bytes: f64 = reports.iter().map(|r| r.runs[i].comm_bytes_per_layer).sum();
+            let d2d = d2d_copy_seconds(exec.device(), bytes as usize, 10)?;
+            let (m, serial) = &emulated[i];
+            let r = result(plan, *tokens, m, *serial, &reports, i, d2d);
+            eprintln!(
+                "{label}: {} R={}: ranks {:.0} tok/s, emulated {:.0} ({:.3}x), serial {:.0} ({:.3}x); dispatch+combine {:.3} ms vs D2D {:.3} ms",
+                r.policy, r.replicas_per_gpu, r.ranks_tokens_per_s, r.emulated_tokens_per_s, r.ranks_over_emulated,
+                r.serial_tokens_per_s, r.ranks_over_serial, r.comm_ms_per_layer, r.d2d_ms_per_layer
+            );
+            rows.push(r);
+        }
+    }
+    let title = format!(
+        "{} ranks over {} ({} MoE layers x {} experts, H {}, I {}, top-{})",
+        a.gpus,
+        a.transport,
+        model.moe_layers(),
+        model.experts,
+        model.hidden_size,
+        model.expert_intermediate_size,
+        model.top_k
+    );
+    let md = markdown(&title, &rows)
+        + "\n"
+        + &notes.iter().map(|n| format!("- {n}\n")).collect::<String>();
+    print!("{md}");
+    let json = serde_json::json!({
+        "schema": "moe-bench-ranks/v1",
+        "device": exec.device().name(),
+        "model": model,
+        "gpus": a.gpus,
+        "transport": a.transport,
+        "seed": a.seed,
+        "notes": notes,
+        "results": rows,
+    });
+    std::fs::write(&a.out, serde_json::to_string_pretty(&json)? + "\n")?;
+    if let Some(p) = &a.markdown {
+        std::fs::write(p, md)?;
+    }
+    Ok(())
 }

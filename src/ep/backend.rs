@@ -25,6 +25,11 @@ pub trait Backend: Send {
     type Experts: Send;
 
     fn hidden(&self) -> usize;
+    /// Called at the start of every entry from the caller's thread (the CUDA backend makes its
+    /// context current there).
+    fn enter(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Loads `keys`, reusing what `previous` holds (make-before-break: both stay resident until
     /// the previous set is dropped).
     fn load(

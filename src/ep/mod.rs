@@ -8,6 +8,7 @@ pub mod mesh;
 pub mod meta;
 pub mod rank;
 pub mod route;
+pub mod session;
 pub mod transport;
 
 #[cfg(test)]

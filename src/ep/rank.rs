@@ -85,11 +85,15 @@ pub struct Timings {
     pub layers: u64,
 }
 
+/// Fields drop in order: buffers, transport (IPC mappings) and expert sets before the backend
+/// whose device they live on, the mesh last.
 pub struct EpRank<B: Backend, T: Transport<B::Rows>> {
     rank: usize,
     world: usize,
-    mesh: Mesh,
-    backend: B,
+    send: B::Rows,
+    recv: B::Rows,
+    back: B::Rows,
+    back_recv: B::Rows,
     transport: T,
     active: Epoch<B::Experts>,
     staged: Option<Epoch<B::Experts>>,
@@ -98,11 +102,9 @@ pub struct EpRank<B: Backend, T: Transport<B::Rows>> {
     step: u64,
     /// Whether the current step's first exchange happened (its staged epochs decide switching).
     decided: bool,
-    send: B::Rows,
-    recv: B::Rows,
-    back: B::Rows,
-    back_recv: B::Rows,
     pub timings: Timings,
+    backend: B,
+    mesh: Mesh,
 }
 
 /// The keys a plan gives `rank`, and per layer which experts it holds.
@@ -137,6 +139,11 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
         epoch: u64,
     ) -> Result<Self, EpError> {
         let (rank, world) = (mesh.rank(), mesh.world());
+        backend.enter().map_err(|source| EpError::Backend {
+            rank,
+            what: "entering the device",
+            source,
+        })?;
         let active = Self::epoch_of(&mut backend, rank, world, plan, epoch, None)?;
         Ok(Self {
             rank,
@@ -238,6 +245,12 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
             });
         }
         self.staged = None;
+        let rank = self.rank;
+        self.backend.enter().map_err(|source| EpError::Backend {
+            rank,
+            what: "entering the device",
+            source,
+        })?;
         let e = Self::epoch_of(
             &mut self.backend,
             self.rank,
@@ -360,6 +373,7 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
             transport: tr,
             source,
         };
+        self.backend.enter().map_err(be("entering the device"))?;
         let t0 = Instant::now();
         let d = Dispatch::build(
             &mut self.active.router,
@@ -474,6 +488,115 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
         tm.combine += s(t5, t6);
         tm.layers += 1;
         Ok(())
+    }
+}
+
+impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
+    /// Communication only, for the transport's benchmark: routes a layer, moves its rows to the
+    /// experts' ranks and the same rows back (no compute, no combine kernel); returns the bytes
+    /// this rank sent in both directions.
+    pub fn dispatch_combine(
+        &mut self,
+        layer: u32,
+        tokens: usize,
+        top_k: usize,
+        x: B::Input<'_>,
+        ids: &[i64],
+        weights: &[f32],
+    ) -> Result<u64, EpError> {
+        if self.step == 0 {
+            self.begin_step();
+        }
+        let rank = self.rank;
+        let h = self.backend.hidden();
+        let be = |what: &'static str| move |source| EpError::Backend { rank, what, source };
+        let tr = self.transport.name();
+        let te = move |source| EpError::Transport {
+            rank,
+            transport: tr,
+            source,
+        };
+        self.backend.enter().map_err(be("entering the device"))?;
+        let d = Dispatch::build(
+            &mut self.active.router,
+            layer,
+            self.world,
+            tokens,
+            top_k,
+            ids,
+            weights,
+        )
+        .map_err(|source| EpError::Route { rank, source })?;
+        let send_off = d.offsets();
+        self.send.ensure(d.send_tokens.len() * h).map_err(te)?;
+        self.backend
+            .gather_input(x, tokens, &d.send_tokens, &mut self.send)
+            .map_err(be("gathering the rows to send"))?;
+        self.backend
+            .ready()
+            .map_err(be("finishing the rows to send"))?;
+        let notes = self
+            .transport
+            .announce(&self.send, &send_off, h)
+            .map_err(te)?;
+        let hd = self.header(layer, Phase::Dispatch);
+        let msgs = notes
+            .into_iter()
+            .enumerate()
+            .map(|(p, note)| Message {
+                header: hd,
+                experts: d.experts[send_off[p]..send_off[p + 1]].to_vec(),
+                weights: d.weights[send_off[p]..send_off[p + 1]].to_vec(),
+                note,
+            })
+            .collect();
+        let got = self.exchange(msgs)?;
+        let recv_counts: Vec<usize> = got.iter().map(|m| m.experts.len()).collect();
+        let recv_off = offsets(&recv_counts);
+        self.recv.ensure(recv_off[self.world] * h).map_err(te)?;
+        self.transport
+            .deliver(
+                got.into_iter().map(|m| m.note).collect(),
+                &self.send,
+                &send_off,
+                &mut self.recv,
+                &recv_off,
+                h,
+            )
+            .map_err(te)?;
+        self.backend
+            .ready()
+            .map_err(be("finishing the received rows"))?;
+        let notes = self
+            .transport
+            .announce(&self.recv, &recv_off, h)
+            .map_err(te)?;
+        let hc = self.header(layer, Phase::Combine);
+        let msgs = notes
+            .into_iter()
+            .map(|note| Message {
+                header: hc,
+                experts: vec![],
+                weights: vec![],
+                note,
+            })
+            .collect();
+        let got = self.exchange(msgs)?;
+        self.back_recv.ensure(d.send_tokens.len() * h).map_err(te)?;
+        self.transport
+            .deliver(
+                got.into_iter().map(|m| m.note).collect(),
+                &self.recv,
+                &recv_off,
+                &mut self.back_recv,
+                &send_off,
+                h,
+            )
+            .map_err(te)?;
+        self.backend
+            .ready()
+            .map_err(be("finishing the returned rows"))?;
+        Ok(((d.send_tokens.len() + recv_off[self.world]) * h * 2) as u64)
     }
 }
 

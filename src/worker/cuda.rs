@@ -72,6 +72,41 @@ extern "C" __global__ void silu_mul_scale(const unsigned short* __restrict__ y,
             a[j] = f2bf(silu(bf2f(g[j])) * bf2f(u[j]) * s);
     }
 }
+
+// Expert-parallel data plane. One block per row: dst[i] = src[idx[i]], rows of h bf16.
+extern "C" __global__ void gather_rows(const unsigned short* __restrict__ src,
+                                       const unsigned* __restrict__ idx,
+                                       unsigned short* __restrict__ dst, int h) {
+    long i = blockIdx.x;
+    const unsigned short* s = src + (long)idx[i] * h;
+    unsigned short* d = dst + i * (long)h;
+    if ((h & 7) == 0) {
+        const uint4* s4 = (const uint4*)s;
+        uint4* d4 = (uint4*)d;
+        for (int j = threadIdx.x; j < h / 8; j += blockDim.x) d4[j] = s4[j];
+    } else {
+        for (int j = threadIdx.x; j < h; j += blockDim.x) d[j] = s[j];
+    }
+}
+
+// One block per token: out[t] = bf16(sum over j < k of src[pos[t * k + j]]), summed in f32.
+extern "C" __global__ void combine_rows(const unsigned short* __restrict__ src,
+                                        const unsigned* __restrict__ pos, int k,
+                                        unsigned short* __restrict__ out, int h) {
+    long t = blockIdx.x;
+    const unsigned* p = pos + t * k;
+    for (int j = threadIdx.x * 2; j < h; j += blockDim.x * 2) {
+        float a0 = 0.f, a1 = 0.f;
+        bool pair = j + 1 < h;
+        for (int q = 0; q < k; q++) {
+            const unsigned short* r = src + (long)p[q] * h + j;
+            a0 += bf2f(r[0]);
+            if (pair) a1 += bf2f(r[1]);
+        }
+        out[t * h + j] = f2bf(a0);
+        if (pair) out[t * h + j + 1] = f2bf(a1);
+    }
+}
 "#;
 
 fn dev_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> ComputeError + '_ {
@@ -310,6 +345,8 @@ pub struct CudaDevice {
     blas: CudaBlas,
     side: Vec<(Arc<CudaStream>, CudaBlas)>,
     silu: CudaFunction,
+    gather: CudaFunction,
+    combine: CudaFunction,
     arch: String,
     scratch: Mutex<Scratch>,
     mode: Mutex<GemmMode>,
@@ -353,6 +390,12 @@ impl CudaDevice {
         let silu = module
             .load_function("silu_mul_scale")
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let gather = module
+            .load_function("gather_rows")
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let combine = module
+            .load_function("combine_rows")
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         tracing::info!(device = ordinal, %arch, "CUDA backend ready");
         Ok(Arc::new(Self {
             ordinal,
@@ -361,6 +404,8 @@ impl CudaDevice {
             blas,
             side,
             silu,
+            gather,
+            combine,
             arch,
             scratch: Mutex::new(Scratch {
                 cap: ScratchSizes::default(),
@@ -427,6 +472,69 @@ impl CudaDevice {
         &self.ctx
     }
 
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// `dst[i] = src[idx[i]]` for `rows` rows of `h` bf16 (device pointers; `idx` u32).
+    pub fn gather_rows(
+        &self,
+        src: u64,
+        idx: u64,
+        dst: u64,
+        rows: usize,
+        h: usize,
+    ) -> Result<(), ComputeError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let threads = ((h / 8).clamp(32, 256) as u32).div_ceil(32) * 32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let h = h as i32;
+        let mut l = self.stream.launch_builder(&self.gather);
+        l.arg(&src).arg(&idx).arg(&dst).arg(&h);
+        // SAFETY: the caller sized src, idx and dst for these rows.
+        unsafe { l.launch(cfg) }.map_err(dev_err("gather_rows launch"))?;
+        Ok(())
+    }
+
+    /// `out[t] = sum over j < k of src[pos[t * k + j]]` for `tokens` rows of `h` bf16.
+    pub fn combine_rows(
+        &self,
+        src: u64,
+        pos: u64,
+        k: usize,
+        out: u64,
+        tokens: usize,
+        h: usize,
+    ) -> Result<(), ComputeError> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let threads = ((h / 2).clamp(32, 256) as u32).div_ceil(32) * 32;
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (k, h) = (k as i32, h as i32);
+        let mut l = self.stream.launch_builder(&self.combine);
+        l.arg(&src).arg(&pos).arg(&k).arg(&out).arg(&h);
+        // SAFETY: the caller sized src, pos and out for these tokens.
+        unsafe { l.launch(cfg) }.map_err(dev_err("combine_rows launch"))?;
+        Ok(())
+    }
+
+    /// Runs `f` holding the device's batch lock (one batch at a time on its stream and scratch).
+    pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _one = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+        f()
+    }
+
     fn upload_expert(
         &self,
         gate: &[u16],
@@ -456,9 +564,18 @@ impl DeviceExpert {
     }
 }
 
+/// A batch's input rows: host memory to upload, or device memory already in expert order.
+#[derive(Clone, Copy, Debug)]
+pub enum Rows<'a> {
+    Host(&'a [u16]),
+    Device { ptr: u64, elems: usize },
+}
+
 /// The per-group GEMM arguments of one batch (depend only on the experts and their row counts).
 pub struct Prepared {
     total_rows: usize,
+    /// Device address of the input rows (the scratch, or the caller's buffer).
+    x: u64,
     /// The scratch this batch uses (checked again when it is enqueued).
     need: ScratchSizes,
     /// (weights pointer, rows, first row) per expert with rows.
@@ -517,6 +634,18 @@ impl CudaExperts {
         x: &[u16],
         w: &[f32],
     ) -> Result<Prepared, ComputeError> {
+        self.prepare_input(layer, experts, counts, Rows::Host(x), w)
+    }
+
+    /// As [`Self::prepare`], with the input rows on the host or already on the device.
+    pub fn prepare_input(
+        &self,
+        layer: u32,
+        experts: &[u32],
+        counts: &[usize],
+        x: Rows<'_>,
+        w: &[f32],
+    ) -> Result<Prepared, ComputeError> {
         let (h, i) = (self.hidden, self.inter);
         let dev = &self.dev;
         let st = &dev.stream;
@@ -529,10 +658,13 @@ impl CudaExperts {
             .map(|(&e, &c)| (e, c))
             .collect();
         let g = live.len();
-        if total.checked_mul(h) != Some(x.len()) || w.len() != total {
+        let x_len = match x {
+            Rows::Host(x) => x.len(),
+            Rows::Device { elems, .. } => elems,
+        };
+        if total.checked_mul(h) != Some(x_len) || w.len() != total {
             return Err(ComputeError::Shape(format!(
-                "{} inputs and {} weights for {total} rows of {h}",
-                x.len(),
+                "{x_len} inputs and {} weights for {total} rows of {h}",
                 w.len()
             )));
         }
@@ -543,7 +675,11 @@ impl CudaExperts {
         })?;
         sc.ensure(st, &need)?;
         let ptr = |s: &Option<CudaSlice<u16>>| s.as_ref().expect("allocated").device_ptr(st).0;
-        let (px, py, pa, po) = (ptr(&sc.x), ptr(&sc.y), ptr(&sc.act), ptr(&sc.out));
+        let (py, pa, po) = (ptr(&sc.y), ptr(&sc.act), ptr(&sc.out));
+        let px = match x {
+            Rows::Host(_) => ptr(&sc.x),
+            Rows::Device { ptr, .. } => ptr,
+        };
         let mut groups = Vec::with_capacity(g);
         let mut arrays = vec![0u64; 6 * g];
         let mut off = 0usize;
@@ -563,8 +699,10 @@ impl CudaExperts {
             off += c;
         }
         if total > 0 {
-            st.memcpy_htod(x, sc.x.as_mut().expect("allocated"))
-                .map_err(dev_err("upload rows"))?;
+            if let Rows::Host(x) = x {
+                st.memcpy_htod(x, sc.x.as_mut().expect("allocated"))
+                    .map_err(dev_err("upload rows"))?;
+            }
             st.memcpy_htod(w, sc.w.as_mut().expect("allocated"))
                 .map_err(dev_err("upload router weights"))?;
             st.memcpy_htod(&arrays, sc.ptrs.as_mut().expect("allocated"))
@@ -573,6 +711,7 @@ impl CudaExperts {
         let n: Vec<i32> = live.iter().map(|&(_, c)| c as i32).collect();
         Ok(Prepared {
             total_rows: total,
+            x: px,
             need,
             groups,
             m1: vec![(2 * i) as i32; g],
@@ -611,7 +750,7 @@ impl CudaExperts {
         let g = p.groups.len();
         let pp = sc.ptrs.as_ref().expect("prepared").device_ptr(st).0;
         let parr = |k: usize| (pp + (k * g * 8) as u64) as *const *const std::ffi::c_void;
-        let px = sc.x.as_ref().expect("prepared").device_ptr(st).0;
+        let px = p.x;
         let py = sc.y.as_ref().expect("prepared").device_ptr(st).0;
         let pa = sc.act.as_ref().expect("prepared").device_ptr(st).0;
         let po = sc.out.as_ref().expect("prepared").device_ptr(st).0;
@@ -770,6 +909,15 @@ impl CudaExperts {
             dev.stream.join(s).map_err(dev_err("stream join"))?;
         }
         Ok(())
+    }
+
+    /// Device address of the last enqueued batch's output rows (expert order, bf16), valid until
+    /// the next batch on this device.
+    pub fn output_ptr(&self) -> u64 {
+        let sc = self.dev.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        sc.out
+            .as_ref()
+            .map_or(0, |o| o.device_ptr(&self.dev.stream).0)
     }
 
     /// Copies the first `rows` output rows (expert order, bf16 bits) back to the host.
@@ -935,6 +1083,24 @@ impl<S: WeightSource + ?Sized> CudaLoader<S> {
     }
 }
 
+impl<S: WeightSource + ?Sized> CudaLoader<S> {
+    /// Loads `wanted`, sharing the device buffers of `previous`'s experts that stay.
+    pub fn load_set(
+        &self,
+        wanted: &[ExpertKey],
+        previous: &[ExpertKey],
+    ) -> anyhow::Result<CudaExperts> {
+        let experts = self.load_map(wanted, previous)?;
+        let s = self.source.shape();
+        Ok(CudaExperts {
+            dev: self.dev.clone(),
+            hidden: s.hidden_size as usize,
+            inter: s.expert_intermediate_size as usize,
+            experts,
+        })
+    }
+}
+
 impl<S: WeightSource + ?Sized> ExpertLoader for CudaLoader<S> {
     fn load(
         &self,
@@ -942,14 +1108,7 @@ impl<S: WeightSource + ?Sized> ExpertLoader for CudaLoader<S> {
         previous: Option<&Arc<dyn ExpertCompute>>,
     ) -> anyhow::Result<Arc<dyn ExpertCompute>> {
         let prev = previous.map(|p| p.resident()).unwrap_or_default();
-        let experts = self.load_map(wanted, &prev)?;
-        let s = self.source.shape();
-        Ok(Arc::new(CudaExperts {
-            dev: self.dev.clone(),
-            hidden: s.hidden_size as usize,
-            inter: s.expert_intermediate_size as usize,
-            experts,
-        }))
+        Ok(Arc::new(self.load_set(wanted, &prev)?))
     }
 }
 

@@ -162,6 +162,7 @@ pub fn parse_config(text: &str) -> Result<CheckpointConfig, String> {
     let (experts, inter, first, dtype) = match family {
         Family::Mixtral => (
             c.num_local_experts
+                .or(c.num_experts)
                 .ok_or("field `num_local_experts` is missing")?,
             need(c.intermediate_size, "intermediate_size")?,
             0,
@@ -182,7 +183,10 @@ pub fn parse_config(text: &str) -> Result<CheckpointConfig, String> {
                 ));
             }
             (
-                c.num_experts.ok_or("field `num_experts` is missing")?,
+                // transformers 5 writes the common name `num_local_experts`.
+                c.num_experts
+                    .or(c.num_local_experts)
+                    .ok_or("field `num_experts` (or `num_local_experts`) is missing")?,
                 need(c.moe_intermediate_size, "moe_intermediate_size")?,
                 dense.len() as u32,
                 Dtype::Bf16,

@@ -58,6 +58,9 @@ fn parses_real_configs() {
         (Family::Qwen3Moe, 128, 768, 0)
     );
     assert_eq!(c.shape.dtype, Dtype::Bf16);
+    // transformers 5 saves Qwen3-MoE's expert count under the common name.
+    let v5 = qw.replace("\"num_experts\"", "\"num_local_experts\"");
+    assert_eq!(parse_config(&v5).unwrap().shape.experts, 128);
 }
 
 #[test]
