@@ -303,7 +303,12 @@ fn network_policy_opens_the_admin_port_to_the_operator_only() {
     let md: MoEDeployment = serde_yaml::from_str(&repo("examples/demo.yaml")).unwrap();
     let mut md = md;
     md.metadata.uid = Some("u".into());
-    let pod = moe_operator::controller::build::worker_pod(&md, 0, "h").unwrap();
+    let policy = moe_operator::api::pod_policy::PodPolicy {
+        host_path_prefixes: vec!["/var/lib/moe".into()],
+        ..Default::default()
+    };
+    let spec = moe_operator::api::validate::validate(&md.spec, &policy).unwrap();
+    let pod = moe_operator::controller::build::worker_pod(&md, &spec, 0, "h").unwrap();
     let pod_labels = pod.metadata.labels.clone().unwrap();
     let port_names: Vec<String> = pod.spec.as_ref().unwrap().containers[0]
         .ports
