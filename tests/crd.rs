@@ -349,7 +349,10 @@ fn network_policy_opens_the_admin_port_to_the_operator_only() {
         };
         for r in rules {
             for n in names(r) {
-                assert!(port_names.contains(&n), "worker pods have no port named {n}");
+                assert!(
+                    port_names.contains(&n),
+                    "worker pods have no port named {n}"
+                );
             }
         }
         assert_eq!(names(&rules[0]), ["admin"]);

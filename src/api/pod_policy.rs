@@ -955,13 +955,18 @@ mod tests {
         assert!(pod_errs.iter().any(|e| e.contains("/data/m")));
         assert!(pod_errs.iter().any(|e| e.contains("reader")));
         assert!(pod_errs.iter().any(|e| e.contains("reads a Secret")));
-        assert!(pod_errs.iter().any(|e| e.contains("adds capabilities (IPC_LOCK)")));
+        assert!(pod_errs
+            .iter()
+            .any(|e| e.contains("adds capabilities (IPC_LOCK)")));
         assert!(pod_errs
             .iter()
             .any(|e| e.contains("RDMA resource rdma/hca_shared_devices_a")));
         // Each allowance on its own lets only its own field through.
         for (allow, left) in [
-            (args(|a| a.allow_ipc_lock = true), "spec.worker.resources.limits"),
+            (
+                args(|a| a.allow_ipc_lock = true),
+                "spec.worker.resources.limits",
+            ),
             (
                 args(|a| a.allow_rdma_resources = true),
                 "spec.dataPlane.ipcLock",
@@ -1019,7 +1024,14 @@ mod tests {
         ] {
             assert!(is_rdma_resource(yes), "{yes}");
         }
-        for no in ["nvidia.com/gpu", "memory", "cpu", "rdma", "hugepages-2Mi", "x/hca_rdma"] {
+        for no in [
+            "nvidia.com/gpu",
+            "memory",
+            "cpu",
+            "rdma",
+            "hugepages-2Mi",
+            "x/hca_rdma",
+        ] {
             assert!(!is_rdma_resource(no), "{no}");
         }
         // The pod check with IPC_LOCK allowed: IPC_LOCK passes, any other capability does not.
@@ -1039,7 +1051,11 @@ mod tests {
         set(&mut pod, &["IPC_LOCK"]);
         assert_eq!(check_pod(&pod, &lock), Vec::<String>::new());
         assert_eq!(check_pod(&pod, &PodPolicy::default()).len(), 1);
-        for other in [&["IPC_LOCK", "SYS_ADMIN"][..], &["NET_RAW"], &["CAP_IPC_LOCK"]] {
+        for other in [
+            &["IPC_LOCK", "SYS_ADMIN"][..],
+            &["NET_RAW"],
+            &["CAP_IPC_LOCK"],
+        ] {
             set(&mut pod, other);
             let errs = check_pod(&pod, &lock);
             assert_eq!(errs.len(), 1, "{other:?}: {errs:?}");

@@ -809,10 +809,7 @@ fn check_data_plane(spec: &MoEDeploymentSpec, errs: &mut Errors) -> Option<DataP
         ok = false;
         err(
             "spec.dataPlane.ncclEnv",
-            format!(
-                "{} entries: use at most {MAX_NCCL_ENV}",
-                d.nccl_env.len()
-            ),
+            format!("{} entries: use at most {MAX_NCCL_ENV}", d.nccl_env.len()),
         );
     }
     for name in d.nccl_env.keys() {
@@ -847,7 +844,10 @@ fn check_data_plane(spec: &MoEDeploymentSpec, errs: &mut Errors) -> Option<DataP
         Ok(0) => {
             err(
                 "spec.dataPlane.shmSize",
-                format!("{} is zero: the ranks need shared memory, use e.g. 1Gi", d.shm_size),
+                format!(
+                    "{} is zero: the ranks need shared memory, use e.g. 1Gi",
+                    d.shm_size
+                ),
             );
             None
         }
@@ -1252,7 +1252,9 @@ worker: {image: "moe-worker:dev"}
             (
                 "nccl env not nccl",
                 |s| {
-                    s.data_plane.nccl_env.insert("LD_PRELOAD".into(), "x".into());
+                    s.data_plane
+                        .nccl_env
+                        .insert("LD_PRELOAD".into(), "x".into());
                 },
                 "spec.dataPlane.ncclEnv[LD_PRELOAD]",
                 "worker.env",
@@ -1358,7 +1360,14 @@ worker: {image: "moe-worker:dev"}
             assert_eq!(errors(&s, &PodPolicy::default()), vec![], "{t}");
         }
         assert!(is_nccl_var("NCCL_NET_GDR_LEVEL") && is_nccl_var("NCCL_P2P_DISABLE"));
-        for bad in ["NCCL_", "NCCL", "nccl_debug", "NCCL_DEBUG-X", "XNCCL_DEBUG", ""] {
+        for bad in [
+            "NCCL_",
+            "NCCL",
+            "nccl_debug",
+            "NCCL_DEBUG-X",
+            "XNCCL_DEBUG",
+            "",
+        ] {
             assert!(!is_nccl_var(bad), "{bad}");
         }
     }

@@ -39,9 +39,9 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
     EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-    PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -990,7 +990,10 @@ worker:
                 .flatten()
                 .find(|m| m.name == "shm")
                 .unwrap();
-            assert_eq!((mount.mount_path.as_str(), mount.read_only), (SHM_DIR, None));
+            assert_eq!(
+                (mount.mount_path.as_str(), mount.read_only),
+                (SHM_DIR, None)
+            );
             let caps = c.security_context.as_ref().unwrap().capabilities.as_ref();
             assert_eq!(caps.unwrap().add, None);
         }
