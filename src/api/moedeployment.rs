@@ -728,7 +728,7 @@ pub struct RankFailureStatus {
     pub rank: i32,
     /// The worker pod it ran in.
     pub pod: String,
-    /// The first line of the termination message, at most 200 characters.
+    /// What the rank wrote after `ep rank <r>: ` (the first line, at most 200 characters).
     pub message: String,
     /// When the failed container finished (the kubelet's `finishedAt`).
     pub finished_at: Time,
