@@ -121,6 +121,10 @@ fn cel_rules_are_present_with_messages() {
         "!quantity(self.memoryPerGpu).isLessThan(quantity('0'))",
         "self.layers == oldSelf.layers",
         "self.source != 'Prometheus' || has(self.prometheus)",
+        "!(self.dataPlane.port in [self.worker.ports.dispatch",
+        "self.dataPlane.transport != 'nccl' || !has(self.worker.device) || self.worker.device != 'cpu'",
+        "self.all(k, k.startsWith('NCCL_'))",
+        "quantity(self.shmSize).isGreaterThan(quantity('0'))",
     ] {
         assert!(
             rules.iter().any(|r| r.contains(want)),
@@ -294,8 +298,8 @@ fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
 
 /// The chart's NetworkPolicy selects exactly the pods `controller::build` makes workers of, by
 /// their labels, and names their ports as build names them: the admin port only from the
-/// operator's own pods (the Deployment's pod labels, in the release namespace), dispatch and
-/// metrics from anywhere.
+/// operator's own pods (the Deployment's pod labels, in the release namespace), the EP ranks' `ep`
+/// port only from worker pods of the namespace, dispatch and metrics from anywhere.
 #[test]
 fn network_policy_opens_the_admin_port_to_the_operator_only() {
     use moe_operator::api::MoEDeployment;
@@ -303,7 +307,12 @@ fn network_policy_opens_the_admin_port_to_the_operator_only() {
     let md: MoEDeployment = serde_yaml::from_str(&repo("examples/demo.yaml")).unwrap();
     let mut md = md;
     md.metadata.uid = Some("u".into());
-    let pod = moe_operator::controller::build::worker_pod(&md, 0, "h").unwrap();
+    let policy = moe_operator::api::pod_policy::PodPolicy {
+        host_path_prefixes: vec!["/var/lib/moe".into()],
+        ..Default::default()
+    };
+    let spec = moe_operator::api::validate::validate(&md.spec, &policy).unwrap();
+    let pod = moe_operator::controller::build::worker_pod(&md, &spec, 0, "h").unwrap();
     let pod_labels = pod.metadata.labels.clone().unwrap();
     let port_names: Vec<String> = pod.spec.as_ref().unwrap().containers[0]
         .ports
@@ -329,7 +338,7 @@ fn network_policy_opens_the_admin_port_to_the_operator_only() {
         }
         assert_eq!(spec["policyTypes"], serde_json::json!(["Ingress"]));
         let rules = spec["ingress"].as_array().unwrap();
-        assert_eq!(rules.len(), 2, "{rules:?}");
+        assert_eq!(rules.len(), 3, "{rules:?}");
         let names = |r: &Value| -> Vec<String> {
             r["ports"]
                 .as_array()
@@ -338,8 +347,13 @@ fn network_policy_opens_the_admin_port_to_the_operator_only() {
                 .map(|p| p["port"].as_str().unwrap().to_string())
                 .collect()
         };
-        for n in names(&rules[0]).iter().chain(&names(&rules[1])) {
-            assert!(port_names.contains(n), "worker pods have no port named {n}");
+        for r in rules {
+            for n in names(r) {
+                assert!(
+                    port_names.contains(&n),
+                    "worker pods have no port named {n}"
+                );
+            }
         }
         assert_eq!(names(&rules[0]), ["admin"]);
         let from = rules[0]["from"].as_array().unwrap();
@@ -351,9 +365,21 @@ fn network_policy_opens_the_admin_port_to_the_operator_only() {
         for (k, v) in from[0]["podSelector"]["matchLabels"].as_object().unwrap() {
             assert_eq!(&operator_labels[k], v, "operator pods lack {k}");
         }
-        assert_eq!(names(&rules[1]), ["dispatch", "metrics"]);
+        // The EP ranks' port: from worker pods of the namespace only (the peers).
+        assert_eq!(names(&rules[1]), ["ep"]);
+        let from = rules[1]["from"].as_array().unwrap();
+        assert_eq!(from.len(), 1);
+        assert!(from[0].get("namespaceSelector").is_none());
+        for (k, v) in from[0]["podSelector"]["matchLabels"].as_object().unwrap() {
+            assert_eq!(
+                pod_labels.get(k).map(String::as_str),
+                v.as_str(),
+                "worker pods lack the peer selector label {k}"
+            );
+        }
+        assert_eq!(names(&rules[2]), ["dispatch", "metrics"]);
         assert!(
-            rules[1].get("from").is_none(),
+            rules[2].get("from").is_none(),
             "dispatch and metrics stay open"
         );
     }
@@ -415,6 +441,7 @@ fn chart_pod_policy_values_become_operator_flags() {
         p.prometheus_ca_file.as_deref(),
         Some(Path::new("/etc/moe-operator/prometheus-ca/ca.crt"))
     );
+    assert!(p.allow_ipc_lock && p.allow_rdma_resources);
     // The defaults pass no policy flag: the operator's restrictive default.
     let docs = render(&helm, &[]);
     let default_args = of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]

@@ -29,6 +29,11 @@ pub mod reason {
     /// A worker pod would ask for what the operator's pod policy does not allow.
     pub const POD_POLICY: &str = "PodPolicy";
 
+    // Degraded=True without holding back: the operator acts on it.
+    /// An EP rank ended with `ep rank <r>: ...` (docs/data-plane.md, "Failures"): Degraded=True
+    /// and Ready=False until the group is back, a Warning event, and the worker group restarted.
+    pub const RANK_FAILED: &str = "RankFailed";
+
     // Conditions when all is well.
     /// Degraded=False.
     pub const SPEC_VALID: &str = "SpecValid";

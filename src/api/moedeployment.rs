@@ -85,6 +85,18 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
         "message": "rollout.maxUnavailable must not exceed topology.nodes (there is one worker pod per node)",
         "fieldPath": ".rollout.maxUnavailable",
         "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.dataPlane) || !has(self.dataPlane.port) || !has(self.worker.ports) || !(self.dataPlane.port in [self.worker.ports.dispatch, self.worker.ports.metrics, self.worker.ports.admin])",
+        "message": "dataPlane.port must differ from worker.ports.dispatch, metrics and admin (the ranks' mesh needs a port of its own)",
+        "fieldPath": ".dataPlane.port",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.dataPlane) || !has(self.dataPlane.transport) || self.dataPlane.transport != 'nccl' || !has(self.worker.device) || self.worker.device != 'cpu'",
+        "message": "dataPlane.transport nccl needs GPU workers but worker.device is cpu: set worker.device to cuda, or use transport tcp for CPU workers",
+        "fieldPath": ".dataPlane.transport",
+        "reason": "FieldValueInvalid"
     }
 ]))]
 pub struct MoEDeploymentSpec {
@@ -97,6 +109,9 @@ pub struct MoEDeploymentSpec {
     #[serde(default)]
     pub rollout: RolloutSpec,
     pub worker: WorkerSpec,
+    /// How the expert-parallel ranks find each other and exchange tokens (docs/data-plane.md).
+    #[serde(default)]
+    pub data_plane: DataPlaneSpec,
     /// A load trace (the format `moectl plan --load` reads) to plan from until the workers report
     /// load. Without it the first plan is placement-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -512,6 +527,115 @@ fn default_admin_port() -> i32 {
     9402
 }
 
+/// How the expert-parallel ranks move token rows between them (docs/data-plane.md, "Transports").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Host memory over the control mesh's TCP sockets: CPU workers, tests, the demo.
+    #[default]
+    Tcp,
+    /// GPU to GPU through CUDA IPC handles, between the ranks of one pod (all of a node's ranks
+    /// are in its one worker pod).
+    Ipc,
+    /// NCCL send/recv on each rank's stream (NVLink in a node, the network between nodes).
+    Nccl,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Ipc => "ipc",
+            Transport::Nccl => "nccl",
+        }
+    }
+}
+
+/// The expert-parallel data plane: the ranks' rendezvous and mesh, the transport, and what NCCL
+/// and RDMA need of the pod. The operator passes it to every worker as the environment of
+/// docs/data-plane.md.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.shmSize) || (isQuantity(self.shmSize) && quantity(self.shmSize).isGreaterThan(quantity('0')))",
+        "message": "dataPlane.shmSize must be a positive quantity such as 1Gi or 512Mi",
+        "fieldPath": ".shmSize",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct DataPlaneSpec {
+    #[serde(default)]
+    pub transport: Transport,
+    /// Port of each worker's rank mesh; rank 0 also listens for the rendezvous on it.
+    #[serde(default = "default_ep_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// How long a rank waits for the whole group to join before it fails (5s to 1h).
+    #[serde(default = "default_rendezvous_timeout")]
+    #[schemars(
+        regex(pattern = DURATION_PATTERN),
+        length(max = 64)
+    )]
+    pub rendezvous_timeout: String,
+    /// NCCL settings passed to every worker as environment variables, e.g. `NCCL_IB_HCA`,
+    /// `NCCL_SOCKET_IFNAME`; names must match `^NCCL_[A-Z0-9_]+$`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "nccl_env_schema")]
+    pub nccl_env: BTreeMap<String, String>,
+    /// Size limit of the memory-backed `/dev/shm` of each worker pod (counts against its memory).
+    #[serde(default = "default_shm_size")]
+    #[schemars(length(min = 1, max = 64))]
+    pub shm_size: String,
+    /// Add the `IPC_LOCK` capability to the worker container (pinning memory for RDMA); the
+    /// cluster's pod policy must allow it (`--allow-ipc-lock`).
+    #[serde(default)]
+    pub ipc_lock: bool,
+}
+
+impl Default for DataPlaneSpec {
+    fn default() -> Self {
+        Self {
+            transport: Transport::default(),
+            port: default_ep_port(),
+            rendezvous_timeout: default_rendezvous_timeout(),
+            nccl_env: BTreeMap::new(),
+            shm_size: default_shm_size(),
+            ipc_lock: false,
+        }
+    }
+}
+
+fn default_ep_port() -> i32 {
+    9403
+}
+fn default_rendezvous_timeout() -> String {
+    "120s".into()
+}
+fn default_shm_size() -> String {
+    "1Gi".into()
+}
+
+/// Most `dataPlane.ncclEnv` entries.
+pub const MAX_NCCL_ENV: u32 = 64;
+
+/// `dataPlane.ncclEnv`: a bounded map of strings whose keys start with `NCCL_`. The apiserver's
+/// CEL checks the prefix only: a regular expression on a map key, whose length no schema can
+/// bound, is over the CRD's cost budget; `validate` checks the whole pattern.
+fn nccl_env_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "NCCL settings passed to every worker as environment variables, e.g. `NCCL_IB_HCA`, `NCCL_SOCKET_IFNAME`; names must match `^NCCL_[A-Z0-9_]+$`.",
+        "type": "object",
+        "maxProperties": MAX_NCCL_ENV,
+        "additionalProperties": {"type": "string", "maxLength": 4096},
+        "x-kubernetes-validations": [{
+            "rule": "self.all(k, k.startsWith('NCCL_'))",
+            "message": "dataPlane.ncclEnv names must be NCCL_ variables (^NCCL_[A-Z0-9_]+$): put other variables in worker.env",
+            "reason": "FieldValueInvalid"
+        }]
+    })
+}
+
 /// What the operator observed and did.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -531,6 +655,9 @@ pub struct MoEDeploymentStatus {
     pub workers: Option<WorkersStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
+    /// The last EP rank failure the operator restarted the worker group for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank_failure: Option<RankFailureStatus>,
 }
 
 /// The plan in force (or being rolled out).
@@ -588,4 +715,24 @@ pub struct RolloutStatus {
     pub updated: i32,
     #[schemars(range(min = 0))]
     pub total: i32,
+}
+
+/// An EP rank that ended with `ep rank <r>: ...` in its container's termination message
+/// (docs/data-plane.md, "Failures"), and the group restart it caused. A failure that finished at
+/// or before `finishedAt` never restarts the group again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RankFailureStatus {
+    /// The global EP rank that failed.
+    #[schemars(range(min = 0))]
+    pub rank: i32,
+    /// The worker pod it ran in.
+    pub pod: String,
+    /// What the rank wrote after `ep rank <r>: ` (the first line, at most 200 characters).
+    pub message: String,
+    /// When the failed container finished (the kubelet's `finishedAt`).
+    pub finished_at: Time,
+    /// When the operator restarted the group for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_at: Option<Time>,
 }

@@ -14,15 +14,17 @@
 //! - [`check_pod`] on every pod the operator built, before it is applied: whatever spec field a
 //!   later change maps onto the pod, a host path, ServiceAccount, image, Secret reference or
 //!   privileged setting that the policy does not allow is caught here even if the spec check
-//!   forgot it. Privileged containers, host namespaces, host ports and added capabilities have no
-//!   spec field and no knob: the operator never sets them, and a change that does fails this check.
+//!   forgot it. Privileged containers, host namespaces and host ports have no spec field and no
+//!   knob: the operator never sets them, and a change that does fails this check. The one added
+//!   capability is `IPC_LOCK` (`spec.dataPlane.ipcLock`, for RDMA), and RDMA device-plugin
+//!   resources (`rdma/*`, `*/rdma*`) in `worker.resources`: each only when the admin allows it.
 //!
 //! None of this can live in the CRD's schema or CEL rules: they are the same in every cluster,
 //! while what is allowed is each cluster's admin's decision. See docs/security.md.
 
 use std::path::PathBuf;
 
-use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, PodSpec, ResourceRequirements};
 
 use super::moedeployment::{MetricsSource, MoEDeploymentSpec};
 use super::validate::FieldError;
@@ -75,6 +77,14 @@ pub struct PodPolicyArgs {
     /// PEM file of CA certificates trusted for `https://` Prometheus URLs, added to the system's.
     #[arg(long, value_name = "FILE", env = "MOE_OPERATOR_PROMETHEUS_CA_FILE")]
     pub prometheus_ca_file: Option<PathBuf>,
+    /// Let `dataPlane.ipcLock: true` add the IPC_LOCK capability to the worker container (locking
+    /// memory for RDMA registration). Default: no.
+    #[arg(long, env = "MOE_OPERATOR_ALLOW_IPC_LOCK")]
+    pub allow_ipc_lock: bool,
+    /// Let `worker.resources` ask for RDMA device-plugin resources (`rdma/*` or `*/rdma*`, e.g.
+    /// `rdma/hca_shared_devices_a`). Default: no.
+    #[arg(long, env = "MOE_OPERATOR_ALLOW_RDMA_RESOURCES")]
+    pub allow_rdma_resources: bool,
 }
 
 /// What the cluster admin allows MoEDeployment authors; the default allows nothing optional.
@@ -91,6 +101,21 @@ pub struct PodPolicy {
     pub prometheus_url_prefixes: Vec<HttpUrl>,
     /// Extra CA certificates for https Prometheus (read by the Prometheus client, not here).
     pub prometheus_ca_file: Option<PathBuf>,
+    /// The IPC_LOCK capability (`dataPlane.ipcLock`), the only capability a worker may add.
+    pub allow_ipc_lock: bool,
+    /// RDMA device-plugin resources ([`is_rdma_resource`]) in `worker.resources`.
+    pub allow_rdma_resources: bool,
+}
+
+/// The capability `dataPlane.ipcLock` adds.
+pub const IPC_LOCK: &str = "IPC_LOCK";
+
+/// Whether a resource name is an RDMA device plugin's: `rdma/<anything>` or `<vendor>/rdma<...>`
+/// (`rdma/hca_shared_devices_a`, `nvidia.com/rdma_shared_device_a`).
+pub fn is_rdma_resource(name: &str) -> bool {
+    name.split_once('/').is_some_and(|(domain, rest)| {
+        domain.eq_ignore_ascii_case("rdma") || rest.to_ascii_lowercase().starts_with("rdma")
+    })
 }
 
 /// A flag value the policy cannot use; names the flag and the fix.
@@ -113,6 +138,8 @@ impl PodPolicy {
         let mut p = PodPolicy {
             allow_env_secret_refs: a.allow_env_secret_refs,
             prometheus_ca_file: a.prometheus_ca_file.clone(),
+            allow_ipc_lock: a.allow_ipc_lock,
+            allow_rdma_resources: a.allow_rdma_resources,
             ..Default::default()
         };
         for v in &a.host_path_prefixes {
@@ -410,6 +437,29 @@ pub fn check_pod_policy(spec: &MoEDeploymentSpec, policy: &PodPolicy) -> Vec<Fie
         }
     }
 
+    if let Some(r) = &w.resources {
+        for (kind, name) in rdma_resources(r) {
+            if !policy.allow_rdma_resources {
+                err(
+                    format!("spec.worker.resources.{kind}"),
+                    format!(
+                        "{name} is an RDMA device-plugin resource, which this cluster does not let MoEDeployments ask for (it gives the pod the node's RDMA devices): remove it, or {}",
+                        how_to_allow("allow-rdma-resources", "true", "allowRdmaResources"),
+                    ),
+                );
+            }
+        }
+    }
+    if spec.data_plane.ipc_lock && !policy.allow_ipc_lock {
+        err(
+            "spec.dataPlane.ipcLock".into(),
+            format!(
+                "adds the IPC_LOCK capability, which this cluster does not let MoEDeployments do (it lets the worker lock unbounded memory): set it false, or {}",
+                how_to_allow("allow-ipc-lock", "true", "allowIpcLock"),
+            ),
+        );
+    }
+
     if let (MetricsSource::Prometheus, Some(p)) = (spec.metrics.source, &spec.metrics.prometheus) {
         match policy.prometheus_url_allowed(&p.url) {
             Err(e) => err("spec.metrics.prometheus.url".into(), e),
@@ -439,6 +489,19 @@ pub fn check_pod_policy(spec: &MoEDeploymentSpec, policy: &PodPolicy) -> Vec<Fie
         }
     }
     errs
+}
+
+/// The RDMA resources (`requests` or `limits`, and the name) of a container's resources.
+fn rdma_resources(r: &ResourceRequirements) -> Vec<(&'static str, &str)> {
+    [("requests", &r.requests), ("limits", &r.limits)]
+        .into_iter()
+        .flat_map(|(kind, map)| {
+            map.iter()
+                .flat_map(|m| m.keys())
+                .filter(|k| is_rdma_resource(k))
+                .map(move |k| (kind, k.as_str()))
+        })
+        .collect()
 }
 
 fn env_reads_secret(e: &EnvVar) -> bool {
@@ -550,12 +613,25 @@ fn check_container(c: &Container, policy: &PodPolicy, no: &mut impl FnMut(String
             "container {n} does not set allowPrivilegeEscalation: false"
         ));
     }
-    if sc
+    // Exactly IPC_LOCK may be added, and only when allowed; every other capability never.
+    for cap in sc
         .and_then(|s| s.capabilities.as_ref())
         .and_then(|c| c.add.as_ref())
-        .is_some_and(|a| !a.is_empty())
+        .into_iter()
+        .flatten()
     {
-        no(format!("container {n} adds capabilities"));
+        if cap != IPC_LOCK || !policy.allow_ipc_lock {
+            no(format!("container {n} adds capabilities ({cap})"));
+        }
+    }
+    if let Some(r) = &c.resources {
+        for (kind, name) in rdma_resources(r) {
+            if !policy.allow_rdma_resources {
+                no(format!(
+                    "container {n} asks for the RDMA resource {name} ({kind}), which is not allowed"
+                ));
+            }
+        }
     }
 }
 
@@ -846,9 +922,13 @@ mod tests {
             a.service_accounts = vec!["reader".into()];
             a.allow_env_secret_refs = true;
             a.image_prefixes = vec!["ghcr.io/moe-operator/".into()];
+            a.allow_ipc_lock = true;
+            a.allow_rdma_resources = true;
         });
         let mut s = spec();
         host_path(&mut s, "/data/m");
+        s.data_plane.ipc_lock = true;
+        s.worker.resources = Some(rdma("rdma/hca_shared_devices_a"));
         s.worker.service_account_name = Some("reader".into());
         s.worker.env.push(EnvVar {
             name: "T".into(),
@@ -863,24 +943,131 @@ mod tests {
             ..Default::default()
         });
         let md = demo_md(s.clone());
-        let pod = crate::controller::build::worker_pod(&md, 0, "h").unwrap();
+        let valid = crate::api::validate::validate(&s, &allow).unwrap();
+        let pod = crate::controller::build::worker_pod(&md, &valid, 0, "h").unwrap();
         assert_eq!(check_pod_policy(&s, &allow), vec![]);
         assert_eq!(check_pod(&pod, &allow), Vec::<String>::new());
-        // Under the default policy both refuse the same three things.
+        // Under the default policy both refuse the same five things.
         let spec_errs = check_pod_policy(&s, &PodPolicy::default());
         let pod_errs = check_pod(&pod, &PodPolicy::default());
-        assert_eq!(spec_errs.len(), 3, "{spec_errs:#?}");
-        assert_eq!(pod_errs.len(), 3, "{pod_errs:#?}");
+        assert_eq!(spec_errs.len(), 5, "{spec_errs:#?}");
+        assert_eq!(pod_errs.len(), 5, "{pod_errs:#?}");
         assert!(pod_errs.iter().any(|e| e.contains("/data/m")));
         assert!(pod_errs.iter().any(|e| e.contains("reader")));
         assert!(pod_errs.iter().any(|e| e.contains("reads a Secret")));
+        assert!(pod_errs
+            .iter()
+            .any(|e| e.contains("adds capabilities (IPC_LOCK)")));
+        assert!(pod_errs
+            .iter()
+            .any(|e| e.contains("RDMA resource rdma/hca_shared_devices_a")));
+        // Each allowance on its own lets only its own field through.
+        for (allow, left) in [
+            (
+                args(|a| a.allow_ipc_lock = true),
+                "spec.worker.resources.limits",
+            ),
+            (
+                args(|a| a.allow_rdma_resources = true),
+                "spec.dataPlane.ipcLock",
+            ),
+        ] {
+            let mut s = spec();
+            s.data_plane.ipc_lock = true;
+            s.worker.resources = Some(rdma("rdma/hca_shared_devices_a"));
+            let m = only(&errors(&s, &allow), left);
+            assert!(m.contains("--allow-"), "{m}");
+            let pod = crate::controller::build::worker_pod(&demo_md(s.clone()), &valid, 0, "h");
+            assert_eq!(check_pod(&pod.unwrap(), &allow).len(), 1);
+        }
+    }
+
+    fn rdma(name: &str) -> ResourceRequirements {
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        ResourceRequirements {
+            limits: Some([(name.to_string(), Quantity("1".into()))].into()),
+            ..Default::default()
+        }
+    }
+
+    /// RDMA for NCCL: IPC_LOCK and the RDMA device plugin's resources, each refused by default
+    /// naming the field and the flag, and allowed by its flag, which allows exactly that.
+    #[test]
+    fn ipc_lock_and_rdma_resources_only_when_allowed() {
+        let mut s = spec();
+        s.data_plane.ipc_lock = true;
+        let m = only(&errors(&s, &PodPolicy::default()), "spec.dataPlane.ipcLock");
+        assert!(
+            m.contains("--allow-ipc-lock=true") && m.contains("podPolicy.allowIpcLock"),
+            "{m}"
+        );
+        let lock = args(|a| a.allow_ipc_lock = true);
+        assert_eq!(errors(&s, &lock), vec![]);
+        let mut s = spec();
+        s.worker.resources = Some(rdma("nvidia.com/rdma_shared_device_a"));
+        let m = only(
+            &errors(&s, &PodPolicy::default()),
+            "spec.worker.resources.limits",
+        );
+        assert!(
+            m.contains("nvidia.com/rdma_shared_device_a")
+                && m.contains("--allow-rdma-resources=true")
+                && m.contains("podPolicy.allowRdmaResources"),
+            "{m}"
+        );
+        assert_eq!(errors(&s, &args(|a| a.allow_rdma_resources = true)), vec![]);
+        for yes in [
+            "rdma/hca_shared_devices_a",
+            "rdma/rdma_shared_device_a",
+            "nvidia.com/rdma_shared_device_a",
+            "example.com/RDMA",
+        ] {
+            assert!(is_rdma_resource(yes), "{yes}");
+        }
+        for no in [
+            "nvidia.com/gpu",
+            "memory",
+            "cpu",
+            "rdma",
+            "hugepages-2Mi",
+            "x/hca_rdma",
+        ] {
+            assert!(!is_rdma_resource(no), "{no}");
+        }
+        // The pod check with IPC_LOCK allowed: IPC_LOCK passes, any other capability does not.
+        let md = demo_md(spec());
+        let valid = crate::api::validate::validate(&md.spec, &lock).unwrap();
+        let mut pod = crate::controller::build::worker_pod(&md, &valid, 0, "h").unwrap();
+        let set = |p: &mut Pod, add: &[&str]| {
+            p.spec.as_mut().unwrap().containers[0]
+                .security_context
+                .as_mut()
+                .unwrap()
+                .capabilities
+                .as_mut()
+                .unwrap()
+                .add = Some(add.iter().map(|c| c.to_string()).collect());
+        };
+        set(&mut pod, &["IPC_LOCK"]);
+        assert_eq!(check_pod(&pod, &lock), Vec::<String>::new());
+        assert_eq!(check_pod(&pod, &PodPolicy::default()).len(), 1);
+        for other in [
+            &["IPC_LOCK", "SYS_ADMIN"][..],
+            &["NET_RAW"],
+            &["CAP_IPC_LOCK"],
+        ] {
+            set(&mut pod, other);
+            let errs = check_pod(&pod, &lock);
+            assert_eq!(errs.len(), 1, "{other:?}: {errs:?}");
+        }
     }
 
     #[test]
     fn pod_check_refuses_privileged_settings_no_spec_field_can_set() {
         let md = demo_md(spec());
-        let base = crate::controller::build::worker_pod(&md, 0, "h").unwrap();
         let p = PodPolicy::default();
+        let valid = crate::api::validate::validate(&md.spec, &p).unwrap();
+        let base = crate::controller::build::worker_pod(&md, &valid, 0, "h").unwrap();
         assert_eq!(check_pod(&base, &p), Vec::<String>::new());
         type Edit = fn(&mut Pod);
         let edits: Vec<(Edit, &str)> = vec![
@@ -920,6 +1107,20 @@ mod tests {
                     sc.capabilities.as_mut().unwrap().add = Some(vec!["SYS_ADMIN".into()]);
                 },
                 "adds capabilities",
+            ),
+            (
+                |p| {
+                    let sc = p.spec.as_mut().unwrap().containers[0]
+                        .security_context
+                        .as_mut()
+                        .unwrap();
+                    sc.capabilities.as_mut().unwrap().add = Some(vec![IPC_LOCK.into()]);
+                },
+                "adds capabilities (IPC_LOCK)",
+            ),
+            (
+                |p| p.spec.as_mut().unwrap().containers[0].resources = Some(rdma("rdma/hca")),
+                "RDMA resource rdma/hca",
             ),
             (
                 |p| {
@@ -978,11 +1179,13 @@ mod tests {
             "--allowed-prometheus-url-prefix",
             "https://prom:9090",
             "--allow-env-secret-refs",
+            "--allow-ipc-lock",
+            "--allow-rdma-resources",
         ])
         .unwrap();
         let p = PodPolicy::from_args(&c.p).unwrap();
         assert_eq!(p.host_path_prefixes, ["/data", "/models", "/scratch"]);
-        assert!(p.allow_env_secret_refs);
+        assert!(p.allow_env_secret_refs && p.allow_ipc_lock && p.allow_rdma_resources);
         assert_eq!(
             p.prometheus_url_prefixes[0].to_string(),
             "https://prom:9090"

@@ -5,6 +5,7 @@
 //! rules CEL already enforces are checked again here, because an object stored before the CRD was
 //! updated (or applied with validation off) must not crash the operator or be served half-right.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::moedeployment::{
     MetricsSource, MoEDeploymentSpec, ModelDtype, ModelSpec, ReplicationPolicy, RolloutStrategy,
+    Transport, WorkerDevice, MAX_NCCL_ENV,
 };
 use super::pod_policy::{check_pod_policy, PodPolicy};
 use super::units::{parse_duration, parse_quantity};
@@ -45,6 +47,13 @@ pub const RESERVED_ENV: &[&str] = &[
     "POD_IP",
     "MOE_ADMIN_TOKEN_FILE",
     "MOE_DEVICE",
+    // The worker's first global rank: it conflicts with MOE_NODE_RANK in `moe-worker`'s flags.
+    "MOE_RANK",
+    "MOE_EP_WORLD_SIZE",
+    "MOE_EP_RENDEZVOUS",
+    "MOE_EP_LISTEN",
+    "MOE_EP_TRANSPORT",
+    "MOE_EP_RENDEZVOUS_TIMEOUT_SECONDS",
 ];
 
 /// GPU resource name the operator requests per worker pod.
@@ -52,6 +61,10 @@ pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 /// Shortest metrics interval: scraping faster than this loads the workers for no planning gain.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Bounds of `dataPlane.rendezvousTimeout`: long enough for every pod to be scheduled and start,
+/// short enough that a group that cannot form is restarted within the hour.
+pub const MIN_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl ModelSpec {
     /// The planner's view of the model. Fails on negative numbers, which the schema refuses.
@@ -103,6 +116,23 @@ pub struct ValidSpec {
     /// At least 1, at most `nodes`.
     pub max_unavailable: u32,
     pub ports: Ports,
+    pub data_plane: DataPlane,
+}
+
+/// The expert-parallel data plane, resolved (`spec.dataPlane`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataPlane {
+    pub transport: Transport,
+    /// The ranks' mesh port (rank 0's rendezvous listener too); differs from the other ports.
+    pub port: u16,
+    /// Within [`MIN_RENDEZVOUS_TIMEOUT`]..=[`MAX_RENDEZVOUS_TIMEOUT`].
+    pub rendezvous_timeout: Duration,
+    /// Names match `^NCCL_[A-Z0-9_]+$`.
+    pub nccl_env: BTreeMap<String, String>,
+    /// The `/dev/shm` size limit as written (a valid quantity), and in bytes.
+    pub shm_size: String,
+    pub shm_bytes: u64,
+    pub ipc_lock: bool,
 }
 
 /// Where the operator reads load.
@@ -174,6 +204,7 @@ pub fn validate(
     let window_batches = check_window(spec, interval, &mut errs);
     check_rollout(spec, &mut errs);
     check_worker(spec, &mut errs);
+    let data_plane = check_data_plane(spec, &mut errs);
     if let Some(sel) = &spec.initial_load {
         if sel.name.trim().is_empty() || sel.key.trim().is_empty() {
             errs.push(
@@ -183,14 +214,16 @@ pub fn validate(
         }
     }
     errs.0.extend(check_pod_policy(spec, pod_policy));
-    match (interval, window_batches, replication) {
-        (Some(interval), Some(window_batches), Some((budget, cooldown))) if errs.0.is_empty() => {
+    match (interval, window_batches, replication, data_plane) {
+        (Some(interval), Some(window_batches), Some((budget, cooldown)), Some(data_plane))
+            if errs.0.is_empty() =>
+        {
             let times = Times {
                 interval,
                 window_batches,
                 cooldown,
             };
-            resolve(spec, times, budget).map_err(|e| vec![e])
+            resolve(spec, times, budget, data_plane).map_err(|e| vec![e])
         }
         _ => Err(errs.0),
     }
@@ -209,6 +242,7 @@ fn resolve(
     spec: &MoEDeploymentSpec,
     times: Times,
     budget: Budget,
+    data_plane: DataPlane,
 ) -> Result<ValidSpec, FieldError> {
     let Times {
         interval,
@@ -267,6 +301,7 @@ fn resolve(
             metrics: port("spec.worker.ports.metrics", p.metrics)?,
             admin: port("spec.worker.ports.admin", p.admin)?,
         },
+        data_plane,
     })
 }
 
@@ -701,6 +736,135 @@ fn check_worker(spec: &MoEDeploymentSpec, errs: &mut Errors) {
     }
 }
 
+/// Whether `name` is an NCCL setting: `^NCCL_[A-Z0-9_]+$`.
+pub fn is_nccl_var(name: &str) -> bool {
+    name.strip_prefix("NCCL_").is_some_and(|rest| {
+        !rest.is_empty()
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    })
+}
+
+/// `spec.dataPlane`, resolved when it is valid. The port must not clash with the worker's other
+/// ports (also CEL), NCCL needs GPUs (also CEL), and `ipc` needs every rank of a node in one
+/// process group: it is, since a node's ranks are all in its one worker pod.
+fn check_data_plane(spec: &MoEDeploymentSpec, errs: &mut Errors) -> Option<DataPlane> {
+    let mut err = |path: &str, message: String| errs.push(path, message);
+    let d = &spec.data_plane;
+    let w = &spec.worker;
+    let mut ok = true;
+    let port = u16::try_from(d.port).ok().filter(|p| *p >= 1);
+    if port.is_none() {
+        ok = false;
+        err(
+            "spec.dataPlane.port",
+            format!("{} is not a port number (1..65535)", d.port),
+        );
+    }
+    for (field, v) in [
+        ("dispatch", w.ports.dispatch),
+        ("metrics", w.ports.metrics),
+        ("admin", w.ports.admin),
+    ] {
+        if v == d.port {
+            ok = false;
+            err(
+                "spec.dataPlane.port",
+                format!(
+                    "{} is also worker.ports.{field}: give the ranks' mesh a port of its own, e.g. 9403",
+                    d.port
+                ),
+            );
+        }
+    }
+    if d.transport == Transport::Nccl && w.device == WorkerDevice::Cpu {
+        ok = false;
+        err(
+            "spec.dataPlane.transport",
+            "nccl needs GPU workers but spec.worker.device is cpu: set worker.device to cuda, or use transport tcp for CPU workers".into(),
+        );
+    }
+    let timeout = match parse_duration(&d.rendezvous_timeout) {
+        Err(e) => {
+            err(
+                "spec.dataPlane.rendezvousTimeout",
+                format!("{e}: write a duration such as 120s"),
+            );
+            None
+        }
+        Ok(t) if !(MIN_RENDEZVOUS_TIMEOUT..=MAX_RENDEZVOUS_TIMEOUT).contains(&t) => {
+            err(
+                "spec.dataPlane.rendezvousTimeout",
+                format!(
+                    "{} is outside 5s..1h: a rank waits this long for the whole group, so use e.g. 120s",
+                    d.rendezvous_timeout
+                ),
+            );
+            None
+        }
+        Ok(t) => Some(t),
+    };
+    if d.nccl_env.len() > MAX_NCCL_ENV as usize {
+        ok = false;
+        err(
+            "spec.dataPlane.ncclEnv",
+            format!("{} entries: use at most {MAX_NCCL_ENV}", d.nccl_env.len()),
+        );
+    }
+    for name in d.nccl_env.keys() {
+        if !is_nccl_var(name) {
+            ok = false;
+            err(
+                &format!("spec.dataPlane.ncclEnv[{name}]"),
+                format!("{name:?} is not an NCCL variable (^NCCL_[A-Z0-9_]+$): put other variables in worker.env"),
+            );
+        }
+    }
+    for (i, e) in w.env.iter().enumerate() {
+        if d.nccl_env.contains_key(&e.name) {
+            ok = false;
+            err(
+                &format!("spec.worker.env[{i}].name"),
+                format!(
+                    "{} is also in dataPlane.ncclEnv: set it in one place",
+                    e.name
+                ),
+            );
+        }
+    }
+    let shm_bytes = match parse_quantity(&d.shm_size) {
+        Err(e) => {
+            err(
+                "spec.dataPlane.shmSize",
+                format!("{e}: write a quantity such as 1Gi or 512Mi"),
+            );
+            None
+        }
+        Ok(0) => {
+            err(
+                "spec.dataPlane.shmSize",
+                format!(
+                    "{} is zero: the ranks need shared memory, use e.g. 1Gi",
+                    d.shm_size
+                ),
+            );
+            None
+        }
+        Ok(b) => Some(u64::try_from(b).unwrap_or(u64::MAX)),
+    };
+    let (rendezvous_timeout, shm_bytes) = (timeout?, shm_bytes?);
+    ok.then(|| DataPlane {
+        transport: d.transport,
+        port: port.unwrap_or_default(),
+        rendezvous_timeout,
+        nccl_env: d.nccl_env.clone(),
+        shm_size: d.shm_size.trim().to_string(),
+        shm_bytes,
+        ipc_lock: d.ipc_lock,
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -773,6 +937,19 @@ worker: {image: "moe-worker:dev"}
             }
         );
         assert_eq!(v.shape, s.model.shape().unwrap());
+        assert_eq!(
+            v.data_plane,
+            DataPlane {
+                transport: Transport::Tcp,
+                port: 9403,
+                rendezvous_timeout: Duration::from_secs(120),
+                nccl_env: BTreeMap::new(),
+                shm_size: "1Gi".into(),
+                shm_bytes: 1 << 30,
+                ipc_lock: false,
+            },
+            "the dataPlane defaults"
+        );
         assert_eq!(v.plan_request(v.algorithm()).algorithm, Algorithm::Craft);
         // Defaults: an auto budget, a window of 10 intervals.
         let d = validate(&demo_spec(), &PodPolicy::default()).unwrap();
@@ -1012,6 +1189,104 @@ worker: {image: "moe-worker:dev"}
                 "different",
             ),
             (
+                "reserved EP env",
+                |s| {
+                    s.worker.env.push(EnvVar {
+                        name: "MOE_RANK".into(),
+                        value: Some("2".into()),
+                        ..Default::default()
+                    })
+                },
+                "spec.worker.env[0].name",
+                "set by the operator",
+            ),
+            (
+                "data plane port clashes",
+                |s| s.data_plane.port = s.worker.ports.metrics,
+                "spec.dataPlane.port",
+                "also worker.ports.metrics",
+            ),
+            (
+                "data plane port out of range",
+                |s| s.data_plane.port = 70000,
+                "spec.dataPlane.port",
+                "not a port number",
+            ),
+            (
+                "nccl on cpu",
+                |s| {
+                    s.data_plane.transport = Transport::Nccl;
+                    s.worker.device = WorkerDevice::Cpu
+                },
+                "spec.dataPlane.transport",
+                "worker.device",
+            ),
+            (
+                "rendezvous timeout unparsable",
+                |s| s.data_plane.rendezvous_timeout = "2 minutes".into(),
+                "spec.dataPlane.rendezvousTimeout",
+                "duration",
+            ),
+            (
+                "rendezvous timeout too short",
+                |s| s.data_plane.rendezvous_timeout = "1s".into(),
+                "spec.dataPlane.rendezvousTimeout",
+                "outside 5s..1h",
+            ),
+            (
+                "rendezvous timeout too long",
+                |s| s.data_plane.rendezvous_timeout = "2h".into(),
+                "spec.dataPlane.rendezvousTimeout",
+                "outside 5s..1h",
+            ),
+            (
+                "nccl env name",
+                |s| {
+                    s.data_plane
+                        .nccl_env
+                        .insert("NCCL_ib_hca".into(), "mlx5".into());
+                },
+                "spec.dataPlane.ncclEnv[NCCL_ib_hca]",
+                "not an NCCL variable",
+            ),
+            (
+                "nccl env not nccl",
+                |s| {
+                    s.data_plane
+                        .nccl_env
+                        .insert("LD_PRELOAD".into(), "x".into());
+                },
+                "spec.dataPlane.ncclEnv[LD_PRELOAD]",
+                "worker.env",
+            ),
+            (
+                "nccl env set twice",
+                |s| {
+                    s.data_plane
+                        .nccl_env
+                        .insert("NCCL_DEBUG".into(), "INFO".into());
+                    s.worker.env.push(EnvVar {
+                        name: "NCCL_DEBUG".into(),
+                        value: Some("WARN".into()),
+                        ..Default::default()
+                    })
+                },
+                "spec.worker.env[0].name",
+                "also in dataPlane.ncclEnv",
+            ),
+            (
+                "shm size",
+                |s| s.data_plane.shm_size = "1GB".into(),
+                "spec.dataPlane.shmSize",
+                "unknown suffix",
+            ),
+            (
+                "shm size zero",
+                |s| s.data_plane.shm_size = "0".into(),
+                "spec.dataPlane.shmSize",
+                "zero",
+            ),
+            (
                 "maxUnavailable > nodes",
                 |s| s.rollout.max_unavailable = 3,
                 "spec.rollout.maxUnavailable",
@@ -1059,6 +1334,41 @@ worker: {image: "moe-worker:dev"}
                     .any(|e| e.path == path && e.message.contains(needle)),
                 "{name}: want {path} ~ {needle:?}, got {errs:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_data_plane_is_resolved_once() {
+        let mut s = demo_spec();
+        s.data_plane = serde_yaml::from_str(
+            "{transport: nccl, port: 29500, rendezvousTimeout: 5m, shmSize: 16Gi, ipcLock: false, \
+             ncclEnv: {NCCL_IB_HCA: mlx5, NCCL_SOCKET_IFNAME: eth0}}",
+        )
+        .unwrap();
+        let d = validate(&s, &PodPolicy::default()).unwrap().data_plane;
+        assert_eq!(d.transport, Transport::Nccl);
+        assert_eq!(d.port, 29500);
+        assert_eq!(d.rendezvous_timeout, Duration::from_secs(300));
+        assert_eq!((d.shm_size.as_str(), d.shm_bytes), ("16Gi", 16 << 30));
+        assert_eq!(
+            d.nccl_env.keys().collect::<Vec<_>>(),
+            ["NCCL_IB_HCA", "NCCL_SOCKET_IFNAME"]
+        );
+        // The bounds are inclusive.
+        for t in ["5s", "1h"] {
+            s.data_plane.rendezvous_timeout = t.into();
+            assert_eq!(errors(&s, &PodPolicy::default()), vec![], "{t}");
+        }
+        assert!(is_nccl_var("NCCL_NET_GDR_LEVEL") && is_nccl_var("NCCL_P2P_DISABLE"));
+        for bad in [
+            "NCCL_",
+            "NCCL",
+            "nccl_debug",
+            "NCCL_DEBUG-X",
+            "XNCCL_DEBUG",
+            "",
+        ] {
+            assert!(!is_nccl_var(bad), "{bad}");
         }
     }
 

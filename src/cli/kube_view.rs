@@ -621,6 +621,7 @@ mod tests {
                 updated: 1,
                 total: 1,
             }),
+            rank_failure: None,
         });
         md
     }

@@ -1,6 +1,8 @@
 //! The reconcile's writes: record the decision's Events, server-side apply the owned objects
 //! (the plan ConfigMap first, so replaced pods start on it), carry out the rollout step (delete,
-//! create, push) and write the status. I/O only; what to write is `decide`'s.
+//! create, push; a group restart deletes every worker pod) and write the status, last, so that a
+//! group restart is recorded only once its deletes went through. I/O only; what to write is
+//! `decide`'s.
 
 use std::time::Duration;
 
@@ -175,6 +177,8 @@ async fn execute(
             pod_event(ctx, md, p, true, reason::PLAN_PUSH_EXPIRED, message).await;
         }
     }
+    // A group restart (a failed EP rank) is a step whose deletes are every worker pod; the
+    // rollout of the next reconciles recreates them like any missing pod.
     for &rank in &step.delete {
         for p in by_rank(pods, rank)
             .into_iter()
@@ -183,7 +187,15 @@ async fn execute(
             pods_api
                 .delete(&p.name_any(), &DeleteParams::default())
                 .await?;
-            let message = format!("deleted {} (rank {rank}) to replace it", p.name_any());
+            let message = match &r.group_restart {
+                Some(f) => format!(
+                    "deleted {} (node rank {rank}) to restart the worker group after EP rank {} failed in {}",
+                    p.name_any(),
+                    f.rank,
+                    f.pod
+                ),
+                None => format!("deleted {} (rank {rank}) to replace it", p.name_any()),
+            };
             pod_event(ctx, md, p, false, reason::WORKER_REPLACED, message).await;
         }
     }

@@ -20,6 +20,14 @@
 //! ConfigMap's `plan.json`; the admin token file is the Secret's `token`. `/readyz` and `/healthz`
 //! are served on the metrics port without the token (probes carry none).
 //!
+//! The expert-parallel data plane's environment is docs/data-plane.md's: `MOE_EP_WORLD_SIZE`,
+//! `MOE_EP_RENDEZVOUS` (rank 0's pod through the headless Service), `MOE_EP_LISTEN`,
+//! `MOE_EP_TRANSPORT`, `MOE_EP_RENDEZVOUS_TIMEOUT_SECONDS` and `spec.dataPlane.ncclEnv`, with the
+//! container port `ep`, a memory-backed `/dev/shm` and the termination message the operator reads
+//! a failed rank from. `MOE_RANK` is not set: `moe-worker` refuses it together with
+//! `MOE_NODE_RANK` (`--rank` conflicts with `--node`), and the first rank is
+//! `MOE_NODE_RANK * MOE_GPUS_PER_NODE`.
+//!
 //! # Test hook
 //! A MoEDeployment annotated `moe.craft.dev/process-backed: "true"` gets worker pods labelled
 //! `moe.craft.dev/process-backed=true`, which the local control plane's launcher (e2e/pods) runs as
@@ -29,10 +37,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
-    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -42,6 +51,7 @@ use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
+use crate::api::pod_policy::IPC_LOCK;
 use crate::api::validate::{ValidSpec, GPU_RESOURCE};
 use crate::api::MoEDeployment;
 use crate::plan::expert_plan::HashRule;
@@ -70,6 +80,9 @@ pub const PLAN_KEY: &str = "plan.json";
 pub const HASH_KEY: &str = "hash";
 /// Key of the bearer token in the admin Secret.
 pub const TOKEN_KEY: &str = "token";
+
+/// Where the memory-backed shared memory volume is mounted.
+pub const SHM_DIR: &str = "/dev/shm";
 
 const PLAN_DIR: &str = "/etc/moe/plan";
 const ADMIN_DIR: &str = "/etc/moe/admin";
@@ -197,12 +210,12 @@ pub fn build(
 ) -> Result<Desired, BuildError> {
     check_plan(spec, plan)?;
     let pods = (0..spec.nodes)
-        .map(|rank| worker_pod(md, rank, &plan.hash))
+        .map(|rank| worker_pod(md, spec, rank, &plan.hash))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Desired {
         plan_config_map: plan_config_map(md, plan)?,
         pods,
-        service: service(md)?,
+        service: service(md, spec)?,
         pdb: pdb(md, spec)?,
         admin_secret: admin_secret(md, admin_token)?,
     })
@@ -307,11 +320,32 @@ fn http_probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// `host:port` of rank 0's rendezvous listener: its pod's stable DNS name through the headless
+/// Service (published before the pod is ready, so the group can form).
+pub fn rendezvous_address(md: &MoEDeployment, spec: &ValidSpec) -> Result<String, BuildError> {
+    let ns = md
+        .namespace()
+        .ok_or(BuildError::MissingMetadata("metadata.namespace"))?;
+    Ok(format!(
+        "{}.{}.{ns}.svc:{}",
+        worker_pod_name(md, 0),
+        service_name(md),
+        spec.data_plane.port
+    ))
+}
+
 /// The worker pod of node rank `rank`, started on the plan with hash `plan_hash`.
-pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod, BuildError> {
+pub fn worker_pod(
+    md: &MoEDeployment,
+    spec: &ValidSpec,
+    rank: u32,
+    plan_hash: &str,
+) -> Result<Pod, BuildError> {
     let name = worker_pod_name(md, rank);
-    let (volumes, mounts) = volumes(md);
-    let pod_spec = pod_spec(md, &name, worker_container(md, rank, mounts), volumes);
+    let (volumes, mounts) = volumes(md, spec);
+    let rendezvous = rendezvous_address(md, spec)?;
+    let container = worker_container(md, spec, rank, &rendezvous, mounts);
+    let pod_spec = pod_spec(md, &name, container, volumes);
     let mut m = meta(md, name, "worker")?;
     m.labels
         .get_or_insert_with(BTreeMap::new)
@@ -332,9 +366,34 @@ pub fn worker_pod(md: &MoEDeployment, rank: u32, plan_hash: &str) -> Result<Pod,
     })
 }
 
+/// The data plane's environment of docs/data-plane.md ("Rank environment"); `$(POD_IP)` refers
+/// to the variable defined before it.
+fn data_plane_env(spec: &ValidSpec, rendezvous: &str) -> Vec<EnvVar> {
+    let d = &spec.data_plane;
+    let timeout_s = d.rendezvous_timeout.as_secs_f64().ceil() as u64;
+    let mut envs = vec![
+        env(
+            "MOE_EP_WORLD_SIZE",
+            (u64::from(spec.nodes) * u64::from(spec.gpus_per_node)).to_string(),
+        ),
+        env("MOE_EP_RENDEZVOUS", rendezvous),
+        env("MOE_EP_LISTEN", format!("$(POD_IP):{}", d.port)),
+        env("MOE_EP_TRANSPORT", d.transport.as_str()),
+        env("MOE_EP_RENDEZVOUS_TIMEOUT_SECONDS", timeout_s.to_string()),
+    ];
+    envs.extend(d.nccl_env.iter().map(|(k, v)| env(k, v.as_str())));
+    envs
+}
+
 /// The worker container: the rank's environment, the `moe-worker` command line, the GPUs, the
-/// probes on the metrics port.
-fn worker_container(md: &MoEDeployment, rank: u32, mounts: Vec<VolumeMount>) -> Container {
+/// probes on the metrics port, the data plane's port and termination message.
+fn worker_container(
+    md: &MoEDeployment,
+    vspec: &ValidSpec,
+    rank: u32,
+    rendezvous: &str,
+    mounts: Vec<VolumeMount>,
+) -> Container {
     let spec = &md.spec;
     let w = &spec.worker;
     let gpus = spec.topology.gpus_per_node.to_string();
@@ -362,6 +421,7 @@ fn worker_container(md: &MoEDeployment, rank: u32, mounts: Vec<VolumeMount>) -> 
         env("MOE_ADMIN_TOKEN_FILE", token_file),
         env("MOE_DEVICE", w.device.as_str()),
     ];
+    envs.extend(data_plane_env(vspec, rendezvous));
     envs.extend(w.env.iter().cloned());
 
     let p = &w.ports;
@@ -415,9 +475,14 @@ fn worker_container(md: &MoEDeployment, rank: u32, mounts: Vec<VolumeMount>) -> 
             port("dispatch", p.dispatch),
             port("metrics", p.metrics),
             port("admin", p.admin),
+            port("ep", vspec.data_plane.port.into()),
         ]),
         resources: Some(resources),
         volume_mounts: Some(mounts),
+        // A rank that fails writes `ep rank <r>: ...` to /dev/termination-log, which the operator
+        // reads back from the container's status (`controller::ranks`); a crash that wrote
+        // nothing leaves the log's tail there instead.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         // Loading a large checkpoint takes minutes: the startup probe allows up to an hour
         // before liveness takes over.
         startup_probe: Some(http_probe(HEALTHZ_PATH, p.metrics, 10, 360)),
@@ -427,7 +492,10 @@ fn worker_container(md: &MoEDeployment, rank: u32, mounts: Vec<VolumeMount>) -> 
             allow_privilege_escalation: Some(false),
             capabilities: Some(Capabilities {
                 drop: Some(vec!["ALL".into()]),
-                ..Default::default()
+                add: vspec
+                    .data_plane
+                    .ipc_lock
+                    .then(|| vec![IPC_LOCK.to_string()]),
             }),
             ..Default::default()
         }),
@@ -435,8 +503,9 @@ fn worker_container(md: &MoEDeployment, rank: u32, mounts: Vec<VolumeMount>) -> 
     }
 }
 
-/// The plan ConfigMap, the admin token Secret and the checkpoint volume, with their mounts.
-fn volumes(md: &MoEDeployment) -> (Vec<Volume>, Vec<VolumeMount>) {
+/// The plan ConfigMap, the admin token Secret, the shared memory and the checkpoint volume, with
+/// their mounts.
+fn volumes(md: &MoEDeployment, spec: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
     let ckpt = md.spec.model.checkpoint.path.clone();
     let mut volumes = vec![
         Volume {
@@ -461,6 +530,16 @@ fn volumes(md: &MoEDeployment) -> (Vec<Volume>, Vec<VolumeMount>) {
             }),
             ..Default::default()
         },
+        // The container runtime's /dev/shm is 64 MiB; the ranks' host-side buffers and NCCL's
+        // shared-memory transport need more. Memory-backed, so it counts against the pod's memory.
+        Volume {
+            name: "shm".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(Quantity(spec.data_plane.shm_size.clone())),
+            }),
+            ..Default::default()
+        },
     ];
     let mut mounts = vec![
         VolumeMount {
@@ -473,6 +552,11 @@ fn volumes(md: &MoEDeployment) -> (Vec<Volume>, Vec<VolumeMount>) {
             name: "admin-token".into(),
             mount_path: ADMIN_DIR.into(),
             read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "shm".into(),
+            mount_path: SHM_DIR.into(),
             ..Default::default()
         },
     ];
@@ -567,12 +651,13 @@ pub fn spec_hash(spec: &PodSpec) -> String {
 }
 
 /// Headless Service giving each worker a stable DNS name; not-ready workers are published too,
-/// because every EP rank must be addressable while the group starts.
-pub fn service(md: &MoEDeployment) -> Result<Service, BuildError> {
-    let p = &md.spec.worker.ports;
-    let port = |name: &str, n: i32| ServicePort {
+/// because every EP rank must be addressable while the group starts (rank 0's rendezvous name
+/// resolves before any worker is ready).
+pub fn service(md: &MoEDeployment, spec: &ValidSpec) -> Result<Service, BuildError> {
+    let p = &spec.ports;
+    let port = |name: &str, n: u16| ServicePort {
         name: Some(name.into()),
-        port: n,
+        port: n.into(),
         target_port: Some(IntOrString::String(name.into())),
         protocol: Some("TCP".into()),
         ..Default::default()
@@ -587,6 +672,7 @@ pub fn service(md: &MoEDeployment) -> Result<Service, BuildError> {
                 port("dispatch", p.dispatch),
                 port("metrics", p.metrics),
                 port("admin", p.admin),
+                port("ep", spec.data_plane.port),
             ]),
             ..Default::default()
         }),
@@ -676,8 +762,15 @@ worker:
     }
 
     fn valid(md: &MoEDeployment) -> ValidSpec {
-        crate::api::validate::validate(&md.spec, &crate::api::pod_policy::PodPolicy::default())
-            .unwrap()
+        valid_with(md, false)
+    }
+
+    fn valid_with(md: &MoEDeployment, allow_ipc_lock: bool) -> ValidSpec {
+        let policy = crate::api::pod_policy::PodPolicy {
+            allow_ipc_lock,
+            ..Default::default()
+        };
+        crate::api::validate::validate(&md.spec, &policy).unwrap()
     }
 
     fn container(p: &Pod) -> &Container {
@@ -757,8 +850,13 @@ worker:
             [
                 ("dispatch".into(), 9400),
                 ("metrics".into(), 9401),
-                ("admin".into(), 9402)
+                ("admin".into(), 9402),
+                ("ep".into(), 9403)
             ]
+        );
+        assert_eq!(
+            c.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
         );
     }
 
@@ -825,6 +923,114 @@ worker:
             .map(|p| p.metadata.annotations.as_ref().unwrap()[ANNOTATION_SPEC_HASH].clone())
             .collect();
         assert_ne!(h[0], h[1]);
+    }
+
+    /// docs/data-plane.md's rank environment, the `ep` port on the pod and the Service, the
+    /// memory-backed /dev/shm, and IPC_LOCK only when asked for.
+    #[test]
+    fn every_pod_gets_the_data_plane_of_docs_data_plane_md() {
+        let mut md = deployment();
+        md.spec.data_plane = serde_yaml::from_str(
+            "{transport: nccl, port: 29500, rendezvousTimeout: 90.5s, shmSize: 8Gi, \
+             ncclEnv: {NCCL_IB_HCA: mlx5, NCCL_DEBUG: WARN}}",
+        )
+        .unwrap();
+        let d = build(&md, &valid(&md), &plan(&md), "t").unwrap();
+        for (node, pod) in d.pods.iter().enumerate() {
+            for (name, want) in [
+                ("MOE_EP_WORLD_SIZE", "4"),
+                (
+                    "MOE_EP_RENDEZVOUS",
+                    "demo-worker-0.demo-workers.ml.svc:29500",
+                ),
+                ("MOE_EP_LISTEN", "$(POD_IP):29500"),
+                ("MOE_EP_TRANSPORT", "nccl"),
+                ("MOE_EP_RENDEZVOUS_TIMEOUT_SECONDS", "91"),
+                ("NCCL_IB_HCA", "mlx5"),
+                ("NCCL_DEBUG", "WARN"),
+            ] {
+                assert_eq!(env_of(pod, name).as_deref(), Some(want), "{name}");
+            }
+            // The first rank is MOE_NODE_RANK * MOE_GPUS_PER_NODE: MOE_RANK would make
+            // moe-worker refuse to start (its --rank conflicts with --node).
+            assert_eq!(env_of(pod, "MOE_NODE_RANK"), Some(node.to_string()));
+            assert_eq!(env_of(pod, "MOE_RANK"), None);
+            // $(POD_IP) expands only from a variable defined before it.
+            let names: Vec<&str> = container(pod)
+                .env
+                .iter()
+                .flatten()
+                .map(|e| e.name.as_str())
+                .collect();
+            let pos = |n: &str| names.iter().position(|x| *x == n).unwrap();
+            assert!(pos("POD_IP") < pos("MOE_EP_LISTEN"));
+            let c = container(pod);
+            let ep = c
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some("ep"))
+                .unwrap();
+            assert_eq!((ep.container_port, ep.host_port), (29500, None));
+            let shm = pod
+                .spec
+                .as_ref()
+                .unwrap()
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == "shm")
+                .and_then(|v| v.empty_dir.clone())
+                .unwrap();
+            assert_eq!(shm.medium.as_deref(), Some("Memory"));
+            assert_eq!(shm.size_limit, Some(Quantity("8Gi".into())));
+            let mount = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == "shm")
+                .unwrap();
+            assert_eq!(
+                (mount.mount_path.as_str(), mount.read_only),
+                (SHM_DIR, None)
+            );
+            let caps = c.security_context.as_ref().unwrap().capabilities.as_ref();
+            assert_eq!(caps.unwrap().add, None);
+        }
+        let svc = d.service.spec.as_ref().unwrap();
+        assert_eq!(svc.publish_not_ready_addresses, Some(true));
+        let ep = svc
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("ep"))
+            .unwrap();
+        assert_eq!(
+            (ep.port, ep.target_port.clone()),
+            (29500, Some(IntOrString::String("ep".into())))
+        );
+        // ipcLock adds IPC_LOCK and nothing else; everything else stays dropped.
+        md.spec.data_plane.ipc_lock = true;
+        let pod = worker_pod(&md, &valid_with(&md, true), 0, "h").unwrap();
+        let caps = container(&pod)
+            .security_context
+            .clone()
+            .unwrap()
+            .capabilities
+            .unwrap();
+        assert_eq!(caps.add, Some(vec![IPC_LOCK.to_string()]));
+        assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
+    }
+
+    /// The environment the pods get is what `moe-worker` parses: its flags (what the operator
+    /// passes) with `--rank` beside `--node` would be refused, which is why MOE_RANK is not set.
+    #[test]
+    fn the_worker_refuses_a_rank_beside_the_node_rank() {
+        use clap::Parser;
+        let args = ["moe-worker", "--node", "1", "--gpus-per-node", "2"];
+        assert!(crate::worker::runtime::WorkerArgs::try_parse_from(args).is_ok());
+        let both = ["moe-worker", "--node", "1", "--rank", "2"];
+        assert!(crate::worker::runtime::WorkerArgs::try_parse_from(both).is_err());
     }
 
     #[test]
@@ -896,7 +1102,7 @@ worker:
             ..Default::default()
         });
         let plan = plan(&md);
-        let pod = worker_pod(&md, 1, &plan.hash).unwrap();
+        let pod = worker_pod(&md, &valid(&md), 1, &plan.hash).unwrap();
         let spec = pod.spec.as_ref().unwrap();
         let vol = spec
             .volumes
@@ -930,10 +1136,10 @@ worker:
         assert_eq!(req["memory"], Quantity("64Gi".into()));
         assert_eq!(req[GPU_RESOURCE], Quantity("2".into()));
         // Changing the image changes the spec hash (a Recreate rollout); the plan hash does not.
-        let before = worker_pod(&md, 1, "a").unwrap();
-        let same = worker_pod(&md, 1, "b").unwrap();
+        let before = worker_pod(&md, &valid(&md), 1, "a").unwrap();
+        let same = worker_pod(&md, &valid(&md), 1, "b").unwrap();
         md.spec.worker.image = "moe-worker:2".into();
-        let after = worker_pod(&md, 1, "a").unwrap();
+        let after = worker_pod(&md, &valid(&md), 1, "a").unwrap();
         let sh = |p: &Pod| p.metadata.annotations.as_ref().unwrap()[ANNOTATION_SPEC_HASH].clone();
         assert_eq!(sh(&before), sh(&same));
         assert_ne!(sh(&before), sh(&after));

@@ -13,6 +13,7 @@ use super::build::{self, Desired, ANNOTATION_SPEC_HASH};
 use super::fetch::Fetched;
 use super::initial_load::initial_load_window;
 use super::observe::Observed;
+use super::ranks::{self, RankFailure};
 use super::reconcile::Error;
 use super::replan::{self, Current};
 use super::rollout::{next_step, RolloutGoal, Step, WorkerState};
@@ -70,6 +71,8 @@ pub struct Rollout {
     pub desired: Desired,
     pub plan: ExpertPlan,
     pub step: Step,
+    /// The rank failure the step restarts the worker group for (its deletes are every pod).
+    pub group_restart: Option<RankFailure>,
     /// The admin token the pushes carry, and the port they go to.
     pub token: String,
     pub admin_port: u16,
@@ -464,13 +467,48 @@ fn replan(
     Some(candidate)
 }
 
+/// The rank failure to restart the worker group for now: the newest one the pods show, when the
+/// group has not been restarted for it yet (`status.rankFailure`). Records it and announces it.
+fn rank_failure(
+    inp: &Inputs<'_>,
+    status: &mut MoEDeploymentStatus,
+    events: &mut Vec<Note>,
+    pods: usize,
+) -> Option<RankFailure> {
+    let f = ranks::newest_failure(&inp.fetched.pods)
+        .filter(|f| f.is_new(status.rank_failure.as_ref()))?;
+    events.push(Note::warning(
+        reason::RANK_FAILED,
+        format!(
+            "EP rank {} failed in pod {} (container {}): {}; restarting the worker group ({pods} pod(s) deleted, then recreated)",
+            f.rank, f.pod, f.container, f.message
+        ),
+    ));
+    status.rank_failure = Some(f.record(inp.now));
+    Some(f)
+}
+
+/// The Degraded message of the recorded rank failure.
+fn rank_failed_message(status: &MoEDeploymentStatus) -> String {
+    status
+        .rank_failure
+        .as_ref()
+        .map(|f| {
+            format!(
+                "EP rank {} failed in pod {}: {}; the worker group was restarted",
+                f.rank, f.pod, f.message
+            )
+        })
+        .unwrap_or_default()
+}
+
 /// The rollout's next step on the cluster's state, and the status that reports it.
 fn roll(
     inp: &Inputs<'_>,
     desired: Desired,
     plan: ExpertPlan,
     mut status: MoEDeploymentStatus,
-    events: Vec<Note>,
+    mut events: Vec<Note>,
 ) -> Decision {
     let (md, spec, fetched) = (inp.md, inp.spec, inp.fetched);
     let gen = md.metadata.generation;
@@ -502,8 +540,14 @@ fn roll(
         refusal_grace_s: PUSH_REFUSAL_GRACE.as_secs() as i64,
         now_s: inp.now_s as i64,
     };
-    let step = next_step(&goal, &workers);
     let nodes = goal.nodes();
+    // A failed rank restarts the whole group instead of this step (docs/data-plane.md).
+    let live = workers.iter().filter(|w| !w.terminating).count();
+    let group_restart = rank_failure(inp, &mut status, &mut events, live);
+    let step = match &group_restart {
+        Some(_) => ranks::restart_step(&workers, nodes),
+        None => next_step(&goal, &workers),
+    };
     status.workers = Some(workers_status(nodes, &workers, &step));
     status.rollout = Some(RolloutStatus {
         target_hash: plan.hash.clone(),
@@ -519,16 +563,40 @@ fn roll(
     if !step.waiting.is_empty() {
         message.push_str(&format!("; waiting for: {}", step.waiting_summary(8)));
     }
+    // Degraded for a failed rank from its restart until the group is back: the operator is not
+    // holding the deployment back (it restarts the group), but it cannot serve meanwhile.
+    let rank_failed = !step.done
+        && (group_restart.is_some()
+            || status.conditions.iter().any(|c| {
+                c.type_ == condition::DEGRADED
+                    && c.status == "True"
+                    && c.reason == reason::RANK_FAILED
+            }));
     let (ready_reason, progress_reason) = if step.done {
         (reason::WORKERS_READY, reason::ROLLOUT_COMPLETE)
+    } else if rank_failed {
+        (reason::RANK_FAILED, reason::ROLLING_OUT)
     } else {
         (reason::ROLLING_OUT, reason::ROLLING_OUT)
     };
+    let rank_message = rank_failed_message(&status);
     let cs = &mut status.conditions;
-    // Not Degraded: set here, past every hold, so a held deployment's Degraded condition does
-    // not flip to False and back (a new transition time, a status write) on each retry.
-    let (degraded, valid) = (condition::DEGRADED, reason::SPEC_VALID);
-    set_condition(cs, degraded, false, valid, "", gen, inp.now);
+    let degraded = condition::DEGRADED;
+    if rank_failed {
+        set_condition(
+            cs,
+            degraded,
+            true,
+            reason::RANK_FAILED,
+            &rank_message,
+            gen,
+            inp.now,
+        );
+    } else {
+        // Not Degraded: set here, past every hold, so a held deployment's Degraded condition does
+        // not flip to False and back (a new transition time, a status write) on each retry.
+        set_condition(cs, degraded, false, reason::SPEC_VALID, "", gen, inp.now);
+    }
     set_condition(
         cs,
         condition::READY,
@@ -562,6 +630,7 @@ fn roll(
             desired,
             plan,
             step,
+            group_restart,
             token: fetched.token.clone(),
             admin_port: spec.ports.admin,
         }),

@@ -1,6 +1,6 @@
 //! The operator: a reconcile pipeline (fetch -> validate -> observe -> decide -> apply) and the
-//! pure pieces `decide` calls (build, initial_load, replan, rollout, status), with the operator's
-//! own telemetry and leader election beside them.
+//! pure pieces `decide` calls (build, initial_load, ranks, replan, rollout, status), with the
+//! operator's own telemetry and leader election beside them.
 
 pub mod apply;
 pub mod build;
@@ -11,6 +11,7 @@ pub mod leader;
 pub mod load;
 pub mod observe;
 pub mod prometheus;
+pub mod ranks;
 pub mod reconcile;
 pub mod replan;
 pub mod rollout;

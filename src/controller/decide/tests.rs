@@ -1,7 +1,8 @@
 //! The reconcile's decisions, case by case, without a cluster: the cases the e2e tests drive
 //! through a real API server (first plan, workers coming up, Ready, a better plan rolled in place
 //! one worker at a time, cooldown, invalid specs, a missing initial load, token rotation, failed
-//! scrapes, the pod-policy backstop), each from the state the cluster would show.
+//! scrapes, the pod-policy backstop, a failed EP rank's group restart), each from the state the
+//! cluster would show.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -544,4 +545,235 @@ fn plans_survive_a_json_round_trip() {
     let pretty: ExpertPlan =
         serde_json::from_str(&serde_json::to_string_pretty(&p).unwrap()).unwrap();
     assert_eq!(pretty.compute_hash(), p.hash);
+}
+
+/// `pod` whose worker container was restarted by the kubelet after ending with `message` at `at`.
+fn with_failure(pod: &Pod, message: &str, at: i64) -> Pod {
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus};
+    let mut p = pod.clone();
+    let status = p.status.get_or_insert_with(Default::default);
+    status.container_statuses = Some(vec![ContainerStatus {
+        name: "worker".into(),
+        restart_count: 1,
+        state: Some(ContainerState {
+            running: Some(Default::default()),
+            ..Default::default()
+        }),
+        last_state: Some(ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code: 1,
+                message: Some(message.into()),
+                finished_at: Some(t(at)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }]);
+    p
+}
+
+fn message_of<'a>(s: &'a MoEDeploymentStatus, kind: &str) -> &'a str {
+    &s.conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+        .unwrap()
+        .message
+}
+
+/// A rank that ends with `ep rank <r>: ...` restarts the worker group once per failure: Degraded
+/// (RankFailed) naming the rank, the pod and the worker's message, a Warning event, every worker
+/// pod deleted; the same failure seen again restarts nothing, a newer one restarts again.
+#[test]
+fn a_failed_rank_restarts_the_worker_group_once_per_failure() {
+    let md = deployment("{}");
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let (pods, scraped) = running(&first, &plan.hash);
+    let obs = Observed {
+        scraped,
+        fresh: true,
+        ..Default::default()
+    };
+    let ready = run(
+        &md,
+        &fetched(
+            first.status.clone().unwrap(),
+            Some(plan.clone()),
+            pods.clone(),
+        ),
+        &obs,
+    )
+    .status
+    .unwrap();
+    let failed = |node: usize, message: &str, at: i64| {
+        let mut ps = pods.clone();
+        ps[node] = with_failure(&ps[node], message, at);
+        ps
+    };
+    let rank3 = failed(
+        1,
+        "ep rank 3: peer 0 went away (connection closed)\nstack...",
+        NOW - 10,
+    );
+    let once = run(
+        &md,
+        &fetched(ready.clone(), Some(plan.clone()), rank3.clone()),
+        &obs,
+    );
+    let restarted = once.status.clone().unwrap();
+    // A newer failure of another rank, after the restart was recorded.
+    let rank0 = failed(0, "ep rank 0: rendezvous timed out after 120s", NOW - 5);
+
+    type Case<'a> = (
+        &'static str,
+        Vec<Pod>,
+        &'a MoEDeploymentStatus,
+        Option<(u32, &'static str, &'static str)>,
+    );
+    let cases: Vec<Case> = vec![
+        ("no failure", pods.clone(), &ready, None),
+        (
+            "one failed rank",
+            rank3.clone(),
+            &ready,
+            Some((3, "demo-worker-1", "peer 0 went away (connection closed)")),
+        ),
+        ("the same failure seen again", rank3, &restarted, None),
+        (
+            "a newer failure",
+            rank0,
+            &restarted,
+            Some((0, "demo-worker-0", "rendezvous timed out after 120s")),
+        ),
+    ];
+    for (name, pods, status, restart) in cases {
+        let d = run(
+            &md,
+            &fetched(status.clone(), Some(plan.clone()), pods),
+            &obs,
+        );
+        let r = d.rollout.as_ref().unwrap();
+        let rank_events: Vec<&Note> = d
+            .events
+            .iter()
+            .filter(|n| n.reason == reason::RANK_FAILED)
+            .collect();
+        let Some((rank, pod, message)) = restart else {
+            assert!(rank_events.is_empty(), "{name}: {:?}", d.events);
+            assert_eq!(r.group_restart, None, "{name}");
+            assert!(r.step.delete.is_empty(), "{name}: {:?}", r.step);
+            assert!(r.step.done, "{name}: the workers are ready on the plan");
+            let s = d.status.as_ref().unwrap_or(status);
+            assert_eq!(s.rank_failure, status.rank_failure, "{name}: record kept");
+            continue;
+        };
+        assert_eq!(rank_events.len(), 1, "{name}: {:?}", d.events);
+        let ev = rank_events[0];
+        assert!(ev.warning, "{name}");
+        for want in [&format!("EP rank {rank}"), pod, message] {
+            assert!(ev.message.contains(want), "{name}: {}", ev.message);
+        }
+        // Every worker pod deleted, nothing created or pushed until they are gone.
+        assert_eq!(
+            r.group_restart.as_ref().map(|f| f.rank),
+            Some(rank),
+            "{name}"
+        );
+        assert_eq!(r.step.delete, vec![0, 1], "{name}");
+        assert!(r.step.create.is_empty() && r.step.push.is_empty(), "{name}");
+        assert_eq!(d.requeue, BUSY_REQUEUE, "{name}");
+        let s = d.status.as_ref().unwrap();
+        let rec = s.rank_failure.as_ref().unwrap();
+        assert_eq!(
+            (rec.rank, rec.pod.as_str(), rec.message.as_str()),
+            (rank as i32, pod, message),
+            "{name}"
+        );
+        assert_eq!(rec.restarted_at, Some(t(NOW)), "{name}");
+        assert_eq!(
+            cond(s, condition::DEGRADED),
+            ("True", reason::RANK_FAILED),
+            "{name}"
+        );
+        let m = message_of(s, condition::DEGRADED);
+        for want in [&format!("EP rank {rank}"), pod, message] {
+            assert!(m.contains(want), "{name}: {m}");
+        }
+        assert_eq!(
+            cond(s, condition::READY),
+            ("False", reason::RANK_FAILED),
+            "{name}"
+        );
+    }
+}
+
+/// After a group restart the deployment stays Degraded (RankFailed) while the pods go and come
+/// back, without another restart or a status write per reconcile, and is Ready again once every
+/// worker is.
+#[test]
+fn a_restarted_group_is_degraded_until_every_worker_is_back() {
+    let md = deployment("{}");
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let (pods, scraped) = running(&first, &plan.hash);
+    let obs = Observed {
+        scraped,
+        fresh: true,
+        ..Default::default()
+    };
+    let mut failing = pods.clone();
+    failing[0] = with_failure(&pods[0], "ep rank 1: heartbeat timeout", NOW - 3);
+    let status = first.status.clone().unwrap();
+    let d = run(
+        &md,
+        &fetched(status, Some(plan.clone()), failing.clone()),
+        &obs,
+    );
+    let restarted = d.status.unwrap();
+    // The pods are terminating: nothing to do but wait; still Degraded, nothing rewritten.
+    let going: Vec<Pod> = failing
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            p.metadata.deletion_timestamp = Some(t(NOW));
+            p
+        })
+        .collect();
+    let d = run_with(
+        &md,
+        &fetched(restarted.clone(), Some(plan.clone()), going),
+        &obs,
+        &PodPolicy::default(),
+        NOW + 2,
+    );
+    assert!(d.events.is_empty(), "{:?}", d.events);
+    let r = d.rollout.as_ref().unwrap();
+    assert!(r.group_restart.is_none() && r.step.delete.is_empty() && r.step.create.is_empty());
+    let s = d.status.as_ref().unwrap_or(&restarted);
+    assert_eq!(cond(s, condition::DEGRADED), ("True", reason::RANK_FAILED));
+    assert_eq!(cond(s, condition::READY).0, "False");
+    // They are gone: recreated by the rollout, still Degraded.
+    let d = run_with(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), vec![]),
+        &obs,
+        &PodPolicy::default(),
+        NOW + 40,
+    );
+    assert_eq!(d.rollout.as_ref().unwrap().step.create, vec![0, 1]);
+    let s = d.status.unwrap_or_else(|| s.clone());
+    assert_eq!(cond(&s, condition::DEGRADED), ("True", reason::RANK_FAILED));
+    // Every worker ready on the plan: no longer Degraded, Ready, the record kept.
+    let d = run_with(
+        &md,
+        &fetched(s, Some(plan), pods),
+        &obs,
+        &PodPolicy::default(),
+        NOW + 90,
+    );
+    let s = d.status.unwrap();
+    assert_eq!(cond(&s, condition::DEGRADED), ("False", reason::SPEC_VALID));
+    assert_eq!(cond(&s, condition::READY), ("True", reason::WORKERS_READY));
+    assert_eq!(s.rank_failure.unwrap().rank, 1);
 }
