@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy (warnings are errors)"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> e2e/build.sh (local control plane binaries; cached, seconds when warm)"
 e2e/build.sh
 echo "==> e2e/prometheus.sh (Debian's Prometheus for the metrics-source e2e test; cached)"

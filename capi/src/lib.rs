@@ -171,16 +171,19 @@ pub unsafe extern "C" fn moe_ep_forward(
 ) -> i32 {
     guard(|| {
         let s = unsafe { session(h) }?;
-        s.forward_device(
-            layer,
-            tokens as usize,
-            top_k as usize,
-            x,
-            topk_ids,
-            topk_weights,
-            out,
-            stream.cast(),
-        )
+        // SAFETY: the caller's contract above.
+        unsafe {
+            s.forward_device(
+                layer,
+                tokens as usize,
+                top_k as usize,
+                x,
+                topk_ids,
+                topk_weights,
+                out,
+                stream.cast(),
+            )
+        }
         .map_err(|e| e.to_string())
     })
 }

@@ -9,7 +9,6 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,16 +31,12 @@ fn check(r: cu::CUresult, what: &str) -> Result<(), String> {
     }
 }
 
-/// Allocation ids, unique in the process: what IPC peers key their mappings by.
-static GENERATION: AtomicU64 = AtomicU64::new(1);
-
-/// Device memory for rows or index arrays, grown on demand; each allocation has its own id (IPC
-/// peers open each once).
+/// Device memory for rows or index arrays, grown on demand.
 pub struct DevRows {
     ptr: u64,
     cap: usize,
-    generation: u64,
-    ipc: Cell<Option<cu::CUipcMemHandle>>,
+    /// The IPC export of the allocation holding `ptr`: (handle, its base, `ptr - base`).
+    ipc: Cell<Option<(cu::CUipcMemHandle, u64, u64)>>,
     ctx: cu::CUcontext,
 }
 
@@ -53,7 +48,6 @@ impl Default for DevRows {
         Self {
             ptr: 0,
             cap: 0,
-            generation: 0,
             ipc: Cell::new(None),
             ctx: std::ptr::null_mut(),
         }
@@ -71,7 +65,9 @@ impl DevRows {
             return Ok(());
         }
         self.free();
-        let want = bytes.max(self.cap * 2).next_multiple_of(1 << 16);
+        // Whole 2 MiB units: the driver packs smaller allocations together, and a peer cannot
+        // map two IPC exports that share one underlying allocation (CUDA_ERROR_ALREADY_MAPPED).
+        let want = bytes.max(self.cap * 2).next_multiple_of(2 << 20);
         let mut p = 0;
         // SAFETY: plain allocation in the current context; freed in `free`.
         check(unsafe { cu::cuMemAlloc_v2(&mut p, want) }, "cuMemAlloc")?;
@@ -81,12 +77,11 @@ impl DevRows {
         self.ptr = p;
         self.cap = want;
         self.ctx = ctx;
-        self.generation = GENERATION.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     /// Uploads `data` (stream-ordered; pageable memory is staged before this returns).
-    pub fn upload<T: Copy>(&mut self, data: &[T], stream: cu::CUstream) -> Result<(), String> {
+    fn upload<T: Copy>(&mut self, data: &[T], stream: cu::CUstream) -> Result<(), String> {
         let bytes = std::mem::size_of_val(data);
         self.ensure_bytes(bytes)?;
         if bytes == 0 {
@@ -99,19 +94,29 @@ impl DevRows {
         )
     }
 
-    /// The allocation's IPC handle, made once per allocation.
-    fn ipc_handle(&self) -> Result<cu::CUipcMemHandle, String> {
-        if let Some(h) = self.ipc.get() {
-            return Ok(h);
+    /// The IPC export of this buffer, made once per allocation: the driver may place small
+    /// allocations inside one larger one, and a handle names that whole allocation, so peers get
+    /// the handle of the base and this buffer's offset in it (mapping it once however many of
+    /// this rank's buffers it holds).
+    fn ipc_export(&self) -> Result<(cu::CUipcMemHandle, u64, u64), String> {
+        if let Some(e) = self.ipc.get() {
+            return Ok(e);
         }
-        let mut h = cu::CUipcMemHandle { reserved: [0; 64] };
-        // SAFETY: `ptr` is a cuMemAlloc allocation of this process.
+        let (mut base, mut size) = (0, 0);
+        // SAFETY: queries the allocation holding our pointer.
         check(
-            unsafe { cu::cuIpcGetMemHandle(&mut h, self.ptr) },
+            unsafe { cu::cuMemGetAddressRange_v2(&mut base, &mut size, self.ptr) },
+            "cuMemGetAddressRange",
+        )?;
+        let mut h = cu::CUipcMemHandle { reserved: [0; 64] };
+        // SAFETY: `base` is the base of a cuMemAlloc allocation of this process.
+        check(
+            unsafe { cu::cuIpcGetMemHandle(&mut h, base) },
             "cuIpcGetMemHandle",
         )?;
-        self.ipc.set(Some(h));
-        Ok(h)
+        let e = (h, base, self.ptr - base);
+        self.ipc.set(Some(e));
+        Ok(e)
     }
 
     fn free(&mut self) {
@@ -290,18 +295,18 @@ impl Backend for CudaBackend {
 pub struct IpcTransport {
     rank: usize,
     stream: cu::CUstream,
-    /// (peer, the peer's device address) -> (allocation id, mapped base). A peer exports two
-    /// buffers (rows out, outputs back) and a new allocation each time one grows, possibly at a
-    /// freed one's address: a new id at a known address closes the old mapping first (CUDA
-    /// refuses to map one address twice).
-    opened: HashMap<(usize, u64), (u64, u64)>,
+    /// (peer, IPC handle) -> our mapping of that memory. The handle names the driver's memory
+    /// object, which the driver reuses for a later allocation after a free, and CUDA refuses to
+    /// map one object twice: so mappings are keyed by the handle and kept until this transport
+    /// drops (a peer's buffers only grow, doubling, so there are few).
+    opened: HashMap<(usize, [u8; 64]), u64>,
 }
 
 // SAFETY: the stream handle belongs to the rank's device, used from the rank's thread only.
 unsafe impl Send for IpcTransport {}
 
-/// handle, allocation id, the exporter's address, offset, bytes.
-const IPC_NOTE: usize = 64 + 8 + 8 + 8 + 8;
+/// handle, offset of the rows in the handle's memory, bytes.
+const IPC_NOTE: usize = 64 + 8 + 8;
 
 impl IpcTransport {
     pub fn new(rank: usize, _world: usize, dev: &CudaDevice) -> Self {
@@ -315,7 +320,7 @@ impl IpcTransport {
 
 impl Drop for IpcTransport {
     fn drop(&mut self) {
-        for (_, (_, base)) in self.opened.drain() {
+        for (_, base) in self.opened.drain() {
             // SAFETY: a mapping this transport opened.
             unsafe { cu::cuIpcCloseMemHandle(base) };
         }
@@ -338,18 +343,17 @@ impl Transport<DevRows> for IpcTransport {
         h: usize,
     ) -> Result<Vec<Vec<u8>>, TransportError> {
         let total = off[off.len() - 1];
-        let handle = if total > 0 {
-            send.ipc_handle().map_err(TransportError::Device)?.reserved
+        let (handle, at) = if total > 0 {
+            let (hd, _, at) = send.ipc_export().map_err(TransportError::Device)?;
+            (hd.reserved, at)
         } else {
-            [0; 64]
+            ([0; 64], 0)
         };
         Ok((0..off.len() - 1)
             .map(|p| {
                 let mut b = Vec::with_capacity(IPC_NOTE);
                 b.extend(handle.iter().map(|&c| c as u8));
-                b.extend_from_slice(&send.generation.to_le_bytes());
-                b.extend_from_slice(&send.ptr.to_le_bytes());
-                b.extend_from_slice(&((off[p] * h * 2) as u64).to_le_bytes());
+                b.extend_from_slice(&(at + (off[p] * h * 2) as u64).to_le_bytes());
                 b.extend_from_slice(&(((off[p + 1] - off[p]) * h * 2) as u64).to_le_bytes());
                 b
             })
@@ -379,36 +383,33 @@ impl Transport<DevRows> for IpcTransport {
                     return Err(bad(format!("{} bytes, not {IPC_NOTE}", note.len())));
                 }
                 let u64_at = |o: usize| u64::from_le_bytes(note[o..o + 8].try_into().expect("8"));
-                let (generation, addr, offset, len) =
-                    (u64_at(64), u64_at(72), u64_at(80), u64_at(88));
+                let (offset, len) = (u64_at(64), u64_at(72));
                 if len != bytes as u64 {
                     return Err(bad(format!("{len} bytes of rows, {bytes} expected")));
                 }
-                let known = self.opened.get(&(p, addr)).copied();
-                if known.is_none_or(|(g, _)| g != generation) {
-                    if let Some((_, old)) = known {
-                        // SAFETY: our mapping of the peer's replaced allocation.
-                        unsafe { cu::cuIpcCloseMemHandle(old) };
-                        self.opened.remove(&(p, addr));
+                let id: [u8; 64] = note[..64].try_into().expect("64");
+                let base = match self.opened.entry((p, id)) {
+                    std::collections::hash_map::Entry::Occupied(o) => *o.get(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let mut handle = cu::CUipcMemHandle { reserved: [0; 64] };
+                        for (d, &s) in handle.reserved.iter_mut().zip(&id) {
+                            *d = s as _;
+                        }
+                        let mut base = 0;
+                        // SAFETY: the handle came from the peer's cuIpcGetMemHandle.
+                        let r = unsafe {
+                            cu::cuIpcOpenMemHandle_v2(
+                                &mut base,
+                                handle,
+                                cu::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+                            )
+                        };
+                        check(r, &format!("opening rank {p}'s IPC handle"))
+                            .map_err(TransportError::Device)?;
+                        *v.insert(base)
                     }
-                    let mut handle = cu::CUipcMemHandle { reserved: [0; 64] };
-                    for (d, &s) in handle.reserved.iter_mut().zip(&note[..64]) {
-                        *d = s as _;
-                    }
-                    let mut base = 0;
-                    // SAFETY: the handle came from the peer's cuIpcGetMemHandle.
-                    let r = unsafe {
-                        cu::cuIpcOpenMemHandle_v2(
-                            &mut base,
-                            handle,
-                            cu::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
-                        )
-                    };
-                    check(r, &format!("opening rank {p}'s IPC handle"))
-                        .map_err(TransportError::Device)?;
-                    self.opened.insert((p, addr), (generation, base));
-                }
-                self.opened[&(p, addr)].1 + offset
+                };
+                base + offset
             };
             // SAFETY: both ranges were sized by their owners for these rows; the peer's rows
             // are complete (it synchronised before announcing) and stay until it hears back.

@@ -350,7 +350,9 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
     }
 
     /// One MoE layer for this rank's `tokens` tokens: `ids` and `weights` are `tokens x top_k`
-    /// (the model's router output); `out` gets the combined expert outputs.
+    /// (the model's router output); `out` gets the combined expert outputs. The arguments are the
+    /// engine's call as it comes (the C ABI passes them one to one).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
         layer: u32,

@@ -44,12 +44,15 @@ pub enum RouteError {
     },
 }
 
+/// One layer's replicas: per logical expert, (rank, share, current credit) of each replica.
+type LayerReplicas = Vec<Vec<(u32, f64, f64)>>;
+
 /// Replica choice by the plan's shares: smooth weighted round robin per (layer, expert), so that
 /// over any run of tokens each replica gets its share to within one row, deterministically.
 pub struct Router {
     experts: u32,
-    /// Per planned layer: (model layer, per expert: (rank, share, current credit)).
-    layers: Vec<(u32, Vec<Vec<(u32, f64, f64)>>)>,
+    /// Per planned layer: (model layer, its replicas).
+    layers: Vec<(u32, LayerReplicas)>,
 }
 
 impl Router {
@@ -87,7 +90,7 @@ impl Router {
         self.experts
     }
 
-    fn layer_mut(&mut self, layer: u32) -> Result<&mut Vec<Vec<(u32, f64, f64)>>, RouteError> {
+    fn layer_mut(&mut self, layer: u32) -> Result<&mut LayerReplicas, RouteError> {
         let pos = self.layers.iter().position(|(l, _)| *l == layer);
         match pos {
             Some(i) => Ok(&mut self.layers[i].1),

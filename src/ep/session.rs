@@ -216,10 +216,14 @@ impl Session {
     }
 
     /// One MoE layer. `x` and `out` are `tokens x hidden` bf16, `ids` `tokens x top_k` i64 and
-    /// `weights` `tokens x top_k` f32, all device pointers; `stream` is the caller's stream (0:
+    /// `weights` `tokens x top_k` f32, all device pointers; `stream` is the caller's stream (null:
     /// the legacy default stream), waited for before reading. Returns with `out` written.
+    ///
+    /// # Safety
+    /// The pointers address device memory of this session's context, of those sizes, and
+    /// `stream` is a live stream of that context (or null).
     #[allow(clippy::too_many_arguments)]
-    pub fn forward_device(
+    pub unsafe fn forward_device(
         &mut self,
         layer: u32,
         tokens: usize,
