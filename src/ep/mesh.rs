@@ -160,7 +160,87 @@ fn parse_hello(b: &[u8]) -> Result<(usize, usize, String), MeshError> {
     Ok((rank as usize, world as usize, addr.to_string()))
 }
 
-fn write_frame(s: &mut TcpStream, b: &[u8]) -> std::io::Result<()> {
+/// A step's socket, non-blocking after the rendezvous: reads and writes spin for a short while
+/// before they sleep in `poll` (a rank's peers answer within microseconds when the group is in
+/// step, and a sleeping thread takes tens of microseconds to wake), then give up after `timeout`.
+struct Polled<'a> {
+    s: &'a mut TcpStream,
+    timeout: Duration,
+}
+
+/// How long a read or write spins before it sleeps in `poll`.
+const SPIN: Duration = Duration::from_micros(500);
+
+impl Polled<'_> {
+    fn wait(&self, events: libc::c_short, started: Instant) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let spent = started.elapsed();
+        if spent < SPIN {
+            std::hint::spin_loop();
+            return Ok(());
+        }
+        let left = self.timeout.saturating_sub(spent);
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                ErrorKind::TimedOut,
+                "no data within the timeout",
+            ));
+        }
+        let mut fd = libc::pollfd {
+            fd: self.s.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut fd, 1, ms) };
+        match r {
+            0 => Err(std::io::Error::new(
+                ErrorKind::TimedOut,
+                "no data within the timeout",
+            )),
+            r if r < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == ErrorKind::Interrupted {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Read for Polled<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let started = Instant::now();
+        loop {
+            match self.s.read(buf) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => self.wait(libc::POLLIN, started)?,
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Write for Polled<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let started = Instant::now();
+        loop {
+            match self.s.write(buf) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => self.wait(libc::POLLOUT, started)?,
+                other => return other,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
+}
+
+fn write_frame(s: &mut impl Write, b: &[u8]) -> std::io::Result<()> {
     if b.len() <= INLINE_MAX {
         // One segment for length and body: half the syscalls and packets of a step's messages.
         let mut f = Vec::with_capacity(8 + b.len());
@@ -178,7 +258,7 @@ fn write_frame(s: &mut TcpStream, b: &[u8]) -> std::io::Result<()> {
 /// the writer thread, which cannot deadlock on full buffers.
 const INLINE_MAX: usize = 32 << 10;
 
-fn read_frame(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, FrameError> {
+fn read_frame(s: &mut impl Read, max: usize) -> Result<Vec<u8>, FrameError> {
     let mut len = [0u8; 8];
     s.read_exact(&mut len).map_err(FrameError::Io)?;
     let n = u64::from_le_bytes(len);
@@ -394,6 +474,8 @@ impl Mesh {
         for (r, p) in peers.iter().enumerate() {
             if let Some(s) = p {
                 setup(s, cfg.step_timeout).map_err(|e| io_error(r, hs, e))?;
+                // Steps read and write through `Polled` (spin, then poll with the deadline).
+                s.set_nonblocking(true).map_err(|e| io_error(r, hs, e))?;
             }
         }
         let mut out = Self::start_writer(rank, world, peers, cfg)?;
@@ -426,7 +508,11 @@ impl Mesh {
                 for job in rx {
                     let mut res = Ok(());
                     for (peer, b) in job {
-                        let s = wpeers[peer].as_mut().expect("a peer's stream");
+                        let mut s = Polled {
+                            s: wpeers[peer].as_mut().expect("a peer's stream"),
+                            timeout: after,
+                        };
+                        let s = &mut s;
                         let raw = b.len() >= 8 && b[..8] == POISON.to_le_bytes();
                         let w = if raw {
                             s.write_all(&b)
@@ -508,8 +594,11 @@ impl Mesh {
         let inline = job.iter().all(|(_, b)| b.len() <= INLINE_MAX);
         if inline {
             for (p, b) in &job {
-                let s = self.peers[*p].as_mut().expect("a peer's stream");
-                write_frame(s, b).map_err(|e| io_error(*p, self.step_timeout, e))?;
+                let mut s = Polled {
+                    s: self.peers[*p].as_mut().expect("a peer's stream"),
+                    timeout: self.step_timeout,
+                };
+                write_frame(&mut s, b).map_err(|e| io_error(*p, self.step_timeout, e))?;
             }
         } else {
             self.jobs
@@ -520,8 +609,11 @@ impl Mesh {
         }
         for s in 1..world {
             let p = (rank + world - s) % world;
-            let stream = self.peers[p].as_mut().expect("a peer's stream");
-            got[p] = read_frame(stream, self.max).map_err(|e| match e {
+            let mut stream = Polled {
+                s: self.peers[p].as_mut().expect("a peer's stream"),
+                timeout: self.step_timeout,
+            };
+            got[p] = read_frame(&mut stream, self.max).map_err(|e| match e {
                 FrameError::TooLarge(bytes) => MeshError::TooLarge {
                     peer: p,
                     bytes,
