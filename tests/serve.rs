@@ -1947,14 +1947,13 @@ fn the_worker_binary_runs_its_ep_ranks_and_exits_when_a_peer_dies() {
     let mut metrics: Vec<Option<SocketAddr>> = vec![None, None];
     loop {
         let mut formed = 0;
-        for n in 0..2 {
-            if metrics[n].is_none() {
-                metrics[n] =
-                    moe_operator::worker::runtime::BoundAddresses::read(&file(n, "addresses"))
-                        .unwrap()
-                        .map(|a| a.metrics);
+        for (n, m) in metrics.iter_mut().enumerate() {
+            if m.is_none() {
+                *m = moe_operator::worker::runtime::BoundAddresses::read(&file(n, "addresses"))
+                    .unwrap()
+                    .map(|a| a.metrics);
             }
-            if let Some(a) = metrics[n] {
+            if let Some(a) = *m {
                 if scrape(a).contains("\nmoe_ep_group_formed 1\n") {
                     formed += 1;
                 }
