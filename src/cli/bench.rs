@@ -502,22 +502,6 @@ pub fn trace(a: &TraceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labelled_paths() {
-        let p = Path::new("out/results.json");
-        assert_eq!(labelled(p, "decode", false), p);
-        assert_eq!(
-            labelled(p, "decode", true),
-            Path::new("out/results-decode.json")
-        );
-        assert_eq!(labelled(Path::new("r"), "t64", true), Path::new("r-t64"));
-    }
-}
-
 /// `--mode ranks`: per policy, the emulated ranks and then one process per rank on the GPU
 /// transport, on the same draws; a markdown table and JSON of both.
 fn ranks_mode(
@@ -661,4 +645,20 @@ fn ranks_mode(
         std::fs::write(p, md)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labelled_paths() {
+        let p = Path::new("out/results.json");
+        assert_eq!(labelled(p, "decode", false), p);
+        assert_eq!(
+            labelled(p, "decode", true),
+            Path::new("out/results-decode.json")
+        );
+        assert_eq!(labelled(Path::new("r"), "t64", true), Path::new("r-t64"));
+    }
 }

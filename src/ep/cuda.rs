@@ -86,6 +86,8 @@ impl DevRows {
     }
 
     /// Uploads `data` (stream-ordered; pageable memory is staged before this returns).
+    // `stream` is an opaque CUDA handle passed to the driver, never dereferenced here.
+    #[allow(clippy::not_unsafe_ptr_arg_deref)]
     pub fn upload<T: Copy>(&mut self, data: &[T], stream: cu::CUstream) -> Result<(), String> {
         let bytes = std::mem::size_of_val(data);
         self.ensure_bytes(bytes)?;

@@ -351,6 +351,8 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
 
     /// One MoE layer for this rank's `tokens` tokens: `ids` and `weights` are `tokens x top_k`
     /// (the model's router output); `out` gets the combined expert outputs.
+    // The layer's inputs as the model hands them over (the MoE-layer API's shape).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
         layer: u32,

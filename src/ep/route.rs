@@ -48,9 +48,12 @@ pub enum RouteError {
 /// over any run of tokens each replica gets its share to within one row, deterministically.
 pub struct Router {
     experts: u32,
-    /// Per planned layer: (model layer, per expert: (rank, share, current credit)).
-    layers: Vec<(u32, Vec<Vec<(u32, f64, f64)>>)>,
+    /// Per planned layer: (model layer, its replicas).
+    layers: Vec<(u32, LayerReplicas)>,
 }
+
+/// Per expert of one layer: its replicas as (rank, share, current credit).
+type LayerReplicas = Vec<Vec<(u32, f64, f64)>>;
 
 impl Router {
     pub fn new(plan: &ExpertPlan) -> Self {
@@ -87,7 +90,7 @@ impl Router {
         self.experts
     }
 
-    fn layer_mut(&mut self, layer: u32) -> Result<&mut Vec<Vec<(u32, f64, f64)>>, RouteError> {
+    fn layer_mut(&mut self, layer: u32) -> Result<&mut LayerReplicas, RouteError> {
         let pos = self.layers.iter().position(|(l, _)| *l == layer);
         match pos {
             Some(i) => Ok(&mut self.layers[i].1),
