@@ -9,8 +9,10 @@
 //!   env rank 0's pod IP (the DNS emulation) and the termination log's host path.
 //! - Rank 2's process is SIGKILLed: within 60 s the MoEDeployment is Degraded=True, reason
 //!   RankFailed, its message naming rank 2 (a surviving rank's termination message, "rank 2 went
-//!   away"), and `status.rankFailure` records it; then the operator restarts the group: within
-//!   180 s three new pods (new uids) are Ready, each formed the group again, and Degraded is False.
+//!   away"), and `status.rankFailure` records it (the MoEDeployment is watched, not polled: the
+//!   restart can be over, and Degraded cleared, within a second); then the operator restarts the
+//!   group: within 180 s three new pods (new uids) are Ready, each formed the group again, and
+//!   Degraded is False.
 //!
 //! Needs the binaries of `e2e/build.sh`; fails (does not skip) without them.
 
@@ -143,6 +145,105 @@ async fn live_workers(pods: &Api<Pod>) -> Result<BTreeMap<u32, Pod>, String> {
         .collect())
 }
 
+/// What the worker pods' container statuses say of their terminations (for failure messages).
+async fn terminations(pods: &Api<Pod>) -> String {
+    let Ok(list) = pods
+        .list(&ListParams::default().labels(&format!("moe.craft.dev/deployment={NAME}")))
+        .await
+    else {
+        return "(pods not listed)".into();
+    };
+    list.items
+        .iter()
+        .map(|p| {
+            let cs = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.first());
+            let t = |s: Option<&k8s_openapi::api::core::v1::ContainerState>| {
+                s.and_then(|s| s.terminated.as_ref()).map(|t| {
+                    format!(
+                        "exit {} at {:?}: {:?}",
+                        t.exit_code,
+                        t.finished_at.as_ref().map(|f| f.0.to_string()),
+                        t.message
+                    )
+                })
+            };
+            format!(
+                "{} (deleting {}): restarts {:?}, state {:?}, lastState {:?}",
+                p.name_any(),
+                p.metadata.deletion_timestamp.is_some(),
+                cs.map(|c| c.restart_count),
+                t(cs.and_then(|c| c.state.as_ref())),
+                t(cs.and_then(|c| c.last_state.as_ref())),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The first version of the MoEDeployment after `version` that is Degraded=True with reason
+/// RankFailed, watched (every status write is seen), within `timeout`: its Degraded message and
+/// `status.rankFailure`.
+async fn degraded_by_a_rank(
+    mds: &Api<MoEDeployment>,
+    pods: &Api<Pod>,
+    mut version: String,
+    timeout: Duration,
+) -> (String, Option<moe_operator::api::RankFailureStatus>) {
+    use futures::TryStreamExt;
+    use kube::api::{WatchEvent, WatchParams};
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no change of the MoEDeployment");
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let wp = WatchParams::default()
+            .fields(&format!("metadata.name={NAME}"))
+            .timeout(left.as_secs().clamp(1, 290) as u32);
+        let stream = mds
+            .watch(&wp, &version)
+            .await
+            .unwrap_or_else(|e| panic!("watching the MoEDeployment from {version}: {e}"));
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ev = match tokio::time::timeout(left, stream.try_next()).await {
+                Err(_) => break,
+                Ok(Err(e)) => panic!("the MoEDeployment's watch failed: {e}"),
+                Ok(Ok(None)) => break, // the server ended the watch: watch again from `version`
+                Ok(Ok(Some(ev))) => ev,
+            };
+            let md = match ev {
+                WatchEvent::Added(md) | WatchEvent::Modified(md) => md,
+                WatchEvent::Bookmark(b) => {
+                    version = b.metadata.resource_version;
+                    continue;
+                }
+                WatchEvent::Deleted(_) => panic!("the MoEDeployment was deleted"),
+                WatchEvent::Error(e) => panic!("the MoEDeployment's watch: {e:?}"),
+            };
+            version = md.resource_version().unwrap_or(version);
+            match condition(&md, "Degraded") {
+                Some((s, r, m)) if s == "True" && r == reason::RANK_FAILED => {
+                    return (m, md.status.and_then(|s| s.rank_failure));
+                }
+                c => {
+                    last = format!(
+                        "Degraded {c:?}, rankFailure {:?}",
+                        md.status.and_then(|s| s.rank_failure)
+                    )
+                }
+            }
+        }
+    }
+    panic!(
+        "timed out after {timeout:?} waiting for Degraded=True RankFailed; last seen: {last}; pods: {}",
+        terminations(pods).await
+    )
+}
+
 /// Waits until all `NODES` workers (none of whose uids is in `old_uids`) are Ready, logged "ep
 /// group formed" with their rank and report `moe_ep_group_formed 1`; returns them by rank.
 async fn group_formed(
@@ -266,6 +367,15 @@ async fn a_killed_rank_degrades_the_deployment_and_the_group_restarts() {
     );
 
     // SIGKILL rank 2's worker: the survivors name it, the deployment is Degraded (RankFailed).
+    // The group restart can be over within a second on this plane, Degraded with it: the
+    // MoEDeployment is watched from its version before the kill, so that no status write of it
+    // is missed (a poll could fall between Degraded=True and its clearing).
+    let version = mds
+        .get(NAME)
+        .await
+        .unwrap()
+        .resource_version()
+        .expect("a resourceVersion");
     let victim = first[&2].name_any();
     let pid = read_pid(&plane.state, &victim).expect("rank 2's pid");
     // SAFETY: kill(2) takes no pointers; the pid is the launcher's child for rank 2's pod.
@@ -275,21 +385,7 @@ async fn a_killed_rank_degrades_the_deployment_and_the_group_restarts() {
         .values()
         .map(|p| p.metadata.uid.clone().unwrap_or_default())
         .collect();
-    let (msg, failure) = wait_for(
-        "Degraded=True RankFailed naming rank 2",
-        Duration::from_secs(60),
-        || async {
-            let md = mds.get(NAME).await.map_err(|e| e.to_string())?;
-            match condition(&md, "Degraded") {
-                Some((s, r, m)) if s == "True" && r == reason::RANK_FAILED => {
-                    let f = md.status.and_then(|s| s.rank_failure);
-                    Ok((m, f))
-                }
-                c => Err(format!("Degraded {c:?}")),
-            }
-        },
-    )
-    .await;
+    let (msg, failure) = degraded_by_a_rank(&mds, &pods, version, Duration::from_secs(60)).await;
     eprintln!("Degraded {:?} after the kill: {msg}", killed.elapsed());
     assert!(msg.contains("rank 2 went away"), "{msg}");
     let failure = failure.expect("status.rankFailure");
