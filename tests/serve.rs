@@ -1839,3 +1839,176 @@ async fn issue19_probes() {
         rss_mib()
     );
 }
+
+/// `host:port` of a port free on `ip` whose next port is free too (a worker of two ranks listens
+/// on both).
+#[cfg(unix)]
+fn two_free_ports(ip: &str) -> u16 {
+    loop {
+        let a = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let p = a.local_addr().unwrap().port();
+        if p < u16::MAX && std::net::TcpListener::bind((ip, p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// `text` without ANSI colour sequences (`ESC [ ... m`).
+#[cfg(unix)]
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A blocking `GET /metrics` of a worker.
+#[cfg(unix)]
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
+}
+
+/// Two `moe-worker` processes of one EP group (2 nodes x 2 ranks, tcp) on loopback: both form the
+/// group (the log line and `moe_ep_group_formed 1`); SIGKILL one, and the other writes
+/// `ep rank <r>: rank <2 or 3> went away ...` to its termination log and exits with status 1.
+#[cfg(unix)]
+#[test]
+fn the_worker_binary_runs_its_ep_ranks_and_exits_when_a_peer_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let plan_file = dir.path().join("plan.json");
+    std::fs::write(&plan_file, serde_json::to_vec(&plan_a()).unwrap()).unwrap();
+    let ips = ["127.0.0.3", "127.0.0.4"];
+    let ports = ips.map(two_free_ports);
+    let rendezvous = format!("{}:{}", ips[0], ports[0]);
+    let bin = std::env::var("MOE_WORKER_BIN").unwrap_or(env!("CARGO_BIN_EXE_moe-worker").into());
+    let file = |n: usize, what: &str| dir.path().join(format!("worker-{n}.{what}"));
+    // Node 1 first: its ranks wait for rank 0.
+    let mut children: Vec<std::process::Child> = [1usize, 0]
+        .into_iter()
+        .map(|n| {
+            let log = std::fs::File::create(file(n, "log")).unwrap();
+            std::process::Command::new(&bin)
+                .args(["--device", "cpu", "--synthetic-weights", "1"])
+                .args(["--node", &n.to_string()])
+                .arg("--plan")
+                .arg(&plan_file)
+                .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+                .args(["--admin-listen", "127.0.0.1:0"])
+                .arg("--admin-token-file")
+                .arg(&token)
+                .arg("--addresses-file")
+                .arg(file(n, "addresses"))
+                .env_remove("MOE_NODE_RANK")
+                .env_remove("MOE_RANK")
+                .env("MOE_EP_WORLD_SIZE", "4")
+                .env("MOE_EP_RENDEZVOUS", &rendezvous)
+                .env("MOE_EP_LISTEN", format!("{}:{}", ips[n], ports[n]))
+                .env("MOE_EP_TRANSPORT", "tcp")
+                .env("MOE_EP_RENDEZVOUS_TIMEOUT_SECONDS", "30")
+                .env("MOE_TERMINATION_LOG", file(n, "termination-log"))
+                .env("RUST_LOG", "info")
+                .stderr(log)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children.reverse(); // children[n] is node n
+    struct Reap(Vec<std::process::Child>);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut children = Reap(children);
+    let start = std::time::Instant::now();
+    let mut metrics: Vec<Option<SocketAddr>> = vec![None, None];
+    loop {
+        let mut formed = 0;
+        for (n, m) in metrics.iter_mut().enumerate() {
+            if m.is_none() {
+                *m = moe_operator::worker::runtime::BoundAddresses::read(&file(n, "addresses"))
+                    .unwrap()
+                    .map(|a| a.metrics);
+            }
+            if let Some(a) = *m {
+                if scrape(a).contains("\nmoe_ep_group_formed 1\n") {
+                    formed += 1;
+                }
+            }
+            if let Some(status) = children.0[n].try_wait().unwrap() {
+                panic!(
+                    "worker {n} exited early: {status}: {}",
+                    std::fs::read_to_string(file(n, "log")).unwrap_or_default()
+                );
+            }
+        }
+        if formed == 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the group did not form; logs:\n{}\n{}",
+            std::fs::read_to_string(file(0, "log")).unwrap_or_default(),
+            std::fs::read_to_string(file(1, "log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in 0..2 {
+        let log = strip_ansi(&std::fs::read_to_string(file(n, "log")).unwrap());
+        let line = log
+            .lines()
+            .find(|l| l.contains("ep group formed"))
+            .unwrap_or_else(|| panic!("worker {n} never logged 'ep group formed':\n{log}"));
+        let ranks = if n == 0 { "0..2" } else { "2..4" };
+        assert!(line.contains(&format!("ranks={ranks}")), "{line}");
+    }
+
+    // SIGKILL node 1 (ranks 2 and 3): node 0 names it and exits 1.
+    children.0[1].kill().unwrap();
+    children.0[1].wait().unwrap();
+    let killed = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = children.0[0].try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "worker 0 still runs 20 s after its peer died:\n{}",
+            std::fs::read_to_string(file(0, "log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1), "{status}");
+    let msg = std::fs::read_to_string(file(0, "termination-log")).unwrap();
+    let first = msg.lines().next().unwrap_or_default();
+    assert!(
+        (first.starts_with("ep rank 0: ") || first.starts_with("ep rank 1: "))
+            && (first.contains("rank 2 went away") || first.contains("rank 3 went away")),
+        "{msg}"
+    );
+    let log = strip_ansi(&std::fs::read_to_string(file(0, "log")).unwrap());
+    assert!(log.contains("ERROR") && log.contains(first), "{log}");
+}

@@ -15,6 +15,19 @@
 //!   env values and workingDir that name a path under a mount path are rewritten to that host path;
 //!   stdout and stderr appended to `<pods-dir>/<ns>_<name>/log`, its pid in `.../pid`, its last
 //!   exit status in `.../exit`;
+//! - cluster DNS for env values: a value holding a pod's name through a headless Service,
+//!   `<hostname>.<subdomain>.<ns>.svc` (or `...svc.cluster.local`) followed by `:port`, gets that
+//!   pod's IP instead (the pod that answers to it: its namespace, `spec.subdomain` and
+//!   `spec.hostname` or name; the Service itself is not checked). While the named pod has no IP
+//!   the start waits (the container Waiting, retried every second), at most 60 s, then starts with
+//!   the name left as it is and logs it. Arguments that use `$(VAR)` get the rewritten value;
+//!   nothing else resolves these names (there is no DNS server);
+//! - the container's `terminationMessagePath` (default `/dev/termination-log`): an empty file at
+//!   `$POD_ROOT<path>` created before each start, its host path passed in `MOE_TERMINATION_LOG`;
+//!   when the process exits, its content (at most 4 KiB), or with `FallbackToLogsOnError`, an
+//!   empty file and a non-zero exit the tail of that run's log (80 lines, 2 KiB at most), becomes
+//!   `state.terminated.message` next to exitCode, reason and finishedAt, and
+//!   `lastState.terminated.message` once the container is restarted, as a kubelet reports it;
 //! - its readiness probe (httpGet or tcpSocket, with periodSeconds, timeoutSeconds,
 //!   successThreshold, failureThreshold, initialDelaySeconds) run against the process: Ready is
 //!   False until the probe passes and turns False again after failureThreshold failed periods
@@ -72,6 +85,11 @@ const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 const TICK: Duration = Duration::from_millis(100);
 /// How long a status the API does not show yet is left before it is written again.
 const STATUS_RECHECK: Duration = Duration::from_secs(2);
+/// How long a start waits for the pods its env names by DNS to get IPs, and how often it looks.
+const DNS_WAIT: Duration = Duration::from_secs(60);
+const DNS_RETRY: Duration = Duration::from_secs(1);
+/// The env variable that carries the host path of the container's terminationMessagePath.
+const TERMINATION_LOG_ENV: &str = "MOE_TERMINATION_LOG";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -319,13 +337,22 @@ impl Launcher {
     }
 }
 
+/// How a process ended, as the kubelet reports it.
+#[derive(Clone, Debug)]
+struct Exit {
+    code: i32,
+    reason: String,
+    /// The termination message (the file at terminationMessagePath, or the log's tail).
+    message: String,
+}
+
 /// A running process of a pod.
 struct Running {
     pid: u32,
     started: Instant,
     started_at: String,
-    /// Some once the process has exited: (exit code as the kubelet reports it, reason).
-    exited: watch::Receiver<Option<(i32, String)>>,
+    /// Some once the process has exited.
+    exited: watch::Receiver<Option<Exit>>,
 }
 
 fn now() -> String {
@@ -335,12 +362,16 @@ fn now() -> String {
 }
 
 /// The exit of the running process, if any (a select branch that never fires without one).
-async fn exit_of(p: &mut Option<Running>) -> (i32, String) {
+async fn exit_of(p: &mut Option<Running>) -> Exit {
     match p {
         Some(r) => {
             let _ = r.exited.wait_for(|e| e.is_some()).await;
             let e = r.exited.borrow().clone();
-            e.unwrap_or((-1, "Unknown".into()))
+            e.unwrap_or(Exit {
+                code: -1,
+                reason: "Unknown".into(),
+                message: String::new(),
+            })
         }
         None => std::future::pending().await,
     }
@@ -410,6 +441,8 @@ struct PodKubelet {
     /// The view the API last acknowledged, and when it was written.
     acked: Option<(PodView, Instant)>,
     patch_retry_at: Instant,
+    /// Since when a start has waited for a pod named by DNS in the env to get an IP.
+    dns_wait_since: Option<Instant>,
 }
 
 impl PodKubelet {
@@ -453,6 +486,7 @@ impl PodKubelet {
             ready_since: t,
             acked: None,
             patch_retry_at: Instant::now(),
+            dns_wait_since: None,
         }
     }
 
@@ -530,9 +564,9 @@ impl PodKubelet {
                     stop(&self.key, proc.take(), self.grace(None)).await;
                     return;
                 }
-                (code, reason) = exit_of(&mut proc) => {
+                exit = exit_of(&mut proc) => {
                     let r = proc.take().expect("exit_of waits on a running process");
-                    self.exited(r, code, reason);
+                    self.exited(r, exit);
                 }
                 ok = join_opt(&mut probe_task) => {
                     probe_task = None;
@@ -627,11 +661,27 @@ impl PodKubelet {
         let st = pod.status.get_or_insert_with(Default::default);
         st.pod_ip = Some(self.ip.clone());
         st.host_ip = Some(self.l.host_ip.clone());
-        let started = tokio::time::timeout(4 * API_TIMEOUT, self.l.start(&pod, &self.ip)).await;
+        let dns_wait_over = self.dns_wait_since.is_some_and(|t| t.elapsed() >= DNS_WAIT);
+        let started =
+            tokio::time::timeout(4 * API_TIMEOUT, self.l.start(&pod, &self.ip, dns_wait_over))
+                .await;
         match started
             .unwrap_or_else(|_| Err(anyhow::anyhow!("starting took over {:?}", 4 * API_TIMEOUT)))
         {
+            Err(e) if e.downcast_ref::<DnsPending>().is_some() => {
+                if self.dns_wait_since.is_none() {
+                    info!(pod = %self.key, "{e}");
+                    self.dns_wait_since = Some(Instant::now());
+                }
+                self.state = ContainerState::Waiting {
+                    reason: "ContainerCreating".into(),
+                    message: e.to_string(),
+                };
+                self.next_start = Instant::now() + DNS_RETRY;
+                None
+            }
             Ok(r) => {
+                self.dns_wait_since = None;
                 if self.last_state.is_some() {
                     self.restart_count += 1;
                 }
@@ -664,7 +714,12 @@ impl PodKubelet {
     }
 
     /// The process ended: restart it after a back-off, or finish the pod, per restartPolicy.
-    fn exited(&mut self, r: Running, code: i32, reason: String) {
+    fn exited(&mut self, r: Running, exit: Exit) {
+        let Exit {
+            code,
+            reason,
+            message,
+        } = exit;
         self.set_ready(false);
         self.readiness = Readiness::default();
         let started_at = match &self.state {
@@ -674,6 +729,7 @@ impl PodKubelet {
         let ended = ContainerState::Terminated {
             exit_code: code,
             reason: reason.clone(),
+            message,
             started_at,
             finished_at: now(),
         };
@@ -801,8 +857,26 @@ async fn probe(ip: &str, p: &ProbeSpec) -> bool {
         .unwrap_or(false)
 }
 
+/// A pod DNS name in the container's env names a pod that has no IP yet: the start is retried.
+#[derive(Debug)]
+struct DnsPending(String);
+
+impl std::fmt::Display for DnsPending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "waiting for the IP of {} (cluster DNS emulation)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for DnsPending {}
+
 impl Launcher {
-    async fn start(&self, pod: &Pod, pod_ip: &str) -> Result<Running> {
+    /// Starts the pod's process. With `dns_wait_over` false, a pod DNS name in the env whose pod
+    /// has no IP yet fails the start with [`DnsPending`]; with it true the name is left as it is.
+    async fn start(&self, pod: &Pod, pod_ip: &str, dns_wait_over: bool) -> Result<Running> {
         let ns = pod.namespace().unwrap_or_default();
         let name = pod.name_any();
         let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -831,9 +905,30 @@ impl Launcher {
         let mounts = self
             .materialise_volumes(pod, container, &dir, &root)
             .await?;
-        let env = self
+        let mut env = self
             .container_env(pod, container, pod_ip, &root, &mounts)
             .await?;
+        self.resolve_pod_dns(pod, pod_ip, &mut env, dns_wait_over)
+            .await?;
+        // terminationMessagePath: a fresh empty file for each start, its host path in
+        // MOE_TERMINATION_LOG; read back when the process exits.
+        let term_path = container
+            .termination_message_path
+            .clone()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| spec::DEFAULT_TERMINATION_MESSAGE_PATH.into());
+        let term_file = spec::host_path(&root, &term_path);
+        if let Some(parent) = term_file.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        tokio::fs::write(&term_file, b"").await.with_context(|| {
+            format!("creating {} (terminationMessagePath)", term_file.display())
+        })?;
+        env.retain(|(k, _)| k != TERMINATION_LOG_ENV);
+        env.push((TERMINATION_LOG_ENV.into(), term_file.display().to_string()));
+        let term_policy = container.termination_message_policy.clone();
         let rewrite = |s: &str| spec::rewrite_mount_paths(&spec::expand_vars(s, &env), &mounts);
         let argv: Vec<String> = container
             .command
@@ -861,6 +956,8 @@ impl Launcher {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
+        // Where this start's output begins: the fallback message is the tail of this run's log.
+        let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let mut cmd = tokio::process::Command::new(&program);
         cmd.args(&argv[1..])
             .env_clear()
@@ -894,9 +991,20 @@ impl Launcher {
                 Err(e) => (format!("wait failed: {e}"), -1, "Unknown"),
             };
             info!(pod = %pod_key, pid, "process exited: {text}");
+            let file = read_bounded(&term_file, 0, spec::MAX_TERMINATION_MESSAGE_BYTES).await;
+            let log_tail = read_tail(&log_file, log_start, spec::FALLBACK_LOG_BYTES).await;
+            let message =
+                spec::termination_message(&file, term_policy.as_deref(), code != 0, &log_tail);
+            if !message.is_empty() {
+                info!(pod = %pod_key, pid, "termination message: {}", message.lines().next().unwrap_or(""));
+            }
             let _ = tokio::fs::write(&exit_file, format!("{text}\n")).await;
             append(&log_file, &format!("moe-e2e-pods: process {pid} {text}\n")).await;
-            let _ = tx.send(Some((code, reason.to_string())));
+            let _ = tx.send(Some(Exit {
+                code,
+                reason: reason.to_string(),
+                message,
+            }));
         });
         Ok(Running {
             pid,
@@ -904,6 +1012,76 @@ impl Launcher {
             started_at: now(),
             exited: rx,
         })
+    }
+
+    /// Emulates cluster DNS for the env: a value naming a pod as `<hostname>.<subdomain>.<ns>.svc`
+    /// (or `...svc.cluster.local`) followed by `:port` gets that pod's IP instead of the name
+    /// (this pod's own IP is known before the API shows it). A named pod without an IP yet fails
+    /// the start with [`DnsPending`], unless `wait_over`: then the name stays and it is logged.
+    async fn resolve_pod_dns(
+        &self,
+        pod: &Pod,
+        pod_ip: &str,
+        env: &mut [(String, String)],
+        wait_over: bool,
+    ) -> Result<()> {
+        let mut names: Vec<spec::PodDnsName> = env
+            .iter()
+            .flat_map(|(_, v)| spec::pod_dns_names(v))
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        names.sort();
+        names.dedup();
+        let mut ips: HashMap<spec::PodDnsName, String> = HashMap::new();
+        let namespaces: HashSet<String> = names.iter().map(|n| n.namespace.clone()).collect();
+        for ns in namespaces {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+            let list = api(
+                format!("listing the pods of namespace {ns} (DNS emulation)"),
+                pods.list(&Default::default()),
+            )
+            .await?;
+            for n in names.iter().filter(|n| n.namespace == ns) {
+                let ip = list
+                    .items
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .filter(|p| spec::pod_answers_to(p, n))
+                    .find_map(|p| {
+                        if p.metadata.uid.is_some() && p.metadata.uid == pod.metadata.uid {
+                            return Some(pod_ip.to_string());
+                        }
+                        p.status
+                            .as_ref()
+                            .and_then(|s| s.pod_ip.clone())
+                            .filter(|ip| !ip.is_empty())
+                    });
+                if let Some(ip) = ip {
+                    ips.insert(n.clone(), ip);
+                }
+            }
+        }
+        let missing: Vec<String> = names
+            .iter()
+            .filter(|n| !ips.contains_key(n))
+            .map(ToString::to_string)
+            .collect();
+        if !missing.is_empty() {
+            if !wait_over {
+                return Err(DnsPending(missing.join(", ")).into());
+            }
+            warn!(pod = %key(pod), "no IP for {} after {DNS_WAIT:?}: starting with the name(s) unresolved", missing.join(", "));
+        }
+        for (k, v) in env.iter_mut() {
+            let new = spec::rewrite_pod_dns(v, |n| ips.get(n).cloned());
+            if new != *v {
+                debug!(pod = %key(pod), "DNS emulation: {k}={v} -> {new}");
+                *v = new;
+            }
+        }
+        Ok(())
     }
 
     /// The process env: a minimal base (PATH, HOME, the pod's identity and IP, POD_ROOT), then
@@ -1305,6 +1483,30 @@ fn resolve_program(arg0: &str, env: &[(String, String)]) -> Result<PathBuf> {
 
 fn key(pod: &Pod) -> String {
     format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+/// At most `max` bytes of `path` from `offset` on (empty when it cannot be read).
+async fn read_bounded(path: &Path, offset: u64, max: usize) -> Vec<u8> {
+    use tokio::io::AsyncSeekExt;
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(max as u64).read_to_end(&mut buf).await;
+    buf
+}
+
+/// The last `max` bytes of `path` past `from` (a log's tail since a process started).
+async fn read_tail(path: &Path, from: u64, max: usize) -> Vec<u8> {
+    let len = tokio::fs::metadata(path)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let start = len.saturating_sub(max as u64).max(from);
+    read_bounded(path, start, max).await
 }
 
 async fn append(path: &Path, text: &str) {

@@ -299,6 +299,8 @@ pub enum ContainerState {
     Terminated {
         exit_code: i32,
         reason: String,
+        /// The termination message (empty: none).
+        message: String,
         started_at: String,
         finished_at: String,
     },
@@ -314,11 +316,16 @@ impl ContainerState {
             ContainerState::Terminated {
                 exit_code,
                 reason,
+                message,
                 started_at,
                 finished_at,
             } => {
-                json!({"terminated": {"exitCode": exit_code, "reason": reason,
-                                      "startedAt": started_at, "finishedAt": finished_at}})
+                let mut t = json!({"exitCode": exit_code, "reason": reason,
+                                   "startedAt": started_at, "finishedAt": finished_at});
+                if !message.is_empty() {
+                    t["message"] = json!(message);
+                }
+                json!({ "terminated": t })
             }
         }
     }
@@ -458,6 +465,130 @@ pub fn expand_vars(input: &str, env: &[(String, String)]) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// The kubelet's default `terminationMessagePath`.
+pub const DEFAULT_TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
+/// The most bytes of a termination message kept (the kubelet's 4 KiB per container).
+pub const MAX_TERMINATION_MESSAGE_BYTES: usize = 4096;
+/// With `FallbackToLogsOnError`, the log's tail: at most this many lines...
+pub const FALLBACK_LOG_LINES: usize = 80;
+/// ...and at most this many bytes (the kubelet's limits).
+pub const FALLBACK_LOG_BYTES: usize = 2048;
+
+/// The container's termination message as the kubelet reports it: the file at its
+/// `terminationMessagePath` (at most 4 KiB), or, when that is empty, the process failed and the
+/// policy is `FallbackToLogsOnError`, the tail of its log (80 lines, 2 KiB at most).
+pub fn termination_message(file: &[u8], policy: Option<&str>, failed: bool, log: &[u8]) -> String {
+    if !file.is_empty() {
+        let b = &file[..file.len().min(MAX_TERMINATION_MESSAGE_BYTES)];
+        return String::from_utf8_lossy(b).into_owned();
+    }
+    if !(failed && policy == Some("FallbackToLogsOnError")) {
+        return String::new();
+    }
+    let tail = &log[log.len().saturating_sub(FALLBACK_LOG_BYTES)..];
+    let text = String::from_utf8_lossy(tail);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(FALLBACK_LOG_LINES)..].join("\n")
+}
+
+/// A pod's DNS name through a headless Service, `<hostname>.<subdomain>.<namespace>.svc` (or
+/// `...svc.cluster.local`), as found in a value followed by `:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodDnsName {
+    pub hostname: String,
+    pub subdomain: String,
+    pub namespace: String,
+}
+
+impl std::fmt::Display for PodDnsName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}.{}.{}.svc",
+            self.hostname, self.subdomain, self.namespace
+        )
+    }
+}
+
+/// The pod DNS names in `value` (each followed by `:port`), with their byte ranges.
+fn pod_dns_spans(value: &str) -> Vec<(std::ops::Range<usize>, PodDnsName)> {
+    let is_dns = |c: char| c.is_ascii_alphanumeric() || c == '.' || c == '-';
+    let b = value.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if !is_dns(b[i] as char) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && is_dns(b[i] as char) {
+            i += 1;
+        }
+        let followed_by_port =
+            b.get(i) == Some(&b':') && b.get(i + 1).is_some_and(u8::is_ascii_digit);
+        if !followed_by_port {
+            continue;
+        }
+        let run = value[start..i].to_ascii_lowercase();
+        let Some(stem) = run
+            .strip_suffix(".svc.cluster.local")
+            .or_else(|| run.strip_suffix(".svc"))
+        else {
+            continue;
+        };
+        let labels: Vec<&str> = stem.split('.').collect();
+        if labels.len() == 3 && labels.iter().all(|l| !l.is_empty()) {
+            out.push((
+                start..i,
+                PodDnsName {
+                    hostname: labels[0].into(),
+                    subdomain: labels[1].into(),
+                    namespace: labels[2].into(),
+                },
+            ));
+        }
+    }
+    out
+}
+
+/// The pod DNS names an env value holds (`<pod>.<service>.<ns>.svc[.cluster.local]:<port>`).
+pub fn pod_dns_names(value: &str) -> Vec<PodDnsName> {
+    pod_dns_spans(value).into_iter().map(|(_, n)| n).collect()
+}
+
+/// `value` with every pod DNS name that `resolve` knows replaced by its IP (an IPv6 one in
+/// brackets); the `:port` after it stays.
+pub fn rewrite_pod_dns(value: &str, resolve: impl Fn(&PodDnsName) -> Option<String>) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut at = 0;
+    for (span, name) in pod_dns_spans(value) {
+        if let Some(ip) = resolve(&name) {
+            out.push_str(&value[at..span.start]);
+            if ip.contains(':') {
+                out.push_str(&format!("[{ip}]"));
+            } else {
+                out.push_str(&ip);
+            }
+            at = span.end;
+        }
+    }
+    out.push_str(&value[at..]);
+    out
+}
+
+/// Whether `pod` answers to `name` in cluster DNS: its namespace, its `subdomain` and its
+/// `hostname` (or, without one, its name). The Service behind the subdomain is not checked.
+pub fn pod_answers_to(pod: &Pod, name: &PodDnsName) -> bool {
+    let spec = pod.spec.as_ref();
+    let hostname = spec
+        .and_then(|s| s.hostname.clone())
+        .or_else(|| pod.metadata.name.clone());
+    pod.metadata.namespace.as_deref() == Some(name.namespace.as_str())
+        && spec.and_then(|s| s.subdomain.as_deref()) == Some(name.subdomain.as_str())
+        && hostname.as_deref() == Some(name.hostname.as_str())
 }
 
 /// Where each container mount path lives on the host: `<root><mountPath>`.
@@ -838,6 +969,118 @@ mod tests {
         }
         // kwok's or nobody's status is not ours.
         assert!(!view(false).shown_by(&pod(Some("true"), Some("n"), None)));
+    }
+
+    #[test]
+    fn termination_message_is_the_file_or_the_logs_tail() {
+        let fallback = Some("FallbackToLogsOnError");
+        assert_eq!(
+            termination_message(b"ep rank 1: rank 2 went away\n", fallback, true, b"log"),
+            "ep rank 1: rank 2 went away\n"
+        );
+        let big = vec![b'x'; 5000];
+        assert_eq!(termination_message(&big, None, true, b"").len(), 4096);
+        // Empty file: the log's tail, only on a failure and with FallbackToLogsOnError.
+        let log: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let tail = termination_message(b"", fallback, true, log.as_bytes());
+        assert!(
+            tail.starts_with("line 20\n") && tail.ends_with("line 99"),
+            "{tail}"
+        );
+        assert_eq!(tail.lines().count(), 80);
+        let long = "y".repeat(3000);
+        assert_eq!(
+            termination_message(b"", fallback, true, long.as_bytes()).len(),
+            2048
+        );
+        assert_eq!(
+            termination_message(b"", fallback, false, log.as_bytes()),
+            ""
+        );
+        assert_eq!(
+            termination_message(b"", Some("File"), true, log.as_bytes()),
+            ""
+        );
+        assert_eq!(termination_message(b"", None, true, log.as_bytes()), "");
+    }
+
+    #[test]
+    fn status_patch_carries_the_termination_message() {
+        let mut v = view(false);
+        v.last_state = Some(ContainerState::Terminated {
+            exit_code: 1,
+            reason: "Error".into(),
+            message: "ep rank 0: rank 2 went away".into(),
+            started_at: "2026-01-01T00:00:01Z".into(),
+            finished_at: "2026-01-01T00:00:09Z".into(),
+        });
+        let status: PodStatus = serde_json::from_value(v.status_patch()["status"].clone()).unwrap();
+        let t = status.container_statuses.unwrap()[0]
+            .last_state
+            .clone()
+            .unwrap()
+            .terminated
+            .unwrap();
+        assert_eq!(t.exit_code, 1);
+        assert_eq!(t.message.as_deref(), Some("ep rank 0: rank 2 went away"));
+        assert!(t.finished_at.is_some());
+        // No message: the field is left out.
+        let s = ContainerState::Terminated {
+            exit_code: 0,
+            reason: "Completed".into(),
+            message: String::new(),
+            started_at: String::new(),
+            finished_at: String::new(),
+        };
+        assert!(s.json()["terminated"].get("message").is_none());
+    }
+
+    #[test]
+    fn pod_dns_names_are_found_and_rewritten() {
+        let name = |h: &str, s: &str, n: &str| PodDnsName {
+            hostname: h.into(),
+            subdomain: s.into(),
+            namespace: n.into(),
+        };
+        let v = "tiny-worker-0.tiny-workers.ml.svc:9403";
+        assert_eq!(
+            pod_dns_names(v),
+            vec![name("tiny-worker-0", "tiny-workers", "ml")]
+        );
+        let ips = |n: &PodDnsName| match n.hostname.as_str() {
+            "tiny-worker-0" => Some("127.9.254.3".to_string()),
+            "v6" => Some("fd00::1".to_string()),
+            _ => None,
+        };
+        assert_eq!(rewrite_pod_dns(v, ips), "127.9.254.3:9403");
+        assert_eq!(
+            rewrite_pod_dns(
+                "--peers=tiny-worker-0.tiny-workers.ml.svc.cluster.local:1,v6.s.n.svc:2,gone.s.n.svc:3",
+                ips
+            ),
+            "--peers=127.9.254.3:1,[fd00::1]:2,gone.s.n.svc:3"
+        );
+        // Not a pod's name: a Service's (two labels), no port, another suffix, an empty label.
+        for v in [
+            "svc-name.ns.svc:80",
+            "tiny-worker-0.tiny-workers.ml.svc",
+            "a.b.c.svc.example.com:80",
+            "a..c.svc:80",
+            "a.b.c.svc:http",
+            "http://example.com:80/x",
+        ] {
+            assert_eq!(pod_dns_names(v), vec![], "{v}");
+            assert_eq!(rewrite_pod_dns(v, |_| Some("1.2.3.4".into())), v);
+        }
+        let mut p = pod(Some("true"), Some("n"), Some("127.9.0.3"));
+        let n = name("w-0", "svc", "ns");
+        assert!(!pod_answers_to(&p, &n), "no subdomain");
+        p.spec.as_mut().unwrap().subdomain = Some("svc".into());
+        assert!(pod_answers_to(&p, &n));
+        p.spec.as_mut().unwrap().hostname = Some("other".into());
+        assert!(!pod_answers_to(&p, &n));
+        assert!(pod_answers_to(&p, &name("other", "svc", "ns")));
+        assert!(!pod_answers_to(&p, &name("other", "svc", "ns2")));
     }
 
     #[test]

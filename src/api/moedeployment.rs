@@ -531,8 +531,11 @@ fn default_admin_port() -> i32 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
-    /// Host memory over the control mesh's TCP sockets: CPU workers, tests, the demo.
+    /// No expert-parallel group: the workers serve the dispatch protocol only (the default). A
+    /// group restarts as a unit when one of its workers goes, rollouts included, so it is opt-in.
     #[default]
+    None,
+    /// Host memory over the control mesh's TCP sockets: CPU workers, tests, the demo.
     Tcp,
     /// GPU to GPU through CUDA IPC handles, between the ranks of one pod (all of a node's ranks
     /// are in its one worker pod).
@@ -544,6 +547,7 @@ pub enum Transport {
 impl Transport {
     pub fn as_str(self) -> &'static str {
         match self {
+            Transport::None => "none",
             Transport::Tcp => "tcp",
             Transport::Ipc => "ipc",
             Transport::Nccl => "nccl",

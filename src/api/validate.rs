@@ -940,7 +940,7 @@ worker: {image: "moe-worker:dev"}
         assert_eq!(
             v.data_plane,
             DataPlane {
-                transport: Transport::Tcp,
+                transport: Transport::None,
                 port: 9403,
                 rendezvous_timeout: Duration::from_secs(120),
                 nccl_env: BTreeMap::new(),

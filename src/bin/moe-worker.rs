@@ -2,7 +2,28 @@
 
 use anyhow::Context;
 use clap::Parser;
+use moe_operator::ep::group;
+use moe_operator::worker::metrics::WorkerMetrics;
 use moe_operator::worker::{backend_loader, runtime};
+
+/// Starts this worker's EP ranks next to the serving when the pod is in a group
+/// (`MOE_EP_WORLD_SIZE` set): a rank failure writes `ep rank <r>: ...` to the termination message
+/// and exits the process with status 1. On SIGTERM the ranks stop reporting failures (their peers
+/// are going away with them).
+fn start_ep_group(
+    env: Option<group::GroupEnv>,
+    ranks: std::ops::Range<u32>,
+    metrics: &WorkerMetrics,
+) -> anyhow::Result<runtime::OnShutdown> {
+    let Some(env) = env else {
+        return Ok(Box::new(|| {}));
+    };
+    let on_failure = group::exit_on_failure(env.termination_log.clone());
+    match group::start(&env, ranks, metrics.ep(), on_failure)? {
+        Some(g) => Ok(Box::new(move || g.stop())),
+        None => Ok(Box::new(|| {})),
+    }
+}
 
 fn main() -> anyhow::Result<()> {
     let args = runtime::WorkerArgs::parse();
@@ -24,9 +45,16 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(runtime::run(args, move |local_rank| match &synthetic {
+    // The EP group's environment (docs/data-plane.md), read before anything starts: a broken one
+    // is a configuration error, not a rank failure.
+    let ep_env = group::GroupEnv::from_env(|k| std::env::var(k).ok())
+        .context("the expert-parallel rank environment")?;
+    let loader = move |local_rank| match &synthetic {
         Some((seed, shape)) => runtime::synthetic_loader(&device, shape.clone(), *seed, local_rank),
         None => backend_loader(&device, checkpoint.as_deref(), local_rank),
+    };
+    let result = rt.block_on(runtime::run_with(args, loader, move |ranks, metrics| {
+        start_ep_group(ep_env, ranks, metrics)
     }));
     // Connections still open and expert loads still running (a plan pushed just before SIGTERM)
     // must not keep the process from exiting: give them a moment, then go.

@@ -370,6 +370,10 @@ pub fn worker_pod(
 /// to the variable defined before it.
 fn data_plane_env(spec: &ValidSpec, rendezvous: &str) -> Vec<EnvVar> {
     let d = &spec.data_plane;
+    if d.transport == crate::api::Transport::None {
+        // No group: the worker starts no ranks without MOE_EP_WORLD_SIZE.
+        return Vec::new();
+    }
     let timeout_s = d.rendezvous_timeout.as_secs_f64().ceil() as u64;
     let mut envs = vec![
         env(
@@ -923,6 +927,21 @@ worker:
             .map(|p| p.metadata.annotations.as_ref().unwrap()[ANNOTATION_SPEC_HASH].clone())
             .collect();
         assert_ne!(h[0], h[1]);
+    }
+
+    /// Without `dataPlane.transport` the workers form no EP group: none of its variables.
+    #[test]
+    fn no_group_by_default() {
+        let md = deployment();
+        let pod = worker_pod(&md, &valid(&md), 1, "h").unwrap();
+        for name in [
+            "MOE_EP_WORLD_SIZE",
+            "MOE_EP_RENDEZVOUS",
+            "MOE_EP_LISTEN",
+            "MOE_EP_TRANSPORT",
+        ] {
+            assert_eq!(env_of(&pod, name), None, "{name}");
+        }
     }
 
     /// docs/data-plane.md's rank environment, the `ep` port on the pod and the Service, the

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod cuda;
+pub mod group;
 pub mod mesh;
 pub mod meta;
 pub mod rank;

@@ -5,7 +5,7 @@
 //! compute threads with a relaxed add and read only when `/metrics` is scraped: no lock and no map
 //! lookup on the compute path.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwapOption;
@@ -20,8 +20,9 @@ use prometheus_client::registry::Registry;
 use crate::plan::ModelShape;
 use crate::worker::protocol::ErrorCode;
 use crate::worker::wire::{
-    EXPERT_LABEL, LAYER_LABEL, PLAN_HASH_LABEL, PLAN_INFO_METRIC, REQUEST_ERRORS_FAMILY,
-    RESIDENT_EXPERTS_METRIC, STEP_SECONDS_METRIC, TOKENS_FAMILY,
+    EP_GROUP_FORMED_METRIC, EP_RANK_FAILURES_FAMILY, EXPERT_LABEL, LAYER_LABEL, PLAN_HASH_LABEL,
+    PLAN_INFO_METRIC, REQUEST_ERRORS_FAMILY, RESIDENT_EXPERTS_METRIC, STEP_SECONDS_METRIC,
+    TOKENS_FAMILY,
 };
 
 /// Token counters for every (MoE layer, logical expert) of one model shape.
@@ -83,11 +84,41 @@ impl ExpertCounters {
     }
 }
 
-/// Renders the per-expert counters and the plan info at scrape time.
+/// The state of this worker's expert-parallel ranks (docs/data-plane.md, "The worker's ranks"),
+/// set by whoever runs them (the `moe-worker` binary's EP group). Rendered only once a worker has
+/// asked for it ([`WorkerMetrics::ep`]): a worker that starts no ranks shows none of it.
+#[derive(Debug, Default)]
+pub struct EpMetrics {
+    formed: AtomicBool,
+    failures: AtomicU64,
+}
+
+impl EpMetrics {
+    /// Whether every local rank is in a formed group.
+    pub fn set_formed(&self, formed: bool) {
+        self.formed.store(formed, Ordering::Relaxed);
+    }
+
+    pub fn formed(&self) -> bool {
+        self.formed.load(Ordering::Relaxed)
+    }
+
+    /// A rank of this worker failed (its group is broken).
+    pub fn count_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// Renders the per-expert counters, the plan info and the EP group's state at scrape time.
 #[derive(Debug, Default)]
 struct ScrapeCollector {
     counters: Arc<OnceLock<ExpertCounters>>,
     plan_hash: Arc<ArcSwapOption<String>>,
+    ep: Arc<OnceLock<Arc<EpMetrics>>>,
 }
 
 impl prometheus_client::collector::Collector for ScrapeCollector {
@@ -117,6 +148,23 @@ impl prometheus_client::collector::Collector for ScrapeCollector {
             let labels = [(PLAN_HASH_LABEL, hash.as_str())];
             family.encode_family(&labels)?.encode_gauge(&1i64)?;
         }
+        if let Some(ep) = self.ep.get() {
+            let mut gauge = encoder.encode_descriptor(
+                EP_GROUP_FORMED_METRIC,
+                "1 while this worker's expert-parallel ranks are in a formed group",
+                None,
+                MetricType::Gauge,
+            )?;
+            gauge.encode_gauge(&i64::from(ep.formed()))?;
+            // Counters get `_total` appended by the encoder.
+            let mut counter = encoder.encode_descriptor(
+                EP_RANK_FAILURES_FAMILY,
+                "Expert-parallel rank failures this worker process saw (it exits after one)",
+                None,
+                MetricType::Counter,
+            )?;
+            counter.encode_counter::<NoLabelSet, _, u64>(&ep.failures(), None)?;
+        }
         Ok(())
     }
 }
@@ -127,6 +175,7 @@ pub struct WorkerMetrics {
     registry: Registry,
     counters: Arc<OnceLock<ExpertCounters>>,
     plan_hash: Arc<ArcSwapOption<String>>,
+    ep: Arc<OnceLock<Arc<EpMetrics>>>,
     step_seconds: Histogram,
     resident: Gauge,
     errors: Family<[(&'static str, &'static str); 1], Counter>,
@@ -143,9 +192,11 @@ impl WorkerMetrics {
         let mut registry = Registry::default();
         let counters = Arc::new(OnceLock::new());
         let plan_hash = Arc::new(ArcSwapOption::empty());
+        let ep = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(ScrapeCollector {
             counters: counters.clone(),
             plan_hash: plan_hash.clone(),
+            ep: ep.clone(),
         }));
         // 50 us .. ~1.6 s: a step is one backend call for one (rank, layer) batch.
         let step_seconds = Histogram::new(exponential_buckets(50e-6, 2.0, 16));
@@ -170,6 +221,7 @@ impl WorkerMetrics {
             registry,
             counters,
             plan_hash,
+            ep,
             step_seconds,
             resident,
             errors,
@@ -183,6 +235,11 @@ impl WorkerMetrics {
 
     pub fn counters(&self) -> Option<&ExpertCounters> {
         self.counters.get()
+    }
+
+    /// The EP group's metrics, rendered from the first call on.
+    pub fn ep(&self) -> Arc<EpMetrics> {
+        self.ep.get_or_init(Arc::default).clone()
     }
 
     pub fn set_plan(&self, hash: &str, resident_experts: usize) {
@@ -262,5 +319,23 @@ mod tests {
             text.contains("moe_worker_request_errors_total{code=\"not_resident\"} 1\n"),
             "{text}"
         );
+        // No EP ranks asked for: none of their metrics.
+        assert!(!text.contains("moe_ep_"), "{text}");
+    }
+
+    #[test]
+    fn ep_metrics_render_once_asked_for() {
+        let m = WorkerMetrics::new();
+        let ep = m.ep();
+        let text = m.render();
+        assert!(text.contains("moe_ep_group_formed 0\n"), "{text}");
+        assert!(text.contains("moe_ep_rank_failures_total 0\n"), "{text}");
+        ep.set_formed(true);
+        assert!(m.render().contains("moe_ep_group_formed 1\n"));
+        ep.set_formed(false);
+        m.ep().count_failure();
+        let text = m.render();
+        assert!(text.contains("moe_ep_group_formed 0\n"), "{text}");
+        assert!(text.contains("moe_ep_rank_failures_total 1\n"), "{text}");
     }
 }

@@ -2,6 +2,7 @@
 //! `main` only parses arguments, sets up logging and calls [`run`] with the backend's loaders.
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use crate::plan::expert_plan::HashRule;
 use crate::plan::{limits, ExpertPlan, ModelShape};
 use crate::worker::compute::ExpertLoader;
 use crate::worker::http::{admin_router, metrics_router, serve_http, AdminToken};
+use crate::worker::metrics::WorkerMetrics;
 use crate::worker::protocol::DEFAULT_MAX_FRAME_BYTES;
 use crate::worker::server::{check_plan_document, serve_dispatch, ServeConfig, Worker};
 
@@ -263,12 +265,24 @@ pub async fn start(
     opts: WorkerOptions,
     loaders: Vec<Arc<dyn ExpertLoader>>,
 ) -> anyhow::Result<WorkerHandle> {
+    start_with(opts, loaders, |_| Ok(())).await
+}
+
+/// [`start`], with `beside` called once the worker exists, before its ports are bound and its
+/// start-up plan loads (what runs next to the serving, e.g. the EP group's ranks, must not wait
+/// for the weights).
+pub async fn start_with(
+    opts: WorkerOptions,
+    loaders: Vec<Arc<dyn ExpertLoader>>,
+    beside: impl FnOnce(&Arc<Worker>) -> anyhow::Result<()>,
+) -> anyhow::Result<WorkerHandle> {
     let token = Arc::new(match &opts.serve.http.admin_token_file {
         Some(path) => AdminToken::from_file(path, opts.serve.http.token_recheck)?,
         None => AdminToken::new(&opts.admin_token).context("admin token")?,
     });
     let http = opts.serve.http.clone();
     let worker = Worker::start(opts.serve, loaders)?;
+    beside(&worker)?;
     let dispatch = bind(opts.listen, "--listen").await?;
     let metrics = bind(opts.metrics_listen, "--metrics-listen").await?;
     let admin = bind(opts.admin_listen, "--admin-listen").await?;
@@ -442,11 +456,31 @@ pub async fn run(
     args: WorkerArgs,
     loader_for_rank: impl Fn(u32) -> anyhow::Result<Arc<dyn ExpertLoader>>,
 ) -> anyhow::Result<()> {
+    run_with(args, loader_for_rank, |_, _| Ok(Box::new(|| {}))).await
+}
+
+/// Told that the worker is shutting down (SIGTERM), before its HTTP requests drain.
+pub type OnShutdown = Box<dyn FnOnce() + Send>;
+
+/// [`run`], with `beside` started next to the serving: it gets the global ranks this worker
+/// serves and its metrics, before the start-up plan's weights load, and returns what to do when
+/// the worker begins to shut down. `moe-worker` starts its EP group here (the worker does not
+/// know the data plane; the binary does).
+pub async fn run_with(
+    args: WorkerArgs,
+    loader_for_rank: impl Fn(u32) -> anyhow::Result<Arc<dyn ExpertLoader>>,
+    beside: impl FnOnce(Range<u32>, &WorkerMetrics) -> anyhow::Result<OnShutdown>,
+) -> anyhow::Result<()> {
     let opts = resolve(&args)?;
     let loaders = (0..opts.serve.gpus_per_node)
         .map(&loader_for_rank)
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let handle = start(opts, loaders).await?;
+    let mut on_shutdown: Option<OnShutdown> = None;
+    let handle = start_with(opts, loaders, |w| {
+        on_shutdown = Some(beside(w.config().ranks(), &w.metrics)?);
+        Ok(())
+    })
+    .await?;
     if let Some(path) = &args.addresses_file {
         BoundAddresses {
             dispatch: handle.dispatch_addr,
@@ -457,6 +491,9 @@ pub async fn run(
     }
     wait_for_signal().await;
     tracing::info!("shutting down");
+    if let Some(f) = on_shutdown {
+        f();
+    }
     handle.shutdown().await;
     Ok(())
 }

@@ -63,6 +63,13 @@ pub const RESIDENT_EXPERTS_METRIC: &str = "moe_worker_resident_experts";
 /// with `_total`).
 pub const REQUEST_ERRORS_FAMILY: &str = "moe_worker_request_errors";
 
+/// Gauge, 1 while this worker's expert-parallel ranks are in a formed group (0 while it forms or
+/// after it broke); only rendered by a worker that starts EP ranks (docs/data-plane.md).
+pub const EP_GROUP_FORMED_METRIC: &str = "moe_ep_group_formed";
+/// Counter family of EP rank failures this worker process saw (rendered with `_total`; the process
+/// exits right after one, so it is mostly 0).
+pub const EP_RANK_FAILURES_FAMILY: &str = "moe_ep_rank_failures";
+
 /// The MoE layer index (as in the plan) of a [`TOKENS_METRIC`] series.
 pub const LAYER_LABEL: &str = "layer";
 /// The logical expert of a [`TOKENS_METRIC`] series.
