@@ -120,6 +120,11 @@ enum FrameError {
 fn io_error(peer: usize, after: Duration, e: std::io::Error) -> MeshError {
     match e.kind() {
         ErrorKind::WouldBlock | ErrorKind::TimedOut => MeshError::Timeout { peer, after },
+        // read_exact's own words ("failed to fill whole buffer") say nothing to an operator.
+        ErrorKind::UnexpectedEof => MeshError::PeerGone {
+            peer,
+            source: std::io::Error::new(ErrorKind::UnexpectedEof, "its connection closed"),
+        },
         _ => MeshError::PeerGone { peer, source: e },
     }
 }
