@@ -35,8 +35,8 @@ fn check(r: cu::CUresult, what: &str) -> Result<(), String> {
 pub struct DevRows {
     ptr: u64,
     cap: usize,
-    /// The IPC export of the allocation holding `ptr`: (handle, its base, `ptr - base`).
-    ipc: Cell<Option<(cu::CUipcMemHandle, u64, u64)>>,
+    /// The IPC export of the allocation holding `ptr`: (its handle, `ptr`'s offset in it).
+    ipc: Cell<Option<(cu::CUipcMemHandle, u64)>>,
     ctx: cu::CUcontext,
 }
 
@@ -98,7 +98,7 @@ impl DevRows {
     /// allocations inside one larger one, and a handle names that whole allocation, so peers get
     /// the handle of the base and this buffer's offset in it (mapping it once however many of
     /// this rank's buffers it holds).
-    fn ipc_export(&self) -> Result<(cu::CUipcMemHandle, u64, u64), String> {
+    fn ipc_export(&self) -> Result<(cu::CUipcMemHandle, u64), String> {
         if let Some(e) = self.ipc.get() {
             return Ok(e);
         }
@@ -114,7 +114,7 @@ impl DevRows {
             unsafe { cu::cuIpcGetMemHandle(&mut h, base) },
             "cuIpcGetMemHandle",
         )?;
-        let e = (h, base, self.ptr - base);
+        let e = (h, self.ptr - base);
         self.ipc.set(Some(e));
         Ok(e)
     }
@@ -344,7 +344,7 @@ impl Transport<DevRows> for IpcTransport {
     ) -> Result<Vec<Vec<u8>>, TransportError> {
         let total = off[off.len() - 1];
         let (handle, at) = if total > 0 {
-            let (hd, _, at) = send.ipc_export().map_err(TransportError::Device)?;
+            let (hd, at) = send.ipc_export().map_err(TransportError::Device)?;
             (hd.reserved, at)
         } else {
             ([0; 64], 0)

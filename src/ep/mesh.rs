@@ -332,6 +332,63 @@ fn accept_until(
     }
 }
 
+/// The listening side of forming the group.
+struct Accept<'a> {
+    listener: &'a TcpListener,
+    local: SocketAddr,
+    deadline: Instant,
+    /// The rendezvous timeout, for the error.
+    after: Duration,
+    /// How long one hello may take.
+    handshake: Duration,
+    world: usize,
+}
+
+impl Accept<'_> {
+    /// Accepts connections until every rank of `want` has said hello, each once; with `addrs`,
+    /// records the address each advertised (rank 0's table). A stray or broken connection does
+    /// not stop the group forming: it is logged and dropped. `what` prefixes the logs.
+    fn ranks(
+        &self,
+        want: std::ops::Range<usize>,
+        peers: &mut [Option<TcpStream>],
+        mut addrs: Option<&mut Vec<String>>,
+        what: &str,
+    ) -> Result<(), MeshError> {
+        while peers[want.clone()].iter().any(Option::is_none) {
+            let Some((mut s, from)) =
+                accept_until(self.listener, self.deadline).map_err(|source| MeshError::Listen {
+                    addr: self.local,
+                    source,
+                })?
+            else {
+                let missing = want.clone().filter(|&r| peers[r].is_none()).collect();
+                return Err(MeshError::Incomplete {
+                    missing,
+                    after: self.after,
+                });
+            };
+            let got = setup(&s, self.handshake)
+                .map_err(|e| MeshError::Protocol(e.to_string()))
+                .and_then(|_| read_frame(&mut s, 4096).map_err(hello_error))
+                .and_then(|b| parse_hello(&b));
+            match got {
+                Ok((r, w, addr)) if w == self.world && want.contains(&r) && peers[r].is_none() => {
+                    if let Some(a) = addrs.as_deref_mut() {
+                        a[r] = addr;
+                    }
+                    peers[r] = Some(s);
+                }
+                Ok((r, w, _)) => {
+                    tracing::warn!(%from, rank = r, world = w, "{what}: refused a hello (wrong world size, rank out of range, or a rank twice)")
+                }
+                Err(e) => tracing::warn!(%from, "{what}: {e}"),
+            }
+        }
+        Ok(())
+    }
+}
+
 fn setup(s: &TcpStream, timeout: Duration) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(timeout))?;
@@ -371,35 +428,15 @@ impl Mesh {
         let table = if rank == 0 {
             let mut addrs = vec![String::new(); world];
             addrs[0] = local.to_string();
-            while peers.iter().skip(1).any(Option::is_none) {
-                let Some((mut s, from)) =
-                    accept_until(&listener, deadline).map_err(|source| MeshError::Listen {
-                        addr: local,
-                        source,
-                    })?
-                else {
-                    let missing = (1..world).filter(|&r| peers[r].is_none()).collect();
-                    return Err(MeshError::Incomplete {
-                        missing,
-                        after: cfg.rendezvous_timeout,
-                    });
-                };
-                // A stray or broken connection does not stop the rendezvous: log and go on.
-                let got = setup(&s, hs)
-                    .map_err(|e| MeshError::Protocol(e.to_string()))
-                    .and_then(|_| read_frame(&mut s, 4096).map_err(hello_error))
-                    .and_then(|b| parse_hello(&b));
-                match got {
-                    Ok((r, w, addr)) if w == world && r > 0 && r < world && peers[r].is_none() => {
-                        addrs[r] = addr;
-                        peers[r] = Some(s);
-                    }
-                    Ok((r, w, _)) => {
-                        tracing::warn!(%from, rank = r, world = w, "rendezvous: refused a hello (wrong world size, rank out of range, or a rank twice)")
-                    }
-                    Err(e) => tracing::warn!(%from, "rendezvous: {e}"),
-                }
-            }
+            let rendezvous = Accept {
+                listener: &listener,
+                local,
+                deadline,
+                after: cfg.rendezvous_timeout,
+                handshake: hs,
+                world,
+            };
+            rendezvous.ranks(1..world, &mut peers, Some(&mut addrs), "rendezvous")?;
             let table = addrs.join("\n").into_bytes();
             for (r, p) in peers.iter_mut().enumerate().skip(1) {
                 let s = p.as_mut().expect("joined");
@@ -448,33 +485,15 @@ impl Mesh {
             peers[i] = Some(s);
         }
         if rank > 0 {
-            while peers.iter().skip(rank + 1).any(Option::is_none) {
-                let Some((mut s, from)) =
-                    accept_until(&listener, deadline).map_err(|source| MeshError::Listen {
-                        addr: local,
-                        source,
-                    })?
-                else {
-                    let missing = (rank + 1..world).filter(|&r| peers[r].is_none()).collect();
-                    return Err(MeshError::Incomplete {
-                        missing,
-                        after: cfg.rendezvous_timeout,
-                    });
-                };
-                let got = setup(&s, hs)
-                    .map_err(|e| MeshError::Protocol(e.to_string()))
-                    .and_then(|_| read_frame(&mut s, 4096).map_err(hello_error))
-                    .and_then(|b| parse_hello(&b));
-                match got {
-                    Ok((r, w, _)) if w == world && r > rank && r < world && peers[r].is_none() => {
-                        peers[r] = Some(s)
-                    }
-                    Ok((r, w, _)) => {
-                        tracing::warn!(%from, rank = r, world = w, "mesh: refused a hello")
-                    }
-                    Err(e) => tracing::warn!(%from, "mesh: {e}"),
-                }
-            }
+            let mesh = Accept {
+                listener: &listener,
+                local,
+                deadline,
+                after: cfg.rendezvous_timeout,
+                handshake: hs,
+                world,
+            };
+            mesh.ranks(rank + 1..world, &mut peers, None, "mesh")?;
         }
         for (r, p) in peers.iter().enumerate() {
             if let Some(s) = p {

@@ -8,7 +8,7 @@
 //! decide alike: no step mixes two plans' routing.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::backend::{Backend, BackendError};
 use super::mesh::{Mesh, MeshError};
@@ -363,123 +363,55 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
         weights: &[f32],
         out: B::Output<'_>,
     ) -> Result<(), EpError> {
-        if self.step == 0 {
-            self.begin_step();
-        }
-        let rank = self.rank;
-        let h = self.backend.hidden();
-        let be = |what: &'static str| move |source| EpError::Backend { rank, what, source };
-        let tr = self.transport.name();
-        let te = move |source| EpError::Transport {
-            rank,
-            transport: tr,
-            source,
-        };
-        self.backend.enter().map_err(be("entering the device"))?;
+        self.open_layer()?;
         let t0 = Instant::now();
-        let d = Dispatch::build(
-            &mut self.active.router,
-            layer,
-            self.world,
-            tokens,
-            top_k,
-            ids,
-            weights,
-        )
-        .map_err(|source| EpError::Route { rank, source })?;
+        let d = self.route(layer, tokens, top_k, ids, weights)?;
         let send_off = d.offsets();
         let t1 = Instant::now();
-        self.send.ensure(d.send_tokens.len() * h).map_err(te)?;
-        self.backend
-            .gather_input(x, tokens, &d.send_tokens, &mut self.send)
-            .map_err(be("gathering the rows to send"))?;
-        if self.transport.needs_ready_rows() {
-            self.backend
-                .ready()
-                .map_err(be("finishing the rows to send"))?;
-        }
+        let ready = self.transport.needs_ready_rows();
+        self.gather(x, tokens, &d, ready)?;
         let t2 = Instant::now();
-        // Dispatch exchange: rows' experts and weights, and the transport's notes.
-        let notes = self
-            .transport
-            .announce(&self.send, &send_off, h)
-            .map_err(te)?;
-        let hd = self.header(layer, Phase::Dispatch);
-        let msgs = notes
-            .into_iter()
-            .enumerate()
-            .map(|(p, note)| Message {
-                header: hd,
-                experts: d.experts[send_off[p]..send_off[p + 1]].to_vec(),
-                weights: d.weights[send_off[p]..send_off[p + 1]].to_vec(),
-                note,
-            })
-            .collect();
-        let got = self.exchange(msgs)?;
-        let held = self
-            .active
-            .held
-            .iter()
-            .find(|(l, _)| *l == layer)
-            .map(|(_, h)| h.clone())
-            .unwrap_or_default();
+        let got = self.dispatch_exchange(layer, &d, &send_off)?;
         let mut notes = Vec::with_capacity(self.world);
         let mut from = Vec::with_capacity(self.world);
         for m in got {
             from.push((m.experts, m.weights));
             notes.push(m.note);
         }
+        let held = self
+            .active
+            .held
+            .iter()
+            .find(|(l, _)| *l == layer)
+            .map_or(&[][..], |(_, h)| h.as_slice());
         let a = Arrivals::build(layer, &from, self.active.plan.model.experts, |e| {
             held.get(e as usize).copied().unwrap_or(false)
         })
-        .map_err(|source| EpError::Route { rank, source })?;
+        .map_err(|source| EpError::Route {
+            rank: self.rank,
+            source,
+        })?;
         let recv_off = offsets(&a.recv_counts);
-        self.recv.ensure(a.rows() * h).map_err(te)?;
-        self.transport
-            .deliver(notes, &self.send, &send_off, &mut self.recv, &recv_off, h)
-            .map_err(te)?;
+        self.deliver_rows(notes, &send_off, &recv_off)?;
         let t3 = Instant::now();
-        self.back.ensure(a.rows() * h).map_err(te)?;
+        let h = self.backend.hidden();
+        self.back
+            .ensure(a.rows() * h)
+            .map_err(self.transport_error())?;
         self.backend
             .compute(layer, &self.active.experts, &a, &self.recv, &mut self.back)
-            .map_err(be("computing the experts"))?;
-        if self.transport.needs_ready_rows() {
+            .map_err(self.backend_error("computing the experts"))?;
+        if ready {
             self.backend
                 .ready()
-                .map_err(be("finishing the expert outputs"))?;
+                .map_err(self.backend_error("finishing the expert outputs"))?;
         }
         let t4 = Instant::now();
-        // Combine exchange: outputs back to their sources, in the order they came.
-        let notes = self
-            .transport
-            .announce(&self.back, &recv_off, h)
-            .map_err(te)?;
-        let hc = self.header(layer, Phase::Combine);
-        let msgs = notes
-            .into_iter()
-            .map(|note| Message {
-                header: hc,
-                experts: vec![],
-                weights: vec![],
-                note,
-            })
-            .collect();
-        let got = self.exchange(msgs)?;
-        self.back_recv.ensure(d.send_tokens.len() * h).map_err(te)?;
-        self.transport
-            .deliver(
-                got.into_iter().map(|m| m.note).collect(),
-                &self.back,
-                &recv_off,
-                &mut self.back_recv,
-                &send_off,
-                h,
-            )
-            .map_err(te)?;
+        self.combine_exchange(layer, Returned::Outputs, &recv_off, &send_off)?;
         let t5 = Instant::now();
         self.backend
             .combine(&self.back_recv, &d.combine, top_k, tokens, out)
-            .map_err(be("combining the outputs"))?;
+            .map_err(self.backend_error("combining the outputs"))?;
         let t6 = Instant::now();
         let s = |a: Instant, b: Instant| (b - a).as_secs_f64();
         let tm = &mut self.timings;
@@ -491,12 +423,10 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
         tm.layers += 1;
         Ok(())
     }
-}
 
-impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
     /// Communication only, for the transport's benchmark: routes a layer, moves its rows to the
     /// experts' ranks and the same rows back (no compute, no combine kernel); returns the bytes
-    /// this rank sent in both directions.
+    /// this rank sent in both directions. Every move is waited for, so that its time is its own.
     pub fn dispatch_combine(
         &mut self,
         layer: u32,
@@ -506,20 +436,63 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
         ids: &[i64],
         weights: &[f32],
     ) -> Result<u64, EpError> {
+        self.open_layer()?;
+        let d = self.route(layer, tokens, top_k, ids, weights)?;
+        let send_off = d.offsets();
+        self.gather(x, tokens, &d, true)?;
+        let got = self.dispatch_exchange(layer, &d, &send_off)?;
+        let recv_counts: Vec<usize> = got.iter().map(|m| m.experts.len()).collect();
+        let recv_off = offsets(&recv_counts);
+        self.deliver_rows(
+            got.into_iter().map(|m| m.note).collect(),
+            &send_off,
+            &recv_off,
+        )?;
+        self.backend
+            .ready()
+            .map_err(self.backend_error("finishing the received rows"))?;
+        self.combine_exchange(layer, Returned::Received, &recv_off, &send_off)?;
+        self.backend
+            .ready()
+            .map_err(self.backend_error("finishing the returned rows"))?;
+        let h = self.backend.hidden();
+        Ok(((d.send_tokens.len() + recv_off[self.world]) * h * 2) as u64)
+    }
+
+    fn backend_error(&self, what: &'static str) -> impl FnOnce(BackendError) -> EpError {
+        let rank = self.rank;
+        move |source| EpError::Backend { rank, what, source }
+    }
+
+    fn transport_error(&self) -> impl FnOnce(TransportError) -> EpError {
+        let (rank, transport) = (self.rank, self.transport.name());
+        move |source| EpError::Transport {
+            rank,
+            transport,
+            source,
+        }
+    }
+
+    /// Opens the step if none is, and enters the device from the caller's thread.
+    fn open_layer(&mut self) -> Result<(), EpError> {
         if self.step == 0 {
             self.begin_step();
         }
-        let rank = self.rank;
-        let h = self.backend.hidden();
-        let be = |what: &'static str| move |source| EpError::Backend { rank, what, source };
-        let tr = self.transport.name();
-        let te = move |source| EpError::Transport {
-            rank,
-            transport: tr,
-            source,
-        };
-        self.backend.enter().map_err(be("entering the device"))?;
-        let d = Dispatch::build(
+        self.backend
+            .enter()
+            .map_err(self.backend_error("entering the device"))
+    }
+
+    /// Routes the layer's tokens by the active plan.
+    fn route(
+        &mut self,
+        layer: u32,
+        tokens: usize,
+        top_k: usize,
+        ids: &[i64],
+        weights: &[f32],
+    ) -> Result<Dispatch, EpError> {
+        Dispatch::build(
             &mut self.active.router,
             layer,
             self.world,
@@ -528,19 +501,48 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
             ids,
             weights,
         )
-        .map_err(|source| EpError::Route { rank, source })?;
-        let send_off = d.offsets();
-        self.send.ensure(d.send_tokens.len() * h).map_err(te)?;
+        .map_err(|source| EpError::Route {
+            rank: self.rank,
+            source,
+        })
+    }
+
+    /// Gathers the rows to send into the send buffer; with `ready`, waits until they are there.
+    fn gather(
+        &mut self,
+        x: B::Input<'_>,
+        tokens: usize,
+        d: &Dispatch,
+        ready: bool,
+    ) -> Result<(), EpError> {
+        let h = self.backend.hidden();
+        self.send
+            .ensure(d.send_tokens.len() * h)
+            .map_err(self.transport_error())?;
         self.backend
             .gather_input(x, tokens, &d.send_tokens, &mut self.send)
-            .map_err(be("gathering the rows to send"))?;
-        self.backend
-            .ready()
-            .map_err(be("finishing the rows to send"))?;
+            .map_err(self.backend_error("gathering the rows to send"))?;
+        if ready {
+            self.backend
+                .ready()
+                .map_err(self.backend_error("finishing the rows to send"))?;
+        }
+        Ok(())
+    }
+
+    /// The dispatch exchange: each peer gets its rows' experts and router weights and the
+    /// transport's note; returns what every rank sent this one.
+    fn dispatch_exchange(
+        &mut self,
+        layer: u32,
+        d: &Dispatch,
+        send_off: &[usize],
+    ) -> Result<Vec<Message>, EpError> {
+        let h = self.backend.hidden();
         let notes = self
             .transport
-            .announce(&self.send, &send_off, h)
-            .map_err(te)?;
+            .announce(&self.send, send_off, h)
+            .map_err(self.transport_error())?;
         let hd = self.header(layer, Phase::Dispatch);
         let msgs = notes
             .into_iter()
@@ -552,27 +554,43 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
                 note,
             })
             .collect();
-        let got = self.exchange(msgs)?;
-        let recv_counts: Vec<usize> = got.iter().map(|m| m.experts.len()).collect();
-        let recv_off = offsets(&recv_counts);
-        self.recv.ensure(recv_off[self.world] * h).map_err(te)?;
+        self.exchange(msgs)
+    }
+
+    /// Moves every peer's dispatched rows into the receive buffer.
+    fn deliver_rows(
+        &mut self,
+        notes: Vec<Vec<u8>>,
+        send_off: &[usize],
+        recv_off: &[usize],
+    ) -> Result<(), EpError> {
+        let h = self.backend.hidden();
+        self.recv
+            .ensure(recv_off[self.world] * h)
+            .map_err(self.transport_error())?;
         self.transport
-            .deliver(
-                got.into_iter().map(|m| m.note).collect(),
-                &self.send,
-                &send_off,
-                &mut self.recv,
-                &recv_off,
-                h,
-            )
-            .map_err(te)?;
-        self.backend
-            .ready()
-            .map_err(be("finishing the received rows"))?;
+            .deliver(notes, &self.send, send_off, &mut self.recv, recv_off, h)
+            .map_err(self.transport_error())
+    }
+
+    /// The combine exchange: `returned` goes back to its sources in the order it came, into
+    /// `back_recv` in send order.
+    fn combine_exchange(
+        &mut self,
+        layer: u32,
+        returned: Returned,
+        recv_off: &[usize],
+        send_off: &[usize],
+    ) -> Result<(), EpError> {
+        let h = self.backend.hidden();
+        let src = match returned {
+            Returned::Outputs => &self.back,
+            Returned::Received => &self.recv,
+        };
         let notes = self
             .transport
-            .announce(&self.recv, &recv_off, h)
-            .map_err(te)?;
+            .announce(src, recv_off, h)
+            .map_err(self.transport_error())?;
         let hc = self.header(layer, Phase::Combine);
         let msgs = notes
             .into_iter()
@@ -584,26 +602,33 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
             })
             .collect();
         let got = self.exchange(msgs)?;
-        self.back_recv.ensure(d.send_tokens.len() * h).map_err(te)?;
+        self.back_recv
+            .ensure(send_off[self.world] * h)
+            .map_err(self.transport_error())?;
+        let src = match returned {
+            Returned::Outputs => &self.back,
+            Returned::Received => &self.recv,
+        };
         self.transport
             .deliver(
                 got.into_iter().map(|m| m.note).collect(),
-                &self.recv,
-                &recv_off,
+                src,
+                recv_off,
                 &mut self.back_recv,
-                &send_off,
+                send_off,
                 h,
             )
-            .map_err(te)?;
-        self.backend
-            .ready()
-            .map_err(be("finishing the returned rows"))?;
-        Ok(((d.send_tokens.len() + recv_off[self.world]) * h * 2) as u64)
+            .map_err(self.transport_error())
     }
 }
 
-/// How long a rank waits between heartbeats when no step runs.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Which of a rank's buffers the combine exchange sends back: the experts' outputs, or (the
+/// communication-only benchmark) the rows as they arrived.
+#[derive(Clone, Copy)]
+enum Returned {
+    Outputs,
+    Received,
+}
 
 #[cfg(test)]
 mod tests;
