@@ -24,34 +24,18 @@ use common::operator::{condition, deployment, wait_for, OperatorPlane};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
+use log_support::strip_ansi;
 use moe_operator::api::{reason, MoEDeployment};
 use serde_json::json;
 
 mod common;
+mod log_support;
 
 const NODES: u32 = 3;
 const NS: &str = "ranks";
 const NAME: &str = "tiny";
 const EP_PORT: u16 = 9403;
 const METRICS_PORT: u16 = 9401;
-
-/// `text` without ANSI colour sequences (the worker's log is coloured).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 fn pod_dir(state: &Path, pod: &str) -> PathBuf {
     state.join("pods").join(format!("{NS}_{pod}"))

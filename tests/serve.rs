@@ -27,6 +27,9 @@ use moe_operator::worker::wire::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[cfg(unix)]
+mod log_support;
+
 const TOKEN: &str = "test-admin-token";
 const HIDDEN: usize = 16;
 const INTER: usize = 32;
@@ -1853,25 +1856,6 @@ fn two_free_ports(ip: &str) -> u16 {
     }
 }
 
-/// `text` without ANSI colour sequences (`ESC [ ... m`).
-#[cfg(unix)]
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// A blocking `GET /metrics` of a worker.
 #[cfg(unix)]
 fn scrape(addr: SocketAddr) -> String {
@@ -1977,7 +1961,7 @@ fn the_worker_binary_runs_its_ep_ranks_and_exits_when_a_peer_dies() {
         std::thread::sleep(Duration::from_millis(100));
     }
     for n in 0..2 {
-        let log = strip_ansi(&std::fs::read_to_string(file(n, "log")).unwrap());
+        let log = log_support::strip_ansi(&std::fs::read_to_string(file(n, "log")).unwrap());
         let line = log
             .lines()
             .find(|l| l.contains("ep group formed"))
@@ -2009,6 +1993,6 @@ fn the_worker_binary_runs_its_ep_ranks_and_exits_when_a_peer_dies() {
             && (first.contains("rank 2 went away") || first.contains("rank 3 went away")),
         "{msg}"
     );
-    let log = strip_ansi(&std::fs::read_to_string(file(0, "log")).unwrap());
+    let log = log_support::strip_ansi(&std::fs::read_to_string(file(0, "log")).unwrap());
     assert!(log.contains("ERROR") && log.contains(first), "{log}");
 }

@@ -1,5 +1,7 @@
 //! Fixtures of the data plane's tests: small CRAFT plans over synthetic load.
 
+use rand::{Rng, SeedableRng};
+
 use crate::plan::load_formats::synthetic_window;
 use crate::plan::planner::{make_plan, Budget, PlanRequest};
 use crate::plan::{Algorithm, Dtype, ExpertPlan, ModelShape, Topology};
@@ -47,4 +49,34 @@ pub fn plan_seeded(model: ModelShape, gpus: u32, replicas: u32, seed: u64) -> Ex
         None,
     )
     .expect("plan")
+}
+
+/// One rank's tokens for one step: hidden rows, top-k ids (distinct per token) and weights.
+pub struct Tokens {
+    pub x: Vec<u16>,
+    pub ids: Vec<i64>,
+    pub w: Vec<f32>,
+    pub n: usize,
+}
+
+pub fn tokens(seed: u64, n: usize, m: &ModelShape) -> Tokens {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (h, k, e) = (m.hidden_size as usize, m.top_k as usize, m.experts as usize);
+    let x = (0..n * h)
+        .map(|_| half::bf16::from_f32(rng.random_range(-1.0f32..1.0)).to_bits())
+        .collect();
+    let mut ids = Vec::new();
+    let mut w = Vec::new();
+    for _ in 0..n {
+        let mut picked: Vec<i64> = Vec::new();
+        while picked.len() < k {
+            let c = rng.random_range(0..e as i64);
+            if !picked.contains(&c) {
+                picked.push(c);
+            }
+        }
+        ids.extend(picked);
+        w.extend((0..k).map(|_| rng.random_range(0.05f32..1.0)));
+    }
+    Tokens { x, ids, w, n }
 }

@@ -6,13 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
-
 use super::*;
 use crate::ep::backend::HostBackend;
 use crate::ep::mesh::{local_group, MeshConfig};
 use crate::ep::rank::EpRank;
-use crate::ep::testutil::{plan_seeded, shape};
+use crate::ep::testutil::{plan_seeded, shape, tokens, Tokens};
 use crate::ep::transport::TcpRows;
 use crate::plan::{ExpertPlan, ModelShape};
 use crate::worker::checkpoint::synthetic::HashedWeights;
@@ -27,37 +25,10 @@ fn source(m: &ModelShape) -> Arc<dyn WeightSource> {
     Arc::new(HashedWeights::new(m.clone(), 5))
 }
 
-struct Tokens {
-    x: Vec<u16>,
-    ids: Vec<i64>,
-    w: Vec<f32>,
-}
-
-fn tokens(seed: u64, n: usize, m: &ModelShape) -> Tokens {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let (h, k, e) = (m.hidden_size as usize, m.top_k as usize, m.experts as i64);
-    let x = (0..n * h)
-        .map(|_| half::bf16::from_f32(rng.random_range(-1.0f32..1.0)).to_bits())
-        .collect();
-    let (mut ids, mut w) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        let mut p: Vec<i64> = Vec::new();
-        while p.len() < k {
-            let c = rng.random_range(0..e);
-            if !p.contains(&c) {
-                p.push(c);
-            }
-        }
-        ids.extend(p);
-        w.extend((0..k).map(|_| rng.random_range(0.05f32..1.0)));
-    }
-    Tokens { x, ids, w }
-}
-
 /// One rank's tokens for this test: rank r has 37 * (r + 1) tokens (uneven on purpose).
-fn rank_tokens(r: usize, m: &ModelShape) -> (usize, Tokens) {
+fn rank_tokens(r: usize, m: &ModelShape) -> Tokens {
     let n = 37 * (r + 1);
-    (n, tokens(1000 + r as u64, n, m))
+    tokens(1000 + r as u64, n, m)
 }
 
 /// The single-rank CPU result, layer after layer on the same input.
@@ -106,7 +77,8 @@ fn run_gpu_rank<T: Transport<DevRows>>(
     dev: &Arc<CudaDevice>,
     m: &ModelShape,
 ) -> Vec<Vec<u16>> {
-    let (n, t) = rank_tokens(r.rank(), m);
+    let t = rank_tokens(r.rank(), m);
+    let n = t.n;
     let h = m.hidden_size as usize;
     let st = dev.stream().clone();
     let x = st.clone_htod(&t.x).unwrap();
@@ -133,7 +105,8 @@ fn run_gpu_rank<T: Transport<DevRows>>(
 }
 
 fn check_against_cpu(rank: usize, outs: &[Vec<u16>], m: &ModelShape) {
-    let (n, t) = rank_tokens(rank, m);
+    let t = rank_tokens(rank, m);
+    let n = t.n;
     let want = cpu_reference(m, n, &t);
     for (li, (o, w)) in outs.iter().zip(&want).enumerate() {
         let e = rel(o, w);

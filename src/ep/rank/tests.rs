@@ -1,12 +1,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
-
 use super::*;
 use crate::ep::backend::HostBackend;
 use crate::ep::mesh::local_group;
-use crate::ep::testutil::{plan_seeded, shape};
+use crate::ep::testutil::{plan_seeded, shape, tokens, Tokens};
 use crate::ep::transport::TcpRows;
 use crate::plan::ModelShape;
 use crate::worker::checkpoint::synthetic::HashedWeights;
@@ -20,36 +18,6 @@ fn model() -> ModelShape {
 
 fn source(m: &ModelShape) -> Arc<dyn WeightSource> {
     Arc::new(HashedWeights::new(m.clone(), 11))
-}
-
-/// One rank's tokens for one step: hidden rows, top-k ids (distinct per token) and weights.
-struct Tokens {
-    x: Vec<u16>,
-    ids: Vec<i64>,
-    w: Vec<f32>,
-    n: usize,
-}
-
-fn tokens(seed: u64, n: usize, m: &ModelShape) -> Tokens {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let (h, k, e) = (m.hidden_size as usize, m.top_k as usize, m.experts as usize);
-    let x = (0..n * h)
-        .map(|_| half::bf16::from_f32(rng.random_range(-1.0f32..1.0)).to_bits())
-        .collect();
-    let mut ids = Vec::new();
-    let mut w = Vec::new();
-    for _ in 0..n {
-        let mut picked: Vec<i64> = Vec::new();
-        while picked.len() < k {
-            let c = rng.random_range(0..e as i64);
-            if !picked.contains(&c) {
-                picked.push(c);
-            }
-        }
-        ids.extend(picked);
-        w.extend((0..k).map(|_| rng.random_range(0.05f32..1.0)));
-    }
-    Tokens { x, ids, w, n }
 }
 
 fn group(world: usize, plan: &Arc<ExpertPlan>, m: &ModelShape) -> Vec<HostRank> {
@@ -68,6 +36,16 @@ fn group(world: usize, plan: &Arc<ExpertPlan>, m: &ModelShape) -> Vec<HostRank> 
             .unwrap()
         })
         .collect()
+}
+
+/// Runs `f` on every rank at once, a thread each (all started before any is waited for: the
+/// ranks step together), and returns the results in rank order.
+fn each_rank<T: Send>(ranks: Vec<HostRank>, f: impl Fn(HostRank) -> T + Sync) -> Vec<T> {
+    let f = &f;
+    std::thread::scope(|s| {
+        let running: Vec<_> = ranks.into_iter().map(|r| s.spawn(move || f(r))).collect();
+        running.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
 
 /// The single-rank result for the same tokens: one rank holds every expert.
@@ -92,29 +70,20 @@ fn several_ranks_over_tcp_equal_one_rank() {
     let world = 3;
     let plan = Arc::new(plan_seeded(m.clone(), world as u32, 2, 5));
     let layers: Vec<u32> = plan.layers.iter().map(|l| l.layer).collect();
-    let ranks = group(world, &plan, &m);
-    let handles: Vec<_> = ranks
-        .into_iter()
-        .map(|mut r| {
-            let m = m.clone();
-            let layers = layers.clone();
-            std::thread::spawn(move || {
-                // Uneven shares, and a rank with no tokens at all.
-                let n = [5, 0, 9][r.rank()];
-                let t = tokens(100 + r.rank() as u64, n, &m);
-                let h = m.hidden_size as usize;
-                let mut outs = Vec::new();
-                for &l in &layers {
-                    let mut out = vec![0u16; n * h];
-                    r.forward(l, n, 2, &t.x, &t.ids, &t.w, &mut out).unwrap();
-                    outs.push(out);
-                }
-                (t, outs)
-            })
-        })
-        .collect();
-    for h in handles {
-        let (t, outs) = h.join().unwrap();
+    let results = each_rank(group(world, &plan, &m), |mut r| {
+        // Uneven shares, and a rank with no tokens at all.
+        let n = [5, 0, 9][r.rank()];
+        let t = tokens(100 + r.rank() as u64, n, &m);
+        let h = m.hidden_size as usize;
+        let mut outs = Vec::new();
+        for &l in &layers {
+            let mut out = vec![0u16; n * h];
+            r.forward(l, n, 2, &t.x, &t.ids, &t.w, &mut out).unwrap();
+            outs.push(out);
+        }
+        (t, outs)
+    });
+    for (t, outs) in results {
         assert_eq!(outs, reference(&m, &t, &layers));
     }
 }
@@ -129,38 +98,31 @@ fn the_group_switches_plans_at_one_step_whenever_ranks_stage_them() {
     let layers: Vec<u32> = a.layers.iter().map(|l| l.layer).collect();
     // Rank r stages plan b before layer `at[r].1` of step `at[r].0`.
     let at = [(1u64, 0usize), (2, 1), (4, 0)];
-    let handles: Vec<_> = group(world, &a, &m)
-        .into_iter()
-        .map(|mut r| {
-            let (m, b, layers) = (m.clone(), b.clone(), layers.clone());
-            let (stage_step, stage_layer) = at[r.rank()];
-            std::thread::spawn(move || {
-                let t = tokens(7 + r.rank() as u64, 6, &m);
-                let h = m.hidden_size as usize;
-                let mut epochs = Vec::new();
-                let mut outs = Vec::new();
-                for _ in 0..7 {
-                    r.begin_step();
-                    epochs.push(r.active_epoch());
-                    for (li, &l) in layers.iter().enumerate() {
-                        if (r.step(), li) == (stage_step, stage_layer) {
-                            r.stage(b.clone(), 2).unwrap();
-                        }
-                        assert_eq!(
-                            r.active_epoch(),
-                            epochs[epochs.len() - 1],
-                            "mid-step switch"
-                        );
-                        let mut out = vec![0u16; 6 * h];
-                        r.forward(l, 6, 2, &t.x, &t.ids, &t.w, &mut out).unwrap();
-                        outs.push(out);
-                    }
+    let results = each_rank(group(world, &a, &m), |mut r| {
+        let (stage_step, stage_layer) = at[r.rank()];
+        let t = tokens(7 + r.rank() as u64, 6, &m);
+        let h = m.hidden_size as usize;
+        let mut epochs = Vec::new();
+        let mut outs = Vec::new();
+        for _ in 0..7 {
+            r.begin_step();
+            epochs.push(r.active_epoch());
+            for (li, &l) in layers.iter().enumerate() {
+                if (r.step(), li) == (stage_step, stage_layer) {
+                    r.stage(b.clone(), 2).unwrap();
                 }
-                (t, epochs, outs, r.active_plan().hash.clone())
-            })
-        })
-        .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+                assert_eq!(
+                    r.active_epoch(),
+                    epochs[epochs.len() - 1],
+                    "mid-step switch"
+                );
+                let mut out = vec![0u16; 6 * h];
+                r.forward(l, 6, 2, &t.x, &t.ids, &t.w, &mut out).unwrap();
+                outs.push(out);
+            }
+        }
+        (t, epochs, outs, r.active_plan().hash.clone())
+    });
     // Rank 2 stages at step 4 (layer 0): every rank reports it in step 4's first exchange, so
     // the whole group routes by plan b from step 5 on.
     for (t, epochs, outs, hash) in results {
@@ -186,22 +148,13 @@ fn a_rank_that_dies_is_named_by_the_others_within_the_step_timeout() {
     let mut ranks = group(3, &plan, &m);
     drop(ranks.pop());
     let started = Instant::now();
-    let errs: Vec<String> = ranks
-        .into_iter()
-        .map(|mut r| {
-            let m = m.clone();
-            std::thread::spawn(move || {
-                let t = tokens(1, 4, &m);
-                let mut out = vec![0u16; 4 * m.hidden_size as usize];
-                r.forward(0, 4, 2, &t.x, &t.ids, &t.w, &mut out)
-                    .unwrap_err()
-                    .to_string()
-            })
-        })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .map(|h| h.join().unwrap())
-        .collect();
+    let errs = each_rank(ranks, |mut r| {
+        let t = tokens(1, 4, &m);
+        let mut out = vec![0u16; 4 * m.hidden_size as usize];
+        r.forward(0, 4, 2, &t.x, &t.ids, &t.w, &mut out)
+            .unwrap_err()
+            .to_string()
+    });
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -216,23 +169,14 @@ fn a_rank_that_dies_is_named_by_the_others_within_the_step_timeout() {
 fn ranks_out_of_step_are_told_which_peer_and_where() {
     let m = model();
     let plan = Arc::new(plan_seeded(m.clone(), 2, 0, 5));
-    let errs: Vec<String> = group(2, &plan, &m)
-        .into_iter()
-        .map(|mut r| {
-            let m = m.clone();
-            std::thread::spawn(move || {
-                let t = tokens(1, 4, &m);
-                let mut out = vec![0u16; 4 * m.hidden_size as usize];
-                let layer = r.rank() as u32; // rank 1 skips layer 0
-                r.forward(layer, 4, 2, &t.x, &t.ids, &t.w, &mut out)
-                    .unwrap_err()
-                    .to_string()
-            })
-        })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .map(|h| h.join().unwrap())
-        .collect();
+    let errs = each_rank(group(2, &plan, &m), |mut r| {
+        let t = tokens(1, 4, &m);
+        let mut out = vec![0u16; 4 * m.hidden_size as usize];
+        let layer = r.rank() as u32; // rank 1 skips layer 0
+        r.forward(layer, 4, 2, &t.x, &t.ids, &t.w, &mut out)
+            .unwrap_err()
+            .to_string()
+    });
     assert!(
         errs[0].contains("rank 1 is at step 1 layer 1 Dispatch"),
         "{errs:?}"
