@@ -5,7 +5,7 @@
 # On the device machine, with moectl, libmoe_ep.so and the lib's test binary built here and
 # stripped into .devbin/ (see docs/benchmarks.md):
 #   OUT=/tmp/out benches/gpu/ep.sh
-# Knobs: PARTS="tests hf ranks", WORLDS="4 8", LAYERS=16, BATCHES=10.
+# Knobs: PARTS="tests hf ranks", WORLDS="4 8", LAYERS=16, BATCHES=10, MICRO=1,2.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 B=${BIN:-.devbin}
@@ -43,7 +43,7 @@ for part in ${PARTS:-tests hf ranks}; do
             timeout 560 "$B/moectl" bench policies --load /tmp/trace-qwen.json --preset qwen3-30b-a3b \
                 --layers "${LAYERS:-16}" --gpus "$D" --budgets 8 --policies "${POLICIES:-eplb,craft}" \
                 --device cuda:0 --mode ranks --transport ipc --regime decode,prefill \
-                --batches "${BATCHES:-10}" --warmup 2 --seed 1 --work-dir "/tmp/ranks-$D" \
+                --batches "${BATCHES:-10}" --warmup 2 --seed 1 --work-dir "/tmp/ranks-$D" --micro-batches "${MICRO:-1,2}" \
                 --out "$OUT/ranks-ipc-$D.json" --markdown "$OUT/ranks-ipc-$D.md" >"$OUT/ranks-ipc-$D.log" 2>&1
             r=$?
             [ $r = 0 ] || rc=$r

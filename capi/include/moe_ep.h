@@ -11,7 +11,7 @@ extern "C" {
 const char *moe_ep_last_error(void);
 /* Joins the group; config_json: {"rank", "world", "rendezvous": "host:port", "transport":
  * "ipc"|"nccl", "device", "plan": path, "epoch", "checkpoint": dir | "synthetic_weights": seed,
- * "listen", "rendezvous_timeout_s", "step_timeout_s"}. NULL on failure. */
+ * "listen", "rendezvous_timeout_s", "step_timeout_s", "micro_batches": 1|2}. NULL on failure. */
 void *moe_ep_create(const char *config_json);
 void moe_ep_destroy(void *h);
 int moe_ep_info(void *h, uint32_t *rank, uint32_t *world, uint64_t *hidden);

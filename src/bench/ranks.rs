@@ -360,6 +360,9 @@ pub fn run_rank_processes(
 pub struct RanksResult {
     pub policy: String,
     pub replicas_per_gpu: u32,
+    /// 1, or 2 when each layer ran as two pipelined micro-batches.
+    #[serde(default = "one")]
+    pub micro_batches: usize,
     pub tokens_per_batch: usize,
     /// Kernels only, layer = slowest rank (each rank as if on its own GPU).
     pub emulated_tokens_per_s: f64,
@@ -379,9 +382,15 @@ pub struct RanksResult {
     pub comm_bytes_per_layer: f64,
 }
 
+fn one() -> usize {
+    1
+}
+
 /// Builds the result line from both modes' measurements.
+#[allow(clippy::too_many_arguments)]
 pub fn result(
     plan: &ExpertPlan,
+    micro_batches: usize,
     tokens: usize,
     emulated: &Measured,
     serial_seconds: f64,
@@ -399,6 +408,7 @@ pub fn result(
     RanksResult {
         policy: plan.algorithm.to_string(),
         replicas_per_gpu: plan.replicas_per_gpu,
+        micro_batches,
         tokens_per_batch: tokens,
         emulated_tokens_per_s: emu_tps,
         serial_tokens_per_s: serial_tps,
@@ -421,13 +431,14 @@ pub fn result(
 
 /// Markdown table of ranks-mode results.
 pub fn markdown(title: &str, rows: &[RanksResult]) -> String {
-    let mut s = format!("### {title}\n\n| policy | R | tokens/batch | emulated tok/s | serial tok/s | ranks tok/s | ranks / emulated | ranks / serial | step p50 ms | layer parts ms (route / gather / exchange / compute / combine) | dispatch+combine ms | D2D copy ms | ratio | MiB/layer |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut s = format!("### {title}\n\n| policy | R | micro-batches | tokens/batch | emulated tok/s | serial tok/s | ranks tok/s | ranks / emulated | ranks / serial | step p50 ms | layer parts ms (route / gather / exchange / compute / combine) | dispatch+combine ms | D2D copy ms | ratio | MiB/layer |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let p = &r.parts_ms_per_layer;
         s += &format!(
-            "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.3}x | {:.3}x | {:.3} | {:.3} / {:.3} / {:.3} / {:.3} / {:.3} | {:.3} | {:.3} | {:.2}x | {:.1} |\n",
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.3}x | {:.3}x | {:.3} | {:.3} / {:.3} / {:.3} / {:.3} / {:.3} | {:.3} | {:.3} | {:.2}x | {:.1} |\n",
             r.policy,
             r.replicas_per_gpu,
+            r.micro_batches,
             r.tokens_per_batch,
             r.emulated_tokens_per_s,
             r.serial_tokens_per_s,

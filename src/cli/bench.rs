@@ -141,6 +141,10 @@ pub struct PoliciesArgs {
     /// Ranks mode: the GPU transport, ipc (all ranks on --device) or nccl (rank r on cuda:N+r).
     #[arg(long, default_value = "ipc")]
     pub transport: String,
+    /// Ranks mode: run the ranks once per value, 1 (one exchange pair a layer) or 2 (two
+    /// pipelined micro-batches), on the same draws and plans.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub micro_batches: Vec<usize>,
     /// Run only these policies (none, placement, eplb, craft); default all.
     #[arg(long, value_delimiter = ',')]
     pub policies: Vec<String>,
@@ -519,6 +523,9 @@ fn ranks_mode(
     if !matches!(a.transport.as_str(), "ipc" | "nccl") {
         bail!("--transport {:?}: ipc or nccl", a.transport);
     }
+    if a.micro_batches.is_empty() || a.micro_batches.iter().any(|m| !(1..=2).contains(m)) {
+        bail!("--micro-batches {:?}: give 1, 2 or 1,2", a.micro_batches);
+    }
     let exe = std::env::current_exe().context("locating moectl")?;
     let dir = match &a.work_dir {
         Some(d) => d.clone(),
@@ -555,65 +562,69 @@ fn ranks_mode(
                 .with_context(|| format!("{label}: emulated, policy {}", plan.algorithm))?;
             emulated.push((m, serial));
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let jobs: Vec<RankJob> = (0..a.gpus)
-            .map(|r| RankJob {
-                session: crate::ep::session::SessionConfig {
-                    rank: r,
-                    world: a.gpus,
-                    rendezvous: format!("127.0.0.1:{port}"),
-                    listen: None,
-                    transport: a.transport.clone(),
-                    device: if a.transport == "nccl" {
-                        ordinal + r
-                    } else {
-                        ordinal
+        for &micro in &a.micro_batches {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let jobs: Vec<RankJob> = (0..a.gpus)
+                .map(|r| RankJob {
+                    session: crate::ep::session::SessionConfig {
+                        rank: r,
+                        world: a.gpus,
+                        rendezvous: format!("127.0.0.1:{port}"),
+                        listen: None,
+                        transport: a.transport.clone(),
+                        device: if a.transport == "nccl" {
+                            ordinal + r
+                        } else {
+                            ordinal
+                        },
+                        plan: plan_file.clone(),
+                        epoch: 1,
+                        checkpoint: None,
+                        synthetic_weights: Some(a.weights_seed),
+                        rendezvous_timeout_s: 300.0,
+                        step_timeout_s: 120.0,
+                        micro_batches: micro,
                     },
-                    plan: plan_file.clone(),
-                    epoch: 1,
-                    checkpoint: None,
-                    synthetic_weights: Some(a.weights_seed),
-                    rendezvous_timeout_s: 300.0,
-                    step_timeout_s: 120.0,
-                },
-                load: load.clone(),
-                tokens: sizes.clone(),
-                batches: a.batches,
-                warmup: a.warmup,
-                seed: a.seed,
-                comm_repeats: 3,
-                report: dir.join(format!("rank-{r}-{short}.report.json")),
-            })
-            .collect();
-        let t = Instant::now();
-        let reports = run_rank_processes(&exe, &jobs, &dir, std::time::Duration::from_secs(900))
-            .with_context(|| {
-                format!(
-                    "ranks of policy {} (logs in {})",
-                    plan.algorithm,
-                    dir.display()
-                )
-            })?;
-        eprintln!(
-            "{} ranks of {} R={} done in {:.1} s",
-            a.gpus,
-            plan.algorithm,
-            plan.replicas_per_gpu,
-            t.elapsed().as_secs_f64()
-        );
-        for (i, (label, tokens, _)) in runs.iter().enumerate() {
-            let bytes: f64 = reports.iter().map(|r| r.runs[i].comm_bytes_per_layer).sum();
-            let d2d = d2d_copy_seconds(exec.device(), bytes as usize, 10)?;
-            let (m, serial) = &emulated[i];
-            let r = result(plan, *tokens, m, *serial, &reports, i, d2d);
+                    load: load.clone(),
+                    tokens: sizes.clone(),
+                    batches: a.batches,
+                    warmup: a.warmup,
+                    seed: a.seed,
+                    comm_repeats: 3,
+                    report: dir.join(format!("rank-{r}-{short}-m{micro}.report.json")),
+                })
+                .collect();
+            let t = Instant::now();
+            let reports =
+                run_rank_processes(&exe, &jobs, &dir, std::time::Duration::from_secs(900))
+                    .with_context(|| {
+                        format!(
+                            "ranks of policy {} (logs in {})",
+                            plan.algorithm,
+                            dir.display()
+                        )
+                    })?;
             eprintln!(
-                "{label}: {} R={}: ranks {:.0} tok/s, emulated {:.0} ({:.3}x), serial {:.0} ({:.3}x); dispatch+combine {:.3} ms vs D2D {:.3} ms",
-                r.policy, r.replicas_per_gpu, r.ranks_tokens_per_s, r.emulated_tokens_per_s, r.ranks_over_emulated,
-                r.serial_tokens_per_s, r.ranks_over_serial, r.comm_ms_per_layer, r.d2d_ms_per_layer
+                "{} ranks of {} R={} done in {:.1} s",
+                a.gpus,
+                plan.algorithm,
+                plan.replicas_per_gpu,
+                t.elapsed().as_secs_f64()
             );
-            rows.push(r);
+            for (i, (label, tokens, _)) in runs.iter().enumerate() {
+                let bytes: f64 = reports.iter().map(|r| r.runs[i].comm_bytes_per_layer).sum();
+                let d2d = d2d_copy_seconds(exec.device(), bytes as usize, 10)?;
+                let (m, serial) = &emulated[i];
+                let r = result(plan, micro, *tokens, m, *serial, &reports, i, d2d);
+                eprintln!(
+                    "{label}: {} R={} micro-batches {micro}: ranks {:.0} tok/s, emulated {:.0} ({:.3}x), serial {:.0} ({:.3}x); dispatch+combine {:.3} ms vs D2D {:.3} ms",
+                    r.policy, r.replicas_per_gpu, r.ranks_tokens_per_s, r.emulated_tokens_per_s, r.ranks_over_emulated,
+                    r.serial_tokens_per_s, r.ranks_over_serial, r.comm_ms_per_layer, r.d2d_ms_per_layer
+                );
+                rows.push(r);
+            }
         }
     }
     let title = format!(

@@ -47,6 +47,29 @@ pub trait Backend: Send {
     ) -> Result<(), BackendError>;
     /// Waits until the rows written so far are complete (device work finished).
     fn ready(&mut self) -> Result<(), BackendError>;
+    /// Marks how far the device work enqueued so far goes, as mark `slot` (0 or 1): a layer run
+    /// as two micro-batches waits for the first one's outputs while the second computes.
+    fn mark(&mut self, _slot: usize) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Waits until the work up to mark `slot` is complete.
+    fn wait_mark(&mut self, _slot: usize) -> Result<(), BackendError> {
+        self.ready()
+    }
+    /// Tokens `from..to` of an input of `tokens` tokens.
+    fn input_rows<'a>(
+        &self,
+        x: Self::Input<'a>,
+        tokens: usize,
+        from: usize,
+        to: usize,
+    ) -> Result<Self::Input<'a>, BackendError>;
+    /// An output split at token `at`.
+    fn split_output<'a>(
+        &self,
+        out: Self::Output<'a>,
+        at: usize,
+    ) -> (Self::Output<'a>, Self::Output<'a>);
     /// For every arrived row `i`, `back[i]` = its router-weighted expert output.
     fn compute(
         &mut self,
@@ -126,6 +149,32 @@ impl Backend for HostBackend {
 
     fn ready(&mut self) -> Result<(), BackendError> {
         Ok(())
+    }
+
+    fn input_rows<'a>(
+        &self,
+        x: Self::Input<'a>,
+        tokens: usize,
+        from: usize,
+        to: usize,
+    ) -> Result<Self::Input<'a>, BackendError> {
+        let h = self.hidden;
+        if x.len() != tokens * h || from > to || to > tokens {
+            return Err(BackendError(format!(
+                "input holds {} values, not {tokens} tokens x hidden {h}",
+                x.len()
+            )));
+        }
+        Ok(&x[from * h..to * h])
+    }
+
+    fn split_output<'a>(
+        &self,
+        out: Self::Output<'a>,
+        at: usize,
+    ) -> (Self::Output<'a>, Self::Output<'a>) {
+        let at = (at * self.hidden).min(out.len());
+        out.split_at_mut(at)
     }
 
     fn compute(

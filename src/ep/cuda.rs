@@ -155,6 +155,25 @@ pub struct CudaBackend {
     hidden: usize,
     xs: DevRows,
     idx: [DevRows; 4],
+    marks: Marks,
+}
+
+/// The two micro-batches' events (created on first use).
+struct Marks([cu::CUevent; 2]);
+
+// SAFETY: the events belong to the rank's context and are used from the thread that holds it.
+unsafe impl Send for Marks {}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let _ = self.dev.context().bind_to_thread();
+        for e in self.marks.0 {
+            if !e.is_null() {
+                // SAFETY: created by cuEventCreate in this context, destroyed once.
+                unsafe { cu::cuEventDestroy_v2(e) };
+            }
+        }
+    }
 }
 
 impl CudaBackend {
@@ -165,6 +184,7 @@ impl CudaBackend {
             dev,
             xs: DevRows::default(),
             idx: Default::default(),
+            marks: Marks([std::ptr::null_mut(); 2]),
         }
     }
 
@@ -231,6 +251,47 @@ impl Backend for CudaBackend {
             .stream()
             .synchronize()
             .map_err(|e| be(format!("{e:?}")))
+    }
+
+    fn mark(&mut self, slot: usize) -> Result<(), BackendError> {
+        let e = &mut self.marks.0[slot];
+        if e.is_null() {
+            // SAFETY: creates an event in the current context (entered by the caller).
+            let r =
+                unsafe { cu::cuEventCreate(e, cu::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) };
+            check(r, "creating a micro-batch event").map_err(be)?;
+        }
+        // SAFETY: records our event on our stream.
+        let r = unsafe { cu::cuEventRecord(*e, self.stream()) };
+        check(r, "recording a micro-batch event").map_err(be)
+    }
+
+    fn wait_mark(&mut self, slot: usize) -> Result<(), BackendError> {
+        let e = self.marks.0[slot];
+        if e.is_null() {
+            return self.ready();
+        }
+        // SAFETY: waits on an event recorded on our stream.
+        let r = unsafe { cu::cuEventSynchronize(e) };
+        check(r, "waiting for a micro-batch").map_err(be)
+    }
+
+    fn input_rows<'a>(
+        &self,
+        x: Self::Input<'a>,
+        _tokens: usize,
+        from: usize,
+        _to: usize,
+    ) -> Result<Self::Input<'a>, BackendError> {
+        Ok(DevPtr(x.0 + (from * self.hidden * 2) as u64))
+    }
+
+    fn split_output<'a>(
+        &self,
+        out: Self::Output<'a>,
+        at: usize,
+    ) -> (Self::Output<'a>, Self::Output<'a>) {
+        (out, DevPtr(out.0 + (at * self.hidden * 2) as u64))
     }
 
     fn compute(

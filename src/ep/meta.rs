@@ -21,6 +21,8 @@ pub struct Header {
     pub step: u64,
     pub layer: u32,
     pub phase: Phase,
+    /// Which micro-batch of the layer (0, or 0 and 1 when the layer runs as two).
+    pub part: u8,
     /// Epoch of the plan this rank routes the step by.
     pub active_epoch: u64,
     /// Newest epoch this rank has loaded and could switch to.
@@ -52,7 +54,7 @@ pub enum MetaError {
     Weight { row: usize },
 }
 
-const HEADER_BYTES: usize = 4 + 8 + 4 + 1 + 8 + 8 + 4 + 8;
+const HEADER_BYTES: usize = 4 + 8 + 4 + 1 + 1 + 8 + 8 + 4 + 8;
 
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
@@ -63,6 +65,7 @@ impl Message {
         b.extend_from_slice(&h.step.to_le_bytes());
         b.extend_from_slice(&h.layer.to_le_bytes());
         b.push(h.phase as u8);
+        b.push(h.part);
         b.extend_from_slice(&h.active_epoch.to_le_bytes());
         b.extend_from_slice(&h.staged_epoch.to_le_bytes());
         b.extend_from_slice(&(rows as u32).to_le_bytes());
@@ -97,11 +100,12 @@ impl Message {
             step: u64_at(4),
             layer: u32_at(12),
             phase,
-            active_epoch: u64_at(17),
-            staged_epoch: u64_at(25),
+            part: b[17],
+            active_epoch: u64_at(18),
+            staged_epoch: u64_at(26),
         };
-        let rows = u64::from(u32_at(33));
-        let note = u64_at(37);
+        let rows = u64::from(u32_at(34));
+        let note = u64_at(38);
         let body = (b.len() - HEADER_BYTES) as u64;
         if rows.checked_mul(8).and_then(|r| r.checked_add(note)) != Some(body) {
             return Err(MetaError::Length {
@@ -140,6 +144,7 @@ mod tests {
                 step: 7,
                 layer: 3,
                 phase: Phase::Dispatch,
+                part: 1,
                 active_epoch: 2,
                 staged_epoch: 3,
             },
@@ -168,7 +173,7 @@ mod tests {
         bad[16] = 9;
         assert_eq!(Message::decode(&bad), Err(MetaError::Phase(9)));
         let mut bad = b.clone();
-        bad[33..37].copy_from_slice(&u32::MAX.to_le_bytes());
+        bad[34..38].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             Message::decode(&bad),
             Err(MetaError::Length { .. })

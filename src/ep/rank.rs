@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::backend::{Backend, BackendError};
 use super::mesh::{Mesh, MeshError};
 use super::meta::{Header, Message, MetaError, Phase};
-use super::route::{offsets, Arrivals, Dispatch, RouteError, Router};
+use super::route::{check_lengths, offsets, Arrivals, Dispatch, RouteError, Router};
 use super::transport::{RowBuf, Transport, TransportError};
 use crate::plan::ExpertPlan;
 use crate::worker::compute::ExpertKey;
@@ -90,10 +90,11 @@ pub struct Timings {
 pub struct EpRank<B: Backend, T: Transport<B::Rows>> {
     rank: usize,
     world: usize,
-    send: B::Rows,
-    recv: B::Rows,
-    back: B::Rows,
-    back_recv: B::Rows,
+    /// One set of buffers per micro-batch: peers read a part's rows while the other part's are
+    /// written.
+    bufs: [Bufs<B::Rows>; 2],
+    /// 1, or 2 to run a layer as two micro-batches (see [`EpRank::set_micro_batches`]).
+    micro_batches: usize,
     transport: T,
     active: Epoch<B::Experts>,
     staged: Option<Epoch<B::Experts>>,
@@ -105,6 +106,24 @@ pub struct EpRank<B: Backend, T: Transport<B::Rows>> {
     pub timings: Timings,
     backend: B,
     mesh: Mesh,
+}
+
+/// A micro-batch's buffers: its rows to send, the rows that arrived, their outputs, and the
+/// outputs of its own rows back from the experts' ranks.
+#[derive(Default)]
+struct Bufs<R> {
+    send: R,
+    recv: R,
+    back: R,
+    back_recv: R,
+}
+
+/// One micro-batch of a layer in flight: its routing and where its rows arrived.
+struct Part {
+    tokens: std::ops::Range<usize>,
+    d: Dispatch,
+    send_off: Vec<usize>,
+    recv_off: Vec<usize>,
 }
 
 /// The keys a plan gives `rank`, and per layer which experts it holds.
@@ -156,10 +175,8 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
             switch_to: None,
             step: 0,
             decided: false,
-            send: Default::default(),
-            recv: Default::default(),
-            back: Default::default(),
-            back_recv: Default::default(),
+            bufs: Default::default(),
+            micro_batches: 1,
             timings: Timings::default(),
         })
     }
@@ -232,6 +249,13 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
         &self.backend
     }
 
+    /// Runs each layer of 2 or more tokens as two micro-batches (`n` = 2) or as one (`n` = 1):
+    /// with two, one half's exchange on the mesh overlaps the other half's experts on the device.
+    /// Every rank of a group must use the same setting (the headers refuse a mix).
+    pub fn set_micro_batches(&mut self, n: usize) {
+        self.micro_batches = n.clamp(1, 2);
+    }
+
     /// Loads `plan` as `epoch` next to the active plan; the group switches to it once every
     /// rank has staged it. A newer staged plan replaces an older one not yet switched to.
     pub fn stage(&mut self, plan: Arc<ExpertPlan>, epoch: u64) -> Result<(), EpError> {
@@ -279,11 +303,12 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
         }
     }
 
-    fn header(&self, layer: u32, phase: Phase) -> Header {
+    fn header(&self, layer: u32, phase: Phase, part: usize) -> Header {
         Header {
             step: self.step,
             layer,
             phase,
+            part: part as u8,
             active_epoch: self.active.epoch,
             staged_epoch: self.staged.as_ref().map_or(self.active.epoch, |s| s.epoch),
         }
@@ -304,13 +329,19 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
         for (peer, b) in got.iter().enumerate() {
             let m = Message::decode(b).map_err(|source| EpError::Meta { rank, peer, source })?;
             let h = m.header;
-            if (h.step, h.layer, h.phase, h.active_epoch)
-                != (ours.step, ours.layer, ours.phase, ours.active_epoch)
+            if (h.step, h.layer, h.phase, h.part, h.active_epoch)
+                != (
+                    ours.step,
+                    ours.layer,
+                    ours.phase,
+                    ours.part,
+                    ours.active_epoch,
+                )
             {
                 let at = |h: &Header| {
                     format!(
-                        "step {} layer {} {:?} under plan epoch {}",
-                        h.step, h.layer, h.phase, h.active_epoch
+                        "step {} layer {} {:?} (micro-batch {}) under plan epoch {}",
+                        h.step, h.layer, h.phase, h.part, h.active_epoch
                     )
                 };
                 return Err(EpError::OutOfStep {
@@ -337,7 +368,7 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
     /// naming the rank). Also lets a staged plan be agreed on between steps.
     pub fn heartbeat(&mut self) -> Result<(), EpError> {
         self.begin_step();
-        let h = self.header(u32::MAX, Phase::Heartbeat);
+        let h = self.header(u32::MAX, Phase::Heartbeat, 0);
         let msgs = (0..self.world)
             .map(|_| Message {
                 header: h,
@@ -352,6 +383,10 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
     /// One MoE layer for this rank's `tokens` tokens: `ids` and `weights` are `tokens x top_k`
     /// (the model's router output); `out` gets the combined expert outputs. The arguments are the
     /// engine's call as it comes (the C ABI passes them one to one).
+    ///
+    /// With two micro-batches the halves are pipelined: the second half's dispatch exchange runs
+    /// on the mesh while the first half's experts run on the device, and the first half's combine
+    /// exchange while the second's run.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
@@ -365,61 +400,113 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
     ) -> Result<(), EpError> {
         self.open_layer()?;
         let t0 = Instant::now();
-        let d = self.route(layer, tokens, top_k, ids, weights)?;
-        let send_off = d.offsets();
+        // Every rank runs the same number of parts, whatever its token count (a rank with no
+        // tokens still takes part in every exchange).
+        let halves = self.micro_batches > 1;
+        if halves {
+            check_lengths(tokens, top_k, ids, weights).map_err(|source| EpError::Route {
+                rank: self.rank,
+                source,
+            })?;
+        }
+        let cuts: Vec<std::ops::Range<usize>> = if halves {
+            vec![0..tokens / 2, tokens / 2..tokens]
+        } else {
+            std::iter::once(0..tokens).collect()
+        };
+        let mut parts = Vec::with_capacity(cuts.len());
+        for r in cuts {
+            let (ids, weights) = if halves {
+                let c = r.start * top_k..r.end * top_k;
+                (&ids[c.clone()], &weights[c])
+            } else {
+                (ids, weights)
+            };
+            let d = self.route(layer, r.len(), top_k, ids, weights)?;
+            parts.push(Part {
+                send_off: d.offsets(),
+                d,
+                tokens: r,
+                recv_off: Vec::new(),
+            });
+        }
         let t1 = Instant::now();
         let ready = self.transport.needs_ready_rows();
-        self.gather(x, tokens, &d, ready)?;
-        let t2 = Instant::now();
-        let got = self.dispatch_exchange(layer, &d, &send_off)?;
-        let mut notes = Vec::with_capacity(self.world);
-        let mut from = Vec::with_capacity(self.world);
-        for m in got {
-            from.push((m.experts, m.weights));
-            notes.push(m.note);
+        for (i, p) in parts.iter().enumerate() {
+            let xi = if halves {
+                self.backend
+                    .input_rows(x, tokens, p.tokens.start, p.tokens.end)
+                    .map_err(self.backend_error("taking a micro-batch's rows"))?
+            } else {
+                x
+            };
+            self.gather(i, xi, p.tokens.len(), &p.d)?;
         }
-        let held = self
-            .active
-            .held
-            .iter()
-            .find(|(l, _)| *l == layer)
-            .map_or(&[][..], |(_, h)| h.as_slice());
-        let a = Arrivals::build(layer, &from, self.active.plan.model.experts, |e| {
-            held.get(e as usize).copied().unwrap_or(false)
-        })
-        .map_err(|source| EpError::Route {
-            rank: self.rank,
-            source,
-        })?;
-        let recv_off = offsets(&a.recv_counts);
-        self.deliver_rows(notes, &send_off, &recv_off)?;
-        let t3 = Instant::now();
-        let h = self.backend.hidden();
-        self.back
-            .ensure(a.rows() * h)
-            .map_err(self.transport_error())?;
-        self.backend
-            .compute(layer, &self.active.experts, &a, &self.recv, &mut self.back)
-            .map_err(self.backend_error("computing the experts"))?;
         if ready {
             self.backend
                 .ready()
-                .map_err(self.backend_error("finishing the expert outputs"))?;
+                .map_err(self.backend_error("finishing the rows to send"))?;
         }
-        let t4 = Instant::now();
-        self.combine_exchange(layer, Returned::Outputs, &recv_off, &send_off)?;
-        let t5 = Instant::now();
-        self.backend
-            .combine(&self.back_recv, &d.combine, top_k, tokens, out)
-            .map_err(self.backend_error("combining the outputs"))?;
-        let t6 = Instant::now();
-        let s = |a: Instant, b: Instant| (b - a).as_secs_f64();
+        let t2 = Instant::now();
+        let (mut exchange, mut compute, mut combine) = (0.0, 0.0, 0.0);
+        let s = |a: Instant| a.elapsed().as_secs_f64();
+        for (i, p) in parts.iter_mut().enumerate() {
+            let t = Instant::now();
+            let a = self.dispatch_and_deliver(layer, i, p)?;
+            exchange += s(t);
+            let t = Instant::now();
+            let h = self.backend.hidden();
+            let te = self.transport_error();
+            let b = &mut self.bufs[i];
+            b.back.ensure(a.rows() * h).map_err(te)?;
+            self.backend
+                .compute(layer, &self.active.experts, &a, &b.recv, &mut b.back)
+                .map_err(self.backend_error("computing the experts"))?;
+            if halves {
+                self.backend
+                    .mark(i)
+                    .map_err(self.backend_error("marking the expert outputs"))?;
+            }
+            compute += s(t);
+        }
+        let outs = if halves {
+            let (a, b) = self.backend.split_output(out, parts[0].tokens.len());
+            vec![a, b]
+        } else {
+            vec![out]
+        };
+        for (i, (p, o)) in parts.iter().zip(outs).enumerate() {
+            let t = Instant::now();
+            if ready {
+                let r = if halves {
+                    self.backend.wait_mark(i)
+                } else {
+                    self.backend.ready()
+                };
+                r.map_err(self.backend_error("finishing the expert outputs"))?;
+            }
+            compute += s(t);
+            let t = Instant::now();
+            self.combine_exchange(layer, i, Returned::Outputs, &p.recv_off, &p.send_off)?;
+            exchange += s(t);
+            let t = Instant::now();
+            self.backend
+                .combine(
+                    &self.bufs[i].back_recv,
+                    &p.d.combine,
+                    top_k,
+                    p.tokens.len(),
+                    o,
+                )
+                .map_err(self.backend_error("combining the outputs"))?;
+            combine += s(t);
+        }
         let tm = &mut self.timings;
-        tm.route += s(t0, t1);
-        tm.gather += s(t1, t2);
-        tm.exchange += s(t2, t3) + s(t4, t5);
-        tm.compute += s(t3, t4);
-        tm.combine += s(t5, t6);
+        tm.route += (t1 - t0).as_secs_f64();
+        tm.gather += (t2 - t1).as_secs_f64();
+        tm.exchange += exchange;
+        tm.compute += compute;
+        tm.combine += combine;
         tm.layers += 1;
         Ok(())
     }
@@ -439,11 +526,15 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
         self.open_layer()?;
         let d = self.route(layer, tokens, top_k, ids, weights)?;
         let send_off = d.offsets();
-        self.gather(x, tokens, &d, true)?;
-        let got = self.dispatch_exchange(layer, &d, &send_off)?;
+        self.gather(0, x, tokens, &d)?;
+        self.backend
+            .ready()
+            .map_err(self.backend_error("finishing the rows to send"))?;
+        let got = self.dispatch_exchange(layer, 0, &d, &send_off)?;
         let recv_counts: Vec<usize> = got.iter().map(|m| m.experts.len()).collect();
         let recv_off = offsets(&recv_counts);
         self.deliver_rows(
+            0,
             got.into_iter().map(|m| m.note).collect(),
             &send_off,
             &recv_off,
@@ -451,7 +542,7 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
         self.backend
             .ready()
             .map_err(self.backend_error("finishing the received rows"))?;
-        self.combine_exchange(layer, Returned::Received, &recv_off, &send_off)?;
+        self.combine_exchange(layer, 0, Returned::Received, &recv_off, &send_off)?;
         self.backend
             .ready()
             .map_err(self.backend_error("finishing the returned rows"))?;
@@ -507,27 +598,55 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
         })
     }
 
-    /// Gathers the rows to send into the send buffer; with `ready`, waits until they are there.
+    /// Gathers micro-batch `part`'s rows to send into its send buffer (enqueued; the caller
+    /// waits when the transport needs the rows complete).
     fn gather(
         &mut self,
+        part: usize,
         x: B::Input<'_>,
         tokens: usize,
         d: &Dispatch,
-        ready: bool,
     ) -> Result<(), EpError> {
         let h = self.backend.hidden();
-        self.send
-            .ensure(d.send_tokens.len() * h)
-            .map_err(self.transport_error())?;
+        let te = self.transport_error();
+        let send = &mut self.bufs[part].send;
+        send.ensure(d.send_tokens.len() * h).map_err(te)?;
         self.backend
-            .gather_input(x, tokens, &d.send_tokens, &mut self.send)
-            .map_err(self.backend_error("gathering the rows to send"))?;
-        if ready {
-            self.backend
-                .ready()
-                .map_err(self.backend_error("finishing the rows to send"))?;
+            .gather_input(x, tokens, &d.send_tokens, send)
+            .map_err(self.backend_error("gathering the rows to send"))
+    }
+
+    /// A micro-batch's dispatch exchange, then its rows moved into its receive buffer; returns
+    /// where they arrived (and fills the part's receive offsets).
+    fn dispatch_and_deliver(
+        &mut self,
+        layer: u32,
+        part: usize,
+        p: &mut Part,
+    ) -> Result<Arrivals, EpError> {
+        let got = self.dispatch_exchange(layer, part, &p.d, &p.send_off)?;
+        let mut notes = Vec::with_capacity(self.world);
+        let mut from = Vec::with_capacity(self.world);
+        for m in got {
+            from.push((m.experts, m.weights));
+            notes.push(m.note);
         }
-        Ok(())
+        let held = self
+            .active
+            .held
+            .iter()
+            .find(|(l, _)| *l == layer)
+            .map_or(&[][..], |(_, h)| h.as_slice());
+        let a = Arrivals::build(layer, &from, self.active.plan.model.experts, |e| {
+            held.get(e as usize).copied().unwrap_or(false)
+        })
+        .map_err(|source| EpError::Route {
+            rank: self.rank,
+            source,
+        })?;
+        p.recv_off = offsets(&a.recv_counts);
+        self.deliver_rows(part, notes, &p.send_off, &p.recv_off)?;
+        Ok(a)
     }
 
     /// The dispatch exchange: each peer gets its rows' experts and router weights and the
@@ -535,15 +654,16 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
     fn dispatch_exchange(
         &mut self,
         layer: u32,
+        part: usize,
         d: &Dispatch,
         send_off: &[usize],
     ) -> Result<Vec<Message>, EpError> {
         let h = self.backend.hidden();
         let notes = self
             .transport
-            .announce(&self.send, send_off, h)
+            .announce(&self.bufs[part].send, send_off, h)
             .map_err(self.transport_error())?;
-        let hd = self.header(layer, Phase::Dispatch);
+        let hd = self.header(layer, Phase::Dispatch, part);
         let msgs = notes
             .into_iter()
             .enumerate()
@@ -557,41 +677,45 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
         self.exchange(msgs)
     }
 
-    /// Moves every peer's dispatched rows into the receive buffer.
+    /// Moves every peer's dispatched rows into the part's receive buffer.
     fn deliver_rows(
         &mut self,
+        part: usize,
         notes: Vec<Vec<u8>>,
         send_off: &[usize],
         recv_off: &[usize],
     ) -> Result<(), EpError> {
         let h = self.backend.hidden();
-        self.recv
-            .ensure(recv_off[self.world] * h)
-            .map_err(self.transport_error())?;
+        let te = self.transport_error();
+        let b = &mut self.bufs[part];
+        b.recv.ensure(recv_off[self.world] * h).map_err(te)?;
         self.transport
-            .deliver(notes, &self.send, send_off, &mut self.recv, recv_off, h)
+            .deliver(notes, &b.send, send_off, &mut b.recv, recv_off, h)
             .map_err(self.transport_error())
     }
 
     /// The combine exchange: `returned` goes back to its sources in the order it came, into
-    /// `back_recv` in send order.
+    /// the part's `back_recv` in send order.
     fn combine_exchange(
         &mut self,
         layer: u32,
+        part: usize,
         returned: Returned,
         recv_off: &[usize],
         send_off: &[usize],
     ) -> Result<(), EpError> {
         let h = self.backend.hidden();
-        let src = match returned {
-            Returned::Outputs => &self.back,
-            Returned::Received => &self.recv,
+        let notes = {
+            let b = &self.bufs[part];
+            let src = match returned {
+                Returned::Outputs => &b.back,
+                Returned::Received => &b.recv,
+            };
+            self.transport
+                .announce(src, recv_off, h)
+                .map_err(self.transport_error())?
         };
-        let notes = self
-            .transport
-            .announce(src, recv_off, h)
-            .map_err(self.transport_error())?;
-        let hc = self.header(layer, Phase::Combine);
+        let hc = self.header(layer, Phase::Combine, part);
         let msgs = notes
             .into_iter()
             .map(|note| Message {
@@ -602,26 +726,25 @@ impl<B: Backend, T: Transport<B::Rows>> EpRank<B, T> {
             })
             .collect();
         let got = self.exchange(msgs)?;
-        self.back_recv
-            .ensure(send_off[self.world] * h)
-            .map_err(self.transport_error())?;
+        let te = self.transport_error();
+        let b = &mut self.bufs[part];
+        b.back_recv.ensure(send_off[self.world] * h).map_err(te)?;
         let src = match returned {
-            Returned::Outputs => &self.back,
-            Returned::Received => &self.recv,
+            Returned::Outputs => &b.back,
+            Returned::Received => &b.recv,
         };
         self.transport
             .deliver(
                 got.into_iter().map(|m| m.note).collect(),
                 src,
                 recv_off,
-                &mut self.back_recv,
+                &mut b.back_recv,
                 send_off,
                 h,
             )
             .map_err(self.transport_error())
     }
 }
-
 /// Which of a rank's buffers the combine exchange sends back: the experts' outputs, or (the
 /// communication-only benchmark) the rows as they arrived.
 #[derive(Clone, Copy)]

@@ -133,6 +133,28 @@ impl Router {
     }
 }
 
+/// `ids` and `weights` must be `tokens x top_k`.
+pub fn check_lengths(
+    tokens: usize,
+    top_k: usize,
+    ids: &[i64],
+    weights: &[f32],
+) -> Result<(), RouteError> {
+    let want = tokens * top_k;
+    for (what, got) in [("top-k ids", ids.len()), ("top-k weights", weights.len())] {
+        if got != want {
+            return Err(RouteError::Length {
+                what,
+                got,
+                want,
+                tokens,
+                top_k,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// What one rank sends for one layer: rows grouped by destination, then by expert.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Dispatch {
@@ -161,18 +183,8 @@ impl Dispatch {
         ids: &[i64],
         weights: &[f32],
     ) -> Result<Self, RouteError> {
+        check_lengths(tokens, top_k, ids, weights)?;
         let want = tokens * top_k;
-        for (what, got) in [("top-k ids", ids.len()), ("top-k weights", weights.len())] {
-            if got != want {
-                return Err(RouteError::Length {
-                    what,
-                    got,
-                    want,
-                    tokens,
-                    top_k,
-                });
-            }
-        }
         let experts = router.experts();
         let mut dest = Vec::with_capacity(want);
         for (i, (&e, &w)) in ids.iter().zip(weights).enumerate() {

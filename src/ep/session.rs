@@ -50,6 +50,14 @@ pub struct SessionConfig {
     pub rendezvous_timeout_s: f64,
     #[serde(default = "two_minutes")]
     pub step_timeout_s: f64,
+    /// 1, or 2 to run each layer as two micro-batches whose exchanges overlap the other's
+    /// experts (every rank the same; `docs/data-plane.md` says when it pays).
+    #[serde(default = "one_usize")]
+    pub micro_batches: usize,
+}
+
+fn one_usize() -> usize {
+    1
 }
 
 fn one() -> u64 {
@@ -151,7 +159,13 @@ impl Session {
         let backend = CudaBackend::new(dev.clone(), source);
         let hidden = plan.model.hidden_size as usize;
         let plan = Arc::new(plan);
-        let ranked = match cfg.transport.as_str() {
+        if !(1..=2).contains(&cfg.micro_batches) {
+            return Err(SessionError::Config(format!(
+                "micro_batches {}: give 1 or 2",
+                cfg.micro_batches
+            )));
+        }
+        let mut ranked = match cfg.transport.as_str() {
             "ipc" => Ranked::Ipc(EpRank::new(
                 mesh,
                 backend,
@@ -175,6 +189,7 @@ impl Session {
                 )))
             }
         };
+        with_rank!(&mut ranked, r => r.set_micro_batches(cfg.micro_batches));
         Ok(Self {
             rank: ranked,
             dev,

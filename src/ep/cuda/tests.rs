@@ -159,7 +159,7 @@ const CHILD_ENV: &str = "MOE_EP_TEST_CHILD";
 
 /// Starts `world` copies of this test binary as ranks (transport, rank -> device) and checks
 /// each rank's outputs against the CPU reference.
-fn multi_process(world: usize, transport: &str, device_of: impl Fn(usize) -> usize) {
+fn multi_process(world: usize, transport: &str, micro: usize, device_of: impl Fn(usize) -> usize) {
     let m = model();
     let dir = tempfile::tempdir().unwrap();
     let plan = plan_for(world, &m);
@@ -175,6 +175,7 @@ fn multi_process(world: usize, transport: &str, device_of: impl Fn(usize) -> usi
         .map(|r| {
             let cfg = serde_json::json!({
                 "rank": r, "world": world, "transport": transport, "device": device_of(r),
+                "micro": micro,
                 "port": port, "plan": plan_file, "out": dir.path().join(format!("out-{r}.json")),
             });
             std::process::Command::new(&exe)
@@ -230,15 +231,19 @@ fn ep_rank_child() {
     let mut mesh = Mesh::join(&mc).unwrap();
     let backend = CudaBackend::new(dev.clone(), source(&m));
     let plan = Arc::new(plan);
+    let micro = cfg["micro"].as_u64().unwrap() as usize;
     let outs = match cfg["transport"].as_str().unwrap() {
-        "ipc" => run_gpu_rank(
-            EpRank::new(mesh, backend, IpcTransport::new(rank, world, &dev), plan, 1).unwrap(),
-            &dev,
-            &m,
-        ),
+        "ipc" => {
+            let t = IpcTransport::new(rank, world, &dev);
+            let mut r = EpRank::new(mesh, backend, t, plan, 1).unwrap();
+            r.set_micro_batches(micro);
+            run_gpu_rank(r, &dev, &m)
+        }
         _ => {
             let t = NcclTransport::new(&mut mesh, &dev, Duration::from_secs(60)).unwrap();
-            run_gpu_rank(EpRank::new(mesh, backend, t, plan, 1).unwrap(), &dev, &m)
+            let mut r = EpRank::new(mesh, backend, t, plan, 1).unwrap();
+            r.set_micro_batches(micro);
+            run_gpu_rank(r, &dev, &m)
         }
     };
     std::fs::write(
@@ -254,7 +259,16 @@ fn ranks_as_processes_on_one_gpu_over_ipc_equal_the_cpu() {
         eprintln!("skipping: no CUDA driver/device on this machine");
         return;
     }
-    multi_process(3, "ipc", |_| 0);
+    multi_process(3, "ipc", 1, |_| 0);
+}
+
+#[test]
+fn ranks_on_one_gpu_with_two_micro_batches_equal_the_cpu() {
+    if !cuda_available() {
+        eprintln!("skipping: no CUDA driver/device on this machine");
+        return;
+    }
+    multi_process(3, "ipc", 2, |_| 0);
 }
 
 #[test]
@@ -268,5 +282,5 @@ fn ranks_on_several_gpus_over_nccl_equal_the_cpu() {
         eprintln!("skipping: NCCL needs one GPU per rank and this machine has {n}");
         return;
     }
-    multi_process(n.min(4), "nccl", |r| r);
+    multi_process(n.min(4), "nccl", 1, |r| r);
 }

@@ -21,19 +21,31 @@ fn source(m: &ModelShape) -> Arc<dyn WeightSource> {
 }
 
 fn group(world: usize, plan: &Arc<ExpertPlan>, m: &ModelShape) -> Vec<HostRank> {
+    group_split(world, plan, m, |_| 1)
+}
+
+/// A group whose rank `r` runs each layer as `micro(r)` micro-batches.
+fn group_split(
+    world: usize,
+    plan: &Arc<ExpertPlan>,
+    m: &ModelShape,
+    micro: impl Fn(usize) -> usize,
+) -> Vec<HostRank> {
     local_group(world, Duration::from_secs(5))
         .unwrap()
         .into_iter()
         .map(|mesh| {
             let r = mesh.rank();
-            EpRank::new(
+            let mut rank = EpRank::new(
                 mesh,
                 HostBackend::new(source(m)),
                 TcpRows::new(r),
                 plan.clone(),
                 1,
             )
-            .unwrap()
+            .unwrap();
+            rank.set_micro_batches(micro(r));
+            rank
         })
         .collect()
 }
@@ -66,12 +78,21 @@ fn reference(m: &ModelShape, t: &Tokens, layers: &[u32]) -> Vec<Vec<u16>> {
 
 #[test]
 fn several_ranks_over_tcp_equal_one_rank() {
+    several_ranks_equal_one_rank(1);
+}
+
+#[test]
+fn two_micro_batches_equal_one_rank() {
+    several_ranks_equal_one_rank(2);
+}
+
+fn several_ranks_equal_one_rank(micro: usize) {
     let m = model();
     let world = 3;
     let plan = Arc::new(plan_seeded(m.clone(), world as u32, 2, 5));
     let layers: Vec<u32> = plan.layers.iter().map(|l| l.layer).collect();
-    let results = each_rank(group(world, &plan, &m), |mut r| {
-        // Uneven shares, and a rank with no tokens at all.
+    let results = each_rank(group_split(world, &plan, &m, |_| micro), |mut r| {
+        // Uneven shares (an odd count splits unevenly), and a rank with no tokens at all.
         let n = [5, 0, 9][r.rank()];
         let t = tokens(100 + r.rank() as u64, n, &m);
         let h = m.hidden_size as usize;
@@ -90,6 +111,15 @@ fn several_ranks_over_tcp_equal_one_rank() {
 
 #[test]
 fn the_group_switches_plans_at_one_step_whenever_ranks_stage_them() {
+    switches_plans_at_one_step(1);
+}
+
+#[test]
+fn with_two_micro_batches_the_group_switches_plans_at_one_step() {
+    switches_plans_at_one_step(2);
+}
+
+fn switches_plans_at_one_step(micro: usize) {
     let m = model();
     let world = 3;
     let a = Arc::new(plan_seeded(m.clone(), world as u32, 0, 5));
@@ -98,7 +128,7 @@ fn the_group_switches_plans_at_one_step_whenever_ranks_stage_them() {
     let layers: Vec<u32> = a.layers.iter().map(|l| l.layer).collect();
     // Rank r stages plan b before layer `at[r].1` of step `at[r].0`.
     let at = [(1u64, 0usize), (2, 1), (4, 0)];
-    let results = each_rank(group(world, &a, &m), |mut r| {
+    let results = each_rank(group_split(world, &a, &m, |_| micro), |mut r| {
         let (stage_step, stage_layer) = at[r.rank()];
         let t = tokens(7 + r.rank() as u64, 6, &m);
         let h = m.hidden_size as usize;
@@ -185,6 +215,29 @@ fn ranks_out_of_step_are_told_which_peer_and_where() {
         errs[1].contains("rank 0 is at step 1 layer 0 Dispatch"),
         "{}",
         errs[1]
+    );
+}
+
+#[test]
+fn ranks_with_different_micro_batch_settings_are_told_not_left_waiting() {
+    let m = model();
+    let plan = Arc::new(plan_seeded(m.clone(), 2, 0, 5));
+    let started = Instant::now();
+    let errs = each_rank(group_split(2, &plan, &m, |r| r + 1), |mut r| {
+        let t = tokens(1, 4, &m);
+        let mut out = vec![0u16; 4 * m.hidden_size as usize];
+        r.forward(0, 4, 2, &t.x, &t.ids, &t.w, &mut out)
+            .unwrap_err()
+            .to_string()
+    });
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        errs[0].contains("rank 1 is at step 1 layer 0 Dispatch (micro-batch 1)"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].contains("rank 0 is at step 1 layer 0 Combine (micro-batch 0)"),
+        "{errs:?}"
     );
 }
 
