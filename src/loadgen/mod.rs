@@ -31,7 +31,8 @@ use tokio::task::JoinSet;
 
 use crate::plan::{ExpertPlan, HashRule, LoadWindow};
 use crate::worker::protocol::{
-    decode_reply, encode_request, read_frame, Reply, HEADER_LEN, MAX_ERROR_MESSAGE, SHAPE_LEN,
+    decode_reply_ref, encode_request_into, read_frame_into, ReplyRef, HEADER_LEN,
+    MAX_ERROR_MESSAGE, SHAPE_LEN,
 };
 use route::{
     balancedness, hidden_pool, percentile, LayerRouter, ReplicaPicker, RoutedRow, TopKSampler,
@@ -221,10 +222,13 @@ pub enum LoadgenError {
     },
 }
 
+/// One rank's connection, with its request and reply buffers reused layer after layer.
 struct RankConn {
     rank: u32,
     addr: String,
     stream: BufReader<TcpStream>,
+    request: Vec<u8>,
+    reply: Vec<u8>,
 }
 
 impl RankConn {
@@ -236,25 +240,26 @@ impl RankConn {
         }
     }
 
+    /// Sends the encoded `request` and reads the reply frame into `reply`.
     async fn call(
         &mut self,
-        frame: &[u8],
         max: usize,
         timeout: Duration,
         layer: u32,
-    ) -> Result<Reply, LoadgenError> {
+    ) -> Result<(), LoadgenError> {
         let secs = timeout.as_secs_f64();
-        tokio::time::timeout(timeout, self.stream.get_mut().write_all(frame))
-            .await
+        let sent = tokio::time::timeout(timeout, self.stream.get_mut().write_all(&self.request));
+        sent.await
             .map_err(|_| {
                 self.fail(format!(
                     "sending the layer {layer} request ({} bytes) timed out after {secs} s: the worker \
                      is not reading (raise --timeout if it is only slow)",
-                    frame.len()
+                    self.request.len()
                 ))
             })?
             .map_err(|e| self.fail(format!("sending: {e}")))?;
-        let body = tokio::time::timeout(timeout, read_frame(&mut self.stream, max))
+        let read = read_frame_into(&mut self.stream, max, &mut self.reply);
+        let got = tokio::time::timeout(timeout, read)
             .await
             .map_err(|_| {
                 self.fail(format!(
@@ -262,9 +267,11 @@ impl RankConn {
                      the request but did not answer (raise --timeout if it is only slow)"
                 ))
             })?
-            .map_err(|e| self.fail(format!("reading the reply: {e}")))?
-            .ok_or_else(|| self.fail("the worker closed the connection"))?;
-        decode_reply(&body).map_err(|e| self.fail(format!("bad reply frame: {e}")))
+            .map_err(|e| self.fail(format!("reading the reply: {e}")))?;
+        if !got {
+            return Err(self.fail("the worker closed the connection"));
+        }
+        Ok(())
     }
 }
 
@@ -356,6 +363,8 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
             rank,
             addr,
             stream: BufReader::with_capacity(256 << 10, stream),
+            request: Vec::new(),
+            reply: Vec::new(),
         }));
     }
 
@@ -407,7 +416,11 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
                     continue;
                 }
                 request_id += 1;
-                let frame = encode_request(
+                let mut conn = conns[g]
+                    .take()
+                    .expect("connection is back from the previous layer");
+                encode_request_into(
+                    &mut conn.request,
                     request_id,
                     g as u32,
                     lp.layer,
@@ -417,37 +430,37 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
                         (e, w, &pool[at..at + hidden])
                     }),
                 );
-                let mut conn = conns[g]
-                    .take()
-                    .expect("connection is back from the previous layer");
                 let (id, n_rows) = (request_id, grows.len() as u32);
                 let max = reply_limit(grows.len(), hidden).min(cfg.max_frame_bytes);
                 let (timeout, layer) = (cfg.io_timeout, lp.layer);
                 set.spawn(async move {
-                    let reply = conn.call(&frame, max, timeout, layer).await;
-                    (conn, id, n_rows, reply)
+                    let called = conn.call(max, timeout, layer).await;
+                    (conn, id, n_rows, called)
                 });
             }
             let mut first_error = None;
             while let Some(joined) = set.join_next().await {
-                let (conn, id, n_rows, reply) =
+                let (conn, id, n_rows, called) =
                     joined.map_err(|e| LoadgenError::Config(format!("router task: {e}")))?;
+                let reply = called.and_then(|()| {
+                    decode_reply_ref(&conn.reply)
+                        .map_err(|e| conn.fail(format!("bad reply frame: {e}")))
+                });
                 match reply {
-                    Ok(Reply::Output(o)) => {
+                    Ok(ReplyRef::Output(o)) => {
                         if o.request_id != id
                             || o.rows != n_rows
                             || o.hidden_size != h32
-                            || o.output.len() != n_rows as usize * hidden
+                            || o.bytes.len() != n_rows as usize * hidden * 4
                         {
                             first_error.get_or_insert(conn.fail(format!(
                                 "reply {} with {} rows x {} does not answer request {id} of {n_rows} rows x {hidden}",
                                 o.request_id, o.rows, o.hidden_size
                             )));
                         }
-                        non_finite_outputs +=
-                            o.output.iter().filter(|v| !v.is_finite()).count() as u64;
+                        non_finite_outputs += o.values().filter(|v| !v.is_finite()).count() as u64;
                     }
-                    Ok(Reply::Error(e)) => {
+                    Ok(ReplyRef::Error(e)) => {
                         failed_requests += 1;
                         if errors.len() < 10 {
                             errors.push(format!(

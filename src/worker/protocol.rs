@@ -43,7 +43,7 @@
 //! input (property-tested below). The async helpers at the end only move frames over a stream.
 
 use half::bf16;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Frame magic, the first 4 body bytes.
 pub const MAGIC: [u8; 4] = *b"MOED";
@@ -262,10 +262,9 @@ fn shape(out: &mut Vec<u8>, rank: u32, layer: u32, rows: u32, hidden: u32) {
 }
 
 /// Write the body length into the 4 bytes reserved at the front.
-fn finish(mut out: Vec<u8>) -> Vec<u8> {
+fn finish(out: &mut [u8]) {
     let len = (out.len() - 4) as u32;
     out[..4].copy_from_slice(&len.to_le_bytes());
-    out
 }
 
 /// Encode a dispatch request frame (length prefix included) from its rows, without first copying
@@ -277,19 +276,34 @@ pub fn encode_request<'a>(
     hidden: u32,
     rows: impl ExactSizeIterator<Item = (u32, f32, &'a [bf16])>,
 ) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_request_into(&mut out, request_id, rank, layer, hidden, rows);
+    out
+}
+
+/// [`encode_request`] into `out` (cleared first), so that a client can reuse one buffer.
+pub fn encode_request_into<'a>(
+    out: &mut Vec<u8>,
+    request_id: u64,
+    rank: u32,
+    layer: u32,
+    hidden: u32,
+    rows: impl ExactSizeIterator<Item = (u32, f32, &'a [bf16])>,
+) {
     let n = rows.len();
     let h = hidden as usize;
-    let mut out = Vec::with_capacity(4 + HEADER_LEN + SHAPE_LEN + n * (8 + 2 * h));
+    out.clear();
+    out.reserve(4 + HEADER_LEN + SHAPE_LEN + n * (8 + 2 * h));
     out.extend_from_slice(&[0; 4]);
-    header(&mut out, KIND_REQUEST, DTYPE_BF16, request_id);
-    shape(&mut out, rank, layer, n as u32, hidden);
+    header(out, KIND_REQUEST, DTYPE_BF16, request_id);
+    shape(out, rank, layer, n as u32, hidden);
     for (expert, weight, x) in rows {
         debug_assert_eq!(x.len(), h, "hidden vector length");
         out.extend_from_slice(&expert.to_le_bytes());
         out.extend_from_slice(&weight.to_le_bytes());
-        put_bf16(&mut out, x);
+        put_bf16(out, x);
     }
-    finish(out)
+    finish(out);
 }
 
 /// Encode an output reply frame (length prefix included). `output.len()` must be `rows * hidden`.
@@ -300,22 +314,48 @@ pub fn encode_output(
     hidden: u32,
     output: &[f32],
 ) -> Vec<u8> {
+    let mut out = Vec::with_capacity(OUTPUT_HEAD_LEN + 4 * output.len());
+    out.extend_from_slice(&output_head(request_id, rank, layer, hidden, output.len()));
+    out.extend_from_slice(&f32_bytes(output));
+    out
+}
+
+/// Bytes of an output frame before its values (length prefix, header, shape).
+pub const OUTPUT_HEAD_LEN: usize = 4 + HEADER_LEN + SHAPE_LEN;
+
+/// The head of an output frame carrying `values` f32 values (`rows * hidden`): a writer sends
+/// it and then [`f32_bytes`] of the values, without building the frame.
+pub fn output_head(
+    request_id: u64,
+    rank: u32,
+    layer: u32,
+    hidden: u32,
+    values: usize,
+) -> [u8; OUTPUT_HEAD_LEN] {
     let rows = if hidden == 0 {
         0
     } else {
-        output.len() / hidden as usize
+        values / hidden as usize
     };
-    let mut out = Vec::with_capacity(4 + HEADER_LEN + SHAPE_LEN + 4 * output.len());
-    out.extend_from_slice(&[0; 4]);
-    header(&mut out, KIND_OUTPUT, DTYPE_F32, request_id);
-    shape(&mut out, rank, layer, rows as u32, hidden);
-    let start = out.len();
-    out.resize(start + 4 * output.len(), 0);
-    // Fixed-size chunks: the compiler turns this into a plain copy on little-endian targets.
-    for (dst, v) in out[start..].chunks_exact_mut(4).zip(output) {
-        dst.copy_from_slice(&v.to_le_bytes());
+    let mut head = Vec::with_capacity(OUTPUT_HEAD_LEN);
+    head.extend_from_slice(&((HEADER_LEN + SHAPE_LEN + 4 * values) as u32).to_le_bytes());
+    header(&mut head, KIND_OUTPUT, DTYPE_F32, request_id);
+    shape(&mut head, rank, layer, rows as u32, hidden);
+    head.try_into().expect("the head's fixed size")
+}
+
+/// f32 values as little-endian bytes: borrowed as they are on a little-endian target.
+pub fn f32_bytes(x: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: any f32 is 4 plain bytes, already in wire order on a little-endian target;
+        // the view borrows `x`.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), 4 * x.len())
+        })
     }
-    finish(out)
+    #[cfg(not(target_endian = "little"))]
+    std::borrow::Cow::Owned(x.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 /// Encode an error reply frame (length prefix included); the message is cut to
@@ -333,7 +373,8 @@ pub fn encode_error(request_id: u64, code: ErrorCode, message: &str) -> Vec<u8> 
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
     out.extend_from_slice(msg);
-    finish(out)
+    finish(&mut out);
+    out
 }
 
 /// Append bf16 values as little-endian bytes.
@@ -526,8 +567,55 @@ pub fn decode_request(body: &[u8]) -> Result<DispatchRequest, ProtocolError> {
     })
 }
 
+/// An output reply read in place: its f32 values stay in the frame's bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutputRef<'a> {
+    pub request_id: u64,
+    pub rank: u32,
+    pub layer: u32,
+    pub rows: u32,
+    pub hidden_size: u32,
+    /// `rows x hidden_size` little-endian f32 values.
+    pub bytes: &'a [u8],
+}
+
+impl OutputRef<'_> {
+    /// The values in row-major order, decoded as they are read.
+    pub fn values(&self) -> impl ExactSizeIterator<Item = f32> + '_ {
+        self.bytes
+            .chunks_exact(4)
+            .map(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]]))
+    }
+
+    pub fn to_output(&self) -> ExpertOutput {
+        ExpertOutput {
+            request_id: self.request_id,
+            rank: self.rank,
+            layer: self.layer,
+            rows: self.rows,
+            hidden_size: self.hidden_size,
+            output: self.values().collect(),
+        }
+    }
+}
+
+/// A reply decoded without copying its outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyRef<'a> {
+    Output(OutputRef<'a>),
+    Error(ErrorReply),
+}
+
 /// Decode a reply body (the bytes after the length prefix).
 pub fn decode_reply(body: &[u8]) -> Result<Reply, ProtocolError> {
+    Ok(match decode_reply_ref(body)? {
+        ReplyRef::Output(o) => Reply::Output(o.to_output()),
+        ReplyRef::Error(e) => Reply::Error(e),
+    })
+}
+
+/// Decode a reply body in place: the outputs are read from `body` when used.
+pub fn decode_reply_ref(body: &[u8]) -> Result<ReplyRef<'_>, ProtocolError> {
     let h = decode_header(body)?;
     match h.kind {
         KIND_OUTPUT => {
@@ -538,17 +626,13 @@ pub fn decode_reply(body: &[u8]) -> Result<Reply, ProtocolError> {
                 });
             }
             let (rank, layer, rows, hidden, payload) = decode_shape(body, 0, 4)?;
-            let output = payload
-                .chunks_exact(4)
-                .map(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]]))
-                .collect();
-            Ok(Reply::Output(ExpertOutput {
+            Ok(ReplyRef::Output(OutputRef {
                 request_id: h.request_id,
                 rank,
                 layer,
                 rows,
                 hidden_size: hidden,
-                output,
+                bytes: payload,
             }))
         }
         KIND_ERROR => {
@@ -571,7 +655,7 @@ pub fn decode_reply(body: &[u8]) -> Result<Reply, ProtocolError> {
             let message = std::str::from_utf8(rest)
                 .map_err(|_| ProtocolError::MessageNotUtf8)?
                 .to_string();
-            Ok(Reply::Error(ErrorReply {
+            Ok(ReplyRef::Error(ErrorReply {
                 request_id: h.request_id,
                 code,
                 message,
@@ -594,6 +678,33 @@ pub fn check_frame_len(prefix: [u8; 4], max_frame_bytes: usize) -> Result<usize,
         });
     }
     Ok(len)
+}
+
+/// Writes an output reply frame: its head, then the values' bytes as they are (no frame is built,
+/// so the reply is not copied), with vectored writes so that a small reply leaves in one segment.
+pub async fn write_output<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    request_id: u64,
+    rank: u32,
+    layer: u32,
+    hidden: u32,
+    output: &[f32],
+) -> std::io::Result<()> {
+    let head = output_head(request_id, rank, layer, hidden, output.len());
+    let body = f32_bytes(output);
+    let (mut a, mut b) = (&head[..], &body[..]);
+    while !a.is_empty() || !b.is_empty() {
+        let n = w
+            .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
 }
 
 /// Why reading a frame from a stream failed.
@@ -635,27 +746,54 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
     r: &mut R,
     len: usize,
 ) -> Result<Vec<u8>, ReadFrameError> {
+    let mut body = Vec::new();
+    read_frame_body_into(r, len, &mut body).await?;
+    Ok(body)
+}
+
+/// [`read_frame_body`] into `body` (cleared first): a reused buffer keeps its capacity, so a
+/// client reading frame after frame allocates and grows it once.
+pub async fn read_frame_body_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+    body: &mut Vec<u8>,
+) -> Result<(), ReadFrameError> {
+    body.clear();
     // The buffer grows with the bytes that arrive, so a peer that claims a large frame and sends
     // little makes the reader hold little.
-    let mut body = Vec::with_capacity(len.min(1 << 20));
-    (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    body.reserve(len.min(1 << 20));
+    (&mut *r).take(len as u64).read_to_end(body).await?;
     if body.len() < len {
         return Err(ReadFrameError::Truncated {
             got: body.len(),
             len,
         });
     }
-    Ok(body)
+    Ok(())
 }
 
-/// Read one whole frame body (length checked). `Ok(None)` on a clean end of stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max_frame_bytes: usize,
 ) -> Result<Option<Vec<u8>>, ReadFrameError> {
+    let mut body = Vec::new();
+    Ok(read_frame_into(r, max_frame_bytes, &mut body)
+        .await?
+        .then_some(body))
+}
+
+/// [`read_frame`] into a reused buffer; `Ok(false)` on a clean end of stream.
+pub async fn read_frame_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_frame_bytes: usize,
+    body: &mut Vec<u8>,
+) -> Result<bool, ReadFrameError> {
     match read_frame_len(r, max_frame_bytes).await? {
-        None => Ok(None),
-        Some(len) => Ok(Some(read_frame_body(r, len).await?)),
+        None => Ok(false),
+        Some(len) => {
+            read_frame_body_into(r, len, body).await?;
+            Ok(true)
+        }
     }
 }
 
@@ -715,6 +853,37 @@ mod tests {
                 message: "layer 3 expert 9 is not resident".into()
             })
         );
+    }
+
+    #[test]
+    fn a_reply_read_in_place_equals_the_owned_decode() {
+        let out: Vec<f32> = (0..12).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let frame = encode_output(3, 1, 2, 4, &out);
+        assert_eq!(frame.len(), OUTPUT_HEAD_LEN + 4 * out.len());
+        let ReplyRef::Output(o) = decode_reply_ref(&frame[4..]).unwrap() else {
+            panic!("expected an output")
+        };
+        assert_eq!((o.rows, o.hidden_size), (3, 4));
+        assert_eq!(o.values().collect::<Vec<_>>(), out);
+        assert_eq!(
+            decode_reply(&frame[4..]).unwrap(),
+            Reply::Output(o.to_output())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_written_output_is_the_encoded_frame_even_in_short_writes() {
+        let out: Vec<f32> = (0..300).map(|i| (i as f32).sin()).collect();
+        // A pipe of 7 bytes makes every vectored write partial.
+        let (mut w, mut r) = tokio::io::duplex(7);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        write_output(&mut w, 5, 2, 9, 30, &out).await.unwrap();
+        drop(w);
+        assert_eq!(reader.await.unwrap(), encode_output(5, 2, 9, 30, &out));
     }
 
     #[test]

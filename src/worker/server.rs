@@ -34,8 +34,8 @@ use crate::worker::compute::{ComputeError, ExpertCompute, ExpertKey, ExpertLoade
 use crate::worker::http::HttpConfig;
 use crate::worker::metrics::WorkerMetrics;
 use crate::worker::protocol::{
-    check_frame_len, check_request_head, decode_request, encode_error, encode_output,
-    peek_request_id, DispatchRequest, ErrorCode, ReadFrameError, DEFAULT_MAX_FRAME_BYTES,
+    check_frame_len, check_request_head, decode_request, encode_error, peek_request_id,
+    write_output, DispatchRequest, ErrorCode, ReadFrameError, DEFAULT_MAX_FRAME_BYTES,
     REQUEST_HEAD_LEN,
 };
 
@@ -907,14 +907,19 @@ pub async fn serve_connection(worker: Arc<Worker>, stream: TcpStream) {
         };
         drop(body);
         let (id, rank, layer, hidden) = (req.request_id, req.rank, req.layer, req.hidden_size);
-        let frame = match worker.dispatch(req).await {
-            Ok(out) => encode_output(id, rank, layer, hidden, &out),
+        let written = match worker.dispatch(req).await {
+            // The outputs go out as they are: the frame's head, then their bytes (no reply copy).
+            Ok(out) => {
+                let sent = write_output(&mut wr, id, rank, layer, hidden, &out);
+                tokio::time::timeout(write_timeout, sent).await
+            }
             Err((code, message)) => {
                 worker.metrics.count_error(code);
-                encode_error(id, code, &message)
+                let frame = encode_error(id, code, &message);
+                tokio::time::timeout(write_timeout, wr.write_all(&frame)).await
             }
         };
-        match tokio::time::timeout(write_timeout, wr.write_all(&frame)).await {
+        match written {
             Ok(Ok(())) => {}
             Ok(Err(_)) => break None,
             Err(_) => {
