@@ -3,7 +3,7 @@
 # through the MoE-layer API, and ranks as processes over CUDA IPC against emulated ranks.
 #
 # On the device machine, with moectl, libmoe_ep.so and the lib's test binary built here and
-# stripped into .devbin/ (see docs/benchmarks.md):
+# stripped into .devbin/ (see docs/development.md, "GPU runs"):
 #   OUT=/tmp/out benches/gpu/ep.sh
 # Knobs: PARTS="tests hf ranks", WORLDS="4 8", LAYERS=16, BATCHES=10, MICRO=1,2.
 set -uo pipefail
