@@ -15,7 +15,7 @@
 //! message, exit).
 
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crate::api::Transport;
 use crate::ep::mesh::{Mesh, MeshConfig, MeshError};
 use crate::worker::metrics::EpMetrics;
+use crate::worker::runtime::{parse_listen, split_host_port};
 
 /// Ranks in the group (`nodes * gpusPerNode`); unset: the worker is in no group.
 pub const WORLD_SIZE_ENV: &str = "MOE_EP_WORLD_SIZE";
@@ -135,29 +136,6 @@ fn env_error(name: &'static str, value: &str, why: &'static str) -> GroupError {
         value: value.to_string(),
         why,
     }
-}
-
-/// `host:port` split at its last `:`; `[v6]:port` loses its brackets.
-fn split_host_port(s: &str) -> Option<(&str, u16)> {
-    let (host, port) = s.rsplit_once(':')?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if host.is_empty() {
-        return None;
-    }
-    Some((host, port.parse().ok()?))
-}
-
-/// `ip:port`, `[ip6]:port`, or an IPv6 address and port without brackets (`$(POD_IP):<port>` with
-/// an IPv6 pod IP).
-fn parse_listen(s: &str) -> Option<SocketAddr> {
-    if let Ok(a) = s.parse() {
-        return Some(a);
-    }
-    let (host, port) = split_host_port(s)?;
-    Some(SocketAddr::new(host.parse::<IpAddr>().ok()?, port))
 }
 
 impl GroupEnv {

@@ -20,6 +20,36 @@ use crate::worker::metrics::WorkerMetrics;
 use crate::worker::protocol::DEFAULT_MAX_FRAME_BYTES;
 use crate::worker::server::{check_plan_document, serve_dispatch, ServeConfig, Worker};
 
+/// `host:port` split at its last `:`; `[v6]:port` loses its brackets.
+pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    Some((host, port.parse().ok()?))
+}
+
+/// `ip:port`, `[ip6]:port`, or an IPv6 address and port without brackets (`$(POD_IP):<port>` with
+/// an IPv6 pod IP).
+pub fn parse_listen(s: &str) -> Option<SocketAddr> {
+    if let Ok(a) = s.parse() {
+        return Some(a);
+    }
+    let (host, port) = split_host_port(s)?;
+    Some(SocketAddr::new(
+        host.parse::<std::net::IpAddr>().ok()?,
+        port,
+    ))
+}
+
+fn listen_arg(s: &str) -> Result<SocketAddr, String> {
+    parse_listen(s).ok_or_else(|| format!("{s:?} is not ip:port"))
+}
+
 /// `moe-worker` command line. Every flag can also come from the pod's environment.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -47,14 +77,15 @@ pub struct WorkerArgs {
     /// EP ranks (GPUs) on this node. Default: the plan's gpus / nodes.
     #[arg(long, env = "MOE_GPUS_PER_NODE")]
     pub gpus_per_node: Option<u32>,
-    /// Dispatch protocol listen address.
-    #[arg(long, env = "MOE_LISTEN", default_value = "0.0.0.0:9400")]
+    /// Dispatch protocol listen address (`ip:port`; an IPv6 address may come without brackets,
+    /// as `$(POD_IP):<port>` gives it on an IPv6 cluster).
+    #[arg(long, env = "MOE_LISTEN", default_value = "0.0.0.0:9400", value_parser = listen_arg)]
     pub listen: SocketAddr,
     /// `/metrics`, `/healthz`, `/readyz`.
-    #[arg(long, env = "MOE_METRICS_LISTEN", default_value = "0.0.0.0:9401")]
+    #[arg(long, env = "MOE_METRICS_LISTEN", default_value = "0.0.0.0:9401", value_parser = listen_arg)]
     pub metrics_listen: SocketAddr,
     /// Admin API (`/v1/plan`), bearer token required.
-    #[arg(long, env = "MOE_ADMIN_LISTEN", default_value = "0.0.0.0:9402")]
+    #[arg(long, env = "MOE_ADMIN_LISTEN", default_value = "0.0.0.0:9402", value_parser = listen_arg)]
     pub admin_listen: SocketAddr,
     /// File holding the admin bearer token; otherwise the MOE_ADMIN_TOKEN environment variable.
     #[arg(long, env = "MOE_ADMIN_TOKEN_FILE")]
@@ -580,5 +611,25 @@ mod tests {
         assert!(format!("{e:#}").contains("not a plan document"), "{e:#}");
 
         assert!(WorkerArgs::try_parse_from(["moe-worker", "--node", "1", "--rank", "2"]).is_err());
+    }
+
+    #[test]
+    fn listen_flags_take_an_ipv6_pod_ip_without_brackets() {
+        // `$(POD_IP):<port>` on an IPv6 cluster.
+        let a = WorkerArgs::try_parse_from([
+            "moe-worker",
+            "--listen",
+            "fd00:10:244::5:9400",
+            "--metrics-listen",
+            "[fd00:10:244::5]:9401",
+            "--admin-listen",
+            "10.0.0.7:9402",
+        ])
+        .unwrap();
+        assert_eq!(a.listen.to_string(), "[fd00:10:244::5]:9400");
+        assert_eq!(a.metrics_listen.to_string(), "[fd00:10:244::5]:9401");
+        assert_eq!(a.admin_listen.to_string(), "10.0.0.7:9402");
+        let e = WorkerArgs::try_parse_from(["moe-worker", "--listen", "pod:9400"]).unwrap_err();
+        assert!(e.to_string().contains("\"pod:9400\" is not ip:port"), "{e}");
     }
 }
