@@ -30,6 +30,8 @@ pub enum Command {
     Evaluate(EvaluateArgs),
     /// Compare algorithms across replica budgets (table and chart).
     Compare(CompareArgs),
+    /// Write a plan as a serving engine's expert layout (SGLang, vLLM) and say what it changed.
+    Export(plan_cmd::ExportArgs),
     /// Scrape workers' expert-load counters into a load trace (what the operator plans from).
     Observe(observe::ObserveArgs),
     /// Write a deterministic synthetic checkpoint in a real layout (Mixtral, Qwen3-MoE, DeepSeek-V3).
@@ -49,6 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(a) => plan_cmd::plan(a),
         Command::Evaluate(a) => plan_cmd::evaluate(a),
         Command::Compare(a) => plan_cmd::compare(a),
+        Command::Export(a) => plan_cmd::export(a),
         Command::GenCheckpoint(a) => Ok(a.run()?),
         Command::Observe(a) => observe::observe(a),
         Command::Bench(a) => bench::run(a),

@@ -207,6 +207,12 @@ pub struct PlanArgs {
     /// Also draw per-layer x per-GPU load before (no replication) and after this plan.
     #[arg(long)]
     pub heatmap: Option<PathBuf>,
+    /// Also write the plan as this engine's expert layout (sglang or vllm; `moectl export` does
+    /// the same for a plan already written), to `--emit-out`.
+    #[arg(long, requires = "emit_out")]
+    pub emit: Option<crate::plan::engines::Engine>,
+    #[arg(long, requires = "emit")]
+    pub emit_out: Option<PathBuf>,
 }
 
 fn load(path: &Path) -> anyhow::Result<LoadWindow> {
@@ -281,6 +287,12 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
         std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
         println!("heatmap written to {}", path.display());
+    }
+    if let (Some(engine), Some(out)) = (a.emit, &a.emit_out) {
+        let (file, r) = export_plan(&plan, engine, Some(&window))?;
+        std::fs::write(out, serde_json::to_string(&file)? + "\n")
+            .with_context(|| format!("writing {}", out.display()))?;
+        print_export(&plan, out, &r);
     }
     Ok(())
 }
@@ -547,4 +559,131 @@ pub fn compare(a: CompareArgs) -> anyhow::Result<()> {
         println!("chart written to {}", path.display());
     }
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The plan (as `moectl plan` or the plan ConfigMap writes it).
+    #[arg(long)]
+    pub plan: PathBuf,
+    /// sglang (`--init-expert-location`) or vllm (`eplb_config.initial_expert_map_path`).
+    #[arg(long)]
+    pub engine: crate::plan::engines::Engine,
+    /// Where the engine's layout goes (JSON).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A load to choose padding replicas by and to predict the layout's balancedness on (the one
+    /// the plan was made from, or a later one).
+    #[arg(long)]
+    pub load: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `moectl export` reports besides the file.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportReport {
+    #[serde(flatten)]
+    pub export: crate::plan::engines::Export,
+    /// On `--load`: the plan as planned (its own shares), and the layout under the engine's even
+    /// split (what the engine will see).
+    pub plan_balancedness: Option<f64>,
+    pub layout_balancedness: Option<f64>,
+}
+
+/// The engine layout of `plan` and its report; pure apart from nothing (the caller writes).
+pub fn export_plan(
+    plan: &ExpertPlan,
+    engine: crate::plan::engines::Engine,
+    window: Option<&LoadWindow>,
+) -> anyhow::Result<(serde_json::Value, ExportReport)> {
+    use crate::plan::engines;
+    let totals: Option<Vec<(u32, Vec<f64>)>> = window.map(|w| {
+        w.layer_ids()
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| (id, w.layer_totals(i)))
+            .collect()
+    });
+    let weight = |layer: u32, e: u32| {
+        totals
+            .as_ref()
+            .and_then(|t| t.iter().find(|(id, _)| *id == layer))
+            .and_then(|(_, v)| v.get(e as usize).copied())
+            .unwrap_or(1.0)
+    };
+    let w: &dyn Fn(u32, u32) -> f64 = &weight;
+    let (file, export) = engines::export(engine, plan, Some(w))?;
+    let (mut pb, mut lb) = (None, None);
+    if let Some(win) = window {
+        let layout = engines::check_layout(engine, &plan.model, plan.gpus, &file)?;
+        pb = Some(replay(plan, win)?.balancedness);
+        lb = Some(replay(&engines::as_plan(plan, &layout), win)?.balancedness);
+    }
+    Ok((
+        file,
+        ExportReport {
+            export,
+            plan_balancedness: pb,
+            layout_balancedness: lb,
+        },
+    ))
+}
+
+pub fn export(a: ExportArgs) -> anyhow::Result<()> {
+    let plan = read_plan(&a.plan, HashRule::MayBeEmpty)?;
+    let window = a.load.as_deref().map(load).transpose()?;
+    let (file, r) = export_plan(&plan, a.engine, window.as_ref())?;
+    std::fs::write(&a.out, serde_json::to_string(&file)? + "\n")
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    print_export(&plan, &a.out, &r);
+    Ok(())
+}
+
+fn print_export(plan: &ExpertPlan, out: &Path, r: &ExportReport) {
+    let e = &r.export;
+    println!(
+        "{} layout of plan {} ({}, R = {}) written to {}",
+        e.engine,
+        plan.short_hash(),
+        plan.algorithm,
+        plan.replicas_per_gpu,
+        out.display()
+    );
+    println!(
+        "  {} physical experts per MoE layer ({} per GPU, {} redundant)",
+        e.physical_experts, e.slots_per_gpu, e.redundant_experts
+    );
+    if e.padded_slots == 0 {
+        println!("  the plan fits the engine as it is: no slot added");
+    } else {
+        println!(
+            "  the engine keeps {} experts per GPU in every layer: {} slots added to the plan's {} ({} more expert memory on the fullest GPU); replica memory per GPU {} against the plan's {}",
+            e.slots_per_gpu,
+            e.padded_slots,
+            e.plan_slots,
+            human_bytes(e.padded_bytes_per_gpu),
+            human_bytes(e.layout_replica_bytes_per_gpu),
+            human_bytes(e.plan_replica_bytes_per_gpu)
+        );
+        let base = plan.model.experts.div_ceil(plan.gpus);
+        let r_eplb = (e.slots_per_gpu - base) * plan.model.moe_layers();
+        println!(
+            "  what the engine holds without padding at the same memory: moectl plan --algo eplb --replicas-per-gpu {r_eplb} ({} redundant experts in every layer)",
+            e.redundant_experts
+        );
+    }
+    if let (Some(p), Some(l)) = (r.plan_balancedness, r.layout_balancedness) {
+        println!("  balancedness on the load: plan {p:.4}, engine layout (even split) {l:.4}");
+    }
+    println!("  engine flags:");
+    for f in &e.flags {
+        println!("    {f}");
+    }
 }

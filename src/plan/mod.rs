@@ -8,7 +8,8 @@
 //! - [`reference`]: the CRAFT authors' reference heuristic, kept as a baseline.
 //! - [`planner`]: the front door: request + window in, sealed plan out.
 //! - [`expert_plan`]: the plan document (JSON contract of ../shared/DESIGN.md), its hash and plan diffs;
-//!   [`packed`]: how it is stored in the 1 MiB plan ConfigMap.
+//!   [`packed`]: how it is stored in the 1 MiB plan ConfigMap; [`engines`]: the same plan as SGLang's
+//!   and vLLM's expert layouts.
 //! - [`limits`]: the largest shapes anything accepts.
 //!
 //! Errors are typed, one enum per domain, each next to what it checks: [`TopologyError`],
@@ -21,6 +22,7 @@
 
 pub mod balance;
 pub mod craft;
+pub mod engines;
 pub mod eplb;
 pub mod expert_plan;
 pub mod limits;
