@@ -20,9 +20,28 @@ use crate::worker::wire::{WorkerClient, WorkerSample};
 /// Timeout of one worker or Prometheus request.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One failed load reading: the MetricsAvailable reason and what went wrong.
+/// Where a load reading came from (the `source` label of `moe_operator_scrape_failures_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A worker's `/metrics`.
+    Workers,
+    /// The Prometheus query of `spec.metrics.prometheus`.
+    Prometheus,
+}
+
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Workers => "workers",
+            Source::Prometheus => "prometheus",
+        }
+    }
+}
+
+/// One failed load reading: where, the MetricsAvailable reason and what went wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MetricsFailure {
+    pub source: Source,
     pub reason: &'static str,
     pub message: String,
 }
@@ -107,6 +126,7 @@ pub async fn observe(
                 obs.scraped.insert(p.name_any(), s);
             }
             Err(e) => obs.failures.push(MetricsFailure {
+                source: Source::Workers,
                 reason: e.reason(),
                 message: e.to_string(),
             }),
@@ -133,7 +153,7 @@ pub async fn observe(
                     t.window.retain_workers(|w| names.iter().any(|n| n == w));
                     match t.window.record(&samples) {
                         Ok(()) => obs.window_changed = !samples.is_empty(),
-                        Err(e) => obs.failures.push(garbled(e.to_string())),
+                        Err(e) => obs.failures.push(garbled(Source::Workers, e.to_string())),
                     }
                 });
             }
@@ -150,12 +170,13 @@ pub async fn observe(
                             .push_amounts(&format!("Prometheus query at {url}"), &s)
                         {
                             Ok(any) => obs.window_changed = any,
-                            Err(e) => obs.failures.push(garbled(e.to_string())),
+                            Err(e) => obs.failures.push(garbled(Source::Prometheus, e)),
                         }
                     }),
-                    Err(e) => obs.failures.push(garbled(e.to_string())),
+                    Err(e) => obs.failures.push(garbled(Source::Prometheus, e)),
                 },
                 Err(e) => obs.failures.push(MetricsFailure {
+                    source: Source::Prometheus,
                     reason: e.reason(),
                     message: e.to_string(),
                 }),
@@ -167,8 +188,9 @@ pub async fn observe(
     obs
 }
 
-fn garbled(message: String) -> MetricsFailure {
+fn garbled(source: Source, message: String) -> MetricsFailure {
     MetricsFailure {
+        source,
         reason: reason::GARBLED_METRICS,
         message,
     }

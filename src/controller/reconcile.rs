@@ -139,6 +139,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         // Being deleted: garbage collection removes what it owns; applying now would recreate it.
         ctx.windows.forget(&key);
         ctx.metrics.set_balancedness(&key, None);
+        ctx.metrics.forget_deployment(&ns, &name);
         return Ok(Action::await_change());
     }
     let mds: Api<MoEDeployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -166,6 +167,10 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         &fetched.pods,
     )
     .await;
+    for f in &observed.failures {
+        ctx.metrics
+            .count_scrape_failure(&ns, &name, f.source.label(), f.reason);
+    }
     let d = decide::decide(&Inputs {
         md,
         spec: &spec,
@@ -176,6 +181,9 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         now: &now,
         now_s,
     })?;
+    for v in &d.replans {
+        ctx.metrics.count_replan(v.outcome.label(), v.reason);
+    }
     apply(ctx, md, &ns, &key, &fetched.pods, &d).await?;
     Ok(Action::requeue(d.requeue))
 }
