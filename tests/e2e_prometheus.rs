@@ -355,20 +355,24 @@ async fn prometheus_source_and_kubectl_plugin() {
     eprintln!("re-planned from Prometheus: {new_hash} {p:?}; observed {observed:?}");
     // The operator's /metrics counts the decisions: the first plan and the re-plan applied, and
     // (traffic going on, the re-plan in force) a candidate kept for too small a gain or no change.
-    let applied = "moe_operator_replan_decisions_total{outcome=\"applied\",reason=\"PlanImproved\"}";
+    let applied =
+        "moe_operator_replan_decisions_total{outcome=\"applied\",reason=\"PlanImproved\"}";
     let initial = "moe_operator_replan_decisions_total{outcome=\"applied\",reason=\"InitialPlan\"}";
     assert!(
         operator_metric(metrics_port, applied).await >= Some(1.0),
         "{applied}"
     );
-    assert_eq!(operator_metric(metrics_port, initial).await, Some(1.0), "{initial}");
+    assert_eq!(
+        operator_metric(metrics_port, initial).await,
+        Some(1.0),
+        "{initial}"
+    );
     let kept = wait_for("a re-plan kept", long, || async {
         loadgen_round(&cms, "tiny-plan", &plan_file, &workers, &trace).await?;
         let mut kept = 0.0;
         for r in ["GainBelowMinImprovement", "PlanUnchanged", "CoolingDown"] {
-            let name = format!(
-                "moe_operator_replan_decisions_total{{outcome=\"kept\",reason=\"{r}\"}}"
-            );
+            let name =
+                format!("moe_operator_replan_decisions_total{{outcome=\"kept\",reason=\"{r}\"}}");
             kept += operator_metric(metrics_port, &name).await.unwrap_or(0.0);
         }
         if kept > 0.0 {

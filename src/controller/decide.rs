@@ -176,6 +176,13 @@ pub fn invalid(
     hold(md, status, status.clone(), Vec::new(), held, None, now)
 }
 
+/// Degraded reasons of a load source the spec configures wrongly ([`super::observe::MetricsFailure::degrades`]).
+const SOURCE_DEGRADED_REASONS: [&str; 3] = [
+    reason::PROMETHEUS_CREDENTIALS_INVALID,
+    reason::PROMETHEUS_AUTH_REFUSED,
+    reason::PROMETHEUS_TLS_FAILED,
+];
+
 /// Decide one reconcile of a deployment with a valid spec.
 pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
     let (md, spec, fetched) = (inp.md, inp.spec, inp.fetched);
@@ -608,6 +615,20 @@ fn roll(
     let rank_message = rank_failed_message(&status);
     let cs = &mut status.conditions;
     let degraded = condition::DEGRADED;
+    // The load source as the spec configures it does not work (credentials, CA): Degraded with
+    // the field to fix, while the workers keep serving the plan in force. Between two readings
+    // of the source the last one's verdict stands.
+    let misconfigured = inp.observed.failures.iter().find(|f| f.degrades);
+    let degraded_now = |reason: &str, message: &str| {
+        cs.iter().any(|c| {
+            c.type_ == degraded
+                && c.status == "True"
+                && c.reason == reason
+                && (message.is_empty() || c.message == message)
+        })
+    };
+    let source_verdict_stands =
+        !inp.observed.fresh && SOURCE_DEGRADED_REASONS.iter().any(|r| degraded_now(r, ""));
     if rank_failed {
         set_condition(
             cs,
@@ -618,7 +639,12 @@ fn roll(
             gen,
             inp.now,
         );
-    } else {
+    } else if let Some(f) = misconfigured {
+        if !degraded_now(f.reason, &f.message) {
+            events.push(Note::warning(f.reason, f.message.clone()));
+        }
+        set_condition(cs, degraded, true, f.reason, &f.message, gen, inp.now);
+    } else if !source_verdict_stands {
         // Not Degraded: set here, past every hold, so a held deployment's Degraded condition does
         // not flip to False and back (a new transition time, a status write) on each retry.
         set_condition(cs, degraded, false, reason::SPEC_VALID, "", gen, inp.now);

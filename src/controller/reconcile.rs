@@ -19,7 +19,7 @@ use super::apply::apply;
 use super::build::{self, LABEL_DEPLOYMENT};
 use super::decide::{self, Inputs};
 use super::fetch;
-use super::observe::{observe, LoadWindows};
+use super::observe::{observe, LoadWindows, Readers};
 use super::prometheus::{PrometheusClient, PrometheusSetupError};
 use super::telemetry::Metrics;
 use crate::api::pod_policy::PodPolicy;
@@ -157,16 +157,13 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
     };
     let fetched = fetch::fetch(&ctx.client, md, &ns, &spec, status).await?;
     let uid = md.metadata.uid.clone().unwrap_or_default();
-    let observed = observe(
-        &ctx.windows,
-        &ctx.workers,
-        &ctx.prometheus,
-        &key,
-        &uid,
-        &spec,
-        &fetched.pods,
-    )
-    .await;
+    let readers = Readers {
+        client: &ctx.client,
+        workers: &ctx.workers,
+        prometheus: &ctx.prometheus,
+        namespace: &ns,
+    };
+    let observed = observe(&ctx.windows, &readers, &key, &uid, &spec, &fetched.pods).await;
     for f in &observed.failures {
         ctx.metrics
             .count_scrape_failure(&ns, &name, f.source.label(), f.reason);

@@ -260,7 +260,11 @@ fn a_better_plan_rolls_in_place_one_worker_at_a_time_after_the_cooldown() {
     assert_eq!(verdicts(&d), vec![("kept", reason::COOLING_DOWN)]);
     // Past it: the candidate rolls out, one worker pushed at a time (maxUnavailable 1).
     status.plan.as_mut().unwrap().computed_at = Some(t(NOW - 301));
-    let d = run(&md, &fetched(status.clone(), Some(plan.clone()), pods.clone()), &obs);
+    let d = run(
+        &md,
+        &fetched(status.clone(), Some(plan.clone()), pods.clone()),
+        &obs,
+    );
     assert_eq!(reasons(&d), vec![reason::PLAN_IMPROVED]);
     assert_eq!(verdicts(&d), vec![("applied", reason::PLAN_IMPROVED)]);
     // Once the candidate is the plan in force, the same window gives nothing better: kept.
@@ -450,11 +454,13 @@ fn metrics_available_follows_the_readings() {
             MetricsFailure {
                 source: Source::Workers,
                 reason: "Unreachable",
+                degrades: false,
                 message: "GET http://10.0.0.1:9401/metrics: connect: refused".into(),
             },
             MetricsFailure {
                 source: Source::Workers,
                 reason: reason::GARBLED_METRICS,
+                degrades: false,
                 message: "metrics line 3: bad".into(),
             },
         ],
@@ -508,6 +514,94 @@ fn metrics_available_follows_the_readings() {
     assert_eq!(
         cond(&s, condition::METRICS_AVAILABLE),
         ("False", "Unreachable")
+    );
+}
+
+#[test]
+fn a_load_source_the_spec_misconfigures_degrades_without_stopping_the_workers() {
+    let md = deployment("{}");
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let (pods, scraped) = running(&first, &plan.hash);
+    let refused = MetricsFailure {
+        source: Source::Prometheus,
+        reason: reason::PROMETHEUS_AUTH_REFUSED,
+        message: "spec.metrics.prometheus.auth.basicAuthSecret: refused (HTTP 401)".into(),
+        degrades: true,
+    };
+    let obs = Observed {
+        scraped: scraped.clone(),
+        failures: vec![refused.clone()],
+        fresh: true,
+        ..Default::default()
+    };
+    let d = run(
+        &md,
+        &fetched(
+            first.status.clone().unwrap(),
+            Some(plan.clone()),
+            pods.clone(),
+        ),
+        &obs,
+    );
+    let r = d
+        .rollout
+        .as_ref()
+        .expect("not held: the workers keep serving");
+    assert!(r.step.done && r.step.delete.is_empty() && r.step.create.is_empty());
+    let s = d.status.clone().unwrap();
+    assert_eq!(
+        cond(&s, condition::DEGRADED),
+        ("True", reason::PROMETHEUS_AUTH_REFUSED)
+    );
+    assert_eq!(
+        message_of(&s, condition::DEGRADED),
+        refused.message.as_str()
+    );
+    assert_eq!(cond(&s, condition::READY), ("True", reason::WORKERS_READY));
+    assert_eq!(
+        cond(&s, condition::METRICS_AVAILABLE),
+        ("False", reason::PROMETHEUS_AUTH_REFUSED)
+    );
+    assert_eq!(
+        d.events
+            .iter()
+            .map(|n| (n.warning, n.reason))
+            .collect::<Vec<_>>(),
+        vec![(true, reason::PROMETHEUS_AUTH_REFUSED)]
+    );
+    // The same failure again: no new Event. Between two readings: it stands.
+    let again = run(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), pods.clone()),
+        &obs,
+    );
+    assert!(again.events.is_empty(), "{:?}", again.events);
+    let between = Observed {
+        scraped: scraped.clone(),
+        ..Default::default()
+    };
+    let d = run(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), pods.clone()),
+        &between,
+    );
+    let st = d.status.unwrap_or(s.clone());
+    assert_eq!(
+        cond(&st, condition::DEGRADED),
+        ("True", reason::PROMETHEUS_AUTH_REFUSED)
+    );
+    // A reading that works clears it.
+    let ok = Observed {
+        scraped,
+        fresh: true,
+        ..Default::default()
+    };
+    let d = run(&md, &fetched(s, Some(plan), pods), &ok);
+    let st = d.status.unwrap();
+    assert_eq!(
+        cond(&st, condition::DEGRADED),
+        ("False", reason::SPEC_VALID)
     );
 }
 
