@@ -691,6 +691,36 @@ async fn prometheus_over_tls_with_credentials_from_secrets() {
         assert!(e.to_string().contains(want), "{e}");
     }
 
+    // A worker that stops answering: its scrapes fail and are counted per deployment, with the
+    // workers as their source (the Prometheus ones above had Prometheus).
+    let pod = pod_ids(&pods).await[0].0.clone();
+    let pid: i32 = std::fs::read_to_string(state.join("pods").join(format!("{NS}_{pod}/pid")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let worker_failures = "moe_operator_scrape_failures_total{namespace=\"ml\",name=\"tiny\",source=\"workers\",reason=\"Unreachable\"}";
+    // SAFETY: kill(2) takes no pointers.
+    assert_eq!(
+        unsafe { libc::kill(pid, libc::SIGSTOP) },
+        0,
+        "SIGSTOP {pid}"
+    );
+    let counted = wait_for(
+        "a failed worker scrape counted",
+        Duration::from_secs(60),
+        || async {
+            match operator_metric(metrics_port, worker_failures).await {
+                Some(n) if n >= 1.0 => Ok(n),
+                other => Err(format!("{worker_failures} = {other:?}")),
+            }
+        },
+    )
+    .await;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    eprintln!("failed worker scrapes counted: {counted}");
+
     // No credential in the operator's log or in status.
     let log = std::fs::read_to_string(state.join("operator-tls-op.log")).unwrap();
     let status = serde_json::to_string(&mds.get("tiny").await.unwrap().status).unwrap();

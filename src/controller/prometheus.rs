@@ -342,7 +342,15 @@ pub fn auth_from_secret(
         Ok(v.to_string())
     };
     match r {
-        AuthRef::Bearer { key, .. } => Ok(Auth::Bearer(text(key)?)),
+        AuthRef::Bearer { key, .. } => {
+            let t = text(key)?;
+            if t.chars().any(char::is_control) {
+                return Err(format!(
+                    "key {key:?} of {secret} holds control characters, which an HTTP header cannot carry"
+                ));
+            }
+            Ok(Auth::Bearer(t))
+        }
         AuthRef::Basic { .. } => {
             let username = text(BASIC_AUTH_USERNAME_KEY)?;
             if username.contains(':') {
@@ -737,6 +745,10 @@ mod tests {
             auth_from_secret(&bearer_ref, "ml", Some(&d)),
             Ok(Auth::Bearer(t)) if t == "abc"
         ));
+        let d = data(&[("token", b"ab\x01cd")]);
+        assert!(auth_from_secret(&bearer_ref, "ml", Some(&d))
+            .unwrap_err()
+            .contains("control characters"));
         let d = data(&[("token", b"\n")]);
         assert!(auth_from_secret(&bearer_ref, "ml", Some(&d))
             .unwrap_err()
