@@ -154,8 +154,8 @@ pub async fn prometheus_access(
             }
         };
         let pem = match pem {
-            None => return Err(fail(format!("{what}: not found"))),
-            Some(None) => return Err(fail(format!("{what}: no such key"))),
+            None => return Err(fail(format!("{what}: the object does not exist"))),
+            Some(None) => return Err(fail(format!("{what}: the object has no such key"))),
             Some(Some(pem)) => pem,
         };
         access = access
@@ -172,10 +172,11 @@ async fn secret_data(
     name: &str,
 ) -> Result<Option<std::collections::BTreeMap<String, Vec<u8>>>, String> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let s = api.get_opt(name).await.map_err(|e| {
-        format!(
-            "reading Secret {ns}/{name}: {e} (the operator needs get on secrets in this namespace)"
-        )
+    let s = api.get_opt(name).await.map_err(|e| match e {
+        kube::Error::Api(s) if s.code == 403 => format!(
+            "reading Secret {ns}/{name}: forbidden: the operator's ServiceAccount needs get on secrets in this namespace (the chart's ClusterRole grants it)"
+        ),
+        e => format!("reading Secret {ns}/{name}: {e}"),
     })?;
     Ok(s.map(|s| {
         s.data

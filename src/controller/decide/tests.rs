@@ -287,6 +287,34 @@ fn a_better_plan_rolls_in_place_one_worker_at_a_time_after_the_cooldown() {
 }
 
 #[test]
+fn a_replan_the_planner_cannot_make_is_counted_rejected() {
+    let md = deployment("{replication: {budget: {replicasPerGpu: 2}}}");
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let (pods, scraped) = running(&first, &plan.hash);
+    // A window of another model's shape (one layer of three experts): the planner refuses it.
+    let obs = Observed {
+        scraped,
+        window: Some(LoadWindow::new(vec![0], 3, vec![1.0, 2.0, 3.0]).unwrap()),
+        window_changed: true,
+        fresh: true,
+        ..Default::default()
+    };
+    let d = run(
+        &md,
+        &fetched(first.status.unwrap(), Some(plan.clone()), pods),
+        &obs,
+    );
+    assert_eq!(verdicts(&d), vec![("rejected", reason::PLAN_FAILED)]);
+    assert_eq!(reasons(&d), vec![reason::PLAN_FAILED]);
+    assert_eq!(
+        d.rollout.unwrap().plan.hash,
+        plan.hash,
+        "the plan in force stays"
+    );
+}
+
+#[test]
 fn recreate_replaces_at_most_max_unavailable_workers() {
     let md = deployment("{rollout: {strategy: Recreate, maxUnavailable: 1}}");
     let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
