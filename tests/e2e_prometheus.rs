@@ -24,7 +24,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::operator::{condition, free_port, loadgen_round, tiny_checkpoint, wait_for};
+use common::operator::{
+    condition, free_port, loadgen_round, operator_metric, tiny_checkpoint, wait_for,
+};
 const NODES: usize = 2;
 const NS: &str = "ml";
 
@@ -176,6 +178,7 @@ async fn prometheus_source_and_kubectl_plugin() {
 
     let prom_port = free_port();
     let prom_url = format!("http://127.0.0.1:{prom_port}");
+    let metrics_port = free_port();
     // The operator, with the admin kubeconfig (RBAC is the operator test's subject, not this one's).
     let log = std::fs::File::create(plane.state.join("operator.log")).unwrap();
     plane.children.push((
@@ -184,7 +187,7 @@ async fn prometheus_source_and_kubectl_plugin() {
             .args([
                 "run",
                 "--metrics-listen",
-                "127.0.0.1:0",
+                &format!("127.0.0.1:{metrics_port}"),
                 "--health-listen",
                 "127.0.0.1:0",
                 "--leader-election-namespace",
@@ -350,6 +353,36 @@ async fn prometheus_source_and_kubectl_plugin() {
     .expect("Prometheus answers");
     assert!(series.first().is_some_and(|(_, v)| *v > 0.0), "{series:?}");
     eprintln!("re-planned from Prometheus: {new_hash} {p:?}; observed {observed:?}");
+    // The operator's /metrics counts the decisions: the first plan and the re-plan applied, and
+    // (traffic going on, the re-plan in force) a candidate kept for too small a gain or no change.
+    let applied =
+        "moe_operator_replan_decisions_total{outcome=\"applied\",reason=\"PlanImproved\"}";
+    let initial = "moe_operator_replan_decisions_total{outcome=\"applied\",reason=\"InitialPlan\"}";
+    assert!(
+        operator_metric(metrics_port, applied).await >= Some(1.0),
+        "{applied}"
+    );
+    assert_eq!(
+        operator_metric(metrics_port, initial).await,
+        Some(1.0),
+        "{initial}"
+    );
+    let kept = wait_for("a re-plan kept", long, || async {
+        loadgen_round(&cms, "tiny-plan", &plan_file, &workers, &trace).await?;
+        let mut kept = 0.0;
+        for r in ["GainBelowMinImprovement", "PlanUnchanged", "CoolingDown"] {
+            let name =
+                format!("moe_operator_replan_decisions_total{{outcome=\"kept\",reason=\"{r}\"}}");
+            kept += operator_metric(metrics_port, &name).await.unwrap_or(0.0);
+        }
+        if kept > 0.0 {
+            Ok(kept)
+        } else {
+            Err("no kept decision counted yet".to_string())
+        }
+    })
+    .await;
+    eprintln!("kept re-plans counted: {kept}");
     for (_, ip) in &running {
         let r = WorkerClient::new()
             .scrape(ip, 9401, Duration::from_secs(5))
@@ -470,6 +503,12 @@ async fn prometheus_source_and_kubectl_plugin() {
     assert!(
         msg.starts_with("Unreachable") && msg.contains(&prom_url),
         "{msg}"
+    );
+    // ... and counts the failed readings for this deployment, on its /metrics.
+    let failures = "moe_operator_scrape_failures_total{namespace=\"ml\",name=\"tiny\",source=\"prometheus\",reason=\"Unreachable\"}";
+    assert!(
+        operator_metric(metrics_port, failures).await >= Some(1.0),
+        "{failures}"
     );
     let md = mds.get("tiny").await.unwrap();
     assert_eq!(

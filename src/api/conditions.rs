@@ -43,6 +43,14 @@ pub mod reason {
     pub const SCRAPE_FAILED: &str = "ScrapeFailed";
     /// MetricsAvailable=False: an answer that is not the metrics contract.
     pub const GARBLED_METRICS: &str = "GarbledMetrics";
+    /// MetricsAvailable=False and Degraded=True: the Secret or ConfigMap that
+    /// `metrics.prometheus.auth` or `.ca` names is missing or unusable.
+    pub const PROMETHEUS_CREDENTIALS_INVALID: &str = "PrometheusCredentialsInvalid";
+    /// MetricsAvailable=False and Degraded=True: Prometheus answered 401 or 403.
+    pub const PROMETHEUS_AUTH_REFUSED: &str = "PrometheusAuthRefused";
+    /// MetricsAvailable=False and Degraded=True: the TLS handshake with Prometheus failed (its
+    /// certificate does not verify against the trusted CAs, or it speaks no TLS).
+    pub const PROMETHEUS_TLS_FAILED: &str = "PrometheusTLSFailed";
     /// PlanReady=True.
     pub const PLANNED: &str = "Planned";
     /// Ready=True.

@@ -374,6 +374,20 @@ fn default_interval() -> String {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.auth) || self.url.startsWith('https://')",
+        "message": "metrics.prometheus.auth needs an https:// url: credentials are never sent over plain http",
+        "fieldPath": ".auth",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.ca) || self.url.startsWith('https://')",
+        "message": "metrics.prometheus.ca needs an https:// url: a CA means nothing over plain http",
+        "fieldPath": ".ca",
+        "reason": "FieldValueInvalid"
+    }
+]))]
 pub struct PrometheusSpec {
     /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring:9090`.
     #[schemars(length(min = 1, max = 2048))]
@@ -382,7 +396,80 @@ pub struct PrometheusSpec {
     /// `sum by (layer, expert) (increase(moe_expert_tokens_total{namespace="x"}[1m]))`.
     #[schemars(length(min = 1, max = 8192))]
     pub query: String,
+    /// Credentials sent with every query, from a Secret of the MoEDeployment's namespace (read
+    /// by name, once per metrics interval). Needs an `https://` url.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<PrometheusAuth>,
+    /// PEM CA certificates that signed Prometheus' certificate, trusted besides the system's and
+    /// the operator's `--prometheus-ca-file`. Needs an `https://` url.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PrometheusCa>,
 }
+
+/// The keys of a `basicAuthSecret` (those of a `kubernetes.io/basic-auth` Secret).
+pub const BASIC_AUTH_USERNAME_KEY: &str = "username";
+pub const BASIC_AUTH_PASSWORD_KEY: &str = "password";
+
+/// How the operator authenticates to Prometheus: exactly one of the two.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.bearerTokenSecret) != has(self.basicAuthSecret)",
+        "message": "metrics.prometheus.auth takes exactly one of bearerTokenSecret and basicAuthSecret",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct PrometheusAuth {
+    /// `Authorization: Bearer <token>`, the token (surrounding whitespace trimmed) in this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_secret: Option<KeyRef>,
+    /// HTTP basic auth with the Secret's `username` and `password` keys (a
+    /// `kubernetes.io/basic-auth` Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic_auth_secret: Option<NameRef>,
+}
+
+/// Where the CA bundle is: exactly one of the two.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.secret) != has(self.configMap)",
+        "message": "metrics.prometheus.ca takes exactly one of secret and configMap",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct PrometheusCa {
+    /// A key of a Secret of the MoEDeployment's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<KeyRef>,
+    /// A key of a ConfigMap of the MoEDeployment's namespace (`data` or `binaryData`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<KeyRef>,
+}
+
+/// An object of the MoEDeployment's namespace, by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NameRef {
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub name: String,
+}
+
+/// A key of an object of the MoEDeployment's namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct KeyRef {
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
+    pub key: String,
+}
+
+/// A Secret's or ConfigMap's name (a DNS subdomain).
+pub const OBJECT_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A key of a Secret's or ConfigMap's data.
+pub const DATA_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 
 /// How workers move to a new plan.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -840,6 +840,8 @@ mod tests {
         s.metrics.prometheus = Some(PrometheusSpec {
             url: url.into(),
             query: "sum by (layer, expert) (x)".into(),
+            auth: None,
+            ca: None,
         });
     }
 

@@ -12,8 +12,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::moedeployment::{
-    MetricsSource, MoEDeploymentSpec, ModelDtype, ModelSpec, ReplicationPolicy, RolloutStrategy,
-    Transport, WorkerDevice, MAX_NCCL_ENV,
+    KeyRef, MetricsSource, MoEDeploymentSpec, ModelDtype, ModelSpec, PrometheusSpec,
+    ReplicationPolicy, RolloutStrategy, Transport, WorkerDevice, BASIC_AUTH_PASSWORD_KEY,
+    BASIC_AUTH_USERNAME_KEY, MAX_NCCL_ENV,
 };
 use super::pod_policy::{check_pod_policy, PodPolicy};
 use super::units::{parse_duration, parse_quantity};
@@ -140,8 +141,72 @@ pub struct DataPlane {
 pub enum LoadSource {
     /// Every worker's `/metrics`.
     Workers,
-    /// One PromQL query per interval.
-    Prometheus { url: String, query: String },
+    /// One PromQL query per interval, with the credentials and CA the spec names (read from the
+    /// deployment's namespace when querying).
+    Prometheus {
+        url: String,
+        query: String,
+        auth: Option<AuthRef>,
+        ca: Option<CaRef>,
+    },
+}
+
+/// `spec.metrics.prometheus.auth`: which Secret holds the credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthRef {
+    /// `Authorization: Bearer`, the token in key `key` of Secret `secret`.
+    Bearer { secret: String, key: String },
+    /// Basic auth, the `username` and `password` keys of Secret `secret`.
+    Basic { secret: String },
+}
+
+impl AuthRef {
+    /// The spec field that names it, for messages.
+    pub fn field(&self) -> &'static str {
+        match self {
+            AuthRef::Bearer { .. } => "spec.metrics.prometheus.auth.bearerTokenSecret",
+            AuthRef::Basic { .. } => "spec.metrics.prometheus.auth.basicAuthSecret",
+        }
+    }
+
+    pub fn secret(&self) -> &str {
+        match self {
+            AuthRef::Bearer { secret, .. } | AuthRef::Basic { secret } => secret,
+        }
+    }
+
+    /// The Secret's keys it reads.
+    pub fn keys(&self) -> Vec<&str> {
+        match self {
+            AuthRef::Bearer { key, .. } => vec![key.as_str()],
+            AuthRef::Basic { .. } => vec![BASIC_AUTH_USERNAME_KEY, BASIC_AUTH_PASSWORD_KEY],
+        }
+    }
+}
+
+/// `spec.metrics.prometheus.ca`: which Secret or ConfigMap key holds the PEM CA bundle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaRef {
+    Secret { name: String, key: String },
+    ConfigMap { name: String, key: String },
+}
+
+impl CaRef {
+    /// The spec field that names it, for messages.
+    pub fn field(&self) -> &'static str {
+        match self {
+            CaRef::Secret { .. } => "spec.metrics.prometheus.ca.secret",
+            CaRef::ConfigMap { .. } => "spec.metrics.prometheus.ca.configMap",
+        }
+    }
+
+    /// `Secret ns/name key k` or `ConfigMap ns/name key k`, for messages.
+    pub fn describe(&self, ns: &str) -> String {
+        match self {
+            CaRef::Secret { name, key } => format!("Secret {ns}/{name} key {key:?}"),
+            CaRef::ConfigMap { name, key } => format!("ConfigMap {ns}/{name} key {key:?}"),
+        }
+    }
 }
 
 /// The worker's ports.
@@ -272,10 +337,39 @@ fn resolve(
             }
         })?;
     let load_source = match (spec.metrics.source, &spec.metrics.prometheus) {
-        (MetricsSource::Prometheus, Some(p)) => LoadSource::Prometheus {
-            url: p.url.clone(),
-            query: p.query.clone(),
-        },
+        (MetricsSource::Prometheus, Some(p)) => {
+            let auth = p.auth.as_ref().and_then(|a| {
+                match (&a.bearer_token_secret, &a.basic_auth_secret) {
+                    (Some(b), None) => Some(AuthRef::Bearer {
+                        secret: b.name.clone(),
+                        key: b.key.clone(),
+                    }),
+                    (None, Some(b)) => Some(AuthRef::Basic {
+                        secret: b.name.clone(),
+                    }),
+                    _ => None,
+                }
+            });
+            let ca =
+                p.ca.as_ref()
+                    .and_then(|c| match (&c.secret, &c.config_map) {
+                        (Some(r), None) => Some(CaRef::Secret {
+                            name: r.name.clone(),
+                            key: r.key.clone(),
+                        }),
+                        (None, Some(r)) => Some(CaRef::ConfigMap {
+                            name: r.name.clone(),
+                            key: r.key.clone(),
+                        }),
+                        _ => None,
+                    });
+            LoadSource::Prometheus {
+                url: p.url.clone(),
+                query: p.query.clone(),
+                auth,
+                ca,
+            }
+        }
         _ => LoadSource::Workers,
     };
     let p = &spec.worker.ports;
@@ -580,6 +674,7 @@ fn check_metrics(spec: &MoEDeploymentSpec, errs: &mut Errors) -> Option<Duration
                     "empty: give a PromQL query with layer and expert labels, e.g. sum by (layer, expert) (increase(moe_expert_tokens_total[1m]))".into(),
                 );
             }
+            check_prometheus_access(p, errs);
         }
         (MetricsSource::Workers, Some(_)) => err(
             "spec.metrics.prometheus",
@@ -589,6 +684,96 @@ fn check_metrics(spec: &MoEDeploymentSpec, errs: &mut Errors) -> Option<Duration
     }
 
     interval
+}
+
+/// `metrics.prometheus.auth` and `.ca`: one reference each, to well-formed names, and only with
+/// an https URL (the CRD's CEL says the same; this catches objects stored without it).
+fn check_prometheus_access(p: &PrometheusSpec, errs: &mut Errors) {
+    let https = p.url.starts_with("https://");
+    let mut refs: Vec<(String, &KeyRef)> = Vec::new();
+    if let Some(a) = &p.auth {
+        let path = "spec.metrics.prometheus.auth";
+        if !https {
+            errs.push(
+                path,
+                "needs an https:// url: credentials are never sent over plain http; use the https URL of Prometheus, or remove auth".into(),
+            );
+        }
+        match (&a.bearer_token_secret, &a.basic_auth_secret) {
+            (Some(b), None) => refs.push((format!("{path}.bearerTokenSecret"), b)),
+            (None, Some(b)) => {
+                if !is_object_name(&b.name) {
+                    errs.push(
+                        &format!("{path}.basicAuthSecret.name"),
+                        format!(
+                            "{:?} is not a Secret name (a DNS subdomain such as prometheus-auth)",
+                            b.name
+                        ),
+                    );
+                }
+            }
+            _ => errs.push(
+                path,
+                "give exactly one of bearerTokenSecret (name, key) and basicAuthSecret (name)"
+                    .into(),
+            ),
+        }
+    }
+    if let Some(c) = &p.ca {
+        let path = "spec.metrics.prometheus.ca";
+        if !https {
+            errs.push(
+                path,
+                "needs an https:// url: a CA means nothing over plain http; use the https URL of Prometheus, or remove ca".into(),
+            );
+        }
+        match (&c.secret, &c.config_map) {
+            (Some(r), None) => refs.push((format!("{path}.secret"), r)),
+            (None, Some(r)) => refs.push((format!("{path}.configMap"), r)),
+            _ => errs.push(
+                path,
+                "give exactly one of secret (name, key) and configMap (name, key)".into(),
+            ),
+        }
+    }
+    for (path, r) in refs {
+        if !is_object_name(&r.name) {
+            errs.push(
+                &format!("{path}.name"),
+                format!(
+                    "{:?} is not an object name (a DNS subdomain such as prometheus-auth)",
+                    r.name
+                ),
+            );
+        }
+        let key_ok = !r.key.is_empty()
+            && r.key.len() <= 253
+            && r.key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !key_ok {
+            errs.push(
+                &format!("{path}.key"),
+                format!(
+                    "{:?} is not a data key (letters, digits, '-', '_', '.')",
+                    r.key
+                ),
+            );
+        }
+    }
+}
+
+/// A Secret's or ConfigMap's name: a DNS subdomain.
+fn is_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
 }
 
 /// The load window in metrics intervals, when it and the interval are valid.
@@ -1125,6 +1310,8 @@ worker: {image: "moe-worker:dev"}
                     s.metrics.prometheus = Some(PrometheusSpec {
                         url: "prometheus:9090".into(),
                         query: "q".into(),
+                        auth: None,
+                        ca: None,
                     })
                 },
                 "spec.metrics.prometheus.url",
@@ -1137,10 +1324,94 @@ worker: {image: "moe-worker:dev"}
                     s.metrics.prometheus = Some(PrometheusSpec {
                         url: "http://p:9090".into(),
                         query: " ".into(),
+                        auth: None,
+                        ca: None,
                     })
                 },
                 "spec.metrics.prometheus.query",
                 "PromQL",
+            ),
+            (
+                "prometheus auth over http",
+                |s| {
+                    s.metrics.source = MetricsSource::Prometheus;
+                    s.metrics.prometheus = Some(PrometheusSpec {
+                        url: "http://p:9090".into(),
+                        query: "q".into(),
+                        auth: Some(PrometheusAuth {
+                            basic_auth_secret: Some(NameRef {
+                                name: "prom-auth".into(),
+                            }),
+                            ..Default::default()
+                        }),
+                        ca: None,
+                    })
+                },
+                "spec.metrics.prometheus.auth",
+                "credentials are never sent over plain http",
+            ),
+            (
+                "prometheus auth with both",
+                |s| {
+                    s.metrics.source = MetricsSource::Prometheus;
+                    let r = KeyRef {
+                        name: "prom-auth".into(),
+                        key: "token".into(),
+                    };
+                    s.metrics.prometheus = Some(PrometheusSpec {
+                        url: "https://p:9090".into(),
+                        query: "q".into(),
+                        auth: Some(PrometheusAuth {
+                            bearer_token_secret: Some(r),
+                            basic_auth_secret: Some(NameRef {
+                                name: "prom-auth".into(),
+                            }),
+                        }),
+                        ca: None,
+                    })
+                },
+                "spec.metrics.prometheus.auth",
+                "exactly one of bearerTokenSecret",
+            ),
+            (
+                "prometheus ca over http",
+                |s| {
+                    s.metrics.source = MetricsSource::Prometheus;
+                    s.metrics.prometheus = Some(PrometheusSpec {
+                        url: "http://p:9090".into(),
+                        query: "q".into(),
+                        auth: None,
+                        ca: Some(PrometheusCa {
+                            config_map: Some(KeyRef {
+                                name: "prom-ca".into(),
+                                key: "ca.crt".into(),
+                            }),
+                            ..Default::default()
+                        }),
+                    })
+                },
+                "spec.metrics.prometheus.ca",
+                "needs an https:// url",
+            ),
+            (
+                "prometheus ca key",
+                |s| {
+                    s.metrics.source = MetricsSource::Prometheus;
+                    s.metrics.prometheus = Some(PrometheusSpec {
+                        url: "https://p:9090".into(),
+                        query: "q".into(),
+                        auth: None,
+                        ca: Some(PrometheusCa {
+                            secret: Some(KeyRef {
+                                name: "Prom_CA".into(),
+                                key: "ca/crt".into(),
+                            }),
+                            ..Default::default()
+                        }),
+                    })
+                },
+                "spec.metrics.prometheus.ca.secret.key",
+                "not a data key",
             ),
             (
                 "prometheus ignored",
@@ -1148,6 +1419,8 @@ worker: {image: "moe-worker:dev"}
                     s.metrics.prometheus = Some(PrometheusSpec {
                         url: "http://p:9090".into(),
                         query: "q".into(),
+                        auth: None,
+                        ca: None,
                     })
                 },
                 "spec.metrics.prometheus",

@@ -15,7 +15,7 @@ use super::initial_load::initial_load_window;
 use super::observe::Observed;
 use super::ranks::{self, RankFailure};
 use super::reconcile::Error;
-use super::replan::{self, Current};
+use super::replan::{self, Current, Verdict};
 use super::rollout::{next_step, RolloutGoal, Step, WorkerState};
 use super::status::{plan_status, set_condition, workers_status};
 use crate::api::pod_policy::{check_pod, PodPolicy};
@@ -89,6 +89,8 @@ pub struct Decision {
     pub status: Option<MoEDeploymentStatus>,
     /// The plan's predicted balancedness, for the operator's gauge.
     pub balancedness: Option<f64>,
+    /// The plan decisions made this time (a first plan, a re-plan), for the operator's counter.
+    pub replans: Vec<Verdict>,
     pub requeue: Duration,
 }
 
@@ -149,6 +151,7 @@ fn hold(
         rollout: None,
         status: changed.then_some(status),
         balancedness: plan.and_then(gauge),
+        replans: Vec::new(),
         requeue: held.retry,
     }
 }
@@ -172,6 +175,13 @@ pub fn invalid(
     };
     hold(md, status, status.clone(), Vec::new(), held, None, now)
 }
+
+/// Degraded reasons of a load source the spec configures wrongly ([`super::observe::MetricsFailure::degrades`]).
+const SOURCE_DEGRADED_REASONS: [&str; 3] = [
+    reason::PROMETHEUS_CREDENTIALS_INVALID,
+    reason::PROMETHEUS_AUTH_REFUSED,
+    reason::PROMETHEUS_TLS_FAILED,
+];
 
 /// Decide one reconcile of a deployment with a valid spec.
 pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
@@ -215,7 +225,7 @@ pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
     }
     metrics_condition(inp, &mut status);
 
-    let plan = choose_plan(inp, current, initial_window, &mut status, &mut events)?;
+    let (plan, mut replans) = choose_plan(inp, current, initial_window, &mut status, &mut events)?;
     set_condition(
         &mut status.conditions,
         condition::PLAN_READY,
@@ -236,7 +246,16 @@ pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
                 message: e.to_string(),
                 retry: HELD_RETRY,
             };
-            return Ok(hold(md, old, status, events, held, Some(&plan), inp.now));
+            // The plan just chosen cannot be stored: it does not come into force.
+            if let Some(v) = replans
+                .iter_mut()
+                .rfind(|v| v.outcome == replan::Outcome::Applied)
+            {
+                *v = Verdict::rejected(reason::PLAN_TOO_LARGE);
+            }
+            let mut d = hold(md, old, status, events, held, Some(&plan), inp.now);
+            d.replans = replans;
+            return Ok(d);
         }
         Err(e) => return Err(e.into()),
     };
@@ -253,9 +272,13 @@ pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
             message: refused.join("; "),
             retry: HELD_RETRY,
         };
-        return Ok(hold(md, old, status, events, held, Some(&plan), inp.now));
+        let mut d = hold(md, old, status, events, held, Some(&plan), inp.now);
+        d.replans = replans;
+        return Ok(d);
     }
-    Ok(roll(inp, desired, plan, status, events))
+    let mut d = roll(inp, desired, plan, status, events);
+    d.replans = replans;
+    Ok(d)
 }
 
 /// The plan's predicted balancedness, which the operator's gauge reports.
@@ -331,15 +354,17 @@ fn metrics_condition(inp: &Inputs<'_>, status: &mut MoEDeploymentStatus) {
 }
 
 /// The plan in force: the stored one, or a first one; then a better one from the window when it
-/// is worth rolling out. Updates `status.plan` and records the Events.
+/// is worth rolling out. Updates `status.plan` and records the Events; returns the plan and the
+/// decisions announced (each once, with its Event).
 fn choose_plan(
     inp: &Inputs<'_>,
     current: Option<ExpertPlan>,
     initial: Option<LoadWindow>,
     status: &mut MoEDeploymentStatus,
     events: &mut Vec<Note>,
-) -> Result<ExpertPlan, Error> {
+) -> Result<(ExpertPlan, Vec<Verdict>), Error> {
     let (md, spec) = (inp.md, inp.spec);
+    let mut verdicts = Vec::new();
     let plan = match current {
         Some(p) => p,
         None => {
@@ -371,15 +396,22 @@ fn choose_plan(
                     ),
                 ));
                 status.plan = Some(plan_status(&p, None, Some(inp.now.clone())));
+                verdicts.push(replan::Decision::Initial.verdict());
             }
             p
         }
     };
-    let plan = replan(inp, &plan, status, events).unwrap_or(plan);
+    let plan = match replan(inp, &plan, status, events) {
+        Some((v, candidate)) => {
+            verdicts.push(v);
+            candidate.unwrap_or(plan)
+        }
+        None => plan,
+    };
     if status.plan.as_ref().map(|p| p.hash.as_str()) != Some(plan.hash.as_str()) {
         status.plan = Some(plan_status(&plan, None, Some(inp.now.clone())));
     }
-    Ok(plan)
+    Ok((plan, verdicts))
 }
 
 /// The plan before any load is measured and without `spec.initialLoad`: placement only on a zero
@@ -397,13 +429,14 @@ pub fn initial_plan(spec: &ValidSpec) -> Result<ExpertPlan, Error> {
 }
 
 /// A better plan from the window, when it beats `plan` by `minImprovement` and the cooldown has
-/// passed. Records the observed balancedness either way.
+/// passed. Records the observed balancedness either way. `None` when there was nothing to
+/// re-plan on (no new load); else the verdict, with the candidate when it rolls out.
 fn replan(
     inp: &Inputs<'_>,
     plan: &ExpertPlan,
     status: &mut MoEDeploymentStatus,
     events: &mut Vec<Note>,
-) -> Option<ExpertPlan> {
+) -> Option<(Verdict, Option<ExpertPlan>)> {
     let spec = inp.spec;
     let w = inp.observed.window.as_ref()?;
     if spec.policy == ReplicationPolicy::None
@@ -416,7 +449,7 @@ fn replan(
         Ok(c) => c,
         Err(e) => {
             events.push(Note::warning(reason::PLAN_FAILED, e.to_string()));
-            return None;
+            return Some((Verdict::rejected(reason::PLAN_FAILED), None));
         }
     };
     let cur_b = evaluate(plan, w).map(|e| e.balancedness).unwrap_or(0.0);
@@ -449,7 +482,7 @@ fn replan(
     );
     if !d.rolls_out() {
         tracing::debug!(reason = d.reason(), "plan kept");
-        return None;
+        return Some((d.verdict(), None));
     }
     events.push(Note::normal(
         d.reason(),
@@ -464,7 +497,7 @@ fn replan(
         ),
     ));
     status.plan = Some(plan_status(&candidate, Some(cur_b), Some(inp.now.clone())));
-    Some(candidate)
+    Some((d.verdict(), Some(candidate)))
 }
 
 /// The rank failure to restart the worker group for now: the newest one the pods show, when the
@@ -582,6 +615,20 @@ fn roll(
     let rank_message = rank_failed_message(&status);
     let cs = &mut status.conditions;
     let degraded = condition::DEGRADED;
+    // The load source as the spec configures it does not work (credentials, CA): Degraded with
+    // the field to fix, while the workers keep serving the plan in force. Between two readings
+    // of the source the last one's verdict stands.
+    let misconfigured = inp.observed.failures.iter().find(|f| f.degrades);
+    let degraded_now = |reason: &str, message: &str| {
+        cs.iter().any(|c| {
+            c.type_ == degraded
+                && c.status == "True"
+                && c.reason == reason
+                && (message.is_empty() || c.message == message)
+        })
+    };
+    let source_verdict_stands =
+        !inp.observed.fresh && SOURCE_DEGRADED_REASONS.iter().any(|r| degraded_now(r, ""));
     if rank_failed {
         set_condition(
             cs,
@@ -592,7 +639,12 @@ fn roll(
             gen,
             inp.now,
         );
-    } else {
+    } else if let Some(f) = misconfigured {
+        if !degraded_now(f.reason, &f.message) {
+            events.push(Note::warning(f.reason, f.message.clone()));
+        }
+        set_condition(cs, degraded, true, f.reason, &f.message, gen, inp.now);
+    } else if !source_verdict_stands {
         // Not Degraded: set here, past every hold, so a held deployment's Degraded condition does
         // not flip to False and back (a new transition time, a status write) on each retry.
         set_condition(cs, degraded, false, reason::SPEC_VALID, "", gen, inp.now);
@@ -635,6 +687,7 @@ fn roll(
             admin_port: spec.ports.admin,
         }),
         balancedness,
+        replans: Vec::new(),
         requeue,
     }
 }

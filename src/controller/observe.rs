@@ -7,24 +7,49 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::ResourceExt;
+use kube::{Client, ResourceExt};
 
+use super::fetch::prometheus_access;
 use super::load::ScrapeWindow;
-use super::prometheus::{sample_from_prometheus, PrometheusClient};
+use super::prometheus::{sample_from_prometheus, Access, PrometheusClient};
 use crate::api::reason;
-use crate::api::validate::{LoadSource, ValidSpec};
+use crate::api::validate::{AuthRef, CaRef, LoadSource, ValidSpec};
 use crate::plan::planner::moe_layer_ids;
 use crate::plan::LoadWindow;
+use crate::worker::wire::HttpError;
 use crate::worker::wire::{WorkerClient, WorkerSample};
 
 /// Timeout of one worker or Prometheus request.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One failed load reading: the MetricsAvailable reason and what went wrong.
+/// Where a load reading came from (the `source` label of `moe_operator_scrape_failures_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A worker's `/metrics`.
+    Workers,
+    /// The Prometheus query of `spec.metrics.prometheus`.
+    Prometheus,
+}
+
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Workers => "workers",
+            Source::Prometheus => "prometheus",
+        }
+    }
+}
+
+/// One failed load reading: where, the MetricsAvailable reason and what went wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MetricsFailure {
+    pub source: Source,
     pub reason: &'static str,
     pub message: String,
+    /// The spec is at fault (`metrics.prometheus.auth` or `.ca`: a missing Secret, refused
+    /// credentials, a CA that does not verify): the deployment is Degraded until it is fixed,
+    /// and keeps serving meanwhile. The message starts with the field.
+    pub degrades: bool,
 }
 
 /// What the workers and the load source showed this reconcile.
@@ -86,16 +111,25 @@ impl LoadWindows {
     }
 }
 
+/// Where and how the reconcile reads: the clients, and the deployment's namespace (where the
+/// Prometheus source's Secrets are read).
+pub struct Readers<'a> {
+    pub client: &'a Client,
+    pub workers: &'a WorkerClient,
+    pub prometheus: &'a PrometheusClient,
+    pub namespace: &'a str,
+}
+
 /// Scrape the deployment's workers and read its load source.
 pub async fn observe(
     windows: &LoadWindows,
-    workers: &WorkerClient,
-    prometheus: &PrometheusClient,
+    readers: &Readers<'_>,
     key: &str,
     uid: &str,
     spec: &ValidSpec,
     pods: &[Pod],
 ) -> Observed {
+    let workers = readers.workers;
     let mut obs = Observed::default();
     for p in pods
         .iter()
@@ -107,8 +141,10 @@ pub async fn observe(
                 obs.scraped.insert(p.name_any(), s);
             }
             Err(e) => obs.failures.push(MetricsFailure {
+                source: Source::Workers,
                 reason: e.reason(),
                 message: e.to_string(),
+                degrades: false,
             }),
         }
     }
@@ -133,32 +169,32 @@ pub async fn observe(
                     t.window.retain_workers(|w| names.iter().any(|n| n == w));
                     match t.window.record(&samples) {
                         Ok(()) => obs.window_changed = !samples.is_empty(),
-                        Err(e) => obs.failures.push(garbled(e.to_string())),
+                        Err(e) => obs.failures.push(garbled(Source::Workers, e.to_string())),
                     }
                 });
             }
         }
         // One query per interval; its answer is that interval's per-expert load (the query takes
         // increase() or rate() of the counters), one batch of the window.
-        LoadSource::Prometheus { url, query } if due => {
+        LoadSource::Prometheus {
+            url,
+            query,
+            auth,
+            ca,
+        } if due => {
             obs.fresh = true;
-            match prometheus.query(url, query, HTTP_TIMEOUT).await {
-                Ok(series) => match sample_from_prometheus(&series) {
-                    Ok(s) => windows.with(key, uid, spec, |t| {
-                        match t
-                            .window
-                            .push_amounts(&format!("Prometheus query at {url}"), &s)
-                        {
-                            Ok(any) => obs.window_changed = any,
-                            Err(e) => obs.failures.push(garbled(e.to_string())),
-                        }
-                    }),
-                    Err(e) => obs.failures.push(garbled(e.to_string())),
-                },
-                Err(e) => obs.failures.push(MetricsFailure {
-                    reason: e.reason(),
-                    message: e.to_string(),
+            let read = read_prometheus(readers, url, query, auth.as_ref(), ca.as_ref()).await;
+            match read {
+                Ok(s) => windows.with(key, uid, spec, |t| {
+                    match t
+                        .window
+                        .push_amounts(&format!("Prometheus query at {url}"), &s)
+                    {
+                        Ok(any) => obs.window_changed = any,
+                        Err(e) => obs.failures.push(garbled(Source::Prometheus, e)),
+                    }
                 }),
+                Err(f) => obs.failures.push(f),
             }
         }
         LoadSource::Prometheus { .. } => {}
@@ -167,8 +203,93 @@ pub async fn observe(
     obs
 }
 
-fn garbled(message: String) -> MetricsFailure {
+/// One Prometheus reading: the credentials and CA the spec names (read from the deployment's
+/// namespace), then the query; its answer as one sample.
+async fn read_prometheus(
+    readers: &Readers<'_>,
+    url: &str,
+    query: &str,
+    auth: Option<&AuthRef>,
+    ca: Option<&CaRef>,
+) -> Result<WorkerSample, MetricsFailure> {
+    let ns = readers.namespace;
+    let access = prometheus_access(readers.client, ns, auth, ca)
+        .await
+        .map_err(|e| MetricsFailure {
+            source: Source::Prometheus,
+            reason: reason::PROMETHEUS_CREDENTIALS_INVALID,
+            message: e.to_string(),
+            degrades: true,
+        })?;
+    let series = readers
+        .prometheus
+        .query_with(url, query, &access, HTTP_TIMEOUT)
+        .await
+        .map_err(|e| query_failure(&e, url, ns, auth, ca, &access))?;
+    sample_from_prometheus(&series).map_err(|e| garbled(Source::Prometheus, e))
+}
+
+/// A failed query: refused credentials and failed TLS handshakes name the spec field to fix and
+/// degrade the deployment; anything else (Prometheus down, a bad answer) is only a failed reading.
+/// `e`'s text has no credential in it ([`PrometheusClient::query_with`]).
+fn query_failure(
+    e: &HttpError,
+    url: &str,
+    ns: &str,
+    auth: Option<&AuthRef>,
+    ca: Option<&CaRef>,
+    access: &Access,
+) -> MetricsFailure {
+    let (reason, message) = match (e, auth, ca) {
+        (HttpError::Status { status: s @ (401 | 403), body, .. }, Some(a), _) => (
+            reason::PROMETHEUS_AUTH_REFUSED,
+            format!(
+                "{}: Prometheus at {url} refused the credentials in Secret {ns}/{} (HTTP {s}: {body}): put ones it accepts in the Secret",
+                a.field(),
+                a.secret()
+            ),
+        ),
+        (HttpError::Status { status: s @ (401 | 403), body, .. }, None, _) => (
+            reason::PROMETHEUS_AUTH_REFUSED,
+            format!(
+                "spec.metrics.prometheus.auth: Prometheus at {url} asks for credentials (HTTP {s}: {body}): set auth.basicAuthSecret or auth.bearerTokenSecret"
+            ),
+        ),
+        (HttpError::Tls { message, .. }, _, Some(c)) => (
+            reason::PROMETHEUS_TLS_FAILED,
+            format!(
+                "{}: TLS with Prometheus at {url} failed ({message}): the CA bundle in {} does not verify its certificate; give the CA that signed it",
+                c.field(),
+                c.describe(ns)
+            ),
+        ),
+        (HttpError::Tls { message, .. }, _, None) => (
+            reason::PROMETHEUS_TLS_FAILED,
+            format!(
+                "spec.metrics.prometheus.ca: TLS with Prometheus at {url} failed ({message}): if a private CA signed its certificate, give it in ca.secret or ca.configMap"
+            ),
+        ),
+        _ => {
+            return MetricsFailure {
+                source: Source::Prometheus,
+                reason: e.reason(),
+                message: e.to_string(),
+                degrades: false,
+            }
+        }
+    };
     MetricsFailure {
+        source: Source::Prometheus,
+        reason,
+        message: access.redact(&message),
+        degrades: true,
+    }
+}
+
+fn garbled(source: Source, message: String) -> MetricsFailure {
+    MetricsFailure {
+        degrades: false,
+        source,
         reason: reason::GARBLED_METRICS,
         message,
     }

@@ -2,13 +2,24 @@
 //! comes from Prometheus (`spec.metrics.source: Prometheus`). It runs over the wire's HTTP layer
 //! ([`crate::worker::wire::http`]: pooled hyper client, http or https with rustls, deadlines,
 //! a size cap), and fetches only URLs under the policy's `--allowed-prometheus-url-prefix`.
+//!
+//! A deployment's [`Access`] (`metrics.prometheus.auth` and `.ca`, read from its namespace by
+//! `fetch::prometheus_access`) adds an `Authorization` header and CA certificates to its
+//! queries. Credentials never reach a log or a message: [`Access`] prints redacted, and every
+//! error of a query with credentials has them cut out ([`Access::redact`]).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 
+use rustls::pki_types::CertificateDer;
+
 use crate::api::pod_policy::{HttpUrl, PodPolicy};
+use crate::api::validate::AuthRef;
+use crate::api::{BASIC_AUTH_PASSWORD_KEY, BASIC_AUTH_USERNAME_KEY};
 use crate::worker::wire::http::native_roots;
 use crate::worker::wire::{
     excerpt, HttpClient, HttpError, WorkerSample, EXPERT_LABEL, LAYER_LABEL,
@@ -42,6 +53,112 @@ pub enum PrometheusSetupError {
     Tls(String),
 }
 
+/// How a query authenticates: the `Authorization` header's scheme and secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Auth {
+    Bearer(String),
+    Basic { username: String, password: String },
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Auth::Bearer(_) => "Bearer (redacted)",
+            Auth::Basic { .. } => "Basic (redacted)",
+        })
+    }
+}
+
+/// What one deployment's queries carry besides the URL: credentials and extra CA certificates
+/// (`spec.metrics.prometheus.auth` and `.ca`). The default is an open Prometheus whose
+/// certificate (for https) the system's CAs and `--prometheus-ca-file` verify.
+#[derive(Clone, Default)]
+pub struct Access {
+    pub auth: Option<Auth>,
+    /// The CA bundle's certificates, and its SHA-256 (the key of its client).
+    ca: Option<(Vec<CertificateDer<'static>>, [u8; 32])>,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("auth", &self.auth)
+            .field(
+                "ca_certificates",
+                &self.ca.as_ref().map_or(0, |c| c.0.len()),
+            )
+            .finish()
+    }
+}
+
+/// Secret values shorter than this are not cut out of messages (they would cut common words);
+/// no real token or password is this short.
+const MIN_REDACTED_LEN: usize = 4;
+
+impl Access {
+    /// Trust the PEM certificates in `pem` too; the message says what is wrong with it.
+    pub fn with_ca_pem(mut self, pem: &[u8]) -> Result<Self, String> {
+        use rustls::pki_types::pem::PemObject;
+        use sha2::Digest;
+        let mut certs = Vec::new();
+        for c in CertificateDer::pem_slice_iter(pem) {
+            certs.push(c.map_err(|e| format!("not a PEM certificate bundle: {e}"))?);
+        }
+        if certs.is_empty() {
+            return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+        }
+        // Each must be one rustls can use as a trust anchor.
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &certs {
+            roots
+                .add(c.clone())
+                .map_err(|e| format!("a certificate cannot be a trust anchor: {e}"))?;
+        }
+        self.ca = Some((certs, sha2::Sha256::digest(pem).into()));
+        Ok(self)
+    }
+
+    /// The `Authorization` header, marked sensitive (hyper keeps it out of its own debug output).
+    fn authorization(&self) -> Result<Option<hyper::header::HeaderValue>, String> {
+        use base64::Engine;
+        let value = match &self.auth {
+            None => return Ok(None),
+            Some(Auth::Bearer(t)) => format!("Bearer {t}"),
+            Some(Auth::Basic { username, password }) => format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+            ),
+        };
+        let mut v = hyper::header::HeaderValue::from_str(&value).map_err(|_| {
+            "the credentials hold characters an HTTP header cannot carry (control characters or non-ASCII)".to_string()
+        })?;
+        v.set_sensitive(true);
+        Ok(Some(v))
+    }
+
+    /// `message` with every credential cut out, for errors of queries that carried them.
+    pub fn redact(&self, message: &str) -> String {
+        use base64::Engine;
+        let secrets: Vec<String> = match &self.auth {
+            None => return message.to_string(),
+            Some(Auth::Bearer(t)) => vec![t.clone()],
+            Some(Auth::Basic { username, password }) => vec![
+                password.clone(),
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}")),
+            ],
+        };
+        let mut out = message.to_string();
+        for s in secrets.iter().filter(|s| s.len() >= MIN_REDACTED_LEN) {
+            out = out.replace(s.as_str(), "[redacted]");
+        }
+        out
+    }
+}
+
+/// Most clients kept for deployments' own CA bundles; past it the cache starts over (a bundle
+/// that changes every interval must not grow memory).
+const MAX_CA_CLIENTS: usize = 64;
+
 /// The operator's Prometheus client: the system's CA certificates plus `--prometheus-ca-file`
 /// for https, no redirects followed, an answer of at most [`MAX_PROMETHEUS_RESPONSE_BYTES`], and
 /// only URLs under the policy's `--allowed-prometheus-url-prefix` (checked again here, so a spec
@@ -49,6 +166,10 @@ pub enum PrometheusSetupError {
 #[derive(Clone)]
 pub struct PrometheusClient {
     http: HttpClient,
+    /// What `http` trusts, to which a deployment's CA bundle is added.
+    roots: Arc<rustls::RootCertStore>,
+    /// One client per deployment CA bundle (by its SHA-256), each with its own pool.
+    ca_clients: Arc<Mutex<HashMap<[u8; 32], HttpClient>>>,
     allowed: Vec<HttpUrl>,
 }
 
@@ -64,7 +185,6 @@ impl PrometheusClient {
     /// A client for the URLs `policy` allows, trusting the system's CAs and the policy's CA file.
     pub fn new(policy: &PodPolicy) -> Result<Self, PrometheusSetupError> {
         use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::CertificateDer;
         let mut roots = (*native_roots()).clone();
         if let Some(path) = &policy.prometheus_ca_file {
             let ca_err = |message: String| PrometheusSetupError::CaFile {
@@ -88,9 +208,39 @@ impl PrometheusClient {
         roots: rustls::RootCertStore,
         allowed: Vec<HttpUrl>,
     ) -> Result<Self, PrometheusSetupError> {
-        let http =
-            HttpClient::with_roots(roots).map_err(|e| PrometheusSetupError::Tls(e.to_string()))?;
-        Ok(Self { http, allowed })
+        let http = HttpClient::with_roots(roots.clone())
+            .map_err(|e| PrometheusSetupError::Tls(e.to_string()))?;
+        Ok(Self {
+            http,
+            roots: Arc::new(roots),
+            ca_clients: Arc::default(),
+            allowed,
+        })
+    }
+
+    /// The client for `access`: the shared one, or the one that trusts its CA bundle too.
+    fn http_for(&self, access: &Access, target: &str) -> Result<HttpClient, HttpError> {
+        let Some((certs, hash)) = &access.ca else {
+            return Ok(self.http.clone());
+        };
+        let mut clients = self.ca_clients.lock().expect("CA clients lock");
+        if let Some(c) = clients.get(hash) {
+            return Ok(c.clone());
+        }
+        let mut roots = (*self.roots).clone();
+        for c in certs {
+            // Checked when the bundle was read (Access::with_ca_pem).
+            let _ = roots.add(c.clone());
+        }
+        let c = HttpClient::with_roots(roots).map_err(|e| HttpError::Tls {
+            target: target.to_string(),
+            message: format!("TLS setup: {e}"),
+        })?;
+        if clients.len() >= MAX_CA_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(*hash, c.clone());
+        Ok(c)
     }
 
     /// The HTTP client under this one, to share its pool (and its trust) with other clients.
@@ -98,11 +248,35 @@ impl PrometheusClient {
         &self.http
     }
 
-    /// Run an instant query; returns `(labels, value)` per series.
+    /// Run an instant query on an open Prometheus; returns `(labels, value)` per series.
     pub async fn query(
         &self,
         url: &str,
         query: &str,
+        timeout: Duration,
+    ) -> Result<Vec<Series>, HttpError> {
+        self.query_with(url, query, &Access::default(), timeout)
+            .await
+    }
+
+    /// Run an instant query with `access`'s credentials and CA; errors carry no credential.
+    pub async fn query_with(
+        &self,
+        url: &str,
+        query: &str,
+        access: &Access,
+        timeout: Duration,
+    ) -> Result<Vec<Series>, HttpError> {
+        self.query_inner(url, query, access, timeout)
+            .await
+            .map_err(|e| redact_error(e, access))
+    }
+
+    async fn query_inner(
+        &self,
+        url: &str,
+        query: &str,
+        access: &Access,
         timeout: Duration,
     ) -> Result<Vec<Series>, HttpError> {
         let target = format!("GET {url}/api/v1/query");
@@ -116,17 +290,108 @@ impl PrometheusClient {
                 target: target.clone(),
             });
         }
-        let req = hyper::Request::get(format!("{u}/api/v1/query?query={}", encode(query)))
+        let mut req = hyper::Request::get(format!("{u}/api/v1/query?query={}", encode(query)))
             .header(hyper::header::ACCEPT, "application/json")
             .body(Full::<Bytes>::default())
             .map_err(|e| garbled(format!("request: {e}")))?;
+        if let Some(v) = access.authorization().map_err(garbled)? {
+            if !u.https {
+                // validate refuses auth without https; this holds for a spec that skipped it.
+                return Err(garbled(
+                    "refusing to send credentials over plain http: use an https:// url".into(),
+                ));
+            }
+            req.headers_mut().insert(hyper::header::AUTHORIZATION, v);
+        }
         let r = self
-            .http
+            .http_for(access, &target)?
             .send(req, timeout, MAX_PROMETHEUS_RESPONSE_BYTES)
             .await?;
         let target = r.target.clone();
         let body = r.ok()?;
         parse_prometheus_vector(&body).map_err(|message| HttpError::Garbled { target, message })
+    }
+}
+
+/// The credentials `r` names, from its Secret's `data` (`None`: the Secret does not exist);
+/// the message (no credential in it) says what is wrong and how to fix it.
+pub fn auth_from_secret(
+    r: &AuthRef,
+    ns: &str,
+    data: Option<&std::collections::BTreeMap<String, Vec<u8>>>,
+) -> Result<Auth, String> {
+    let secret = format!("Secret {ns}/{}", r.secret());
+    let keys = r.keys();
+    let Some(data) = data else {
+        return Err(format!(
+            "{secret} not found: create it with the key{} {}",
+            if keys.len() > 1 { "s" } else { "" },
+            keys.join(" and ")
+        ));
+    };
+    let text = |key: &str| -> Result<String, String> {
+        let v = data
+            .get(key)
+            .ok_or_else(|| format!("{secret} has no key {key:?}: add it"))?;
+        let v = std::str::from_utf8(v)
+            .map_err(|_| format!("key {key:?} of {secret} is not UTF-8 text"))?
+            .trim();
+        if v.is_empty() {
+            return Err(format!("key {key:?} of {secret} is empty"));
+        }
+        Ok(v.to_string())
+    };
+    match r {
+        AuthRef::Bearer { key, .. } => {
+            let t = text(key)?;
+            if t.chars().any(char::is_control) {
+                return Err(format!(
+                    "key {key:?} of {secret} holds control characters, which an HTTP header cannot carry"
+                ));
+            }
+            Ok(Auth::Bearer(t))
+        }
+        AuthRef::Basic { .. } => {
+            let username = text(BASIC_AUTH_USERNAME_KEY)?;
+            if username.contains(':') {
+                return Err(format!(
+                    "the {BASIC_AUTH_USERNAME_KEY} in {secret} contains ':', which basic auth cannot carry"
+                ));
+            }
+            Ok(Auth::Basic {
+                username,
+                password: text(BASIC_AUTH_PASSWORD_KEY)?,
+            })
+        }
+    }
+}
+
+/// `e` with `access`'s credentials cut out of its text.
+fn redact_error(e: HttpError, access: &Access) -> HttpError {
+    let r = |s: String| access.redact(&s);
+    match e {
+        HttpError::Unreachable { target, message } => HttpError::Unreachable {
+            target,
+            message: r(message),
+        },
+        HttpError::Tls { target, message } => HttpError::Tls {
+            target,
+            message: r(message),
+        },
+        HttpError::Status {
+            target,
+            status,
+            body,
+        } => HttpError::Status {
+            target,
+            status,
+            body: r(body),
+        },
+        HttpError::Garbled { target, message } => HttpError::Garbled {
+            target,
+            message: r(message),
+        },
+        e @ HttpError::NotAllowed { .. } => e,
     }
 }
 
@@ -331,8 +596,8 @@ mod tests {
             .query(&url, "q", Duration::from_secs(5))
             .await
             .unwrap_err();
-        assert_eq!(e.reason(), "Unreachable");
-        assert!(e.to_string().contains("TLS"), "{e}");
+        assert_eq!(e.reason(), "TLSFailed");
+        assert!(e.to_string().contains("TLS: "), "{e}");
         // --prometheus-ca-file loads the same CA from a file.
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
@@ -351,6 +616,147 @@ mod tests {
         std::fs::write(&ca, b"not a certificate").unwrap();
         let e = PrometheusClient::new(&policy).unwrap_err();
         assert!(e.to_string().contains("--prometheus-ca-file"), "{e}");
+    }
+
+    fn basic(password: &str) -> Access {
+        Access {
+            auth: Some(Auth::Basic {
+                username: "moe".into(),
+                password: password.into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn credentials_go_in_the_header_and_never_into_errors() {
+        use base64::Engine;
+        let srv = server(true, ok_answer).await;
+        let url = format!("https://127.0.0.1:{}", srv.port);
+        let c = client(&url, true);
+        let t = Duration::from_secs(5);
+        c.query_with(&url, "q", &basic("s3cret-pw"), t)
+            .await
+            .unwrap();
+        let bearer = Access {
+            auth: Some(Auth::Bearer("tok-123456".into())),
+            ..Default::default()
+        };
+        c.query_with(&url, "q", &bearer, t).await.unwrap();
+        let seen = srv.requests.lock().unwrap().clone();
+        let b64 = base64::engine::general_purpose::STANDARD.encode("moe:s3cret-pw");
+        assert_eq!(
+            seen[0].header("authorization").as_deref(),
+            Some(format!("Basic {b64}").as_str())
+        );
+        assert_eq!(
+            seen[1].header("authorization").as_deref(),
+            Some("Bearer tok-123456")
+        );
+        // A server that echoes the credentials back: the error shows them redacted.
+        let echoed = b64.clone();
+        let echo = server(true, move || {
+            let body = format!("bad user moe:s3cret-pw ({echoed}) tok-123456");
+            format!(
+                "HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        })
+        .await;
+        let url = format!("https://127.0.0.1:{}", echo.port);
+        let c = client(&url, true);
+        for (a, secret) in [
+            (basic("s3cret-pw"), "s3cret-pw"),
+            (bearer.clone(), "tok-123456"),
+        ] {
+            let e = c.query_with(&url, "q", &a, t).await.unwrap_err();
+            let m = e.to_string();
+            assert!(matches!(e, HttpError::Status { status: 401, .. }), "{m}");
+            assert!(m.contains("[redacted]") && !m.contains(secret), "{m}");
+            if secret == "s3cret-pw" {
+                assert!(!m.contains(&b64), "{m}");
+            }
+        }
+        assert!(!format!("{:?}", basic("s3cret-pw")).contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn credentials_are_never_sent_over_plain_http() {
+        let srv = server(false, ok_answer).await;
+        let url = format!("http://127.0.0.1:{}", srv.port);
+        let e = client(&url, false)
+            .query_with(&url, "q", &basic("s3cret-pw"), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("plain http"), "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(srv.accepted(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_deployments_ca_is_trusted_for_its_queries_only() {
+        let srv = server(true, ok_answer).await;
+        let url = format!("https://127.0.0.1:{}", srv.port);
+        let c = client(&url, false);
+        let t = Duration::from_secs(5);
+        let with_ca = Access::default().with_ca_pem(CA_PEM).unwrap();
+        assert_eq!(c.query_with(&url, "q", &with_ca, t).await.unwrap().len(), 1);
+        let e = c.query(&url, "q", t).await.unwrap_err();
+        assert_eq!(e.reason(), "TLSFailed", "{e}");
+        // The same bundle again reuses its client.
+        c.query_with(&url, "q", &with_ca, t).await.unwrap();
+        assert_eq!(c.ca_clients.lock().unwrap().len(), 1);
+        for bad in [&b""[..], b"not a certificate"] {
+            let e = Access::default().with_ca_pem(bad).unwrap_err();
+            assert!(e.contains("no PEM certificate"), "{e}");
+        }
+    }
+
+    #[test]
+    fn secrets_become_credentials_or_say_what_is_missing() {
+        use std::collections::BTreeMap;
+        let basic_ref = AuthRef::Basic {
+            secret: "prom".into(),
+        };
+        let bearer_ref = AuthRef::Bearer {
+            secret: "prom".into(),
+            key: "token".into(),
+        };
+        let data = |kv: &[(&str, &[u8])]| -> BTreeMap<String, Vec<u8>> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect()
+        };
+        let e = auth_from_secret(&basic_ref, "ml", None).unwrap_err();
+        assert_eq!(
+            e,
+            "Secret ml/prom not found: create it with the keys username and password"
+        );
+        let d = data(&[("username", b"moe")]);
+        let e = auth_from_secret(&basic_ref, "ml", Some(&d)).unwrap_err();
+        assert_eq!(e, "Secret ml/prom has no key \"password\": add it");
+        let d = data(&[("username", b"a:b"), ("password", b"pw")]);
+        assert!(auth_from_secret(&basic_ref, "ml", Some(&d))
+            .unwrap_err()
+            .contains("contains ':'"));
+        let d = data(&[("token", b"  abc\n")]);
+        assert!(matches!(
+            auth_from_secret(&bearer_ref, "ml", Some(&d)),
+            Ok(Auth::Bearer(t)) if t == "abc"
+        ));
+        let d = data(&[("token", b"ab\x01cd")]);
+        assert!(auth_from_secret(&bearer_ref, "ml", Some(&d))
+            .unwrap_err()
+            .contains("control characters"));
+        let d = data(&[("token", b"\n")]);
+        assert!(auth_from_secret(&bearer_ref, "ml", Some(&d))
+            .unwrap_err()
+            .contains("is empty"));
+        let d = data(&[("token", &[0xff, 0xfe])]);
+        assert!(auth_from_secret(&bearer_ref, "ml", Some(&d))
+            .unwrap_err()
+            .contains("not UTF-8"));
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@ use super::apply::apply;
 use super::build::{self, LABEL_DEPLOYMENT};
 use super::decide::{self, Inputs};
 use super::fetch;
-use super::observe::{observe, LoadWindows};
+use super::observe::{observe, LoadWindows, Readers};
 use super::prometheus::{PrometheusClient, PrometheusSetupError};
 use super::telemetry::Metrics;
 use crate::api::pod_policy::PodPolicy;
@@ -139,6 +139,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         // Being deleted: garbage collection removes what it owns; applying now would recreate it.
         ctx.windows.forget(&key);
         ctx.metrics.set_balancedness(&key, None);
+        ctx.metrics.forget_deployment(&ns, &name);
         return Ok(Action::await_change());
     }
     let mds: Api<MoEDeployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -156,16 +157,17 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
     };
     let fetched = fetch::fetch(&ctx.client, md, &ns, &spec, status).await?;
     let uid = md.metadata.uid.clone().unwrap_or_default();
-    let observed = observe(
-        &ctx.windows,
-        &ctx.workers,
-        &ctx.prometheus,
-        &key,
-        &uid,
-        &spec,
-        &fetched.pods,
-    )
-    .await;
+    let readers = Readers {
+        client: &ctx.client,
+        workers: &ctx.workers,
+        prometheus: &ctx.prometheus,
+        namespace: &ns,
+    };
+    let observed = observe(&ctx.windows, &readers, &key, &uid, &spec, &fetched.pods).await;
+    for f in &observed.failures {
+        ctx.metrics
+            .count_scrape_failure(&ns, &name, f.source.label(), f.reason);
+    }
     let d = decide::decide(&Inputs {
         md,
         spec: &spec,
@@ -176,6 +178,9 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
         now: &now,
         now_s,
     })?;
+    for v in &d.replans {
+        ctx.metrics.count_replan(v.outcome.label(), v.reason);
+    }
     apply(ctx, md, &ns, &key, &fetched.pods, &d).await?;
     Ok(Action::requeue(d.requeue))
 }

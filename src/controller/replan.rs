@@ -24,6 +24,19 @@ impl Decision {
         matches!(self, Decision::Initial | Decision::RollOut { .. })
     }
 
+    /// What the operator made of the candidate, for its metric.
+    pub fn verdict(&self) -> Verdict {
+        let outcome = if self.rolls_out() {
+            Outcome::Applied
+        } else {
+            Outcome::Kept
+        };
+        Verdict {
+            outcome,
+            reason: self.reason(),
+        }
+    }
+
     /// CamelCase reason for Events and conditions.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -32,6 +45,46 @@ impl Decision {
             Decision::GainTooSmall { .. } => reason::GAIN_BELOW_MIN_IMPROVEMENT,
             Decision::CoolingDown { .. } => reason::COOLING_DOWN,
             Decision::Unchanged => reason::PLAN_UNCHANGED,
+        }
+    }
+}
+
+/// What became of a plan decision: `moe_operator_replan_decisions_total{outcome, reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The plan became the plan in force (stored, then rolled out).
+    Applied,
+    /// The plan in force stays: the candidate is no better, or the cooldown runs.
+    Kept,
+    /// No plan could be made or stored (the planner failed, the plan is too large to store);
+    /// the plan in force stays.
+    Rejected,
+}
+
+impl Outcome {
+    /// The metric's `outcome` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Kept => "kept",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// An outcome and its reason (the CamelCase reason of the Event, from a fixed set, so the
+/// metric's labels stay bounded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    pub reason: &'static str,
+}
+
+impl Verdict {
+    pub fn rejected(reason: &'static str) -> Self {
+        Verdict {
+            outcome: Outcome::Rejected,
+            reason,
         }
     }
 }
@@ -127,6 +180,14 @@ mod tests {
             assert_eq!(got, want, "candidate {cand} at {now}");
         }
         assert!(Decision::Initial.rolls_out() && !Decision::Unchanged.rolls_out());
+        let v = Decision::CoolingDown {
+            gain: 0.1,
+            remaining_s: 1.0,
+        }
+        .verdict();
+        assert_eq!((v.outcome.label(), v.reason), ("kept", "CoolingDown"));
+        let v = Decision::RollOut { gain: 0.1 }.verdict();
+        assert_eq!((v.outcome.label(), v.reason), ("applied", "PlanImproved"));
     }
 
     #[test]

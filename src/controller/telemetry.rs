@@ -25,6 +25,24 @@ pub struct DeploymentLabel {
     pub deployment: String,
 }
 
+/// `moe_operator_replan_decisions_total`'s labels: what became of a plan decision and why
+/// (`controller::replan::Verdict`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplanLabels {
+    pub outcome: &'static str,
+    pub reason: &'static str,
+}
+
+/// `moe_operator_scrape_failures_total`'s labels: the deployment, where its load was read
+/// (`workers` or `prometheus`) and the MetricsAvailable reason of the failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScrapeFailureLabels {
+    pub namespace: String,
+    pub name: String,
+    pub source: &'static str,
+    pub reason: &'static str,
+}
+
 /// Operator metrics; `ready` is whether this replica leads and runs the controller.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -35,6 +53,11 @@ pub struct Metrics {
     rollout_updated: Family<DeploymentLabel, Gauge>,
     rollout_total: Family<DeploymentLabel, Gauge>,
     leader: Gauge,
+    replans: Family<ReplanLabels, Counter>,
+    scrape_failures: Family<ScrapeFailureLabels, Counter>,
+    /// The label sets `scrape_failures` holds (the family cannot list them), to drop a deleted
+    /// deployment's.
+    scrape_failure_series: Mutex<std::collections::HashSet<ScrapeFailureLabels>>,
     pub ready: AtomicBool,
 }
 
@@ -54,6 +77,8 @@ impl Metrics {
         let rollout_updated = Family::default();
         let rollout_total = Family::default();
         let leader = Gauge::default();
+        let replans = Family::<ReplanLabels, Counter>::default();
+        let scrape_failures = Family::<ScrapeFailureLabels, Counter>::default();
         r.register("reconciles", "Reconciles run", reconciles.clone());
         r.register(
             "reconcile_errors",
@@ -85,6 +110,16 @@ impl Metrics {
             "1 while this replica holds the Lease",
             leader.clone(),
         );
+        r.register(
+            "replan_decisions",
+            "Plan decisions by outcome (applied, kept, rejected) and reason",
+            replans.clone(),
+        );
+        r.register(
+            "scrape_failures",
+            "Failed load readings per deployment, by source (workers, prometheus) and reason",
+            scrape_failures.clone(),
+        );
         Self {
             registry: Mutex::new(r),
             reconciles,
@@ -94,6 +129,9 @@ impl Metrics {
             rollout_updated,
             rollout_total,
             leader,
+            replans,
+            scrape_failures,
+            scrape_failure_series: Mutex::default(),
             ready: AtomicBool::new(false),
         }
     }
@@ -130,6 +168,48 @@ impl Metrics {
         };
         self.rollout_updated.get_or_create(&l).set(updated.into());
         self.rollout_total.get_or_create(&l).set(total.into());
+    }
+
+    /// Count one plan decision (outcome and reason come from fixed sets).
+    pub fn count_replan(&self, outcome: &'static str, reason: &'static str) {
+        self.replans
+            .get_or_create(&ReplanLabels { outcome, reason })
+            .inc();
+    }
+
+    /// Count one failed load reading of deployment `namespace/name`.
+    pub fn count_scrape_failure(
+        &self,
+        namespace: &str,
+        name: &str,
+        source: &'static str,
+        reason: &'static str,
+    ) {
+        let l = ScrapeFailureLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+            source,
+            reason,
+        };
+        self.scrape_failures.get_or_create(&l).inc();
+        self.scrape_failure_series
+            .lock()
+            .expect("series lock")
+            .insert(l);
+    }
+
+    /// Drop the series of a deleted deployment, so that deleted deployments leave none behind.
+    pub fn forget_deployment(&self, namespace: &str, name: &str) {
+        self.scrape_failure_series
+            .lock()
+            .expect("series lock")
+            .retain(|l| {
+                let gone = l.namespace == namespace && l.name == name;
+                if gone {
+                    self.scrape_failures.remove(l);
+                }
+                !gone
+            });
     }
 
     pub fn set_leader(&self, leading: bool) {
@@ -200,5 +280,24 @@ mod tests {
         );
         m.set_balancedness("ml/demo", None);
         assert!(!m.encode().contains("plan_balancedness{"));
+        m.count_replan("kept", "CoolingDown");
+        m.count_replan("kept", "CoolingDown");
+        m.count_scrape_failure("ml", "demo", "prometheus", "Unreachable");
+        m.count_scrape_failure("ml", "other", "workers", "GarbledMetrics");
+        let t = m.encode();
+        assert!(
+            t.contains(
+                "moe_operator_replan_decisions_total{outcome=\"kept\",reason=\"CoolingDown\"} 2"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("moe_operator_scrape_failures_total{namespace=\"ml\",name=\"demo\",source=\"prometheus\",reason=\"Unreachable\"} 1"),
+            "{t}"
+        );
+        m.forget_deployment("ml", "demo");
+        let t = m.encode();
+        assert!(!t.contains("name=\"demo\""), "{t}");
+        assert!(t.contains("name=\"other\""), "{t}");
     }
 }

@@ -231,6 +231,11 @@ impl OperatorPlane {
     /// event instance), logging JSON to `operator-<identity>.log` (appended across restarts).
     /// Returns its `/metrics` port.
     pub fn start_operator(&mut self, identity: &str) -> u16 {
+        self.start_operator_with(identity, &[])
+    }
+
+    /// [`Self::start_operator`] with more environment (e.g. pod-policy variables).
+    pub fn start_operator_with(&mut self, identity: &str, env: &[(&str, &str)]) -> u16 {
         let metrics_port = free_port();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -254,6 +259,7 @@ impl OperatorPlane {
             .env("MOE_OPERATOR_ALLOW_HOST_PATH_PREFIXES", &self.state)
             .env("RUST_LOG", "info,moe_operator=debug,kube=warn")
             .env("POD_NAME", identity)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

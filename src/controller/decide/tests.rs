@@ -12,7 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::*;
 use crate::api::validate::validate;
 use crate::api::MoEDeploymentSpec;
-use crate::controller::observe::MetricsFailure;
+use crate::controller::observe::{MetricsFailure, Source};
 use crate::worker::wire::WorkerSample;
 
 const NOW: i64 = 1_800_000_000;
@@ -131,6 +131,14 @@ fn cond<'a>(s: &'a MoEDeploymentStatus, kind: &str) -> (&'a str, &'a str) {
     (c.status.as_str(), c.reason.as_str())
 }
 
+/// The plan decisions of `d` as (outcome, reason), as the operator's counter labels them.
+fn verdicts(d: &Decision) -> Vec<(&'static str, &'static str)> {
+    d.replans
+        .iter()
+        .map(|v| (v.outcome.label(), v.reason))
+        .collect()
+}
+
 fn reasons(d: &Decision) -> Vec<&'static str> {
     d.events.iter().map(|n| n.reason).collect()
 }
@@ -157,6 +165,7 @@ fn first_reconcile_plans_placement_and_creates_every_worker() {
     let md = deployment("{}");
     let d = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
     assert_eq!(reasons(&d), vec![reason::INITIAL_PLAN]);
+    assert_eq!(verdicts(&d), vec![("applied", reason::INITIAL_PLAN)]);
     let r = d.rollout.as_ref().unwrap();
     assert_eq!(r.plan.algorithm, Algorithm::Placement);
     assert_eq!(r.step.create, vec![0, 1]);
@@ -221,6 +230,7 @@ fn workers_ready_on_the_plan_make_it_ready_and_then_nothing_changes() {
     );
     assert_eq!(again.status, None);
     assert!(again.events.is_empty());
+    assert!(again.replans.is_empty(), "no load: nothing decided");
 }
 
 #[test]
@@ -247,10 +257,23 @@ fn a_better_plan_rolls_in_place_one_worker_at_a_time_after_the_cooldown() {
     assert!(d.events.is_empty(), "{:?}", d.events);
     assert_eq!(d.rollout.as_ref().unwrap().plan.hash, plan.hash);
     assert!(d.status.as_ref().unwrap().observed.is_some());
+    assert_eq!(verdicts(&d), vec![("kept", reason::COOLING_DOWN)]);
     // Past it: the candidate rolls out, one worker pushed at a time (maxUnavailable 1).
     status.plan.as_mut().unwrap().computed_at = Some(t(NOW - 301));
-    let d = run(&md, &fetched(status, Some(plan.clone()), pods), &obs);
+    let d = run(
+        &md,
+        &fetched(status.clone(), Some(plan.clone()), pods.clone()),
+        &obs,
+    );
     assert_eq!(reasons(&d), vec![reason::PLAN_IMPROVED]);
+    assert_eq!(verdicts(&d), vec![("applied", reason::PLAN_IMPROVED)]);
+    // Once the candidate is the plan in force, the same window gives nothing better: kept.
+    let candidate = d.rollout.as_ref().unwrap().plan.clone();
+    let same = run(&md, &fetched(status, Some(candidate), pods), &obs);
+    assert_eq!(
+        verdicts(&same),
+        vec![("kept", reason::GAIN_BELOW_MIN_IMPROVEMENT)]
+    );
     let r = d.rollout.as_ref().unwrap();
     assert_ne!(r.plan.hash, plan.hash);
     assert_eq!(r.plan.algorithm, Algorithm::Craft);
@@ -261,6 +284,34 @@ fn a_better_plan_rolls_in_place_one_worker_at_a_time_after_the_cooldown() {
     assert_eq!(ps.hash, r.plan.hash);
     assert!(ps.previous_balancedness.unwrap() < ps.predicted_balancedness.unwrap());
     assert_eq!(cond(s, condition::READY), ("False", reason::ROLLING_OUT));
+}
+
+#[test]
+fn a_replan_the_planner_cannot_make_is_counted_rejected() {
+    let md = deployment("{replication: {budget: {replicasPerGpu: 2}}}");
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let (pods, scraped) = running(&first, &plan.hash);
+    // A window of another model's shape (one layer of three experts): the planner refuses it.
+    let obs = Observed {
+        scraped,
+        window: Some(LoadWindow::new(vec![0], 3, vec![1.0, 2.0, 3.0]).unwrap()),
+        window_changed: true,
+        fresh: true,
+        ..Default::default()
+    };
+    let d = run(
+        &md,
+        &fetched(first.status.unwrap(), Some(plan.clone()), pods),
+        &obs,
+    );
+    assert_eq!(verdicts(&d), vec![("rejected", reason::PLAN_FAILED)]);
+    assert_eq!(reasons(&d), vec![reason::PLAN_FAILED]);
+    assert_eq!(
+        d.rollout.unwrap().plan.hash,
+        plan.hash,
+        "the plan in force stays"
+    );
 }
 
 #[test]
@@ -429,11 +480,15 @@ fn metrics_available_follows_the_readings() {
     let failing = Observed {
         failures: vec![
             MetricsFailure {
+                source: Source::Workers,
                 reason: "Unreachable",
+                degrades: false,
                 message: "GET http://10.0.0.1:9401/metrics: connect: refused".into(),
             },
             MetricsFailure {
+                source: Source::Workers,
                 reason: reason::GARBLED_METRICS,
+                degrades: false,
                 message: "metrics line 3: bad".into(),
             },
         ],
@@ -487,6 +542,94 @@ fn metrics_available_follows_the_readings() {
     assert_eq!(
         cond(&s, condition::METRICS_AVAILABLE),
         ("False", "Unreachable")
+    );
+}
+
+#[test]
+fn a_load_source_the_spec_misconfigures_degrades_without_stopping_the_workers() {
+    let md = deployment("{}");
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let (pods, scraped) = running(&first, &plan.hash);
+    let refused = MetricsFailure {
+        source: Source::Prometheus,
+        reason: reason::PROMETHEUS_AUTH_REFUSED,
+        message: "spec.metrics.prometheus.auth.basicAuthSecret: refused (HTTP 401)".into(),
+        degrades: true,
+    };
+    let obs = Observed {
+        scraped: scraped.clone(),
+        failures: vec![refused.clone()],
+        fresh: true,
+        ..Default::default()
+    };
+    let d = run(
+        &md,
+        &fetched(
+            first.status.clone().unwrap(),
+            Some(plan.clone()),
+            pods.clone(),
+        ),
+        &obs,
+    );
+    let r = d
+        .rollout
+        .as_ref()
+        .expect("not held: the workers keep serving");
+    assert!(r.step.done && r.step.delete.is_empty() && r.step.create.is_empty());
+    let s = d.status.clone().unwrap();
+    assert_eq!(
+        cond(&s, condition::DEGRADED),
+        ("True", reason::PROMETHEUS_AUTH_REFUSED)
+    );
+    assert_eq!(
+        message_of(&s, condition::DEGRADED),
+        refused.message.as_str()
+    );
+    assert_eq!(cond(&s, condition::READY), ("True", reason::WORKERS_READY));
+    assert_eq!(
+        cond(&s, condition::METRICS_AVAILABLE),
+        ("False", reason::PROMETHEUS_AUTH_REFUSED)
+    );
+    assert_eq!(
+        d.events
+            .iter()
+            .map(|n| (n.warning, n.reason))
+            .collect::<Vec<_>>(),
+        vec![(true, reason::PROMETHEUS_AUTH_REFUSED)]
+    );
+    // The same failure again: no new Event. Between two readings: it stands.
+    let again = run(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), pods.clone()),
+        &obs,
+    );
+    assert!(again.events.is_empty(), "{:?}", again.events);
+    let between = Observed {
+        scraped: scraped.clone(),
+        ..Default::default()
+    };
+    let d = run(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), pods.clone()),
+        &between,
+    );
+    let st = d.status.unwrap_or(s.clone());
+    assert_eq!(
+        cond(&st, condition::DEGRADED),
+        ("True", reason::PROMETHEUS_AUTH_REFUSED)
+    );
+    // A reading that works clears it.
+    let ok = Observed {
+        scraped,
+        fresh: true,
+        ..Default::default()
+    };
+    let d = run(&md, &fetched(s, Some(plan), pods), &ok);
+    let st = d.status.unwrap();
+    assert_eq!(
+        cond(&st, condition::DEGRADED),
+        ("False", reason::SPEC_VALID)
     );
 }
 

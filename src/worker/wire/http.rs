@@ -41,6 +41,10 @@ pub const USER_AGENT: &str = "moe-operator";
 pub enum HttpError {
     #[error("{target}: {message}")]
     Unreachable { target: String, message: String },
+    /// The TLS handshake of an https request failed (the certificate does not verify, the server
+    /// speaks no TLS, ...): the server was reached, so this is not `Unreachable`.
+    #[error("{target}: TLS: {message}")]
+    Tls { target: String, message: String },
     #[error("{target}: HTTP {status}: {body}")]
     Status {
         target: String,
@@ -57,6 +61,7 @@ impl HttpError {
     pub fn reason(&self) -> &'static str {
         match self {
             HttpError::Unreachable { .. } => "Unreachable",
+            HttpError::Tls { .. } => "TLSFailed",
             HttpError::Status { .. } => "HttpError",
             HttpError::Garbled { .. } => "GarbledResponse",
             HttpError::NotAllowed { .. } => "NotAllowed",
@@ -343,10 +348,15 @@ fn request_error(target: &str, https: bool, e: &hyper_util::client::legacy::Erro
     let detail = std::error::Error::source(e).map_or_else(|| e.to_string(), chain);
     let target = target.to_string();
     if e.is_connect() {
-        let what = if https && is_tls(e) { "TLS" } else { "connect" };
+        if https && is_tls(e) {
+            return HttpError::Tls {
+                target,
+                message: detail,
+            };
+        }
         return HttpError::Unreachable {
             target,
-            message: format!("{what}: {detail}"),
+            message: format!("connect: {detail}"),
         };
     }
     let message = format!("response: {detail}");
@@ -619,7 +629,8 @@ mod tests {
             .send(get(&url(&srv, true, "/q")), 5 * SECOND, 1024)
             .await
             .unwrap_err();
-        assert_eq!(e.reason(), "Unreachable");
+        assert_eq!(e.reason(), "TLSFailed");
+        assert!(matches!(e, HttpError::Tls { .. }), "{e}");
         assert!(e.to_string().contains(": TLS: "), "{e}");
         assert!(e.to_string().contains("certificate"), "{e}");
     }
