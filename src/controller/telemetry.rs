@@ -25,7 +25,10 @@ pub struct DeploymentLabel {
     pub deployment: String,
 }
 
-/// Operator metrics; `ready` is whether this replica leads and runs the controller.
+/// Operator metrics, and `ready`: whether this replica serves its part, leading or standing by (it
+/// has heard from the API server and is not shutting down). Readiness must not hang on leading:
+/// a rolling update waits for the new pod to be Ready before the old one (the leader) stops, and a
+/// standby that is never Ready keeps `helm upgrade --wait` from ever finishing.
 pub struct Metrics {
     registry: Mutex<Registry>,
     reconciles: Counter,
@@ -35,7 +38,8 @@ pub struct Metrics {
     rollout_updated: Family<DeploymentLabel, Gauge>,
     rollout_total: Family<DeploymentLabel, Gauge>,
     leader: Gauge,
-    pub ready: AtomicBool,
+    ready: AtomicBool,
+    leading: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -95,6 +99,7 @@ impl Metrics {
             rollout_total,
             leader,
             ready: AtomicBool::new(false),
+            leading: AtomicBool::new(false),
         }
     }
 
@@ -132,9 +137,27 @@ impl Metrics {
         self.rollout_total.get_or_create(&l).set(total.into());
     }
 
+    /// `moe_operator_leader` (1 while this replica holds the Lease and runs the controller).
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(leading.into());
-        self.ready.store(leading, Ordering::SeqCst);
+        self.leading.store(leading, Ordering::SeqCst);
+    }
+
+    /// Readiness: true once the replica knows its role, false again when it starts shutting down.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// `/readyz`'s answer: (ready, what the body says).
+    pub fn readiness(&self) -> (bool, &'static str) {
+        match (
+            self.ready.load(Ordering::SeqCst),
+            self.leading.load(Ordering::SeqCst),
+        ) {
+            (true, true) => (true, "ready: leading\n"),
+            (true, false) => (true, "ready: standby\n"),
+            (false, _) => (false, "not ready: starting or shutting down\n"),
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -155,18 +178,17 @@ pub fn metrics_router(m: Arc<Metrics>) -> Router {
         .with_state(m)
 }
 
-/// `/healthz` (the process serves) and `/readyz` (this replica leads and runs the controller;
-/// a standby replica is alive but not ready).
+/// `/healthz` (the process serves) and `/readyz` (it has heard from the API server and is not
+/// shutting down, leading or standing by; `moe_operator_leader` and the Lease say who leads).
 pub fn health_router(m: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(|State(m): State<Arc<Metrics>>| async move {
-                if m.ready.load(Ordering::SeqCst) {
-                    (StatusCode::OK, "leading\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "standby: not the leader\n")
+                match m.readiness() {
+                    (true, body) => (StatusCode::OK, body),
+                    (false, body) => (StatusCode::SERVICE_UNAVAILABLE, body),
                 }
             }),
         )
@@ -200,5 +222,19 @@ mod tests {
         );
         m.set_balancedness("ml/demo", None);
         assert!(!m.encode().contains("plan_balancedness{"));
+    }
+
+    #[test]
+    fn readiness_follows_the_role_being_known_not_leadership() {
+        let m = Metrics::new();
+        assert!(!m.readiness().0, "not ready before the API server answered");
+        m.set_ready(true);
+        assert_eq!(m.readiness(), (true, "ready: standby\n"));
+        assert!(m.encode().contains("moe_operator_leader 0"));
+        m.set_leader(true);
+        assert_eq!(m.readiness(), (true, "ready: leading\n"));
+        assert!(m.encode().contains("moe_operator_leader 1"));
+        m.set_ready(false);
+        assert!(!m.readiness().0, "shutting down");
     }
 }
