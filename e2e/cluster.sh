@@ -340,6 +340,8 @@ EOF
     wait_for "etcd on 127.0.0.1:$ETCD_PORT" etcd curl -sf "http://127.0.0.1:$ETCD_PORT/health"
     local t_etcd=$(now_ms)
 
+    # OwnerReferencesPermissionEnforcement (admission, below): setting blockOwnerDeletion needs update
+    # on the owner's finalizers, as on clusters that enable it; the chart's RBAC must grant that.
     # Audit: only the requests of AUDIT_GROUPS, metadata only (who, verb, resource, namespace, name),
     # one line each once answered; the least-privilege test reads what the operator really used.
     local audit=()
@@ -367,7 +369,7 @@ EOF
         --requestheader-extra-headers-prefix X-Remote-Extra- \
         --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
         --authorization-mode RBAC \
-        --enable-admission-plugins NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota,Priority,PodSecurity \
+        --enable-admission-plugins NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota,Priority,PodSecurity,OwnerReferencesPermissionEnforcement \
         --service-account-issuer "https://kubernetes.default.svc.cluster.local" \
         --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
         --api-audiences "https://kubernetes.default.svc.cluster.local" \

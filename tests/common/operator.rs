@@ -364,13 +364,34 @@ impl OperatorPlane {
     }
 }
 
+/// The user the operator acts as: the chart ServiceAccount's token, in processes and in pods.
+pub fn operator_user() -> String {
+    format!("system:serviceaccount:{OP_NS}:{RELEASE}")
+}
+
 impl Drop for OperatorPlane {
     fn drop(&mut self) {
         for mut o in self.operators.drain(..) {
             let _ = o.child.kill();
             let _ = o.child.wait();
         }
+        // Least privilege, from the API server's audit log: what the operator did here was granted
+        // and is in the usage fixture tests/rbac.rs holds the chart's RBAC to.
+        let problems = if std::thread::panicking() {
+            Vec::new()
+        } else {
+            super::audit::check_plane(&self.state.join("logs/audit.log"), &operator_user())
+        };
         let _ = super::cluster_script(&self.state, self.nodes, "down");
+        if !problems.is_empty() {
+            let kept = self.tmp.take().map(|t| t.keep());
+            panic!(
+                "the operator's API use (audit log{}):\n{}",
+                kept.map(|k| format!(" in {}/logs", k.display()))
+                    .unwrap_or_default(),
+                problems.join("\n")
+            );
+        }
         if std::thread::panicking() {
             if let Some(t) = self.tmp.take() {
                 let kept = t.keep();
