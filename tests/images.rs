@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use moe_operator::api::{DataPlaneSpec, MoEDeployment, WorkerPorts};
 use serde_json::Value;
@@ -66,35 +65,10 @@ fn numeric_user(user: &str) -> Option<(i64, i64)> {
     Some((u.parse().ok()?, g.parse().ok()?))
 }
 
-fn helm() -> PathBuf {
-    let out = std::process::Command::new(common::repo().join("e2e/build.sh"))
-        .arg("--bin-dir")
-        .output()
-        .expect("running e2e/build.sh --bin-dir");
-    let helm = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("helm");
-    assert!(
-        out.status.success() && helm.exists(),
-        "no helm: run e2e/build.sh first"
-    );
-    helm
-}
-
 /// The chart's operator Deployment, rendered with the default values.
 fn chart_deployment() -> Value {
-    let chart = common::repo().join("charts/moe-operator");
-    let out = std::process::Command::new(helm())
-        .args(["template", "rel", chart.to_str().unwrap(), "-n", "ops"])
-        .output()
-        .expect("running helm template");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split("\n---")
-        .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())
+    common::chart::render(&[])
+        .into_iter()
         .find(|d| d["kind"] == "Deployment")
         .expect("the chart renders a Deployment")
 }
