@@ -25,6 +25,12 @@ pub struct DeploymentLabel {
     pub deployment: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub deployment: String,
+    pub condition: String,
+}
+
 /// Operator metrics, and `ready`: whether this replica serves its part, leading or standing by (it
 /// has heard from the API server and is not shutting down). Readiness must not hang on leading:
 /// a rolling update waits for the new pod to be Ready before the old one (the leader) stops, and a
@@ -37,6 +43,9 @@ pub struct Metrics {
     balancedness: Family<DeploymentLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     rollout_updated: Family<DeploymentLabel, Gauge>,
     rollout_total: Family<DeploymentLabel, Gauge>,
+    conditions: Family<ConditionLabels, Gauge>,
+    /// The condition series set so far, so that a deleted deployment's can be removed.
+    condition_series: Mutex<std::collections::HashSet<ConditionLabels>>,
     leader: Gauge,
     ready: AtomicBool,
     leading: AtomicBool,
@@ -57,6 +66,7 @@ impl Metrics {
         let balancedness = Family::default();
         let rollout_updated = Family::default();
         let rollout_total = Family::default();
+        let conditions = Family::default();
         let leader = Gauge::default();
         r.register("reconciles", "Reconciles run", reconciles.clone());
         r.register(
@@ -85,6 +95,11 @@ impl Metrics {
             rollout_total.clone(),
         );
         r.register(
+            "deployment_condition",
+            "1 while the deployment's status condition is True, 0 otherwise (alerts on Degraded)",
+            conditions.clone(),
+        );
+        r.register(
             "leader",
             "1 while this replica holds the Lease",
             leader.clone(),
@@ -97,6 +112,8 @@ impl Metrics {
             balancedness,
             rollout_updated,
             rollout_total,
+            conditions,
+            condition_series: Mutex::default(),
             leader,
             ready: AtomicBool::new(false),
             leading: AtomicBool::new(false),
@@ -135,6 +152,46 @@ impl Metrics {
         };
         self.rollout_updated.get_or_create(&l).set(updated.into());
         self.rollout_total.get_or_create(&l).set(total.into());
+    }
+
+    /// `moe_operator_deployment_condition`: each status condition of `deployment` as written.
+    pub fn set_conditions(
+        &self,
+        deployment: &str,
+        conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    ) {
+        for c in conditions {
+            let l = ConditionLabels {
+                deployment: deployment.into(),
+                condition: c.type_.clone(),
+            };
+            self.conditions
+                .get_or_create(&l)
+                .set((c.status == "True").into());
+            self.condition_series
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(l);
+        }
+    }
+
+    /// Drops every per-deployment series of `deployment` (it is being deleted).
+    pub fn forget(&self, deployment: &str) {
+        self.set_balancedness(deployment, None);
+        let l = DeploymentLabel {
+            deployment: deployment.into(),
+        };
+        self.rollout_updated.remove(&l);
+        self.rollout_total.remove(&l);
+        self.condition_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|l| {
+                if l.deployment == deployment {
+                    self.conditions.remove(l);
+                }
+                l.deployment != deployment
+            });
     }
 
     /// `moe_operator_leader` (1 while this replica holds the Lease and runs the controller).
@@ -222,6 +279,39 @@ mod tests {
         );
         m.set_balancedness("ml/demo", None);
         assert!(!m.encode().contains("plan_balancedness{"));
+    }
+
+    #[test]
+    fn conditions_become_gauges_and_go_with_the_deployment() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+        let m = Metrics::new();
+        let c = |t: &str, s: &str| Condition {
+            type_: t.into(),
+            status: s.into(),
+            reason: "R".into(),
+            message: String::new(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ),
+            observed_generation: None,
+        };
+        m.set_conditions("ml/demo", &[c("Degraded", "True"), c("Ready", "False")]);
+        let t = m.encode();
+        assert!(
+            t.contains(
+                "moe_operator_deployment_condition{deployment=\"ml/demo\",condition=\"Degraded\"} 1"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "moe_operator_deployment_condition{deployment=\"ml/demo\",condition=\"Ready\"} 0"
+            ),
+            "{t}"
+        );
+        m.set_rollout("ml/demo", 1, 2);
+        m.forget("ml/demo");
+        assert!(!m.encode().contains("ml/demo"), "{}", m.encode());
     }
 
     #[test]
