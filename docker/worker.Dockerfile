@@ -35,6 +35,7 @@ RUN apt-get update \
 COPY --from=build /out/moe-worker /usr/local/bin/moe-worker
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 65532:65532
-# dispatch, metrics, admin (see MoEDeployment spec.worker.ports)
-EXPOSE 9000 9090 9091
+# dispatch, metrics, admin (MoEDeployment spec.worker.ports defaults) and the EP ranks' mesh
+# (spec.dataPlane.port); tests/images.rs holds these to the CRD's defaults.
+EXPOSE 9400 9401 9402 9403
 ENTRYPOINT ["/usr/local/bin/moe-worker"]

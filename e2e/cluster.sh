@@ -16,6 +16,11 @@
 #   MOE_E2E_BIN        directory with the control-plane binaries (default: e2e/build.sh's cache)
 #   MOE_E2E_PODS_BIN   path of moe-e2e-pods (default: `cargo build --bin moe-e2e-pods` in this repo)
 #   MOE_E2E_UP_TIMEOUT seconds to wait for each component to become ready (default 120)
+#   MOE_E2E_IMAGE_ENTRYPOINTS  space-separated REPOSITORY=PROGRAM: containers of these images without a
+#                      command run PROGRAM from PATH (default: the chart's operator image runs moe-operator)
+#   MOE_E2E_AUDIT_GROUPS  comma-separated user groups whose requests the API server's audit log records
+#                      (level Metadata, $STATE/logs/audit.log; default system:serviceaccounts:moe-system,
+#                      the operator's namespace in the tests); empty: no audit log
 set -euo pipefail
 
 E2E_DIR="$(cd "$(dirname "$0")" && pwd)"
@@ -25,6 +30,8 @@ NODES="${MOE_E2E_NODES:-2}"
 GPU_PRODUCT="${MOE_E2E_GPU_PRODUCT:-NVIDIA-H200}"
 GPU_MEMORY_MIB="${MOE_E2E_GPU_MEMORY_MIB:-143771}"
 UP_TIMEOUT="${MOE_E2E_UP_TIMEOUT:-120}"
+IMAGE_ENTRYPOINTS="${MOE_E2E_IMAGE_ENTRYPOINTS-ghcr.io/moe-operator/moe-operator=moe-operator}"
+AUDIT_GROUPS="${MOE_E2E_AUDIT_GROUPS-system:serviceaccounts:moe-system}"
 # Start order; `down` stops in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok moe-e2e-pods)
 
@@ -333,7 +340,26 @@ EOF
     wait_for "etcd on 127.0.0.1:$ETCD_PORT" etcd curl -sf "http://127.0.0.1:$ETCD_PORT/health"
     local t_etcd=$(now_ms)
 
+    # OwnerReferencesPermissionEnforcement (admission, below): setting blockOwnerDeletion needs update
+    # on the owner's finalizers, as on clusters that enable it; the chart's RBAC must grant that.
+    # Audit: only the requests of AUDIT_GROUPS, metadata only (who, verb, resource, namespace, name),
+    # one line each once answered; the least-privilege test reads what the operator really used.
+    local audit=()
+    if [[ -n "$AUDIT_GROUPS" ]]; then
+        {
+            echo "apiVersion: audit.k8s.io/v1"
+            echo "kind: Policy"
+            echo "omitStages: [RequestReceived, ResponseStarted]"
+            echo "rules:"
+            echo "- level: Metadata"
+            echo "  userGroups: [$(sed 's/[^,][^,]*/"&"/g' <<< "$AUDIT_GROUPS")]"
+            echo "- level: None"
+        } > "$STATE/audit-policy.yaml"
+        audit=(--audit-policy-file "$STATE/audit-policy.yaml" --audit-log-path "$STATE/logs/audit.log"
+            --audit-log-format json --audit-log-maxbackup 1)
+    fi
     start kube-apiserver "$bin/kube-apiserver" \
+        "${audit[@]}" \
         --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
         --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
         --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
@@ -343,7 +369,7 @@ EOF
         --requestheader-extra-headers-prefix X-Remote-Extra- \
         --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
         --authorization-mode RBAC \
-        --enable-admission-plugins NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota,Priority,PodSecurity \
+        --enable-admission-plugins NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota,Priority,PodSecurity,OwnerReferencesPermissionEnforcement \
         --service-account-issuer "https://kubernetes.default.svc.cluster.local" \
         --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
         --api-audiences "https://kubernetes.default.svc.cluster.local" \
@@ -391,8 +417,11 @@ EOF
     # moe-e2e-pods, the kubelet of process-backed pods, hands out IPs from its own /24 (apart from
     # kwok's). It finds its state dir from MOE_E2E_STATE, which it also passes to every pod process
     # (so `down` can recognise stray ones).
+    local entrypoints=() e
+    for e in $IMAGE_ENTRYPOINTS; do entrypoints+=(--image-entrypoint "$e"); done
     start moe-e2e-pods env MOE_E2E_STATE="$STATE" "$pods" --kubeconfig "$KUBECONFIG_ADMIN" \
-        --pods-dir "$STATE/pods" --pod-cidr "127.$POD_OCTET.254.0/24" --host-ip 127.0.0.1
+        --pods-dir "$STATE/pods" --pod-cidr "127.$POD_OCTET.254.0/24" --host-ip 127.0.0.1 \
+        "${entrypoints[@]}"
 
     "$bin/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" apply -f <(nodes_yaml) > /dev/null \
         || die "creating the fake nodes failed"

@@ -266,6 +266,16 @@ fn helm() -> Option<std::path::PathBuf> {
     found
 }
 
+/// KUBERNETES_VERSION of e2e/versions.env.
+fn kube_version() -> String {
+    repo("e2e/versions.env")
+        .lines()
+        .find_map(|l| l.strip_prefix("KUBERNETES_VERSION="))
+        .expect("KUBERNETES_VERSION in e2e/versions.env")
+        .trim()
+        .to_string()
+}
+
 /// `helm template` of the chart with `args`, as YAML documents.
 fn render(helm: &Path, args: &[&str]) -> Vec<Value> {
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/moe-operator");
@@ -276,6 +286,10 @@ fn render(helm: &Path, args: &[&str]) -> Vec<Value> {
             chart.to_str().unwrap(),
             "--namespace",
             "ops",
+            // A helm built from its Go module assumes Kubernetes 1.20, below the chart's
+            // kubeVersion: render for the version the local control plane runs.
+            "--kube-version",
+            &kube_version(),
         ])
         .args(args)
         .output()

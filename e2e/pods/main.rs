@@ -42,6 +42,16 @@
 //!   grace period (at most `--max-grace-seconds`), then the pod deleted with gracePeriodSeconds=0,
 //!   as a kubelet does once its containers are gone.
 //!
+//! - images: a container without `command` whose image's repository is mapped by
+//!   `--image-entrypoint REPOSITORY=PROGRAM` runs PROGRAM with its `args` (the image's ENTRYPOINT
+//!   stands in for the binary just built, e.g. the chart's operator image for `moe-operator`);
+//! - pod networking: `0.0.0.0:<port>` in args and env values is narrowed to the pod IP (each pod
+//!   has its own network namespace; here they share the host's);
+//! - in-cluster API access: a container that mounts its ServiceAccount token (the projected
+//!   volume at `/var/run/secrets/kubernetes.io/serviceaccount`) and sets no `KUBECONFIG` gets
+//!   `KUBECONFIG` naming a kubeconfig with the API server and that token file and CA, so a client
+//!   that infers its configuration acts with the pod's ServiceAccount, as in a cluster.
+//!
 //! Liveness and startup probes are not run. `command[0]` without a `/` is looked up on PATH (the
 //! pod's PATH if its env sets one, else this launcher's). On SIGTERM/SIGINT the launcher stops
 //! every process and leaves the pods as they are. Every API call has a deadline, and status that
@@ -117,6 +127,10 @@ struct Args {
     /// How often ConfigMap, Secret and downwardAPI volume contents are re-synced.
     #[arg(long, default_value_t = 3)]
     volume_sync_seconds: u64,
+    /// `REPOSITORY=PROGRAM`: containers of that image (any tag) without a `command` run PROGRAM
+    /// (looked up on PATH) with their `args`. Repeatable.
+    #[arg(long = "image-entrypoint", value_parser = spec::parse_image_entrypoint)]
+    image_entrypoints: Vec<(String, String)>,
 }
 
 #[tokio::main]
@@ -135,6 +149,11 @@ async fn main() -> Result<()> {
     let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .with_context(|| format!("loading --kubeconfig {}", args.kubeconfig.display()))?;
+    let api_server = config
+        .cluster_url
+        .to_string()
+        .trim_end_matches('/')
+        .to_string();
     let client = Client::try_from(config).context("building the Kubernetes client")?;
     tokio::fs::create_dir_all(&args.pods_dir)
         .await
@@ -148,6 +167,8 @@ async fn main() -> Result<()> {
         volume_sync: Duration::from_secs(args.volume_sync_seconds.max(1)),
         state_env: std::env::var("MOE_E2E_STATE").ok(),
         ips: Mutex::new(ips),
+        image_entrypoints: args.image_entrypoints,
+        api_server,
     });
     launcher.run().await
 }
@@ -162,6 +183,10 @@ struct Launcher {
     /// Passed to every process so `e2e/cluster.sh down` can recognise strays of this plane.
     state_env: Option<String>,
     ips: Mutex<IpPool>,
+    /// `--image-entrypoint`: image repository -> the program standing in for its ENTRYPOINT.
+    image_entrypoints: Vec<(String, String)>,
+    /// The API server's URL, for the pods' in-cluster kubeconfig.
+    api_server: String,
 }
 
 /// The loop that acts as one pod's kubelet, and how to reach it.
@@ -928,22 +953,51 @@ impl Launcher {
         })?;
         env.retain(|(k, _)| k != TERMINATION_LOG_ENV);
         env.push((TERMINATION_LOG_ENV.into(), term_file.display().to_string()));
+        // In-cluster configuration: the pod's mounted ServiceAccount token, through KUBECONFIG.
+        if !env.iter().any(|(k, _)| k == "KUBECONFIG") {
+            if let Some((_, sa_dir)) = mounts
+                .iter()
+                .find(|(mp, _)| mp.trim_end_matches('/') == spec::SERVICE_ACCOUNT_MOUNT)
+            {
+                let kc = dir.join("in-cluster.kubeconfig");
+                tokio::fs::write(
+                    &kc,
+                    spec::in_cluster_kubeconfig(&self.api_server, sa_dir, &ns),
+                )
+                .await
+                .with_context(|| format!("writing {}", kc.display()))?;
+                env.push(("KUBECONFIG".into(), kc.display().to_string()));
+            }
+        }
+        for (_, v) in env.iter_mut() {
+            *v = spec::narrow_wildcard_bind(v, pod_ip);
+        }
         let term_policy = container.termination_message_policy.clone();
-        let rewrite = |s: &str| spec::rewrite_mount_paths(&spec::expand_vars(s, &env), &mounts);
-        let argv: Vec<String> = container
-            .command
+        let rewrite = |s: &str| {
+            spec::narrow_wildcard_bind(
+                &spec::rewrite_mount_paths(&spec::expand_vars(s, &env), &mounts),
+                pod_ip,
+            )
+        };
+        let image = container.image.clone().unwrap_or_default();
+        let entrypoint: Vec<String> = match container.command.as_deref() {
+            Some(c) if !c.is_empty() => c.to_vec(),
+            _ => match spec::image_entrypoint(&image, &self.image_entrypoints) {
+                Some(prog) => vec![prog.to_string()],
+                None => bail!(
+                    "container {:?} has no command and image {image:?} is not mapped: process-backed \
+                     pods need spec.containers[0].command, or the launcher's --image-entrypoint \
+                     {}=PROGRAM (there is no image to take an entrypoint from)",
+                    container.name,
+                    spec::image_repository(&image)
+                ),
+            },
+        };
+        let argv: Vec<String> = entrypoint
             .iter()
-            .flatten()
             .chain(container.args.iter().flatten())
             .map(|a| rewrite(a))
             .collect();
-        if container.command.as_ref().is_none_or(|c| c.is_empty()) {
-            bail!(
-                "container {:?} has no command: process-backed pods need spec.containers[0].command \
-                 (there is no image to take an entrypoint from)",
-                container.name
-            );
-        }
         let program = resolve_program(&argv[0], &env)?;
         let cwd = match container.working_dir.as_deref() {
             Some(w) => PathBuf::from(rewrite(w)),

@@ -711,6 +711,71 @@ fn bracket_key<'a>(path: &'a str, field: &str) -> Option<&'a str> {
         .strip_suffix("']")
 }
 
+/// Where a pod's ServiceAccount token, CA and namespace are mounted (the ServiceAccount admission
+/// plugin adds the projected volume there).
+pub const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// An image's repository: without its digest (`@sha256:...`) and tag (a `:` after the last `/`).
+pub fn image_repository(image: &str) -> &str {
+    let image = image.split('@').next().unwrap_or(image);
+    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[last_slash..].rfind(':') {
+        Some(i) => &image[..last_slash + i],
+        None => image,
+    }
+}
+
+/// One `--image-entrypoint REPOSITORY=PROGRAM`: a container of an image of that repository (any tag)
+/// that sets no `command` runs PROGRAM, as the image's ENTRYPOINT would, with its `args`.
+pub fn parse_image_entrypoint(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((repo, prog)) if !repo.is_empty() && !prog.is_empty() && !repo.contains(':') => {
+            Ok((repo.to_string(), prog.to_string()))
+        }
+        _ => Err(format!(
+            "--image-entrypoint {s:?}: want REPOSITORY=PROGRAM, the repository without a tag \
+             (e.g. ghcr.io/moe-operator/moe-operator=moe-operator)"
+        )),
+    }
+}
+
+/// The program standing in for `image`'s ENTRYPOINT, from the `--image-entrypoint` map.
+pub fn image_entrypoint<'a>(image: &str, map: &'a [(String, String)]) -> Option<&'a str> {
+    let repo = image_repository(image);
+    map.iter()
+        .find(|(r, _)| r == repo)
+        .map(|(_, prog)| prog.as_str())
+}
+
+/// A wildcard listen address (`0.0.0.0:port`) narrowed to the pod's IP. In a pod it binds the
+/// pod's own network namespace; here every pod shares the host's, and two replicas of a pod would
+/// otherwise take the same host port.
+pub fn narrow_wildcard_bind(value: &str, pod_ip: &str) -> String {
+    value.replace("0.0.0.0:", &format!("{pod_ip}:"))
+}
+
+/// The kubeconfig that stands in for in-cluster configuration (a process cannot see the pod's
+/// `/var/run/secrets/...`): the API server, and the pod's own mounted ServiceAccount token and CA
+/// from `sa_dir` (read from the files, so a refreshed token is used), in `namespace`.
+pub fn in_cluster_kubeconfig(server: &str, sa_dir: &Path, namespace: &str) -> String {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "in-cluster", "cluster": {
+            "server": server,
+            "certificate-authority": sa_dir.join("ca.crt").display().to_string(),
+        }}],
+        "users": [{"name": "service-account", "user": {
+            "tokenFile": sa_dir.join("token").display().to_string(),
+        }}],
+        "contexts": [{"name": "in-cluster", "context": {
+            "cluster": "in-cluster", "user": "service-account", "namespace": namespace,
+        }}],
+        "current-context": "in-cluster",
+    })
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1176,5 +1241,49 @@ mod tests {
         assert_eq!(field_ref(&p, &sel("spec.nodeName")).unwrap(), "node-1");
         assert_eq!(field_ref(&p, &sel("metadata.labels['app']")).unwrap(), "w");
         assert!(field_ref(&p, &sel("status.phase")).is_err());
+    }
+
+    #[test]
+    fn image_entrypoints_match_the_repository_whatever_the_tag() {
+        assert_eq!(image_repository("ghcr.io/a/op:0.1.0"), "ghcr.io/a/op");
+        assert_eq!(
+            image_repository("localhost:5000/a/op:v1@sha256:ab"),
+            "localhost:5000/a/op"
+        );
+        assert_eq!(image_repository("localhost:5000/op"), "localhost:5000/op");
+        assert_eq!(image_repository("op"), "op");
+        let map = vec![parse_image_entrypoint("ghcr.io/a/op=moe-operator").unwrap()];
+        assert_eq!(
+            image_entrypoint("ghcr.io/a/op:0.1.0", &map),
+            Some("moe-operator")
+        );
+        assert_eq!(image_entrypoint("ghcr.io/a/op", &map), Some("moe-operator"));
+        assert_eq!(image_entrypoint("ghcr.io/a/other:0.1.0", &map), None);
+        assert!(parse_image_entrypoint("ghcr.io/a/op:1=x").is_err());
+        assert!(parse_image_entrypoint("noprogram").is_err());
+    }
+
+    #[test]
+    fn wildcard_binds_narrow_to_the_pod_ip_and_in_cluster_config_reads_the_mounted_token() {
+        assert_eq!(
+            narrow_wildcard_bind("--metrics-listen=0.0.0.0:8080", "127.3.254.2"),
+            "--metrics-listen=127.3.254.2:8080"
+        );
+        assert_eq!(
+            narrow_wildcard_bind("127.0.0.1:80", "127.3.254.2"),
+            "127.0.0.1:80"
+        );
+        let kc: serde_json::Value = serde_json::from_str(&in_cluster_kubeconfig(
+            "https://127.0.0.1:6443",
+            Path::new("/p/sa"),
+            "ops",
+        ))
+        .unwrap();
+        assert_eq!(kc["users"][0]["user"]["tokenFile"], "/p/sa/token");
+        assert_eq!(
+            kc["clusters"][0]["cluster"]["certificate-authority"],
+            "/p/sa/ca.crt"
+        );
+        assert_eq!(kc["contexts"][0]["context"]["namespace"], "ops");
     }
 }

@@ -75,6 +75,10 @@ struct RunArgs {
     /// long-poll timeout). A frozen API server then fails calls instead of hanging reconciles.
     #[arg(long, env = "MOE_OPERATOR_API_TIMEOUT", default_value = "30s", value_parser = moe_operator::api::units::parse_duration)]
     api_timeout: std::time::Duration,
+    /// How long a shutdown (SIGTERM) waits for the reconciles in flight before stopping them and
+    /// releasing the leader Lease; keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "MOE_OPERATOR_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = moe_operator::api::units::parse_duration)]
+    shutdown_timeout: std::time::Duration,
     /// What MoEDeployment authors may ask of the worker pods (docs/security.md).
     #[command(flatten)]
     pod_policy: moe_operator::api::pod_policy::PodPolicyArgs,
@@ -157,9 +161,27 @@ async fn run(args: RunArgs) -> Result<()> {
         identity: identity.clone(),
         duration: Duration::from_secs(15),
         renew: Duration::from_secs(5),
+        retry: Duration::from_secs(2),
     };
+    // SIGTERM (the kubelet stopping the pod: a rollout, a drain) and Ctrl-C both mean a graceful
+    // shutdown, in every state; the handler is installed before anything waits.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    };
+    tokio::pin!(stop);
     tracing::info!(lease = %cfg.name, namespace = %cfg.namespace, %identity, "waiting for the Lease");
-    let acquired = leader::acquire(client.clone(), &cfg).await;
+    let acquired = tokio::select! {
+        at = leader::acquire(client.clone(), &cfg, || metrics.set_ready(true)) => at,
+        _ = &mut stop => {
+            // A standby has nothing to hand over.
+            tracing::info!("shutting down as a standby");
+            return Ok(());
+        }
+    };
     tracing::info!(%identity, "leading: starting the controller");
     metrics.set_leader(true);
     let policy = moe_operator::api::pod_policy::PodPolicy::from_args(&args.pod_policy)?;
@@ -168,7 +190,7 @@ async fn run(args: RunArgs) -> Result<()> {
     ctx.push_timeout = args.push_timeout;
     let ctx = Arc::new(ctx);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(reconcile::run_controller(
+    let mut controller = tokio::spawn(reconcile::run_controller(
         ctx,
         watch_client,
         args.watch_namespace,
@@ -176,19 +198,45 @@ async fn run(args: RunArgs) -> Result<()> {
             let _ = stop_rx.await;
         },
     ));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let lost = tokio::select! {
-        _ = leader::hold(client.clone(), cfg, acquired) => true,
-        _ = tokio::signal::ctrl_c() => false,
-        _ = term.recv() => false,
-    };
-    metrics.set_leader(false);
-    if lost {
-        // Another replica may take the Lease in moments: stop acting now, without draining.
-        controller.abort();
-        anyhow::bail!("lost the leader Lease; exiting so that a restart starts as a standby");
+    // The Lease is renewed until the controller has stopped, draining included: it must not
+    // expire (and another replica start acting) while this one still reconciles.
+    let hold = leader::hold(client.clone(), cfg.clone(), acquired);
+    tokio::pin!(hold);
+    tokio::select! {
+        _ = &mut hold => return lost(&metrics, controller),
+        _ = &mut stop => {},
+        r = &mut controller => {
+            metrics.set_leader(false);
+            anyhow::bail!("the controller stopped on its own ({r:?}); exiting so that a restart takes over");
+        }
     }
+    tracing::info!(timeout = ?args.shutdown_timeout, "shutting down: finishing the reconciles in flight");
+    metrics.set_ready(false);
     let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    tokio::select! {
+        _ = &mut hold => return lost(&metrics, controller),
+        r = tokio::time::timeout(args.shutdown_timeout, &mut controller) => {
+            if r.is_err() {
+                tracing::warn!("reconciles still running after --shutdown-timeout: stopping them");
+                controller.abort();
+            }
+        }
+    }
+    // Nothing acts any more: hand the Lease over at once instead of letting it run out.
+    metrics.set_leader(false);
+    leader::release(client, &cfg).await;
+    tracing::info!("shut down");
     Ok(())
+}
+
+/// The Lease was lost (another holder, or no renewal in time): another replica may act in moments,
+/// so stop at once, without draining, and exit so that a restart starts as a standby.
+fn lost(
+    metrics: &moe_operator::controller::telemetry::Metrics,
+    controller: tokio::task::JoinHandle<()>,
+) -> Result<()> {
+    controller.abort();
+    metrics.set_leader(false);
+    metrics.set_ready(false);
+    anyhow::bail!("lost the leader Lease; exiting so that a restart starts as a standby")
 }

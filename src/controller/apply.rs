@@ -56,6 +56,7 @@ pub async fn apply(
             status,
         )
         .await?;
+        ctx.metrics.set_conditions(key, &status.conditions);
     }
     Ok(())
 }

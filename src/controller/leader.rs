@@ -1,7 +1,9 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease: get, create or take over with the
-//! resourceVersion as the optimistic lock, renew every `renew` while leading. Only the leader runs
-//! the controller; losing the Lease stops this process's controller (the caller exits so that a
-//! restart starts as a standby).
+//! resourceVersion as the optimistic lock, renew every `renew` while leading, look every `retry`
+//! while standing by. Only the leader runs the controller; losing the Lease stops this process's
+//! controller (the caller exits so that a restart starts as a standby). A leader that shuts down
+//! [`release`]s the Lease once its controller has stopped, so a standby takes over within one
+//! `retry` instead of waiting out `duration`.
 
 use std::time::Duration;
 
@@ -20,6 +22,8 @@ pub struct LeaseConfig {
     pub identity: String,
     pub duration: Duration,
     pub renew: Duration,
+    /// How often a standby looks whether the Lease is free.
+    pub retry: Duration,
 }
 
 /// Whether `spec` is free for `identity` at `now_s`: unheld, held by us, or expired.
@@ -94,19 +98,24 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, ku
 }
 
 /// Wait until this process holds the Lease. Returns when the winning request was sent: the Lease
-/// counts from then.
-pub async fn acquire(client: Client, cfg: &LeaseConfig) -> Instant {
+/// counts from then. `answered` is called after every attempt the API server answered (the
+/// replica knows its role then: readiness hangs on that, not on leading).
+pub async fn acquire(client: Client, cfg: &LeaseConfig, answered: impl Fn()) -> Instant {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     loop {
         let sent = Instant::now();
         // A request that hangs must not hold a standby back from a free Lease forever.
-        match tokio::time::timeout(cfg.duration, try_acquire(&api, cfg)).await {
+        let r = tokio::time::timeout(cfg.duration, try_acquire(&api, cfg)).await;
+        if matches!(r, Ok(Ok(_))) {
+            answered();
+        }
+        match r {
             Ok(Ok(true)) => return sent,
             Ok(Ok(false)) => tracing::debug!(lease = %cfg.name, "standby: the Lease is held"),
             Ok(Err(e)) => tracing::warn!(error = %e, lease = %cfg.name, "Lease request failed"),
             Err(_) => tracing::warn!(lease = %cfg.name, "Lease request timed out"),
         }
-        tokio::time::sleep(cfg.renew).await;
+        tokio::time::sleep(cfg.retry).await;
     }
 }
 
@@ -152,6 +161,58 @@ pub async fn hold(client: Client, cfg: LeaseConfig, acquired: Instant) {
     }
 }
 
+/// The Lease as a leader leaves it: no holder, so [`may_take`] lets any replica take it at once
+/// (client-go's ReleaseOnCancel does the same). None when `identity` does not hold it: a Lease
+/// someone else took is not ours to clear.
+pub fn released(spec: Option<&LeaseSpec>, identity: &str, now: MicroTime) -> Option<LeaseSpec> {
+    let s = spec?;
+    if s.holder_identity.as_deref() != Some(identity) {
+        return None;
+    }
+    Some(LeaseSpec {
+        holder_identity: None,
+        lease_duration_seconds: Some(1),
+        acquire_time: Some(now.clone()),
+        renew_time: Some(now),
+        ..s.clone()
+    })
+}
+
+/// Give the Lease up (call only once this process has stopped acting). Optimistic like the rest:
+/// a Lease that changed hands meanwhile is left alone. Runs under `cfg.renew`; on failure the Lease
+/// simply expires after `duration`.
+pub async fn release(client: Client, cfg: &LeaseConfig) {
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let attempt = async {
+        let Some(mut lease) = api.get_opt(&cfg.name).await? else {
+            return Ok::<bool, kube::Error>(false);
+        };
+        let Some(spec) = released(
+            lease.spec.as_ref(),
+            &cfg.identity,
+            MicroTime(Timestamp::now()),
+        ) else {
+            return Ok(false);
+        };
+        lease.spec = Some(spec);
+        api.replace(&cfg.name, &PostParams::default(), &lease)
+            .await
+            .map(|_| true)
+    };
+    match tokio::time::timeout(cfg.renew, attempt).await {
+        Ok(Ok(true)) => tracing::info!(lease = %cfg.name, "released the Lease"),
+        Ok(Ok(false)) => {
+            tracing::info!(lease = %cfg.name, "the Lease is not ours: nothing to release")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, lease = %cfg.name, "releasing the Lease failed; it expires on its own")
+        }
+        Err(_) => {
+            tracing::warn!(lease = %cfg.name, "releasing the Lease timed out; it expires on its own")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +234,7 @@ mod tests {
             identity: "a".into(),
             duration: Duration::from_secs(15),
             renew: Duration::from_secs(5),
+            retry: Duration::from_secs(2),
         };
         let s = Duration::from_secs;
         assert_eq!(
@@ -194,5 +256,19 @@ mod tests {
         assert!(may_take(Some(&spec("a", 95, 15)), "a", 100.0));
         assert!(!may_take(Some(&spec("b", 95, 15)), "a", 100.0));
         assert!(may_take(Some(&spec("b", 80, 15)), "a", 100.0));
+    }
+
+    #[test]
+    fn a_released_lease_is_free_at_once_and_only_the_holder_releases() {
+        let now = MicroTime(Timestamp::from_second(100).unwrap());
+        let mut held = spec("a", 99, 15);
+        held.lease_transitions = Some(3);
+        let r = released(Some(&held), "a", now.clone()).expect("a holds it");
+        assert_eq!(r.holder_identity, None);
+        assert_eq!(r.lease_transitions, Some(3));
+        // Not expired (renewed just now), yet free for the standby.
+        assert!(may_take(Some(&r), "b", 100.0));
+        assert_eq!(released(Some(&held), "b", now.clone()), None);
+        assert_eq!(released(None, "a", now), None);
     }
 }

@@ -138,7 +138,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Er
     if md.metadata.deletion_timestamp.is_some() {
         // Being deleted: garbage collection removes what it owns; applying now would recreate it.
         ctx.windows.forget(&key);
-        ctx.metrics.set_balancedness(&key, None);
+        ctx.metrics.forget(&key);
         ctx.metrics.forget_deployment(&ns, &name);
         return Ok(Action::await_change());
     }

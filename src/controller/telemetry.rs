@@ -43,7 +43,16 @@ pub struct ScrapeFailureLabels {
     pub reason: &'static str,
 }
 
-/// Operator metrics; `ready` is whether this replica leads and runs the controller.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub deployment: String,
+    pub condition: String,
+}
+
+/// Operator metrics, and `ready`: whether this replica serves its part, leading or standing by (it
+/// has heard from the API server and is not shutting down). Readiness must not hang on leading:
+/// a rolling update waits for the new pod to be Ready before the old one (the leader) stops, and a
+/// standby that is never Ready keeps `helm upgrade --wait` from ever finishing.
 pub struct Metrics {
     registry: Mutex<Registry>,
     reconciles: Counter,
@@ -52,13 +61,17 @@ pub struct Metrics {
     balancedness: Family<DeploymentLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     rollout_updated: Family<DeploymentLabel, Gauge>,
     rollout_total: Family<DeploymentLabel, Gauge>,
+    conditions: Family<ConditionLabels, Gauge>,
+    /// The condition series set so far, so that a deleted deployment's can be removed.
+    condition_series: Mutex<std::collections::HashSet<ConditionLabels>>,
     leader: Gauge,
     replans: Family<ReplanLabels, Counter>,
     scrape_failures: Family<ScrapeFailureLabels, Counter>,
     /// The label sets `scrape_failures` holds (the family cannot list them), to drop a deleted
     /// deployment's.
     scrape_failure_series: Mutex<std::collections::HashSet<ScrapeFailureLabels>>,
-    pub ready: AtomicBool,
+    ready: AtomicBool,
+    leading: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -76,6 +89,7 @@ impl Metrics {
         let balancedness = Family::default();
         let rollout_updated = Family::default();
         let rollout_total = Family::default();
+        let conditions = Family::default();
         let leader = Gauge::default();
         let replans = Family::<ReplanLabels, Counter>::default();
         let scrape_failures = Family::<ScrapeFailureLabels, Counter>::default();
@@ -106,6 +120,11 @@ impl Metrics {
             rollout_total.clone(),
         );
         r.register(
+            "deployment_condition",
+            "1 while the deployment's status condition is True, 0 otherwise (alerts on Degraded)",
+            conditions.clone(),
+        );
+        r.register(
             "leader",
             "1 while this replica holds the Lease",
             leader.clone(),
@@ -128,11 +147,14 @@ impl Metrics {
             balancedness,
             rollout_updated,
             rollout_total,
+            conditions,
+            condition_series: Mutex::default(),
             leader,
             replans,
             scrape_failures,
             scrape_failure_series: Mutex::default(),
             ready: AtomicBool::new(false),
+            leading: AtomicBool::new(false),
         }
     }
 
@@ -212,9 +234,67 @@ impl Metrics {
             });
     }
 
+    /// `moe_operator_deployment_condition`: each status condition of `deployment` as written.
+    pub fn set_conditions(
+        &self,
+        deployment: &str,
+        conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    ) {
+        for c in conditions {
+            let l = ConditionLabels {
+                deployment: deployment.into(),
+                condition: c.type_.clone(),
+            };
+            self.conditions
+                .get_or_create(&l)
+                .set((c.status == "True").into());
+            self.condition_series
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(l);
+        }
+    }
+
+    /// Drops every per-deployment series of `deployment` (it is being deleted).
+    pub fn forget(&self, deployment: &str) {
+        self.set_balancedness(deployment, None);
+        let l = DeploymentLabel {
+            deployment: deployment.into(),
+        };
+        self.rollout_updated.remove(&l);
+        self.rollout_total.remove(&l);
+        self.condition_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|l| {
+                if l.deployment == deployment {
+                    self.conditions.remove(l);
+                }
+                l.deployment != deployment
+            });
+    }
+
+    /// `moe_operator_leader` (1 while this replica holds the Lease and runs the controller).
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(leading.into());
-        self.ready.store(leading, Ordering::SeqCst);
+        self.leading.store(leading, Ordering::SeqCst);
+    }
+
+    /// Readiness: true once the replica knows its role, false again when it starts shutting down.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// `/readyz`'s answer: (ready, what the body says).
+    pub fn readiness(&self) -> (bool, &'static str) {
+        match (
+            self.ready.load(Ordering::SeqCst),
+            self.leading.load(Ordering::SeqCst),
+        ) {
+            (true, true) => (true, "ready: leading\n"),
+            (true, false) => (true, "ready: standby\n"),
+            (false, _) => (false, "not ready: starting or shutting down\n"),
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -235,18 +315,17 @@ pub fn metrics_router(m: Arc<Metrics>) -> Router {
         .with_state(m)
 }
 
-/// `/healthz` (the process serves) and `/readyz` (this replica leads and runs the controller;
-/// a standby replica is alive but not ready).
+/// `/healthz` (the process serves) and `/readyz` (it has heard from the API server and is not
+/// shutting down, leading or standing by; `moe_operator_leader` and the Lease say who leads).
 pub fn health_router(m: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(|State(m): State<Arc<Metrics>>| async move {
-                if m.ready.load(Ordering::SeqCst) {
-                    (StatusCode::OK, "leading\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "standby: not the leader\n")
+                match m.readiness() {
+                    (true, body) => (StatusCode::OK, body),
+                    (false, body) => (StatusCode::SERVICE_UNAVAILABLE, body),
                 }
             }),
         )
@@ -299,5 +378,52 @@ mod tests {
         let t = m.encode();
         assert!(!t.contains("name=\"demo\""), "{t}");
         assert!(t.contains("name=\"other\""), "{t}");
+    }
+
+    #[test]
+    fn conditions_become_gauges_and_go_with_the_deployment() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+        let m = Metrics::new();
+        let c = |t: &str, s: &str| Condition {
+            type_: t.into(),
+            status: s.into(),
+            reason: "R".into(),
+            message: String::new(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ),
+            observed_generation: None,
+        };
+        m.set_conditions("ml/demo", &[c("Degraded", "True"), c("Ready", "False")]);
+        let t = m.encode();
+        assert!(
+            t.contains(
+                "moe_operator_deployment_condition{deployment=\"ml/demo\",condition=\"Degraded\"} 1"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "moe_operator_deployment_condition{deployment=\"ml/demo\",condition=\"Ready\"} 0"
+            ),
+            "{t}"
+        );
+        m.set_rollout("ml/demo", 1, 2);
+        m.forget("ml/demo");
+        assert!(!m.encode().contains("ml/demo"), "{}", m.encode());
+    }
+
+    #[test]
+    fn readiness_follows_the_role_being_known_not_leadership() {
+        let m = Metrics::new();
+        assert!(!m.readiness().0, "not ready before the API server answered");
+        m.set_ready(true);
+        assert_eq!(m.readiness(), (true, "ready: standby\n"));
+        assert!(m.encode().contains("moe_operator_leader 0"));
+        m.set_leader(true);
+        assert_eq!(m.readiness(), (true, "ready: leading\n"));
+        assert!(m.encode().contains("moe_operator_leader 1"));
+        m.set_ready(false);
+        assert!(!m.readiness().0, "shutting down");
     }
 }

@@ -1,6 +1,8 @@
 //! What the end-to-end tests share: the path of the repository, `e2e/cluster.sh` driven with a
 //! test's own state directory, and a client from a kubeconfig.
 
+pub mod audit;
+pub mod chart;
 pub mod operator;
 
 use std::path::{Path, PathBuf};

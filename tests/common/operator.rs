@@ -1,7 +1,7 @@
 //! The operator's end-to-end harness: a local control plane with the chart installed (CRD, RBAC;
-//! its in-cluster Deployment scaled to 0, there is no image here), operator processes run locally
-//! under the chart ServiceAccount's token (so the chart's RBAC is what they get), a synthetic
-//! checkpoint, and the polling helpers the operator tests share.
+//! its in-cluster Deployment scaled to 0, or running as process-backed pods for the upgrade test),
+//! operator processes run locally under the chart ServiceAccount's token (so the chart's RBAC is
+//! what they get), a synthetic checkpoint, and the polling helpers the operator tests share.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 use std::future::Future;
@@ -160,6 +160,29 @@ pub struct OperatorPlane {
 impl OperatorPlane {
     /// Brings up a plane of `nodes` fake GPU nodes, installs the chart and creates `ns`.
     pub async fn up(prefix: &str, nodes: usize, ns: &str) -> Self {
+        Self::up_with(prefix, nodes, ns, None).await
+    }
+
+    /// [`OperatorPlane::up`] with the chart's own Deployment running (not scaled to 0), installed
+    /// with the values file `chart_values` written under the state dir by `values(state)`: its
+    /// pods are process-backed when the values give them the opt-in label, the chart's image
+    /// runs the `moe-operator` just built (e2e/cluster.sh maps it).
+    pub async fn up_running_chart(
+        prefix: &str,
+        nodes: usize,
+        ns: &str,
+        values: impl FnOnce(&Path) -> String,
+    ) -> Self {
+        Self::up_with(prefix, nodes, ns, Some(Box::new(values))).await
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn up_with(
+        prefix: &str,
+        nodes: usize,
+        ns: &str,
+        chart_values: Option<Box<dyn FnOnce(&Path) -> String + '_>>,
+    ) -> Self {
         let bin = e2e_bin();
         let tmp = tempfile::Builder::new()
             .prefix(prefix)
@@ -182,6 +205,13 @@ impl OperatorPlane {
         };
         let (bin, kc) = (plane.bin.clone(), plane.admin_kc.clone());
         let chart = super::repo().join("charts/moe-operator");
+        let values_file = plane.state.join("chart-values.yaml");
+        let running = chart_values.is_some();
+        if let Some(values) = chart_values {
+            std::fs::write(&values_file, values(&plane.state)).expect("writing chart values");
+        } else {
+            std::fs::write(&values_file, "{}\n").expect("writing chart values");
+        }
         tool(
             &bin,
             "helm",
@@ -193,23 +223,27 @@ impl OperatorPlane {
                 OP_NS,
                 "--create-namespace",
                 "--wait=false",
+                "-f",
+                values_file.to_str().unwrap(),
             ],
             &kc,
         );
-        // The chart's schema wants at least one replica; the image does not exist here, so the
-        // operator runs as local processes instead.
-        tool(
-            &bin,
-            "kubectl",
-            &[
-                "-n",
-                OP_NS,
-                "scale",
-                &format!("deployment/{RELEASE}"),
-                "--replicas=0",
-            ],
-            &kc,
-        );
+        if !running {
+            // The chart's schema wants at least one replica; the operator runs as local processes
+            // instead.
+            tool(
+                &bin,
+                "kubectl",
+                &[
+                    "-n",
+                    OP_NS,
+                    "scale",
+                    &format!("deployment/{RELEASE}"),
+                    "--replicas=0",
+                ],
+                &kc,
+            );
+        }
         tool(&bin, "kubectl", &["create", "namespace", ns], &kc);
         tool(
             &bin,
@@ -336,13 +370,34 @@ impl OperatorPlane {
     }
 }
 
+/// The user the operator acts as: the chart ServiceAccount's token, in processes and in pods.
+pub fn operator_user() -> String {
+    format!("system:serviceaccount:{OP_NS}:{RELEASE}")
+}
+
 impl Drop for OperatorPlane {
     fn drop(&mut self) {
         for mut o in self.operators.drain(..) {
             let _ = o.child.kill();
             let _ = o.child.wait();
         }
+        // Least privilege, from the API server's audit log: what the operator did here was granted
+        // and is in the usage fixture tests/rbac.rs holds the chart's RBAC to.
+        let problems = if std::thread::panicking() {
+            Vec::new()
+        } else {
+            super::audit::check_plane(&self.state.join("logs/audit.log"), &operator_user())
+        };
         let _ = super::cluster_script(&self.state, self.nodes, "down");
+        if !problems.is_empty() {
+            let kept = self.tmp.take().map(|t| t.keep());
+            panic!(
+                "the operator's API use (audit log{}):\n{}",
+                kept.map(|k| format!(" in {}/logs", k.display()))
+                    .unwrap_or_default(),
+                problems.join("\n")
+            );
+        }
         if std::thread::panicking() {
             if let Some(t) = self.tmp.take() {
                 let kept = t.keep();
