@@ -48,6 +48,8 @@ fn exported() -> BTreeSet<String> {
             observed_generation: None,
         }],
     );
+    op.count_replan("applied", "PlanImproved");
+    op.count_scrape_failure("ml", "d", "prometheus", "Unreachable");
     let mut names = sample_names(&op.encode());
 
     let w = WorkerMetrics::new();
@@ -189,7 +191,10 @@ fn promtool_loads_the_rules_and_they_compute_what_they_say() {
                 {"series": "up{namespace=\"ml\",deployment=\"d\",pod=\"w0\"}", "values": "1x20"},
                 {"series": "up{namespace=\"ml\",deployment=\"d\",pod=\"w1\"}", "values": "0x20"},
                 {"series": "moe_operator_leader{pod=\"op-a\"}", "values": "1x20"},
-                {"series": "moe_operator_leader{pod=\"op-b\"}", "values": "0x20"}
+                {"series": "moe_operator_leader{pod=\"op-b\"}", "values": "0x20"},
+                {"series": "moe_operator_scrape_failures_total{namespace=\"ml\",name=\"d\",source=\"prometheus\",reason=\"PrometheusAuthRefused\"}", "values": "0+1x20"},
+                {"series": "moe_operator_scrape_failures_total{namespace=\"ml\",name=\"e\",source=\"workers\",reason=\"Unreachable\"}", "values": "0x20"},
+                {"series": "moe_operator_replan_decisions_total{outcome=\"kept\",reason=\"CoolingDown\"}", "values": "0+60x120"}
             ],
             // Exact label sets: the recorded series keep no pod or instance.
             "promql_expr_test": [
@@ -202,7 +207,9 @@ fn promtool_loads_the_rules_and_they_compute_what_they_say() {
                 {"expr": "moe:layer_worker_balancedness:5m", "eval_time": "10m",
                  "exp_samples": [{"labels": "moe:layer_worker_balancedness:5m{namespace=\"ml\",deployment=\"d\",layer=\"1\"}", "value": 0.8333333333333334}]},
                 {"expr": "moe:deployment_worker_balancedness:5m", "eval_time": "10m",
-                 "exp_samples": [{"labels": "moe:deployment_worker_balancedness:5m{namespace=\"ml\",deployment=\"d\"}", "value": 0.8333333333333334}]}
+                 "exp_samples": [{"labels": "moe:deployment_worker_balancedness:5m{namespace=\"ml\",deployment=\"d\"}", "value": 0.8333333333333334}]},
+                {"expr": "moe:operator_replan_decisions:rate1h", "eval_time": "100m",
+                 "exp_samples": [{"labels": "moe:operator_replan_decisions:rate1h{outcome=\"kept\",reason=\"CoolingDown\"}", "value": 1}]}
             ],
             "alert_rule_test": [
                 {"eval_time": "10m", "alertname": "MoEDeploymentDegraded", "exp_alerts": [{
@@ -219,7 +226,15 @@ fn promtool_loads_the_rules_and_they_compute_what_they_say() {
                         "description": "The load the operator plans from is not being collected (workerServiceMonitor)."
                     }
                 }]},
-                {"eval_time": "10m", "alertname": "MoEOperatorNoLeader", "exp_alerts": []}
+                {"eval_time": "10m", "alertname": "MoEOperatorNoLeader", "exp_alerts": []},
+                // One failure a minute: 15 in 15 minutes for ml/d; none for ml/e.
+                {"eval_time": "16m", "alertname": "MoEOperatorLoadUnavailable", "exp_alerts": [{
+                    "exp_labels": {"severity": "warning", "namespace": "ml", "name": "d", "source": "prometheus", "reason": "PrometheusAuthRefused"},
+                    "exp_annotations": {
+                        "summary": "The operator cannot read the load of ml/d (prometheus, PrometheusAuthRefused)",
+                        "description": "More than 3 failed load readings in 15 minutes; the deployment keeps its plan but is not re-planned (its MetricsAvailable condition says why)."
+                    }
+                }]}
             ]
         }]
     });
