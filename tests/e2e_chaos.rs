@@ -555,12 +555,16 @@ async fn rollout_under_chaos_keeps_max_unavailable() {
     let broken: Broken = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let deleted: Arc<Mutex<BTreeMap<String, u128>>> = Arc::default();
+    // Set once the monitor has listed every worker: the rollout starts only then, so that no
+    // replacement can happen before the monitor knows the old pods.
+    let primed = Arc::new(AtomicBool::new(false));
     let monitor = {
-        let (stop, pods_api, broken, deleted) = (
+        let (stop, pods_api, broken, deleted, primed) = (
             stop.clone(),
             pods_api.clone(),
             broken.clone(),
             deleted.clone(),
+            primed.clone(),
         );
         tokio::spawn(async move {
             let t0 = Instant::now();
@@ -591,6 +595,9 @@ async fn rollout_under_chaos_keeps_max_unavailable() {
                         }
                     }
                     last = l.items;
+                    if last.len() >= NODES as usize {
+                        primed.store(true, Ordering::Relaxed);
+                    }
                 }
                 let checks = last
                     .iter()
@@ -652,6 +659,14 @@ async fn rollout_under_chaos_keeps_max_unavailable() {
     // The rollout: a new metrics port. Every pod spec changes (every pod is replaced), and the
     // operator's scrapes of the old pods on the new port all fail: the original defect deleted
     // every worker within 94 ms.
+    let t_primed = Instant::now();
+    while !primed.load(Ordering::Relaxed) {
+        assert!(
+            t_primed.elapsed() < Duration::from_secs(30),
+            "the monitor never listed the workers"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let t_roll = Instant::now();
     spec["spec"]["worker"]["ports"] = json!({"metrics": 9411});
     mds.patch("chaos", &ssa, &Patch::Apply(&spec))
