@@ -152,6 +152,22 @@ fn names_columns_and_subresources() {
         cols,
         ["Ready", "Plan", "R", "Balancedness", "Workers", "Age"]
     );
+    // Printer columns cannot format numbers: a float column prints 16 digits
+    // (`0.9817604634467675`). Floats are shown through a 3-digit string field instead.
+    for c in v["additionalPrinterColumns"].as_array().unwrap() {
+        assert_ne!(
+            c["type"], "number",
+            "printer column {} is a float: {c:?}",
+            c["name"]
+        );
+    }
+    let bal = v["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "Balancedness")
+        .unwrap();
+    assert_eq!(bal["jsonPath"], ".status.observed.balancednessText");
     // Immutable fields and required ones.
     let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
     let required: Vec<&str> = spec["required"]

@@ -56,9 +56,9 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
     ),
     printcolumn(
         name = "Balancedness",
-        type_ = "number",
-        json_path = ".status.observed.balancedness",
-        description = "observed mean/max GPU load over the last window"
+        type_ = "string",
+        json_path = ".status.observed.balancednessText",
+        description = "observed mean/max GPU load over the last window, 3 digits (status.observed.balancedness has them all)"
     ),
     printcolumn(
         name = "Workers",
@@ -692,10 +692,32 @@ pub struct PlanStatus {
 pub struct ObservedLoad {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balancedness: Option<f64>,
+    /// `balancedness` with 3 digits (`0.982`), for the printer column: printer columns cannot
+    /// format numbers, and 16 digits are not what a person reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub balancedness_text: Option<String>,
     #[schemars(range(min = 0))]
     pub tokens: i64,
     #[schemars(range(min = 0))]
     pub window_batches: i64,
+}
+
+impl ObservedLoad {
+    /// The observed block, its printer text derived from `balancedness`.
+    pub fn new(balancedness: Option<f64>, tokens: i64, window_batches: i64) -> Self {
+        Self {
+            balancedness,
+            balancedness_text: balancedness.map(balancedness_text),
+            tokens,
+            window_batches,
+        }
+    }
+}
+
+/// How a balancedness is shown to people: 3 digits, in the printer columns and in `kubectl moe`.
+pub fn balancedness_text(b: f64) -> String {
+    format!("{b:.3}")
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -28,7 +28,8 @@ const PLAN_ADOPTED: &str = reason::PLAN_IMPROVED;
 const INITIAL_PLAN: &str = reason::INITIAL_PLAN;
 
 fn opt3(x: Option<f64>) -> String {
-    x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
+    x.map(crate::api::balancedness_text)
+        .unwrap_or_else(|| "-".into())
 }
 
 fn cond<'a>(md: &'a MoEDeployment, kind: &str) -> Option<&'a Condition> {
@@ -605,11 +606,7 @@ mod tests {
                 previous_balancedness: Some(0.6),
                 computed_at: Some(t(NOW - 120)),
             }),
-            observed: Some(ObservedLoad {
-                balancedness: Some(0.9),
-                tokens: 5120,
-                window_batches: 10,
-            }),
+            observed: Some(ObservedLoad::new(Some(0.9), 5120, 10)),
             workers: Some(WorkersStatus {
                 desired: 1,
                 ready: 1,

@@ -423,11 +423,11 @@ fn replan(
     let cand_b = evaluate(&candidate, w)
         .map(|e| e.balancedness)
         .unwrap_or(0.0);
-    status.observed = Some(ObservedLoad {
-        balancedness: Some(cur_b),
-        tokens: w.total_tokens() as i64,
-        window_batches: w.batches() as i64,
-    });
+    status.observed = Some(ObservedLoad::new(
+        Some(cur_b),
+        w.total_tokens() as i64,
+        w.batches() as i64,
+    ));
     let rolled_out_at_s = status
         .plan
         .as_ref()

@@ -246,7 +246,13 @@ fn a_better_plan_rolls_in_place_one_worker_at_a_time_after_the_cooldown() {
     );
     assert!(d.events.is_empty(), "{:?}", d.events);
     assert_eq!(d.rollout.as_ref().unwrap().plan.hash, plan.hash);
-    assert!(d.status.as_ref().unwrap().observed.is_some());
+    let o = d.status.as_ref().unwrap().observed.clone().unwrap();
+    // The printer column's text is the number with 3 digits.
+    assert_eq!(
+        o.balancedness_text.as_deref(),
+        Some(format!("{:.3}", o.balancedness.unwrap()).as_str())
+    );
+    assert_eq!(o.balancedness_text.as_ref().unwrap().len(), 5);
     // Past it: the candidate rolls out, one worker pushed at a time (maxUnavailable 1).
     status.plan.as_mut().unwrap().computed_at = Some(t(NOW - 301));
     let d = run(&md, &fetched(status, Some(plan.clone()), pods), &obs);
