@@ -48,6 +48,12 @@ const UPSTREAM: &[&str] = &[
     "hostPath",
     "conditions",
     "initialLoad",
+    "affinity",
+    "topologySpreadConstraints",
+    "imagePullSecrets",
+    "configMap",
+    "secret",
+    "emptyDir",
 ];
 
 fn walk(v: &Value, path: &str, out: &mut Vec<(String, Value)>) {
@@ -458,6 +464,8 @@ fn chart_pod_policy_values_become_operator_flags() {
         Some(Path::new("/etc/moe-operator/prometheus-ca/ca.crt"))
     );
     assert!(p.allow_ipc_lock && p.allow_rdma_resources);
+    assert_eq!(p.capabilities, ["SYS_PTRACE"]);
+    assert!(p.allow_secret_volumes);
     // The defaults pass no policy flag: the operator's restrictive default.
     let docs = render(&helm, &[]);
     let default_args = of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]

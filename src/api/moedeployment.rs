@@ -14,8 +14,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMapKeySelector, EnvVar, HostPathVolumeSource, PersistentVolumeClaimVolumeSource,
-    ResourceRequirements, Toleration,
+    Affinity, ConfigMapKeySelector, ConfigMapVolumeSource, EmptyDirVolumeSource, EnvVar,
+    HostPathVolumeSource, LocalObjectReference, PersistentVolumeClaimVolumeSource,
+    ResourceRequirements, SecretVolumeSource, Toleration, TopologySpreadConstraint,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -463,6 +464,143 @@ pub struct WorkerSpec {
     pub device: WorkerDevice,
     #[serde(default)]
     pub ports: WorkerPorts,
+    /// Node and pod affinity, merged with the operator's own rule (one worker per node, a
+    /// required pod anti-affinity on `kubernetes.io/hostname`), which is always kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// Secrets of the namespace the kubelet pulls `image` with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Added to the worker pods' labels; keys the operator sets (`app.kubernetes.io/*` of ours,
+    /// `moe.craft.dev/*`, the gang schedulers' pod-group labels) are refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Added to the worker pods' annotations; `moe.craft.dev/*` and the gang schedulers' keys
+    /// are the operator's and refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub pod_annotations: BTreeMap<String, String>,
+    /// Extra volumes of the worker pods. `plan`, `admin-token`, `shm` and `checkpoint` are the
+    /// operator's; a hostPath must be under a directory the cluster allows, and Secrets need
+    /// `--allow-secret-volumes`. `/dev/shm` is `dataPlane.shmSize`'s.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub volumes: Vec<WorkerVolume>,
+    /// Where the worker container mounts the extra `volumes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub volume_mounts: Vec<WorkerVolumeMount>,
+    /// The worker container's security settings the operator lets a spec choose; the rest is
+    /// fixed (no privilege escalation, every capability dropped, non-root, RuntimeDefault seccomp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<WorkerSecurityContext>,
+    /// A scheduler other than the default one (e.g. the scheduler-plugins scheduler for
+    /// `scheduling.gang: PodGroup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub scheduler_name: Option<String>,
+    /// The RuntimeClass of the worker pods (e.g. `nvidia`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub runtime_class_name: Option<String>,
+}
+
+/// An extra volume of the worker pods: a name and exactly one source.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.configMap) ? 1 : 0) + (has(self.secret) ? 1 : 0) + (has(self.persistentVolumeClaim) ? 1 : 0) + (has(self.emptyDir) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) == 1",
+        "message": "worker.volumes[] needs exactly one of configMap, secret, persistentVolumeClaim, emptyDir or hostPath",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!(self.name in ['plan', 'admin-token', 'shm', 'checkpoint'])",
+        "message": "worker.volumes[].name: plan, admin-token, shm and checkpoint are the operator's volumes: choose another name",
+        "fieldPath": ".name",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct WorkerVolume {
+    /// A DNS label, unique among the volumes.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<PersistentVolumeClaimVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathVolumeSource>,
+}
+
+/// Where the worker container mounts one of `worker.volumes`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.mountPath != '/dev/shm' && !self.mountPath.startsWith('/dev/shm/')",
+        "message": "worker.volumeMounts[].mountPath: /dev/shm is the operator's memory-backed volume: size it with dataPlane.shmSize",
+        "fieldPath": ".mountPath",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct WorkerVolumeMount {
+    /// The name of one of `worker.volumes`.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Absolute path in the container; not one the operator mounts (or under it).
+    #[schemars(length(min = 2, max = 4096), regex(pattern = "^/"))]
+    pub mount_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    /// A path inside the volume to mount instead of its root (relative, no `..`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub sub_path: Option<String>,
+}
+
+/// The part of the worker container's securityContext a spec may set. Privilege escalation,
+/// privileged mode and root stay off; capabilities are dropped, then `add`ed back one by one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSecurityContext {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<WorkerCapabilities>,
+    /// UID of the worker process (not 0: the pods run as non-root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub run_as_user: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub run_as_group: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_root_filesystem: Option<bool>,
+}
+
+/// Capabilities of the worker container: ALL are dropped (always), then these added back.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerCapabilities {
+    /// `NET_BIND_SERVICE` is always allowed (as in the restricted Pod Security Standard); others
+    /// only with the operator flag `--allow-capability=NAME`; `IPC_LOCK` is `dataPlane.ipcLock`'s.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        inner(length(min = 1, max = 32), regex(pattern = "^[A-Z][A-Z0-9_]*$"))
+    )]
+    pub add: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -16,6 +16,7 @@ use super::moedeployment::{
     Transport, WorkerDevice, MAX_NCCL_ENV,
 };
 use super::pod_policy::{check_pod_policy, PodPolicy};
+use super::pod_shape::check_pod_shape;
 use super::units::{parse_duration, parse_quantity};
 use crate::plan::craft::CraftOptions;
 use crate::plan::limits;
@@ -213,6 +214,7 @@ pub fn validate(
             );
         }
     }
+    errs.0.extend(check_pod_shape(spec));
     errs.0.extend(check_pod_policy(spec, pod_policy));
     match (interval, window_batches, replication, data_plane) {
         (Some(interval), Some(window_batches), Some((budget, cooldown)), Some(data_plane))
