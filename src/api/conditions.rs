@@ -14,6 +14,8 @@ pub mod condition {
     pub const PLAN_READY: &str = "PlanReady";
     /// The last load reading succeeded.
     pub const METRICS_AVAILABLE: &str = "MetricsAvailable";
+    /// `spec.suspend`: the workers are scaled to zero, the plan kept.
+    pub const SUSPENDED: &str = "Suspended";
 }
 
 /// Reasons of conditions and Events. A reason that holds the deployment back is both the
@@ -51,6 +53,10 @@ pub mod reason {
     pub const ROLLING_OUT: &str = "RollingOut";
     /// Progressing=False.
     pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
+    /// Suspended=True (and Ready=False): `spec.suspend` is true; also its Event.
+    pub const SUSPENDED: &str = "Suspended";
+    /// Suspended=False after a suspension: the workers are brought back; also its Event.
+    pub const RESUMED: &str = "Resumed";
 
     // Planning Events (also `replan::Decision::reason`).
     /// The first plan of a deployment.

@@ -117,6 +117,11 @@ pub struct MoEDeploymentSpec {
     /// load. Without it the first plan is placement-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_load: Option<ConfigMapKeySelector>,
+    /// Scale the workers to zero (every worker pod deleted at once, gracefully), keeping the plan,
+    /// its ConfigMap, the Service and the status; set back to false to bring the same workers back
+    /// on the same plan. Condition `Suspended`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
 }
 
 /// The model: the shape fields mirror [`crate::plan::ModelShape`] and cannot change after

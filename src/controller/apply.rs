@@ -16,7 +16,7 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use super::build::{self, FIELD_MANAGER};
-use super::decide::{Decision, Note, Rollout};
+use super::decide::{Decision, DeleteCause, Note, Rollout};
 use super::observe::pod_ip;
 use super::reconcile::{wall_s, Context, Error};
 use super::rollout::{
@@ -188,6 +188,10 @@ async fn execute(
                 .delete(&p.name_any(), &DeleteParams::default())
                 .await?;
             let message = match &r.group_restart {
+                None if r.cause == DeleteCause::Suspend => format!(
+                    "deleted {} (node rank {rank}): spec.suspend is true",
+                    p.name_any()
+                ),
                 Some(f) => format!(
                     "deleted {} (node rank {rank}) to restart the worker group after EP rank {} failed in {}",
                     p.name_any(),

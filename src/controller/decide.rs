@@ -22,7 +22,7 @@ use crate::api::pod_policy::{check_pod, PodPolicy};
 use crate::api::validate::{FieldError, LoadSource, ValidSpec};
 use crate::api::{
     condition, reason, MoEDeployment, MoEDeploymentStatus, ObservedLoad, ReplicationPolicy,
-    RolloutStatus,
+    RolloutStatus, WorkersStatus,
 };
 use crate::plan::balance::evaluate;
 use crate::plan::planner::{make_plan, moe_layer_ids};
@@ -65,12 +65,22 @@ impl Note {
     }
 }
 
+/// Why a step deletes pods, for the Events that say so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteCause {
+    /// Replacing outdated pods (a Recreate rollout, an expired push, extra ranks).
+    Replace,
+    /// `spec.suspend`: every worker goes, none comes back until it is false again.
+    Suspend,
+}
+
 /// The rollout to carry out: the objects to apply, then the step's deletes, creates and pushes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rollout {
     pub desired: Desired,
     pub plan: ExpertPlan,
     pub step: Step,
+    pub cause: DeleteCause,
     /// The rank failure the step restarts the worker group for (its deletes are every pod).
     pub group_restart: Option<RankFailure>,
     /// The admin token the pushes carry, and the port they go to.
@@ -255,7 +265,157 @@ pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
         };
         return Ok(hold(md, old, status, events, held, Some(&plan), inp.now));
     }
+    if md.spec.suspend {
+        return Ok(suspend(inp, desired, plan, status, events));
+    }
+    let was_suspended = old
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition::SUSPENDED && c.status == "True");
+    if was_suspended {
+        events.push(Note::normal(
+            reason::RESUMED,
+            format!(
+                "spec.suspend is false: bringing back {} worker(s) on plan {}",
+                spec.nodes,
+                plan.short_hash()
+            ),
+        ));
+    }
+    // The condition appears with the first suspension and stays (False, Resumed) after it.
+    if status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition::SUSPENDED)
+    {
+        set_condition(
+            &mut status.conditions,
+            condition::SUSPENDED,
+            false,
+            reason::RESUMED,
+            "the workers were brought back after spec.suspend",
+            gen,
+            inp.now,
+        );
+    }
     Ok(roll(inp, desired, plan, status, events))
+}
+
+/// `spec.suspend`: the owned objects stay as they are (the plan's ConfigMap keeps the plan the
+/// workers come back on), every worker pod is deleted in one step (all at once, so no rank sees
+/// a peer go and fails: there is no group restart), none is created, and the status says so.
+fn suspend(
+    inp: &Inputs<'_>,
+    desired: Desired,
+    plan: ExpertPlan,
+    mut status: MoEDeploymentStatus,
+    mut events: Vec<Note>,
+) -> Decision {
+    let (md, spec, fetched) = (inp.md, inp.spec, inp.fetched);
+    let gen = md.metadata.generation;
+    let workers: Vec<WorkerState> = fetched
+        .pods
+        .iter()
+        .filter_map(|p| WorkerState::from_pod(p, None))
+        .collect();
+    let live: Vec<u32> = {
+        let mut r: Vec<u32> = workers
+            .iter()
+            .filter(|w| !w.terminating)
+            .map(|w| w.rank)
+            .collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    };
+    let left = workers.len();
+    let message = if left == 0 {
+        format!("spec.suspend: no workers; plan {} kept", plan.short_hash())
+    } else {
+        format!(
+            "spec.suspend: {left} worker pod(s) going away; plan {} kept",
+            plan.short_hash()
+        )
+    };
+    let was = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition::SUSPENDED && c.status == "True");
+    if !was {
+        events.push(Note::normal(
+            reason::SUSPENDED,
+            format!(
+                "spec.suspend is true: deleting {} worker pod(s); plan {} is kept for the resume",
+                live.len(),
+                plan.short_hash()
+            ),
+        ));
+    }
+    let cs = &mut status.conditions;
+    set_condition(
+        cs,
+        condition::SUSPENDED,
+        true,
+        reason::SUSPENDED,
+        &message,
+        gen,
+        inp.now,
+    );
+    set_condition(
+        cs,
+        condition::READY,
+        false,
+        reason::SUSPENDED,
+        &message,
+        gen,
+        inp.now,
+    );
+    set_condition(
+        cs,
+        condition::PROGRESSING,
+        left > 0,
+        reason::SUSPENDED,
+        &message,
+        gen,
+        inp.now,
+    );
+    set_condition(
+        cs,
+        condition::DEGRADED,
+        false,
+        reason::SPEC_VALID,
+        "",
+        gen,
+        inp.now,
+    );
+    let ready = workers.iter().filter(|w| w.ready && !w.terminating).count() as i32;
+    status.workers = Some(WorkersStatus {
+        desired: 0,
+        ready,
+        on_current_plan: 0,
+        summary: format!("{ready}/0"),
+    });
+    status.observed_generation = gen;
+    let step = Step {
+        delete: live,
+        done: left == 0,
+        ..Default::default()
+    };
+    Decision {
+        events,
+        status: (status != fetched.status).then_some(status),
+        rollout: Some(Rollout {
+            desired,
+            plan: plan.clone(),
+            step,
+            cause: DeleteCause::Suspend,
+            group_restart: None,
+            token: fetched.token.clone(),
+            admin_port: spec.ports.admin,
+        }),
+        balancedness: gauge(&plan),
+        requeue: if left > 0 { BUSY_REQUEUE } else { HELD_RETRY },
+    }
 }
 
 /// The plan's predicted balancedness, which the operator's gauge reports.
@@ -375,7 +535,13 @@ fn choose_plan(
             p
         }
     };
-    let plan = replan(inp, &plan, status, events).unwrap_or(plan);
+    // Suspended: the plan in force stays, so the workers come back on it (nothing is measured
+    // meanwhile anyway).
+    let plan = if md.spec.suspend {
+        plan
+    } else {
+        replan(inp, &plan, status, events).unwrap_or(plan)
+    };
     if status.plan.as_ref().map(|p| p.hash.as_str()) != Some(plan.hash.as_str()) {
         status.plan = Some(plan_status(&plan, None, Some(inp.now.clone())));
     }
@@ -630,6 +796,7 @@ fn roll(
             desired,
             plan,
             step,
+            cause: DeleteCause::Replace,
             group_restart,
             token: fetched.token.clone(),
             admin_port: spec.ports.admin,

@@ -783,3 +783,149 @@ fn a_restarted_group_is_degraded_until_every_worker_is_back() {
     assert_eq!(cond(&s, condition::READY), ("True", reason::WORKERS_READY));
     assert_eq!(s.rank_failure.unwrap().rank, 1);
 }
+
+/// `spec.suspend`: every worker deleted in one step and none created, the plan kept (no re-plan,
+/// even on a window that would give a better one), `Suspended` and the status kept; then resumed
+/// on the same plan, with no re-plan because of the resume.
+#[test]
+fn suspend_deletes_every_worker_at_once_keeps_the_plan_and_resumes_on_it() {
+    let mut md = deployment("{replication: {budget: {replicasPerGpu: 2}, cooldown: 1s}}");
+    let spec = spec_of(&md);
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let (pods, scraped) = running(&first, &plan.hash);
+    let ready = run(
+        &md,
+        &fetched(
+            first.status.clone().unwrap(),
+            Some(plan.clone()),
+            pods.clone(),
+        ),
+        &Observed {
+            scraped: scraped.clone(),
+            fresh: true,
+            ..Default::default()
+        },
+    );
+    let status = ready.status.clone().unwrap();
+    assert_eq!(
+        cond(&status, condition::READY),
+        ("True", reason::WORKERS_READY)
+    );
+    // A skewed window past the cooldown: unsuspended, this re-plans (PlanImproved).
+    let skew = Observed {
+        scraped,
+        window: Some(skewed(&spec)),
+        window_changed: true,
+        fresh: true,
+        ..Default::default()
+    };
+    let later = NOW + 600;
+    let unsuspended = run_with(
+        &md,
+        &fetched(status.clone(), Some(plan.clone()), pods.clone()),
+        &skew,
+        &PodPolicy::default(),
+        later,
+    );
+    assert_eq!(reasons(&unsuspended), vec![reason::PLAN_IMPROVED]);
+
+    md.spec.suspend = true;
+    let d = run_with(
+        &md,
+        &fetched(status.clone(), Some(plan.clone()), pods.clone()),
+        &skew,
+        &PodPolicy::default(),
+        later,
+    );
+    assert_eq!(reasons(&d), vec![reason::SUSPENDED]);
+    let r = d.rollout.as_ref().unwrap();
+    assert_eq!(r.plan.hash, plan.hash, "no re-plan while suspended");
+    assert_eq!(r.cause, DeleteCause::Suspend);
+    assert_eq!(r.step.delete, vec![0, 1], "every worker in one step");
+    assert!(r.step.create.is_empty() && r.step.push.is_empty() && r.group_restart.is_none());
+    let s = d.status.clone().unwrap();
+    assert_eq!(cond(&s, condition::SUSPENDED), ("True", reason::SUSPENDED));
+    assert_eq!(cond(&s, condition::READY), ("False", reason::SUSPENDED));
+    assert_eq!(
+        cond(&s, condition::PROGRESSING),
+        ("True", reason::SUSPENDED)
+    );
+    assert_eq!(cond(&s, condition::DEGRADED).0, "False");
+    assert_eq!(s.plan, status.plan, "status.plan kept");
+    assert_eq!(s.workers.as_ref().unwrap().desired, 0);
+    assert_eq!(d.requeue, BUSY_REQUEUE);
+
+    // The pods terminating, their ranks failing on the way out: nothing deleted twice, no group
+    // restart, no Event.
+    let now = t(later);
+    let going: Vec<Pod> = pods
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            p.metadata.deletion_timestamp = Some(now.clone());
+            p
+        })
+        .collect();
+    let d2 = run_with(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), going),
+        &fresh(),
+        &PodPolicy::default(),
+        later + 1,
+    );
+    assert!(d2.events.is_empty(), "{:?}", d2.events);
+    let r2 = d2.rollout.as_ref().unwrap();
+    assert!(r2.step.delete.is_empty() && r2.step.create.is_empty() && r2.group_restart.is_none());
+    // All gone: done, nothing to do, the plan still stored.
+    let s2 = d2.status.clone().unwrap_or(s);
+    let d3 = run_with(
+        &md,
+        &fetched(s2.clone(), Some(plan.clone()), vec![]),
+        &fresh(),
+        &PodPolicy::default(),
+        later + 30,
+    );
+    let r3 = d3.rollout.as_ref().unwrap();
+    assert!(r3.step.done && r3.step.create.is_empty());
+    assert_eq!(
+        r3.desired.plan_config_map.data.as_ref().unwrap()[build::HASH_KEY],
+        plan.hash
+    );
+    let s3 = d3.status.clone().unwrap_or(s2);
+    assert_eq!(
+        cond(&s3, condition::PROGRESSING),
+        ("False", reason::SUSPENDED)
+    );
+    assert_eq!(cond(&s3, condition::READY), ("False", reason::SUSPENDED));
+    assert_eq!(s3.workers.as_ref().unwrap().summary, "0/0");
+    assert_eq!(d3.requeue, HELD_RETRY);
+
+    // Resume: the same plan, every worker created, Suspended=False (Resumed).
+    md.spec.suspend = false;
+    let d4 = run_with(
+        &md,
+        &fetched(s3.clone(), Some(plan.clone()), vec![]),
+        &fresh(),
+        &PodPolicy::default(),
+        later + 60,
+    );
+    assert_eq!(reasons(&d4), vec![reason::RESUMED]);
+    let r4 = d4.rollout.as_ref().unwrap();
+    assert_eq!(r4.plan.hash, plan.hash, "resumed on the plan it had");
+    assert_eq!(r4.step.create, vec![0, 1]);
+    assert_eq!(
+        r4.desired.pods,
+        first.rollout.as_ref().unwrap().desired.pods,
+        "the same pods as before"
+    );
+    let s4 = d4.status.clone().unwrap();
+    assert_eq!(cond(&s4, condition::SUSPENDED), ("False", reason::RESUMED));
+    assert_eq!(cond(&s4, condition::READY), ("False", reason::ROLLING_OUT));
+    assert_eq!(s4.plan, status.plan);
+    // A deployment never suspended has no Suspended condition.
+    assert!(status
+        .conditions
+        .iter()
+        .all(|c| c.type_ != condition::SUSPENDED));
+}
