@@ -35,6 +35,10 @@ pub mod reason {
     /// An EP rank ended with `ep rank <r>: ...` (docs/data-plane.md, "Failures"): Degraded=True
     /// and Ready=False until the group is back, a Warning event, and the worker group restarted.
     pub const RANK_FAILED: &str = "RankFailed";
+    /// `scheduling.gang: Guard`: the worker group was not scheduled whole within
+    /// `scheduling.timeout`: Degraded=True and Ready=False naming the GPUs missing, a Warning
+    /// event, and the placed pods released.
+    pub const UNSCHEDULABLE: &str = "Unschedulable";
 
     // Conditions when all is well.
     /// Degraded=False.

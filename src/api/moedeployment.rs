@@ -122,6 +122,56 @@ pub struct MoEDeploymentSpec {
     /// on the same plan. Condition `Suspended`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+    /// Gang scheduling of the worker pods: all of the group scheduled, or none (docs/api.md,
+    /// "Gang scheduling").
+    #[serde(default)]
+    pub scheduling: SchedulingSpec,
+}
+
+/// How the worker group is gang-scheduled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Gang {
+    /// No gang: each pod is scheduled on its own.
+    None,
+    /// Kueue's pod groups: the pods carry `kueue.x-k8s.io/pod-group-name`,
+    /// `kueue.x-k8s.io/pod-group-total-count` and `kueue.x-k8s.io/queue-name` (`queueName`).
+    Kueue,
+    /// scheduler-plugins' coscheduling: a `scheduling.x-k8s.io/v1alpha1` PodGroup with
+    /// `minMember` = the group's size, and the pods labelled `scheduling.x-k8s.io/pod-group`.
+    /// The pods must go to that scheduler (`worker.schedulerName`, unless it is the default).
+    PodGroup,
+    /// The operator's own guard on any scheduler: a group not wholly scheduled within `timeout`
+    /// is released (every pod deleted) and retried after `timeout`, with `Degraded=True`, reason
+    /// `Unschedulable`, naming the GPUs missing.
+    Guard,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.gang) || self.gang != 'Kueue' || has(self.queueName)",
+        "message": "scheduling.queueName (the Kueue LocalQueue) is required when scheduling.gang is Kueue",
+        "fieldPath": ".queueName",
+        "reason": "FieldValueRequired"
+    }
+]))]
+pub struct SchedulingSpec {
+    /// Default: `Guard` when `dataPlane.transport` forms a group (not `none`), else `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<Gang>,
+    /// Kueue's LocalQueue for `gang: Kueue`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub queue_name: Option<String>,
+    /// How long a group may stay partly scheduled (`Guard`: then released; `PodGroup`: the
+    /// PodGroup's `scheduleTimeoutSeconds`). 10s to 1h, default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 64))]
+    pub timeout: Option<String>,
 }
 
 /// The model: the shape fields mirror [`crate::plan::ModelShape`] and cannot change after
@@ -805,6 +855,23 @@ pub struct MoEDeploymentStatus {
     /// The last EP rank failure the operator restarted the worker group for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rank_failure: Option<RankFailureStatus>,
+    /// The gang guard's last release of a worker group it could not schedule whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<GangStatus>,
+}
+
+/// `scheduling.gang: Guard`: when the group was last released, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GangStatus {
+    pub released_at: Time,
+    /// Worker pods not scheduled when the group was released.
+    #[schemars(range(min = 0))]
+    pub unscheduled_pods: i32,
+    /// The GPUs those pods request (unscheduled pods x `gpusPerNode`).
+    #[schemars(range(min = 0))]
+    pub missing_gpus: i64,
+    pub message: String,
 }
 
 /// The plan in force (or being rolled out).

@@ -619,6 +619,7 @@ mod tests {
                 total: 1,
             }),
             rank_failure: None,
+            gang: None,
         });
         md
     }

@@ -52,12 +52,16 @@ use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::api::pod_policy::IPC_LOCK;
+use crate::api::pod_shape::{
+    KUEUE_POD_GROUP_NAME, KUEUE_POD_GROUP_TOTAL_COUNT, KUEUE_QUEUE_NAME, POD_GROUP_LABEL,
+};
 use crate::api::validate::{ValidSpec, GPU_RESOURCE};
-use crate::api::{MoEDeployment, WorkerSecurityContext};
+use crate::api::{Gang, MoEDeployment, WorkerSecurityContext};
 use crate::plan::expert_plan::HashRule;
 use crate::plan::packed::{self, Packed};
 use crate::plan::ExpertPlan;
 use crate::worker::wire::{HEALTHZ_PATH, READYZ_PATH};
+use kube::api::{ApiResource, DynamicObject};
 
 /// Label naming the owning MoEDeployment on every object it owns (also the orphan selector).
 pub const LABEL_DEPLOYMENT: &str = "moe.craft.dev/deployment";
@@ -130,6 +134,61 @@ pub struct Desired {
     pub service: Service,
     pub pdb: PodDisruptionBudget,
     pub admin_secret: Secret,
+    /// The scheduler-plugins PodGroup of the workers (`scheduling.gang: PodGroup`).
+    pub pod_group: Option<DynamicObject>,
+}
+
+/// The PodGroup kind of sigs.k8s.io/scheduler-plugins' coscheduling plugin.
+pub fn pod_group_resource() -> ApiResource {
+    ApiResource {
+        group: "scheduling.x-k8s.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "scheduling.x-k8s.io/v1alpha1".into(),
+        kind: "PodGroup".into(),
+        plural: "podgroups".into(),
+    }
+}
+
+/// The name of the workers' gang: the PodGroup's, and Kueue's pod-group name.
+pub fn pod_group_name(md: &MoEDeployment) -> String {
+    format!("{}-workers", md.name_any())
+}
+
+/// `<name>-workers` PodGroup: the whole group (`minMember` = nodes) or none, within
+/// `scheduling.timeout` (`scheduleTimeoutSeconds`).
+pub fn pod_group(md: &MoEDeployment, spec: &ValidSpec) -> Result<DynamicObject, BuildError> {
+    let mut pg = DynamicObject::new(&pod_group_name(md), &pod_group_resource());
+    pg.metadata = meta(md, pod_group_name(md), "worker")?;
+    pg.data = serde_json::json!({
+        "spec": {
+            "minMember": spec.nodes,
+            "scheduleTimeoutSeconds": spec.gang.timeout.as_secs(),
+        }
+    });
+    Ok(pg)
+}
+
+/// The gang schedulers' labels and annotations of a worker pod (`scheduling.gang`).
+fn gang_metadata(
+    md: &MoEDeployment,
+    spec: &ValidSpec,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let mut labels = BTreeMap::new();
+    let mut annotations = BTreeMap::new();
+    match spec.gang.gang {
+        Gang::Kueue => {
+            labels.insert(KUEUE_POD_GROUP_NAME.into(), pod_group_name(md));
+            if let Some(q) = &spec.gang.queue_name {
+                labels.insert(KUEUE_QUEUE_NAME.into(), q.clone());
+            }
+            annotations.insert(KUEUE_POD_GROUP_TOTAL_COUNT.into(), spec.nodes.to_string());
+        }
+        Gang::PodGroup => {
+            labels.insert(POD_GROUP_LABEL.into(), pod_group_name(md));
+        }
+        Gang::None | Gang::Guard => {}
+    }
+    (labels, annotations)
 }
 
 pub fn plan_config_map_name(md: &MoEDeployment) -> String {
@@ -218,6 +277,10 @@ pub fn build(
         service: service(md, spec)?,
         pdb: pdb(md, spec)?,
         admin_secret: admin_secret(md, admin_token)?,
+        pod_group: match spec.gang.gang {
+            Gang::PodGroup => Some(pod_group(md, spec)?),
+            _ => None,
+        },
     })
 }
 
@@ -358,11 +421,14 @@ pub fn worker_pod(
     // The spec's labels and annotations beside ours (validation refused any key we own); they are
     // part of the spec hash, so changing them replaces the pods like any other pod field.
     let w = &md.spec.worker;
+    let (gang_labels, gang_annotations) = gang_metadata(md, spec);
     let labels = m.labels.get_or_insert_with(BTreeMap::new);
+    labels.extend(gang_labels);
     for (k, v) in &w.pod_labels {
         labels.entry(k.clone()).or_insert_with(|| v.clone());
     }
     let mut annotations = w.pod_annotations.clone();
+    annotations.extend(gang_annotations);
     annotations.insert(ANNOTATION_PLAN_HASH.to_string(), plan_hash.to_string());
     annotations.insert(
         ANNOTATION_SPEC_HASH.to_string(),
@@ -1555,6 +1621,62 @@ securityContext:
             }];
             let e = check_pod_shape(&spec);
             assert_eq!(e.len(), 1, "mount path {}: {e:?}", vm.mount_path);
+        }
+    }
+
+    /// `scheduling.gang`: Kueue's pod-group labels and annotation, or scheduler-plugins' PodGroup
+    /// (minMember = the group's size) with the pods labelled for it; nothing for None and Guard.
+    #[test]
+    fn gang_schedulers_get_what_they_read() {
+        let mut md = deployment();
+        md.spec.scheduling.gang = Some(Gang::Kueue);
+        md.spec.scheduling.queue_name = Some("gpu-queue".into());
+        let v = valid(&md);
+        let d = build(&md, &v, &plan(&md), "t").unwrap();
+        assert!(d.pod_group.is_none());
+        for p in &d.pods {
+            let l = p.metadata.labels.as_ref().unwrap();
+            assert_eq!(l[KUEUE_POD_GROUP_NAME], "demo-workers");
+            assert_eq!(l[KUEUE_QUEUE_NAME], "gpu-queue");
+            assert_eq!(
+                p.metadata.annotations.as_ref().unwrap()[KUEUE_POD_GROUP_TOTAL_COUNT],
+                "2"
+            );
+            assert!(!l.contains_key(POD_GROUP_LABEL));
+        }
+        md.spec.scheduling = crate::api::SchedulingSpec {
+            gang: Some(Gang::PodGroup),
+            queue_name: None,
+            timeout: Some("90s".into()),
+        };
+        let v = valid(&md);
+        let d = build(&md, &v, &plan(&md), "t").unwrap();
+        let pg = d.pod_group.as_ref().unwrap();
+        assert_eq!(pg.metadata.name.as_deref(), Some("demo-workers"));
+        assert_eq!(pg.metadata.namespace.as_deref(), Some("ml"));
+        assert_eq!(
+            pg.metadata.owner_references.as_ref().unwrap()[0].name,
+            "demo"
+        );
+        assert_eq!(pg.data["spec"]["minMember"], 2);
+        assert_eq!(pg.data["spec"]["scheduleTimeoutSeconds"], 90);
+        let json = serde_json::to_value(pg).unwrap();
+        assert_eq!(json["apiVersion"], "scheduling.x-k8s.io/v1alpha1");
+        assert_eq!(json["kind"], "PodGroup");
+        for p in &d.pods {
+            let l = p.metadata.labels.as_ref().unwrap();
+            assert_eq!(l[POD_GROUP_LABEL], "demo-workers");
+            assert!(!l.contains_key(KUEUE_POD_GROUP_NAME));
+        }
+        for g in [Gang::None, Gang::Guard] {
+            md.spec.scheduling = crate::api::SchedulingSpec {
+                gang: Some(g),
+                ..Default::default()
+            };
+            let d = build(&md, &valid(&md), &plan(&md), "t").unwrap();
+            assert!(d.pod_group.is_none());
+            let l = d.pods[0].metadata.labels.as_ref().unwrap();
+            assert!(!l.keys().any(|k| k.contains("x-k8s.io")), "{l:?}");
         }
     }
 

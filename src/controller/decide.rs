@@ -11,6 +11,7 @@ use kube::ResourceExt;
 
 use super::build::{self, Desired, ANNOTATION_SPEC_HASH};
 use super::fetch::Fetched;
+use super::gang::{Guard, Placement, Verdict};
 use super::initial_load::initial_load_window;
 use super::observe::Observed;
 use super::ranks::{self, RankFailure};
@@ -21,8 +22,8 @@ use super::status::{plan_status, set_condition, workers_status};
 use crate::api::pod_policy::{check_pod, PodPolicy};
 use crate::api::validate::{FieldError, LoadSource, ValidSpec};
 use crate::api::{
-    condition, reason, MoEDeployment, MoEDeploymentStatus, ObservedLoad, ReplicationPolicy,
-    RolloutStatus, WorkersStatus,
+    condition, reason, Gang, GangStatus, MoEDeployment, MoEDeploymentStatus, ObservedLoad,
+    ReplicationPolicy, RolloutStatus, WorkersStatus,
 };
 use crate::plan::balance::evaluate;
 use crate::plan::planner::{make_plan, moe_layer_ids};
@@ -72,6 +73,8 @@ pub enum DeleteCause {
     Replace,
     /// `spec.suspend`: every worker goes, none comes back until it is false again.
     Suspend,
+    /// The gang guard releases a group it could not schedule whole.
+    GangRelease,
 }
 
 /// The rollout to carry out: the objects to apply, then the step's deletes, creates and pushes.
@@ -668,6 +671,14 @@ fn rank_failed_message(status: &MoEDeploymentStatus) -> String {
         .unwrap_or_default()
 }
 
+/// Whether the Degraded condition is True for `why`.
+fn is_degraded_for(status: &MoEDeploymentStatus, why: &str) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition::DEGRADED && c.status == "True" && c.reason == why)
+}
+
 /// The rollout's next step on the cluster's state, and the status that reports it.
 fn roll(
     inp: &Inputs<'_>,
@@ -710,10 +721,77 @@ fn roll(
     // A failed rank restarts the whole group instead of this step (docs/data-plane.md).
     let live = workers.iter().filter(|w| !w.terminating).count();
     let group_restart = rank_failure(inp, &mut status, &mut events, live);
-    let step = match &group_restart {
+    let mut step = match &group_restart {
         Some(_) => ranks::restart_step(&workers, nodes),
         None => next_step(&goal, &workers),
     };
+    // The gang guard: a group not scheduled whole in time is released (every pod deleted), and
+    // nothing is created while it backs off.
+    let mut cause = DeleteCause::Replace;
+    let mut unschedulable: Option<String> = None;
+    if spec.gang.gang == Gang::Guard && group_restart.is_none() {
+        let placements: Vec<Placement> = fetched
+            .pods
+            .iter()
+            .filter_map(Placement::from_pod)
+            .collect();
+        let guard = Guard {
+            nodes,
+            gpus_per_node: spec.gpus_per_node,
+            timeout_s: spec.gang.timeout.as_secs() as i64,
+            now_s: inp.now_s as i64,
+            released_at_s: status.gang.as_ref().map(|g| g.released_at.0.as_second()),
+        };
+        match guard.check(&placements) {
+            // A new attempt after a release stays Unschedulable until the group is whole.
+            Verdict::Whole | Verdict::Waiting => {
+                let placed = placements
+                    .iter()
+                    .filter(|p| !p.terminating && p.placed && p.rank < nodes)
+                    .count();
+                if placed as u32 >= nodes {
+                    status.gang = None;
+                } else if let Some(g) = &status.gang {
+                    unschedulable = Some(format!("{}; trying again", g.message));
+                }
+            }
+            Verdict::Release { ranks, message } => {
+                let unscheduled = placements
+                    .iter()
+                    .filter(|p| !p.terminating && !p.placed && p.rank < nodes)
+                    .count() as i32;
+                events.push(Note::warning(reason::UNSCHEDULABLE, message.clone()));
+                status.gang = Some(GangStatus {
+                    released_at: inp.now.clone(),
+                    unscheduled_pods: unscheduled,
+                    missing_gpus: i64::from(unscheduled) * i64::from(spec.gpus_per_node),
+                    message: message.clone(),
+                });
+                step = Step {
+                    delete: ranks,
+                    ..Default::default()
+                };
+                cause = DeleteCause::GangRelease;
+                unschedulable = Some(message);
+            }
+            Verdict::Unschedulable { message } => {
+                if !is_degraded_for(&status, reason::UNSCHEDULABLE) {
+                    events.push(Note::warning(reason::UNSCHEDULABLE, message.clone()));
+                }
+                unschedulable = Some(message);
+            }
+            Verdict::BackingOff { message, .. } => {
+                step.create.clear();
+                step.done = false;
+                let last = status
+                    .gang
+                    .as_ref()
+                    .map(|g| g.message.clone())
+                    .unwrap_or_default();
+                unschedulable = Some(format!("{last}; {message}"));
+            }
+        }
+    }
     status.workers = Some(workers_status(nodes, &workers, &step));
     status.rollout = Some(RolloutStatus {
         target_hash: plan.hash.clone(),
@@ -748,7 +826,13 @@ fn roll(
     let rank_message = rank_failed_message(&status);
     let cs = &mut status.conditions;
     let degraded = condition::DEGRADED;
-    if rank_failed {
+    let (ready_reason, message) = match &unschedulable {
+        Some(m) if !step.done => (reason::UNSCHEDULABLE, m.clone()),
+        _ => (ready_reason, message),
+    };
+    if let (Some(m), false) = (&unschedulable, rank_failed) {
+        set_condition(cs, degraded, true, reason::UNSCHEDULABLE, m, gen, inp.now);
+    } else if rank_failed {
         set_condition(
             cs,
             degraded,
@@ -796,7 +880,7 @@ fn roll(
             desired,
             plan,
             step,
-            cause: DeleteCause::Replace,
+            cause,
             group_restart,
             token: fetched.token.clone(),
             admin_port: spec.ports.admin,

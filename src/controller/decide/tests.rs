@@ -929,3 +929,132 @@ fn suspend_deletes_every_worker_at_once_keeps_the_plan_and_resumes_on_it() {
         .iter()
         .all(|c| c.type_ != condition::SUSPENDED));
 }
+
+/// `scheduling.gang: Guard` (the default with an EP group): a group one pod short of whole past
+/// `scheduling.timeout` is released with Unschedulable naming the GPUs missing, backs off, tries
+/// again, and clears once whole.
+#[test]
+fn the_gang_guard_releases_a_partly_scheduled_group_and_backs_off() {
+    let md = deployment("{dataPlane: {transport: tcp}, worker: {image: 'moe-worker:dev', device: cpu}, scheduling: {timeout: 60s}}");
+    assert_eq!(
+        spec_of(&md).gang.gang,
+        crate::api::Gang::Guard,
+        "the default with a group"
+    );
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let status = first.status.clone().unwrap();
+    let placed = |rank: usize, node: Option<&str>, created: i64| {
+        let mut p = first.rollout.as_ref().unwrap().desired.pods[rank].clone();
+        p.metadata.creation_timestamp = Some(t(created));
+        p.spec.as_mut().unwrap().node_name = node.map(str::to_string);
+        if node.is_none() {
+            p.status = Some(PodStatus {
+                conditions: Some(vec![PodCondition {
+                    type_: "PodScheduled".into(),
+                    status: "False".into(),
+                    reason: Some("Unschedulable".into()),
+                    message: Some(
+                        "0/1 nodes are available: 1 node(s) didn't match pod anti-affinity rules."
+                            .into(),
+                    ),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            });
+        }
+        p
+    };
+    let pods = vec![
+        placed(0, Some("node-0"), NOW - 30),
+        placed(1, None, NOW - 30),
+    ];
+    // Within the timeout: waiting, not degraded.
+    let d = run(
+        &md,
+        &fetched(status.clone(), Some(plan.clone()), pods.clone()),
+        &fresh(),
+    );
+    assert!(d.rollout.as_ref().unwrap().step.delete.is_empty());
+    assert_eq!(
+        cond(d.status.as_ref().unwrap_or(&status), condition::DEGRADED).0,
+        "False"
+    );
+    // Past it: every pod deleted, Unschedulable with the missing GPUs.
+    let d = run_with(
+        &md,
+        &fetched(status.clone(), Some(plan.clone()), pods),
+        &fresh(),
+        &PodPolicy::default(),
+        NOW + 31,
+    );
+    assert_eq!(reasons(&d), vec![reason::UNSCHEDULABLE]);
+    let m = &d.events[0].message;
+    assert!(m.starts_with("1 of 2 worker pods not scheduled within 60s: 2 nvidia.com/gpu missing (1 unscheduled pod(s) x 2 requested each); the scheduler says: 0/1 nodes"), "{m}");
+    let r = d.rollout.as_ref().unwrap();
+    assert_eq!(
+        (r.step.delete.clone(), r.cause),
+        (vec![0, 1], DeleteCause::GangRelease)
+    );
+    assert!(r.step.create.is_empty());
+    let s = d.status.clone().unwrap();
+    assert_eq!(
+        cond(&s, condition::DEGRADED),
+        ("True", reason::UNSCHEDULABLE)
+    );
+    assert_eq!(cond(&s, condition::READY), ("False", reason::UNSCHEDULABLE));
+    let g = s.gang.clone().unwrap();
+    assert_eq!((g.unscheduled_pods, g.missing_gpus), (1, 2));
+    assert_eq!(s.plan, status.plan, "the plan is kept");
+    // Backing off: the pods gone, nothing created for the timeout.
+    let d = run_with(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), vec![]),
+        &fresh(),
+        &PodPolicy::default(),
+        NOW + 60,
+    );
+    let r = d.rollout.as_ref().unwrap();
+    assert!(
+        r.step.create.is_empty() && !r.step.done && d.events.is_empty(),
+        "{:?}",
+        r.step
+    );
+    let s = d.status.clone().unwrap_or(s);
+    assert_eq!(
+        cond(&s, condition::DEGRADED),
+        ("True", reason::UNSCHEDULABLE)
+    );
+    // After it: the whole group is created again, still Unschedulable until it is whole.
+    let d = run_with(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), vec![]),
+        &fresh(),
+        &PodPolicy::default(),
+        NOW + 92,
+    );
+    assert_eq!(d.rollout.as_ref().unwrap().step.create, vec![0, 1]);
+    let s = d.status.clone().unwrap_or(s);
+    assert_eq!(
+        cond(&s, condition::DEGRADED),
+        ("True", reason::UNSCHEDULABLE)
+    );
+    // Whole: cleared.
+    let pods = vec![
+        placed(0, Some("node-0"), NOW + 92),
+        placed(1, Some("node-1"), NOW + 92),
+    ];
+    let d = run_with(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), pods),
+        &fresh(),
+        &PodPolicy::default(),
+        NOW + 95,
+    );
+    let s = d.status.clone().unwrap();
+    assert_eq!(s.gang, None);
+    assert_eq!(cond(&s, condition::DEGRADED), ("False", reason::SPEC_VALID));
+    // Without a group the default is no gang: the same world is never released.
+    let plain = deployment("{}");
+    assert_eq!(spec_of(&plain).gang.gang, crate::api::Gang::None);
+}
