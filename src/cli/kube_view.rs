@@ -82,6 +82,9 @@ pub fn status_table(items: &[MoEDeployment], all_namespaces: bool, now_s: i64) -
             let st = md.status.clone().unwrap_or_default();
             let ready = match (cond(md, condition::DEGRADED), cond(md, condition::READY)) {
                 (Some(d), _) if d.status == "True" => format!("False ({})", d.reason),
+                (_, Some(r)) if r.status == "False" && r.reason == reason::SUSPENDED => {
+                    format!("False ({})", r.reason)
+                }
                 (_, Some(r)) => r.status.clone(),
                 _ => "-".into(),
             };
@@ -705,6 +708,11 @@ mod tests {
             lines[3].starts_with("ml          c-fresh     -                     -"),
             "{s}"
         );
+        // A suspended deployment says so.
+        let mut sus = md("s");
+        sus.status.as_mut().unwrap().conditions =
+            vec![c("Ready", "False", "Suspended", "spec.suspend", NOW)];
+        assert!(status_table(&[sus], false, NOW).contains("False (Suspended)"));
         // Without -A there is no namespace column.
         assert!(status_table(&[md("a")], false, NOW).starts_with("NAME   READY"));
         assert_eq!(status_table(&[], false, NOW), "No MoEDeployments found.\n");

@@ -421,18 +421,19 @@ pub fn worker_pod(
     // The spec's labels and annotations beside ours (validation refused any key we own); they are
     // part of the spec hash, so changing them replaces the pods like any other pod field.
     let w = &md.spec.worker;
-    let (gang_labels, gang_annotations) = gang_metadata(md, spec);
+    // The gang schedulers' keys likewise: a pod must carry them from its creation on.
+    let (mut shaped_labels, mut shaped_annotations) = gang_metadata(md, spec);
+    shaped_labels.extend(w.pod_labels.clone());
+    shaped_annotations.extend(w.pod_annotations.clone());
     let labels = m.labels.get_or_insert_with(BTreeMap::new);
-    labels.extend(gang_labels);
-    for (k, v) in &w.pod_labels {
+    for (k, v) in &shaped_labels {
         labels.entry(k.clone()).or_insert_with(|| v.clone());
     }
-    let mut annotations = w.pod_annotations.clone();
-    annotations.extend(gang_annotations);
+    let mut annotations = shaped_annotations.clone();
     annotations.insert(ANNOTATION_PLAN_HASH.to_string(), plan_hash.to_string());
     annotations.insert(
         ANNOTATION_SPEC_HASH.to_string(),
-        shaped_spec_hash(&pod_spec, &w.pod_labels, &w.pod_annotations),
+        shaped_spec_hash(&pod_spec, &shaped_labels, &shaped_annotations),
     );
     m.annotations = Some(annotations);
     Ok(Pod {
@@ -1668,6 +1669,16 @@ securityContext:
             assert_eq!(l[POD_GROUP_LABEL], "demo-workers");
             assert!(!l.contains_key(KUEUE_POD_GROUP_NAME));
         }
+        // Switching the gang replaces the pods (their keys are part of the spec hash).
+        let kueue_hash = {
+            let mut k = md.clone();
+            k.spec.scheduling.gang = Some(Gang::Kueue);
+            k.spec.scheduling.queue_name = Some("q".into());
+            build(&k, &valid(&k), &plan(&k), "t").unwrap().pods[0].annotations()
+                [ANNOTATION_SPEC_HASH]
+                .clone()
+        };
+        assert_ne!(d.pods[0].annotations()[ANNOTATION_SPEC_HASH], kueue_hash);
         for g in [Gang::None, Gang::Guard] {
             md.spec.scheduling = crate::api::SchedulingSpec {
                 gang: Some(g),
