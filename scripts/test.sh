@@ -10,6 +10,12 @@ echo "==> cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> e2e/build.sh (local control plane binaries; cached, seconds when warm)"
 e2e/build.sh
+echo "==> e2e/build-scheduler-plugins.sh (the coscheduling scheduler for tests/e2e_coscheduling.rs; cached)"
+if [[ -n "${CI:-}" && "${CI}" != 0 && "${CI}" != false ]]; then
+    e2e/build-scheduler-plugins.sh
+else
+    e2e/build-scheduler-plugins.sh || echo "warning: no coscheduling scheduler; tests/e2e_coscheduling.rs will skip (it fails under CI)"
+fi
 echo "==> e2e/prometheus.sh (Debian's Prometheus for the metrics-source e2e test; cached)"
 if [[ -n "${CI:-}" && "${CI}" != 0 && "${CI}" != false ]]; then
     e2e/prometheus.sh

@@ -48,6 +48,12 @@ const UPSTREAM: &[&str] = &[
     "hostPath",
     "conditions",
     "initialLoad",
+    "affinity",
+    "topologySpreadConstraints",
+    "imagePullSecrets",
+    "configMap",
+    "secret",
+    "emptyDir",
 ];
 
 fn walk(v: &Value, path: &str, out: &mut Vec<(String, Value)>) {
@@ -152,6 +158,22 @@ fn names_columns_and_subresources() {
         cols,
         ["Ready", "Plan", "R", "Balancedness", "Workers", "Age"]
     );
+    // Printer columns cannot format numbers: a float column prints 16 digits
+    // (`0.9817604634467675`). Floats are shown through a 3-digit string field instead.
+    for c in v["additionalPrinterColumns"].as_array().unwrap() {
+        assert_ne!(
+            c["type"], "number",
+            "printer column {} is a float: {c:?}",
+            c["name"]
+        );
+    }
+    let bal = v["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "Balancedness")
+        .unwrap();
+    assert_eq!(bal["jsonPath"], ".status.observed.balancednessText");
     // Immutable fields and required ones.
     let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
     let required: Vec<&str> = spec["required"]
@@ -456,6 +478,8 @@ fn chart_pod_policy_values_become_operator_flags() {
         Some(Path::new("/etc/moe-operator/prometheus-ca/ca.crt"))
     );
     assert!(p.allow_ipc_lock && p.allow_rdma_resources);
+    assert_eq!(p.capabilities, ["SYS_PTRACE"]);
+    assert!(p.allow_secret_volumes);
     // The defaults pass no policy flag: the operator's restrictive default.
     let docs = render(&helm, &[]);
     let default_args = of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]

@@ -14,6 +14,8 @@ pub mod condition {
     pub const PLAN_READY: &str = "PlanReady";
     /// The last load reading succeeded.
     pub const METRICS_AVAILABLE: &str = "MetricsAvailable";
+    /// `spec.suspend`: the workers are scaled to zero, the plan kept.
+    pub const SUSPENDED: &str = "Suspended";
 }
 
 /// Reasons of conditions and Events. A reason that holds the deployment back is both the
@@ -33,6 +35,10 @@ pub mod reason {
     /// An EP rank ended with `ep rank <r>: ...` (docs/data-plane.md, "Failures"): Degraded=True
     /// and Ready=False until the group is back, a Warning event, and the worker group restarted.
     pub const RANK_FAILED: &str = "RankFailed";
+    /// `scheduling.gang: Guard`: the worker group was not scheduled whole within
+    /// `scheduling.timeout`: Degraded=True and Ready=False naming the GPUs missing, a Warning
+    /// event, and the placed pods released.
+    pub const UNSCHEDULABLE: &str = "Unschedulable";
 
     // Conditions when all is well.
     /// Degraded=False.
@@ -59,6 +65,10 @@ pub mod reason {
     pub const ROLLING_OUT: &str = "RollingOut";
     /// Progressing=False.
     pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
+    /// Suspended=True (and Ready=False): `spec.suspend` is true; also its Event.
+    pub const SUSPENDED: &str = "Suspended";
+    /// Suspended=False after a suspension: the workers are brought back; also its Event.
+    pub const RESUMED: &str = "Resumed";
 
     // Planning Events (also `replan::Decision::reason`).
     /// The first plan of a deployment.

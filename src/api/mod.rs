@@ -4,6 +4,7 @@
 pub mod conditions;
 pub mod moedeployment;
 pub mod pod_policy;
+pub mod pod_shape;
 pub mod units;
 pub mod validate;
 

@@ -14,8 +14,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMapKeySelector, EnvVar, HostPathVolumeSource, PersistentVolumeClaimVolumeSource,
-    ResourceRequirements, Toleration,
+    Affinity, ConfigMapKeySelector, ConfigMapVolumeSource, EmptyDirVolumeSource, EnvVar,
+    HostPathVolumeSource, LocalObjectReference, PersistentVolumeClaimVolumeSource,
+    ResourceRequirements, SecretVolumeSource, Toleration, TopologySpreadConstraint,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -56,9 +57,9 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
     ),
     printcolumn(
         name = "Balancedness",
-        type_ = "number",
-        json_path = ".status.observed.balancedness",
-        description = "observed mean/max GPU load over the last window"
+        type_ = "string",
+        json_path = ".status.observed.balancednessText",
+        description = "observed mean/max GPU load over the last window, 3 digits (status.observed.balancedness has them all)"
     ),
     printcolumn(
         name = "Workers",
@@ -116,6 +117,61 @@ pub struct MoEDeploymentSpec {
     /// load. Without it the first plan is placement-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_load: Option<ConfigMapKeySelector>,
+    /// Scale the workers to zero (every worker pod deleted at once, gracefully), keeping the plan,
+    /// its ConfigMap, the Service and the status; set back to false to bring the same workers back
+    /// on the same plan. Condition `Suspended`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+    /// Gang scheduling of the worker pods: all of the group scheduled, or none (docs/api.md,
+    /// "Gang scheduling").
+    #[serde(default)]
+    pub scheduling: SchedulingSpec,
+}
+
+/// How the worker group is gang-scheduled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Gang {
+    /// No gang: each pod is scheduled on its own.
+    None,
+    /// Kueue's pod groups: the pods carry `kueue.x-k8s.io/pod-group-name`,
+    /// `kueue.x-k8s.io/pod-group-total-count` and `kueue.x-k8s.io/queue-name` (`queueName`).
+    Kueue,
+    /// scheduler-plugins' coscheduling: a `scheduling.x-k8s.io/v1alpha1` PodGroup with
+    /// `minMember` = the group's size, and the pods labelled `scheduling.x-k8s.io/pod-group`.
+    /// The pods must go to that scheduler (`worker.schedulerName`, unless it is the default).
+    PodGroup,
+    /// The operator's own guard on any scheduler: a group not wholly scheduled within `timeout`
+    /// is released (every pod deleted) and retried after `timeout`, with `Degraded=True`, reason
+    /// `Unschedulable`, naming the GPUs missing.
+    Guard,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.gang) || self.gang != 'Kueue' || has(self.queueName)",
+        "message": "scheduling.queueName (the Kueue LocalQueue) is required when scheduling.gang is Kueue",
+        "fieldPath": ".queueName",
+        "reason": "FieldValueRequired"
+    }
+]))]
+pub struct SchedulingSpec {
+    /// Default: `Guard` when `dataPlane.transport` forms a group (not `none`), else `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<Gang>,
+    /// Kueue's LocalQueue for `gang: Kueue`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub queue_name: Option<String>,
+    /// How long a group may stay partly scheduled (`Guard`: then released; `PodGroup`: the
+    /// PodGroup's `scheduleTimeoutSeconds`). 10s to 1h, default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 64))]
+    pub timeout: Option<String>,
 }
 
 /// The model: the shape fields mirror [`crate::plan::ModelShape`] and cannot change after
@@ -550,6 +606,143 @@ pub struct WorkerSpec {
     pub device: WorkerDevice,
     #[serde(default)]
     pub ports: WorkerPorts,
+    /// Node and pod affinity, merged with the operator's own rule (one worker per node, a
+    /// required pod anti-affinity on `kubernetes.io/hostname`), which is always kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// Secrets of the namespace the kubelet pulls `image` with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Added to the worker pods' labels; keys the operator sets (`app.kubernetes.io/*` of ours,
+    /// `moe.craft.dev/*`, the gang schedulers' pod-group labels) are refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Added to the worker pods' annotations; `moe.craft.dev/*` and the gang schedulers' keys
+    /// are the operator's and refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub pod_annotations: BTreeMap<String, String>,
+    /// Extra volumes of the worker pods. `plan`, `admin-token`, `shm` and `checkpoint` are the
+    /// operator's; a hostPath must be under a directory the cluster allows, and Secrets need
+    /// `--allow-secret-volumes`. `/dev/shm` is `dataPlane.shmSize`'s.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub volumes: Vec<WorkerVolume>,
+    /// Where the worker container mounts the extra `volumes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub volume_mounts: Vec<WorkerVolumeMount>,
+    /// The worker container's security settings the operator lets a spec choose; the rest is
+    /// fixed (no privilege escalation, every capability dropped, non-root, RuntimeDefault seccomp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<WorkerSecurityContext>,
+    /// A scheduler other than the default one (e.g. the scheduler-plugins scheduler for
+    /// `scheduling.gang: PodGroup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub scheduler_name: Option<String>,
+    /// The RuntimeClass of the worker pods (e.g. `nvidia`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub runtime_class_name: Option<String>,
+}
+
+/// An extra volume of the worker pods: a name and exactly one source.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.configMap) ? 1 : 0) + (has(self.secret) ? 1 : 0) + (has(self.persistentVolumeClaim) ? 1 : 0) + (has(self.emptyDir) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) == 1",
+        "message": "worker.volumes[] needs exactly one of configMap, secret, persistentVolumeClaim, emptyDir or hostPath",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!(self.name in ['plan', 'admin-token', 'shm', 'checkpoint'])",
+        "message": "worker.volumes[].name: plan, admin-token, shm and checkpoint are the operator's volumes: choose another name",
+        "fieldPath": ".name",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct WorkerVolume {
+    /// A DNS label, unique among the volumes.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<PersistentVolumeClaimVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathVolumeSource>,
+}
+
+/// Where the worker container mounts one of `worker.volumes`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.mountPath != '/dev/shm' && !self.mountPath.startsWith('/dev/shm/')",
+        "message": "worker.volumeMounts[].mountPath: /dev/shm is the operator's memory-backed volume: size it with dataPlane.shmSize",
+        "fieldPath": ".mountPath",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct WorkerVolumeMount {
+    /// The name of one of `worker.volumes`.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Absolute path in the container; not one the operator mounts (or under it).
+    #[schemars(length(min = 2, max = 4096), regex(pattern = "^/"))]
+    pub mount_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    /// A path inside the volume to mount instead of its root (relative, no `..`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub sub_path: Option<String>,
+}
+
+/// The part of the worker container's securityContext a spec may set. Privilege escalation,
+/// privileged mode and root stay off; capabilities are dropped, then `add`ed back one by one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSecurityContext {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<WorkerCapabilities>,
+    /// UID of the worker process (not 0: the pods run as non-root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub run_as_user: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub run_as_group: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_root_filesystem: Option<bool>,
+}
+
+/// Capabilities of the worker container: ALL are dropped (always), then these added back.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerCapabilities {
+    /// `NET_BIND_SERVICE` is always allowed (as in the restricted Pod Security Standard); others
+    /// only with the operator flag `--allow-capability=NAME`; `IPC_LOCK` is `dataPlane.ipcLock`'s.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        inner(length(min = 1, max = 32), regex(pattern = "^[A-Z][A-Z0-9_]*$"))
+    )]
+    pub add: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -749,6 +942,23 @@ pub struct MoEDeploymentStatus {
     /// The last EP rank failure the operator restarted the worker group for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rank_failure: Option<RankFailureStatus>,
+    /// The gang guard's last release of a worker group it could not schedule whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<GangStatus>,
+}
+
+/// `scheduling.gang: Guard`: when the group was last released, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GangStatus {
+    pub released_at: Time,
+    /// Worker pods not scheduled when the group was released.
+    #[schemars(range(min = 0))]
+    pub unscheduled_pods: i32,
+    /// The GPUs those pods request (unscheduled pods x `gpusPerNode`).
+    #[schemars(range(min = 0))]
+    pub missing_gpus: i64,
+    pub message: String,
 }
 
 /// The plan in force (or being rolled out).
@@ -779,10 +989,32 @@ pub struct PlanStatus {
 pub struct ObservedLoad {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balancedness: Option<f64>,
+    /// `balancedness` with 3 digits (`0.982`), for the printer column: printer columns cannot
+    /// format numbers, and 16 digits are not what a person reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub balancedness_text: Option<String>,
     #[schemars(range(min = 0))]
     pub tokens: i64,
     #[schemars(range(min = 0))]
     pub window_batches: i64,
+}
+
+impl ObservedLoad {
+    /// The observed block, its printer text derived from `balancedness`.
+    pub fn new(balancedness: Option<f64>, tokens: i64, window_batches: i64) -> Self {
+        Self {
+            balancedness,
+            balancedness_text: balancedness.map(balancedness_text),
+            tokens,
+            window_batches,
+        }
+    }
+}
+
+/// How a balancedness is shown to people: 3 digits, in the printer columns and in `kubectl moe`.
+pub fn balancedness_text(b: f64) -> String {
+    format!("{b:.3}")
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

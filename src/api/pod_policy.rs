@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, PodSpec, ResourceRequirements};
 
 use super::moedeployment::{MetricsSource, MoEDeploymentSpec};
+use super::pod_shape::{SAFE_CAPABILITIES, VOLUME_ADMIN_TOKEN};
 use super::validate::FieldError;
 
 /// The operator's flags that set the [`PodPolicy`]; flattened into `moe-operator run`.
@@ -85,6 +86,20 @@ pub struct PodPolicyArgs {
     /// `rdma/hca_shared_devices_a`). Default: no.
     #[arg(long, env = "MOE_OPERATOR_ALLOW_RDMA_RESOURCES")]
     pub allow_rdma_resources: bool,
+    /// Let `worker.securityContext.capabilities.add` add this Linux capability (e.g. SYS_PTRACE
+    /// for a profiler). Repeat for more. NET_BIND_SERVICE is always allowed; IPC_LOCK is
+    /// `--allow-ipc-lock`'s. Default: no other.
+    #[arg(
+        long = "allow-capability",
+        value_name = "NAME",
+        env = "MOE_OPERATOR_ALLOW_CAPABILITIES",
+        value_delimiter = ','
+    )]
+    pub capabilities: Vec<String>,
+    /// Let `worker.volumes` mount Secrets of the namespace (the operator, not the author, would be
+    /// reading them into the pod). Default: no.
+    #[arg(long, env = "MOE_OPERATOR_ALLOW_SECRET_VOLUMES")]
+    pub allow_secret_volumes: bool,
 }
 
 /// What the cluster admin allows MoEDeployment authors; the default allows nothing optional.
@@ -105,6 +120,11 @@ pub struct PodPolicy {
     pub allow_ipc_lock: bool,
     /// RDMA device-plugin resources ([`is_rdma_resource`]) in `worker.resources`.
     pub allow_rdma_resources: bool,
+    /// Capabilities `worker.securityContext.capabilities.add` may add besides
+    /// [`SAFE_CAPABILITIES`] (never IPC_LOCK, which is [`Self::allow_ipc_lock`]'s).
+    pub capabilities: Vec<String>,
+    /// Secret volumes in `worker.volumes`.
+    pub allow_secret_volumes: bool,
 }
 
 /// The capability `dataPlane.ipcLock` adds.
@@ -140,8 +160,31 @@ impl PodPolicy {
             prometheus_ca_file: a.prometheus_ca_file.clone(),
             allow_ipc_lock: a.allow_ipc_lock,
             allow_rdma_resources: a.allow_rdma_resources,
+            allow_secret_volumes: a.allow_secret_volumes,
             ..Default::default()
         };
+        for v in &a.capabilities {
+            let name = v.strip_prefix("CAP_").unwrap_or(v);
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return Err(bad(
+                    "allow-capability",
+                    v,
+                    "not a Linux capability name such as SYS_PTRACE",
+                ));
+            }
+            if name == "ALL" || name == IPC_LOCK || name == "SYS_ADMIN" {
+                return Err(bad(
+                    "allow-capability",
+                    v,
+                    "ALL and SYS_ADMIN amount to a privileged container, which the operator never builds; IPC_LOCK is --allow-ipc-lock's",
+                ));
+            }
+            p.capabilities.push(name.to_string());
+        }
         for v in &a.host_path_prefixes {
             let n = normalise_abs_path(v).ok_or_else(|| {
                 bad(
@@ -193,6 +236,11 @@ impl PodPolicy {
                 .iter()
                 .any(|prefix| path_under(&p, prefix))
         })
+    }
+
+    /// Whether a spec may add capability `name` (IPC_LOCK is `dataPlane.ipcLock`'s, not here).
+    pub fn capability_allowed(&self, name: &str) -> bool {
+        SAFE_CAPABILITIES.contains(&name) || self.capabilities.iter().any(|c| c == name)
     }
 
     /// Whether workers may run under ServiceAccount `name` (`default` always may).
@@ -450,6 +498,62 @@ pub fn check_pod_policy(spec: &MoEDeploymentSpec, policy: &PodPolicy) -> Vec<Fie
             }
         }
     }
+    for (i, v) in w.volumes.iter().enumerate() {
+        if let Some(hp) = &v.host_path {
+            if !policy.host_path_allowed(&hp.path) {
+                let dir = normalise_abs_path(&hp.path).unwrap_or_else(|| "/var/lib/moe".into());
+                err(
+                    format!("spec.worker.volumes[{i}].hostPath.path"),
+                    format!(
+                        "{:?} is not under a host directory this cluster allows (allowed: {}): a hostPath gives the pod the node's files; use a persistentVolumeClaim, or {}",
+                        hp.path,
+                        list_or_none(&policy.host_path_prefixes),
+                        how_to_allow("allow-host-path-prefix", &dir, "hostPathPrefixes"),
+                    ),
+                );
+            }
+            for (j, m) in w.volume_mounts.iter().enumerate() {
+                if m.name == v.name && m.read_only != Some(true) {
+                    err(
+                        format!("spec.worker.volumeMounts[{j}].readOnly"),
+                        format!("{} mounts the hostPath volume {}: host directories are mounted read-only, set readOnly: true", m.mount_path, v.name),
+                    );
+                }
+            }
+        }
+        if v.secret.is_some() && !policy.allow_secret_volumes {
+            err(
+                format!("spec.worker.volumes[{i}].secret"),
+                format!(
+                    "{} mounts a Secret, which this cluster does not let MoEDeployments do (the operator, not you, would be reading it): remove it, or {}",
+                    v.name,
+                    how_to_allow("allow-secret-volumes", "true", "allowSecretVolumes"),
+                ),
+            );
+        }
+    }
+    let adds = w
+        .security_context
+        .iter()
+        .flat_map(|s| s.capabilities.iter())
+        .flat_map(|c| c.add.iter());
+    for (i, cap) in adds.enumerate() {
+        // IPC_LOCK, ALL and CAP_ spellings are refused by pod_shape with their own fix.
+        if cap == IPC_LOCK || cap == "ALL" || cap.starts_with("CAP_") {
+            continue;
+        }
+        if !policy.capability_allowed(cap) {
+            err(
+                format!("spec.worker.securityContext.capabilities.add[{i}]"),
+                format!(
+                    "{cap} is not a capability this cluster lets MoEDeployments add (always allowed: {}; allowed here: {}): remove it, or {}",
+                    SAFE_CAPABILITIES.join(", "),
+                    list_or_none(&policy.capabilities),
+                    how_to_allow("allow-capability", cap, "capabilities"),
+                ),
+            );
+        }
+    }
     if spec.data_plane.ipc_lock && !policy.allow_ipc_lock {
         err(
             "spec.dataPlane.ipcLock".into(),
@@ -542,6 +646,22 @@ fn check_pod_spec(name: &str, s: &PodSpec, policy: &PodPolicy, out: &mut Vec<Str
         }
     }
     for v in s.volumes.iter().flatten() {
+        if v.secret.is_some() && v.name != VOLUME_ADMIN_TOKEN && !policy.allow_secret_volumes {
+            no(format!(
+                "volume {} mounts a Secret, which is not allowed",
+                v.name
+            ));
+        }
+        if v.host_path.is_some() {
+            let writable = s
+                .containers
+                .iter()
+                .flat_map(|c| c.volume_mounts.iter().flatten())
+                .any(|m| m.name == v.name && m.read_only != Some(true));
+            if writable {
+                no(format!("hostPath volume {} is mounted writable", v.name));
+            }
+        }
         let kind_ok = v.config_map.is_some()
             || v.secret.is_some()
             || v.persistent_volume_claim.is_some()
@@ -613,14 +733,21 @@ fn check_container(c: &Container, policy: &PodPolicy, no: &mut impl FnMut(String
             "container {n} does not set allowPrivilegeEscalation: false"
         ));
     }
-    // Exactly IPC_LOCK may be added, and only when allowed; every other capability never.
-    for cap in sc
-        .and_then(|s| s.capabilities.as_ref())
-        .and_then(|c| c.add.as_ref())
-        .into_iter()
-        .flatten()
+    // IPC_LOCK when allowed, the safe set and the admin's list; every other capability never.
+    let caps = sc.and_then(|s| s.capabilities.as_ref());
+    if !caps
+        .and_then(|c| c.drop.as_ref())
+        .is_some_and(|d| d.iter().any(|c| c == "ALL"))
     {
-        if cap != IPC_LOCK || !policy.allow_ipc_lock {
+        no(format!("container {n} does not drop ALL capabilities"));
+    }
+    for cap in caps.and_then(|c| c.add.as_ref()).into_iter().flatten() {
+        let ok = if cap == IPC_LOCK {
+            policy.allow_ipc_lock
+        } else {
+            policy.capability_allowed(cap)
+        };
+        if !ok {
             no(format!("container {n} adds capabilities ({cap})"));
         }
     }
@@ -1062,6 +1189,112 @@ mod tests {
             let errs = check_pod(&pod, &lock);
             assert_eq!(errs.len(), 1, "{other:?}: {errs:?}");
         }
+    }
+
+    /// The shaped fields of `spec.worker` that reach the node: hostPath volumes (allowed prefix,
+    /// read-only), Secret volumes and capabilities, each refused by default naming the field and
+    /// the flag, and by the pod check of the pod really built.
+    #[test]
+    fn shaped_volumes_and_capabilities_go_through_the_gate() {
+        let shaped = |s: &mut MoEDeploymentSpec| {
+            s.worker.volumes = vec![
+                WorkerVolume {
+                    name: "hp".into(),
+                    host_path: Some(HostPathVolumeSource {
+                        path: "/data/tok".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                WorkerVolume {
+                    name: "sec".into(),
+                    secret: Some(Default::default()),
+                    ..Default::default()
+                },
+            ];
+            s.worker.volume_mounts = vec![
+                WorkerVolumeMount {
+                    name: "hp".into(),
+                    mount_path: "/tok".into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                WorkerVolumeMount {
+                    name: "sec".into(),
+                    mount_path: "/sec".into(),
+                    ..Default::default()
+                },
+            ];
+            s.worker.security_context = Some(WorkerSecurityContext {
+                capabilities: Some(WorkerCapabilities {
+                    add: vec!["NET_BIND_SERVICE".into(), "SYS_PTRACE".into()],
+                }),
+                ..Default::default()
+            });
+        };
+        let mut s = spec();
+        shaped(&mut s);
+        let e = errors(&s, &PodPolicy::default());
+        let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.worker.volumes[0].hostPath.path",
+                "spec.worker.volumes[1].secret",
+                "spec.worker.securityContext.capabilities.add[1]"
+            ],
+            "{e:#?}"
+        );
+        assert!(e[0].message.contains("--allow-host-path-prefix=/data/tok"));
+        assert!(
+            e[1].message.contains("--allow-secret-volumes=true")
+                && e[1].message.contains("podPolicy.allowSecretVolumes")
+        );
+        assert!(
+            e[2].message.contains("--allow-capability=SYS_PTRACE")
+                && e[2].message.contains("podPolicy.capabilities")
+        );
+        let allow = args(|a| {
+            a.host_path_prefixes = vec!["/data".into()];
+            a.allow_secret_volumes = true;
+            a.capabilities = vec!["SYS_PTRACE".into()];
+        });
+        assert_eq!(errors(&s, &allow), vec![]);
+        // The pod built from it passes the pod check exactly under the policy that allows it.
+        let md = demo_md(s.clone());
+        let valid = crate::api::validate::validate(&s, &allow).unwrap();
+        let pod = crate::controller::build::worker_pod(&md, &valid, 0, "h").unwrap();
+        assert_eq!(check_pod(&pod, &allow), Vec::<String>::new());
+        let pod_errs = check_pod(&pod, &PodPolicy::default());
+        assert_eq!(pod_errs.len(), 3, "{pod_errs:#?}");
+        // A writable mount of a hostPath is refused even where the path is allowed.
+        s.worker.volume_mounts[0].read_only = None;
+        let m = only(&errors(&s, &allow), "spec.worker.volumeMounts[0].readOnly");
+        assert!(m.contains("readOnly: true"), "{m}");
+        let mut pod = pod;
+        pod.spec.as_mut().unwrap().containers[0]
+            .volume_mounts
+            .as_mut()
+            .unwrap()[3]
+            .read_only = None;
+        let pe = check_pod(&pod, &allow);
+        assert!(
+            pe.len() == 1 && pe[0].contains("mounted writable"),
+            "{pe:?}"
+        );
+        // Flags that would amount to privilege are refused.
+        for bad in ["ALL", "SYS_ADMIN", "IPC_LOCK", "sys_ptrace", ""] {
+            let e = PodPolicy::from_args(&PodPolicyArgs {
+                capabilities: vec![bad.into()],
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert_eq!(e.flag, "allow-capability");
+        }
+        assert_eq!(
+            args(|a| a.capabilities = vec!["CAP_SYS_PTRACE".into()]).capabilities,
+            ["SYS_PTRACE"]
+        );
     }
 
     #[test]

@@ -12,11 +12,12 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::moedeployment::{
-    KeyRef, MetricsSource, MoEDeploymentSpec, ModelDtype, ModelSpec, PrometheusSpec,
+    Gang, KeyRef, MetricsSource, MoEDeploymentSpec, ModelDtype, ModelSpec, PrometheusSpec,
     ReplicationPolicy, RolloutStrategy, Transport, WorkerDevice, BASIC_AUTH_PASSWORD_KEY,
     BASIC_AUTH_USERNAME_KEY, MAX_NCCL_ENV,
 };
 use super::pod_policy::{check_pod_policy, PodPolicy};
+use super::pod_shape::check_pod_shape;
 use super::units::{parse_duration, parse_quantity};
 use crate::plan::craft::CraftOptions;
 use crate::plan::limits;
@@ -118,6 +119,79 @@ pub struct ValidSpec {
     pub max_unavailable: u32,
     pub ports: Ports,
     pub data_plane: DataPlane,
+    /// `spec.scheduling`, its default resolved.
+    pub gang: GangSpec,
+}
+
+/// Gang scheduling, resolved (`spec.scheduling`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GangSpec {
+    pub gang: Gang,
+    /// Set exactly when `gang` is Kueue.
+    pub queue_name: Option<String>,
+    /// Within [`MIN_GANG_TIMEOUT`]..=[`MAX_GANG_TIMEOUT`].
+    pub timeout: Duration,
+}
+
+/// Bounds and default of `scheduling.timeout`.
+pub const MIN_GANG_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_GANG_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const DEFAULT_GANG_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `spec.scheduling`, resolved when valid: the gang's default follows the data plane (a group
+/// gets the guard), Kueue needs a queue, the timeout is a bounded duration.
+fn check_scheduling(spec: &MoEDeploymentSpec, errs: &mut Errors) -> Option<GangSpec> {
+    let s = &spec.scheduling;
+    let gang = s
+        .gang
+        .unwrap_or(if spec.data_plane.transport == Transport::None {
+            Gang::None
+        } else {
+            Gang::Guard
+        });
+    let mut ok = true;
+    let timeout = match &s.timeout {
+        None => DEFAULT_GANG_TIMEOUT,
+        Some(t) => match parse_duration(t) {
+            Ok(d) if (MIN_GANG_TIMEOUT..=MAX_GANG_TIMEOUT).contains(&d) => d,
+            Ok(_) => {
+                ok = false;
+                errs.push(
+                    "spec.scheduling.timeout",
+                    format!("{t} is outside 10s..1h: the group waits this long to be scheduled whole, so use e.g. 5m"),
+                );
+                DEFAULT_GANG_TIMEOUT
+            }
+            Err(e) => {
+                ok = false;
+                errs.push("spec.scheduling.timeout", format!("{t:?}: {e}"));
+                DEFAULT_GANG_TIMEOUT
+            }
+        },
+    };
+    match (gang, &s.queue_name) {
+        (Gang::Kueue, None) => {
+            ok = false;
+            errs.push(
+                "spec.scheduling.queueName",
+                "required when scheduling.gang is Kueue: name the LocalQueue of the namespace"
+                    .into(),
+            );
+        }
+        (g, Some(_)) if g != Gang::Kueue => {
+            ok = false;
+            errs.push(
+                "spec.scheduling.queueName",
+                format!("set, but scheduling.gang is {g:?} so it would be ignored: set gang: Kueue or remove it"),
+            );
+        }
+        _ => {}
+    }
+    ok.then(|| GangSpec {
+        gang,
+        queue_name: s.queue_name.clone().filter(|_| gang == Gang::Kueue),
+        timeout,
+    })
 }
 
 /// The expert-parallel data plane, resolved (`spec.dataPlane`).
@@ -270,6 +344,7 @@ pub fn validate(
     check_rollout(spec, &mut errs);
     check_worker(spec, &mut errs);
     let data_plane = check_data_plane(spec, &mut errs);
+    let gang = check_scheduling(spec, &mut errs);
     if let Some(sel) = &spec.initial_load {
         if sel.name.trim().is_empty() || sel.key.trim().is_empty() {
             errs.push(
@@ -278,17 +353,22 @@ pub fn validate(
             );
         }
     }
+    errs.0.extend(check_pod_shape(spec));
     errs.0.extend(check_pod_policy(spec, pod_policy));
-    match (interval, window_batches, replication, data_plane) {
-        (Some(interval), Some(window_batches), Some((budget, cooldown)), Some(data_plane))
-            if errs.0.is_empty() =>
-        {
+    match (interval, window_batches, replication, data_plane, gang) {
+        (
+            Some(interval),
+            Some(window_batches),
+            Some((budget, cooldown)),
+            Some(data_plane),
+            Some(gang),
+        ) if errs.0.is_empty() => {
             let times = Times {
                 interval,
                 window_batches,
                 cooldown,
             };
-            resolve(spec, times, budget, data_plane).map_err(|e| vec![e])
+            resolve(spec, times, budget, data_plane, gang).map_err(|e| vec![e])
         }
         _ => Err(errs.0),
     }
@@ -308,6 +388,7 @@ fn resolve(
     times: Times,
     budget: Budget,
     data_plane: DataPlane,
+    gang: GangSpec,
 ) -> Result<ValidSpec, FieldError> {
     let Times {
         interval,
@@ -396,6 +477,7 @@ fn resolve(
             admin: port("spec.worker.ports.admin", p.admin)?,
         },
         data_plane,
+        gang,
     })
 }
 
@@ -1606,6 +1688,67 @@ worker: {image: "moe-worker:dev"}
                 errs.iter()
                     .any(|e| e.path == path && e.message.contains(needle)),
                 "{name}: want {path} ~ {needle:?}, got {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn scheduling_defaults_follow_the_group_and_refuse_what_would_be_ignored() {
+        use crate::api::{Gang, SchedulingSpec};
+        let mut s = demo_spec();
+        let v = validate(&s, &PodPolicy::default()).unwrap();
+        assert_eq!(v.gang.timeout, DEFAULT_GANG_TIMEOUT);
+        s.data_plane.transport = Transport::None;
+        assert_eq!(
+            validate(&s, &PodPolicy::default()).unwrap().gang.gang,
+            Gang::None
+        );
+        s.data_plane.transport = Transport::Tcp;
+        assert_eq!(
+            validate(&s, &PodPolicy::default()).unwrap().gang.gang,
+            Gang::Guard
+        );
+        for (sched, path, needle) in [
+            (
+                SchedulingSpec {
+                    gang: Some(Gang::Kueue),
+                    ..Default::default()
+                },
+                "spec.scheduling.queueName",
+                "LocalQueue",
+            ),
+            (
+                SchedulingSpec {
+                    gang: Some(Gang::Guard),
+                    queue_name: Some("q".into()),
+                    ..Default::default()
+                },
+                "spec.scheduling.queueName",
+                "ignored",
+            ),
+            (
+                SchedulingSpec {
+                    timeout: Some("5s".into()),
+                    ..Default::default()
+                },
+                "spec.scheduling.timeout",
+                "10s..1h",
+            ),
+            (
+                SchedulingSpec {
+                    timeout: Some("2h".into()),
+                    ..Default::default()
+                },
+                "spec.scheduling.timeout",
+                "10s..1h",
+            ),
+        ] {
+            let mut s = s.clone();
+            s.scheduling = sched;
+            let e = errors(&s, &PodPolicy::default());
+            assert!(
+                e.len() == 1 && e[0].path == path && e[0].message.contains(needle),
+                "{e:?}"
             );
         }
     }

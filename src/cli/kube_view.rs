@@ -28,7 +28,8 @@ const PLAN_ADOPTED: &str = reason::PLAN_IMPROVED;
 const INITIAL_PLAN: &str = reason::INITIAL_PLAN;
 
 fn opt3(x: Option<f64>) -> String {
-    x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
+    x.map(crate::api::balancedness_text)
+        .unwrap_or_else(|| "-".into())
 }
 
 fn cond<'a>(md: &'a MoEDeployment, kind: &str) -> Option<&'a Condition> {
@@ -81,6 +82,9 @@ pub fn status_table(items: &[MoEDeployment], all_namespaces: bool, now_s: i64) -
             let st = md.status.clone().unwrap_or_default();
             let ready = match (cond(md, condition::DEGRADED), cond(md, condition::READY)) {
                 (Some(d), _) if d.status == "True" => format!("False ({})", d.reason),
+                (_, Some(r)) if r.status == "False" && r.reason == reason::SUSPENDED => {
+                    format!("False ({})", r.reason)
+                }
                 (_, Some(r)) => r.status.clone(),
                 _ => "-".into(),
             };
@@ -605,11 +609,7 @@ mod tests {
                 previous_balancedness: Some(0.6),
                 computed_at: Some(t(NOW - 120)),
             }),
-            observed: Some(ObservedLoad {
-                balancedness: Some(0.9),
-                tokens: 5120,
-                window_batches: 10,
-            }),
+            observed: Some(ObservedLoad::new(Some(0.9), 5120, 10)),
             workers: Some(WorkersStatus {
                 desired: 1,
                 ready: 1,
@@ -622,6 +622,7 @@ mod tests {
                 total: 1,
             }),
             rank_failure: None,
+            gang: None,
         });
         md
     }
@@ -707,6 +708,11 @@ mod tests {
             lines[3].starts_with("ml          c-fresh     -                     -"),
             "{s}"
         );
+        // A suspended deployment says so.
+        let mut sus = md("s");
+        sus.status.as_mut().unwrap().conditions =
+            vec![c("Ready", "False", "Suspended", "spec.suspend", NOW)];
+        assert!(status_table(&[sus], false, NOW).contains("False (Suspended)"));
         // Without -A there is no namespace column.
         assert!(status_table(&[md("a")], false, NOW).starts_with("NAME   READY"));
         assert_eq!(status_table(&[], false, NOW), "No MoEDeployments found.\n");

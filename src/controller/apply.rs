@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -16,7 +16,7 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use super::build::{self, FIELD_MANAGER};
-use super::decide::{Decision, Note, Rollout};
+use super::decide::{Decision, DeleteCause, Note, Rollout};
 use super::observe::pod_ip;
 use super::reconcile::{wall_s, Context, Error};
 use super::rollout::{
@@ -75,7 +75,21 @@ async fn apply_objects(ctx: &Context, ns: &str, r: &Rollout) -> Result<(), Error
     )
     .await?;
     server_side_apply(&Api::<Service>::namespaced(client.clone(), ns), &d.service).await?;
-    server_side_apply(&Api::<PodDisruptionBudget>::namespaced(client, ns), &d.pdb).await?;
+    server_side_apply(
+        &Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+        &d.pdb,
+    )
+    .await?;
+    if let Some(pg) = &d.pod_group {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client, ns, &build::pod_group_resource());
+        api.patch(
+            &pg.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(pg),
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -189,6 +203,14 @@ async fn execute(
                 .delete(&p.name_any(), &DeleteParams::default())
                 .await?;
             let message = match &r.group_restart {
+                None if r.cause == DeleteCause::Suspend => format!(
+                    "deleted {} (node rank {rank}): spec.suspend is true",
+                    p.name_any()
+                ),
+                None if r.cause == DeleteCause::GangRelease => format!(
+                    "deleted {} (node rank {rank}): the worker group was not scheduled whole in time (scheduling.gang: Guard)",
+                    p.name_any()
+                ),
                 Some(f) => format!(
                     "deleted {} (node rank {rank}) to restart the worker group after EP rank {} failed in {}",
                     p.name_any(),

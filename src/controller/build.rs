@@ -52,12 +52,16 @@ use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::api::pod_policy::IPC_LOCK;
+use crate::api::pod_shape::{
+    KUEUE_POD_GROUP_NAME, KUEUE_POD_GROUP_TOTAL_COUNT, KUEUE_QUEUE_NAME, POD_GROUP_LABEL,
+};
 use crate::api::validate::{ValidSpec, GPU_RESOURCE};
-use crate::api::MoEDeployment;
+use crate::api::{Gang, MoEDeployment, WorkerSecurityContext};
 use crate::plan::expert_plan::HashRule;
 use crate::plan::packed::{self, Packed};
 use crate::plan::ExpertPlan;
 use crate::worker::wire::{HEALTHZ_PATH, READYZ_PATH};
+use kube::api::{ApiResource, DynamicObject};
 
 /// Label naming the owning MoEDeployment on every object it owns (also the orphan selector).
 pub const LABEL_DEPLOYMENT: &str = "moe.craft.dev/deployment";
@@ -81,11 +85,11 @@ pub const HASH_KEY: &str = "hash";
 /// Key of the bearer token in the admin Secret.
 pub const TOKEN_KEY: &str = "token";
 
-/// Where the memory-backed shared memory volume is mounted.
-pub const SHM_DIR: &str = "/dev/shm";
+pub use crate::api::pod_shape::SHM_DIR;
+use crate::api::pod_shape::{
+    ADMIN_DIR, PLAN_DIR, VOLUME_ADMIN_TOKEN, VOLUME_CHECKPOINT, VOLUME_PLAN, VOLUME_SHM,
+};
 
-const PLAN_DIR: &str = "/etc/moe/plan";
-const ADMIN_DIR: &str = "/etc/moe/admin";
 const CONTAINER: &str = "worker";
 
 /// What went wrong building; each names what to fix.
@@ -130,6 +134,61 @@ pub struct Desired {
     pub service: Service,
     pub pdb: PodDisruptionBudget,
     pub admin_secret: Secret,
+    /// The scheduler-plugins PodGroup of the workers (`scheduling.gang: PodGroup`).
+    pub pod_group: Option<DynamicObject>,
+}
+
+/// The PodGroup kind of sigs.k8s.io/scheduler-plugins' coscheduling plugin.
+pub fn pod_group_resource() -> ApiResource {
+    ApiResource {
+        group: "scheduling.x-k8s.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "scheduling.x-k8s.io/v1alpha1".into(),
+        kind: "PodGroup".into(),
+        plural: "podgroups".into(),
+    }
+}
+
+/// The name of the workers' gang: the PodGroup's, and Kueue's pod-group name.
+pub fn pod_group_name(md: &MoEDeployment) -> String {
+    format!("{}-workers", md.name_any())
+}
+
+/// `<name>-workers` PodGroup: the whole group (`minMember` = nodes) or none, within
+/// `scheduling.timeout` (`scheduleTimeoutSeconds`).
+pub fn pod_group(md: &MoEDeployment, spec: &ValidSpec) -> Result<DynamicObject, BuildError> {
+    let mut pg = DynamicObject::new(&pod_group_name(md), &pod_group_resource());
+    pg.metadata = meta(md, pod_group_name(md), "worker")?;
+    pg.data = serde_json::json!({
+        "spec": {
+            "minMember": spec.nodes,
+            "scheduleTimeoutSeconds": spec.gang.timeout.as_secs(),
+        }
+    });
+    Ok(pg)
+}
+
+/// The gang schedulers' labels and annotations of a worker pod (`scheduling.gang`).
+fn gang_metadata(
+    md: &MoEDeployment,
+    spec: &ValidSpec,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let mut labels = BTreeMap::new();
+    let mut annotations = BTreeMap::new();
+    match spec.gang.gang {
+        Gang::Kueue => {
+            labels.insert(KUEUE_POD_GROUP_NAME.into(), pod_group_name(md));
+            if let Some(q) = &spec.gang.queue_name {
+                labels.insert(KUEUE_QUEUE_NAME.into(), q.clone());
+            }
+            annotations.insert(KUEUE_POD_GROUP_TOTAL_COUNT.into(), spec.nodes.to_string());
+        }
+        Gang::PodGroup => {
+            labels.insert(POD_GROUP_LABEL.into(), pod_group_name(md));
+        }
+        Gang::None | Gang::Guard => {}
+    }
+    (labels, annotations)
 }
 
 pub fn plan_config_map_name(md: &MoEDeployment) -> String {
@@ -218,6 +277,10 @@ pub fn build(
         service: service(md, spec)?,
         pdb: pdb(md, spec)?,
         admin_secret: admin_secret(md, admin_token)?,
+        pod_group: match spec.gang.gang {
+            Gang::PodGroup => Some(pod_group(md, spec)?),
+            _ => None,
+        },
     })
 }
 
@@ -355,10 +418,24 @@ pub fn worker_pod(
             .get_or_insert_with(BTreeMap::new)
             .insert(LABEL_PROCESS_BACKED.into(), "true".into());
     }
-    m.annotations = Some(BTreeMap::from([
-        (ANNOTATION_PLAN_HASH.to_string(), plan_hash.to_string()),
-        (ANNOTATION_SPEC_HASH.to_string(), spec_hash(&pod_spec)),
-    ]));
+    // The spec's labels and annotations beside ours (validation refused any key we own); they are
+    // part of the spec hash, so changing them replaces the pods like any other pod field.
+    let w = &md.spec.worker;
+    // The gang schedulers' keys likewise: a pod must carry them from its creation on.
+    let (mut shaped_labels, mut shaped_annotations) = gang_metadata(md, spec);
+    shaped_labels.extend(w.pod_labels.clone());
+    shaped_annotations.extend(w.pod_annotations.clone());
+    let labels = m.labels.get_or_insert_with(BTreeMap::new);
+    for (k, v) in &shaped_labels {
+        labels.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    let mut annotations = shaped_annotations.clone();
+    annotations.insert(ANNOTATION_PLAN_HASH.to_string(), plan_hash.to_string());
+    annotations.insert(
+        ANNOTATION_SPEC_HASH.to_string(),
+        shaped_spec_hash(&pod_spec, &shaped_labels, &shaped_annotations),
+    );
+    m.annotations = Some(annotations);
     Ok(Pod {
         metadata: m,
         spec: Some(pod_spec),
@@ -492,28 +569,46 @@ fn worker_container(
         startup_probe: Some(http_probe(HEALTHZ_PATH, p.metrics, 10, 360)),
         liveness_probe: Some(http_probe(HEALTHZ_PATH, p.metrics, 10, 3)),
         readiness_probe: Some(http_probe(READYZ_PATH, p.metrics, 5, 1)),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: vspec
-                    .data_plane
-                    .ipc_lock
-                    .then(|| vec![IPC_LOCK.to_string()]),
-            }),
-            ..Default::default()
+        security_context: Some(container_security(vspec, w.security_context.as_ref())),
+        ..Default::default()
+    }
+}
+
+/// The container's security context: no privilege escalation and every capability dropped, then
+/// IPC_LOCK (`dataPlane.ipcLock`) and the spec's own additions (`worker.securityContext`, allowed
+/// by the pod policy) added back.
+fn container_security(vspec: &ValidSpec, user: Option<&WorkerSecurityContext>) -> SecurityContext {
+    let mut add: Vec<String> = vspec
+        .data_plane
+        .ipc_lock
+        .then(|| IPC_LOCK.to_string())
+        .into_iter()
+        .collect();
+    add.extend(
+        user.and_then(|u| u.capabilities.as_ref())
+            .into_iter()
+            .flat_map(|c| c.add.iter().cloned()),
+    );
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: (!add.is_empty()).then_some(add),
         }),
+        run_as_user: user.and_then(|u| u.run_as_user),
+        run_as_group: user.and_then(|u| u.run_as_group),
+        read_only_root_filesystem: user.and_then(|u| u.read_only_root_filesystem),
         ..Default::default()
     }
 }
 
 /// The plan ConfigMap, the admin token Secret, the shared memory and the checkpoint volume, with
-/// their mounts.
+/// their mounts, then the spec's own.
 fn volumes(md: &MoEDeployment, spec: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
     let ckpt = md.spec.model.checkpoint.path.clone();
     let mut volumes = vec![
         Volume {
-            name: "plan".into(),
+            name: VOLUME_PLAN.into(),
             config_map: Some(ConfigMapVolumeSource {
                 name: plan_config_map_name(md),
                 items: Some(vec![KeyToPath {
@@ -526,7 +621,7 @@ fn volumes(md: &MoEDeployment, spec: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMoun
             ..Default::default()
         },
         Volume {
-            name: "admin-token".into(),
+            name: VOLUME_ADMIN_TOKEN.into(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some(admin_secret_name(md)),
                 default_mode: Some(0o400),
@@ -537,7 +632,7 @@ fn volumes(md: &MoEDeployment, spec: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMoun
         // The container runtime's /dev/shm is 64 MiB; the ranks' host-side buffers and NCCL's
         // shared-memory transport need more. Memory-backed, so it counts against the pod's memory.
         Volume {
-            name: "shm".into(),
+            name: VOLUME_SHM.into(),
             empty_dir: Some(EmptyDirVolumeSource {
                 medium: Some("Memory".into()),
                 size_limit: Some(Quantity(spec.data_plane.shm_size.clone())),
@@ -547,37 +642,56 @@ fn volumes(md: &MoEDeployment, spec: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMoun
     ];
     let mut mounts = vec![
         VolumeMount {
-            name: "plan".into(),
+            name: VOLUME_PLAN.into(),
             mount_path: PLAN_DIR.into(),
             read_only: Some(true),
             ..Default::default()
         },
         VolumeMount {
-            name: "admin-token".into(),
+            name: VOLUME_ADMIN_TOKEN.into(),
             mount_path: ADMIN_DIR.into(),
             read_only: Some(true),
             ..Default::default()
         },
         VolumeMount {
-            name: "shm".into(),
+            name: VOLUME_SHM.into(),
             mount_path: SHM_DIR.into(),
             ..Default::default()
         },
     ];
     if let Some(v) = &md.spec.model.checkpoint.volume {
         volumes.push(Volume {
-            name: "checkpoint".into(),
+            name: VOLUME_CHECKPOINT.into(),
             persistent_volume_claim: v.persistent_volume_claim.clone(),
             host_path: v.host_path.clone(),
             ..Default::default()
         });
         mounts.push(VolumeMount {
-            name: "checkpoint".into(),
+            name: VOLUME_CHECKPOINT.into(),
             mount_path: ckpt,
             read_only: Some(true),
             ..Default::default()
         });
     }
+    // The spec's own volumes and mounts, after ours: validation refused any that reuse our names
+    // or paths.
+    let w = &md.spec.worker;
+    volumes.extend(w.volumes.iter().map(|v| Volume {
+        name: v.name.clone(),
+        config_map: v.config_map.clone(),
+        secret: v.secret.clone(),
+        persistent_volume_claim: v.persistent_volume_claim.clone(),
+        empty_dir: v.empty_dir.clone(),
+        host_path: v.host_path.clone(),
+        ..Default::default()
+    }));
+    mounts.extend(w.volume_mounts.iter().map(|m| VolumeMount {
+        name: m.name.clone(),
+        mount_path: m.mount_path.clone(),
+        read_only: m.read_only,
+        sub_path: m.sub_path.clone(),
+        ..Default::default()
+    }));
 
     (volumes, mounts)
 }
@@ -610,24 +724,13 @@ fn pod_spec(md: &MoEDeployment, name: &str, container: Container, volumes: Vec<V
         restart_policy: Some("Always".into()),
         enable_service_links: Some(false),
         termination_grace_period_seconds: Some(30),
-        // One worker per node: each pod takes all the GPUs of its node that the spec asks for.
-        affinity: Some(Affinity {
-            pod_anti_affinity: Some(PodAntiAffinity {
-                required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
-                    label_selector: Some(LabelSelector {
-                        match_labels: Some(BTreeMap::from([(
-                            LABEL_DEPLOYMENT.to_string(),
-                            md.name_any(),
-                        )])),
-                        ..Default::default()
-                    }),
-                    topology_key: "kubernetes.io/hostname".into(),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+        affinity: Some(affinity(md)),
+        topology_spread_constraints: (!w.topology_spread_constraints.is_empty())
+            .then(|| w.topology_spread_constraints.clone()),
+        image_pull_secrets: (!w.image_pull_secrets.is_empty())
+            .then(|| w.image_pull_secrets.clone()),
+        scheduler_name: w.scheduler_name.clone(),
+        runtime_class_name: w.runtime_class_name.clone(),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             seccomp_profile: Some(SeccompProfile {
@@ -638,6 +741,33 @@ fn pod_spec(md: &MoEDeployment, name: &str, container: Container, volumes: Vec<V
         }),
         ..Default::default()
     }
+}
+
+/// The spec's affinity with the operator's rule added: one worker per node (each pod takes all the
+/// GPUs of its node that the spec asks for), a required pod anti-affinity that is always kept.
+fn affinity(md: &MoEDeployment) -> Affinity {
+    let ours = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                LABEL_DEPLOYMENT.to_string(),
+                md.name_any(),
+            )])),
+            ..Default::default()
+        }),
+        topology_key: "kubernetes.io/hostname".into(),
+        ..Default::default()
+    };
+    let mut a = md.spec.worker.affinity.clone().unwrap_or_default();
+    let anti = a
+        .pod_anti_affinity
+        .get_or_insert_with(PodAntiAffinity::default);
+    let required = anti
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(Vec::new);
+    if !required.contains(&ours) {
+        required.insert(0, ours);
+    }
+    a
 }
 
 /// Whether the deployment asks for process-backed worker pods (the e2e test hook).
@@ -651,6 +781,20 @@ pub fn process_backed(md: &MoEDeployment) -> bool {
 /// set, so a changed hash means the pod must be replaced (a Recreate rollout).
 pub fn spec_hash(spec: &PodSpec) -> String {
     let bytes = serde_json::to_vec(spec).unwrap_or_default();
+    hex::encode(Sha256::digest(&bytes))[..16].to_string()
+}
+
+/// [`spec_hash`] of the pod spec, with the spec's own pod labels and annotations folded in when
+/// there are any (so a pod without them keeps the hash it had before they existed).
+fn shaped_spec_hash(
+    spec: &PodSpec,
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> String {
+    if labels.is_empty() && annotations.is_empty() {
+        return spec_hash(spec);
+    }
+    let bytes = serde_json::to_vec(&(spec, labels, annotations)).unwrap_or_default();
     hex::encode(Sha256::digest(&bytes))[..16].to_string()
 }
 
@@ -1222,6 +1366,329 @@ worker:
             .unwrap()
             .insert(ANNOTATION_PROCESS_BACKED.into(), "false".into());
         assert!(!process_backed(&md));
+    }
+
+    /// A shaped deployment: every `spec.worker` pod field, as an author would write it.
+    fn shaped() -> MoEDeployment {
+        let mut md = deployment();
+        md.spec.worker = serde_yaml::from_str(
+            r#"
+image: moe-worker:dev
+env: [{name: RUST_LOG, value: debug}]
+nodeSelector: {gpu: h200}
+podLabels: {team: serving, example.com/tier: gold}
+podAnnotations: {example.com/owner: ml-platform}
+imagePullSecrets: [{name: regcred}]
+schedulerName: gang-scheduler
+runtimeClassName: nvidia
+priorityClassName: high
+affinity:
+  nodeAffinity:
+    requiredDuringSchedulingIgnoredDuringExecution:
+      nodeSelectorTerms:
+      - matchExpressions: [{key: gpu.product, operator: In, values: [H200]}]
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 10
+      podAffinityTerm: {topologyKey: zone, labelSelector: {matchLabels: {app: other}}}
+topologySpreadConstraints:
+- {maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: ScheduleAnyway,
+   labelSelector: {matchLabels: {moe.craft.dev/deployment: demo}}}
+volumes:
+- {name: scratch, emptyDir: {sizeLimit: 10Gi}}
+- {name: tokenizer, configMap: {name: tok}}
+volumeMounts:
+- {name: scratch, mountPath: /scratch}
+- {name: tokenizer, mountPath: /etc/tokenizer, readOnly: true}
+securityContext:
+  capabilities: {add: [NET_BIND_SERVICE]}
+  runAsUser: 1000
+  runAsGroup: 1000
+  readOnlyRootFilesystem: true
+"#,
+        )
+        .unwrap();
+        md
+    }
+
+    #[test]
+    fn a_shaped_pod_is_what_the_user_wrote_plus_what_the_operator_owns() {
+        let md = shaped();
+        let plain = worker_pod(&deployment(), &valid(&deployment()), 1, "h").unwrap();
+        let p = worker_pod(&md, &valid(&md), 1, "h").unwrap();
+        let labels = p.metadata.labels.as_ref().unwrap();
+        // Ours, all kept, and the user's beside them.
+        for (k, v) in plain.metadata.labels.as_ref().unwrap() {
+            assert_eq!(labels.get(k), Some(v), "{k}");
+        }
+        assert_eq!(labels["team"], "serving");
+        assert_eq!(labels["example.com/tier"], "gold");
+        let ann = p.metadata.annotations.as_ref().unwrap();
+        assert_eq!(ann["example.com/owner"], "ml-platform");
+        assert_eq!(ann[ANNOTATION_PLAN_HASH], "h");
+        // The shaping is part of the spec hash: changing it replaces the pods.
+        assert_ne!(
+            ann[ANNOTATION_SPEC_HASH],
+            plain.metadata.annotations.as_ref().unwrap()[ANNOTATION_SPEC_HASH]
+        );
+        let mut relabelled = md.clone();
+        relabelled
+            .spec
+            .worker
+            .pod_labels
+            .insert("team".into(), "research".into());
+        let q = worker_pod(&relabelled, &valid(&relabelled), 1, "h").unwrap();
+        assert_ne!(
+            q.metadata.annotations.as_ref().unwrap()[ANNOTATION_SPEC_HASH],
+            ann[ANNOTATION_SPEC_HASH]
+        );
+
+        let s = p.spec.as_ref().unwrap();
+        let ps = plain.spec.as_ref().unwrap();
+        assert_eq!(s.scheduler_name.as_deref(), Some("gang-scheduler"));
+        assert_eq!(s.runtime_class_name.as_deref(), Some("nvidia"));
+        assert_eq!(s.priority_class_name.as_deref(), Some("high"));
+        assert_eq!(s.image_pull_secrets.as_ref().unwrap()[0].name, "regcred");
+        assert_eq!(
+            s.topology_spread_constraints.as_ref().unwrap()[0].max_skew,
+            1
+        );
+        // Affinity: the user's node affinity and preferred anti-affinity, and our required term first.
+        let a = s.affinity.as_ref().unwrap();
+        assert!(a.node_affinity.is_some());
+        let anti = a.pod_anti_affinity.as_ref().unwrap();
+        assert_eq!(
+            anti.required_during_scheduling_ignored_during_execution,
+            ps.affinity
+                .as_ref()
+                .unwrap()
+                .pod_anti_affinity
+                .as_ref()
+                .unwrap()
+                .required_during_scheduling_ignored_during_execution
+        );
+        assert_eq!(
+            anti.preferred_during_scheduling_ignored_during_execution
+                .as_ref()
+                .unwrap()[0]
+                .weight,
+            10
+        );
+        // Volumes and mounts: ours first, unchanged, then the user's.
+        let vols: Vec<&str> = s
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(vols, ["plan", "admin-token", "shm", "scratch", "tokenizer"]);
+        assert_eq!(
+            s.volumes.as_ref().unwrap()[..3],
+            ps.volumes.as_ref().unwrap()[..]
+        );
+        let c = container(&p);
+        let mounts: Vec<(&str, &str)> = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("plan", "/etc/moe/plan"),
+                ("admin-token", "/etc/moe/admin"),
+                ("shm", "/dev/shm"),
+                ("scratch", "/scratch"),
+                ("tokenizer", "/etc/tokenizer")
+            ]
+        );
+        // Security: ours fixed, the user's added.
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(
+            caps.add.as_deref(),
+            Some(&["NET_BIND_SERVICE".to_string()][..])
+        );
+        assert_eq!(
+            (
+                sc.run_as_user,
+                sc.run_as_group,
+                sc.read_only_root_filesystem
+            ),
+            (Some(1000), Some(1000), Some(true))
+        );
+        assert_eq!(s.security_context, ps.security_context);
+        // Everything else is what the unshaped pod has.
+        let mut rest = s.clone();
+        let mut prest = ps.clone();
+        for x in [&mut rest, &mut prest] {
+            x.affinity = None;
+            x.volumes = None;
+            x.scheduler_name = None;
+            x.runtime_class_name = None;
+            x.image_pull_secrets = None;
+            x.topology_spread_constraints = None;
+            x.containers[0].volume_mounts = None;
+            x.containers[0].security_context = None;
+        }
+        prest.priority_class_name = Some("high".into());
+        assert_eq!(rest, prest);
+        // And the pod passes the pod check under the default policy.
+        assert_eq!(
+            crate::api::pod_policy::check_pod(&p, &Default::default()),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn an_unshaped_pod_keeps_its_spec_hash_and_ipc_lock_comes_first() {
+        let md = deployment();
+        let p = worker_pod(&md, &valid(&md), 0, "h").unwrap();
+        assert_eq!(
+            p.metadata.annotations.as_ref().unwrap()[ANNOTATION_SPEC_HASH],
+            spec_hash(p.spec.as_ref().unwrap())
+        );
+        let mut md = shaped();
+        md.spec.data_plane.ipc_lock = true;
+        let p = worker_pod(&md, &valid_with(&md, true), 0, "h").unwrap();
+        let add = container(&p)
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref()
+            .unwrap()
+            .add
+            .clone();
+        assert_eq!(add.unwrap(), ["IPC_LOCK", "NET_BIND_SERVICE"]);
+    }
+
+    /// Every label, annotation, volume and mount path the operator puts on a worker pod is one a
+    /// spec is refused for: the owned names of `api::pod_shape` cover what build really writes.
+    #[test]
+    fn everything_build_owns_on_a_pod_is_refused_to_the_user() {
+        use crate::api::pod_shape::{check_pod_shape, owned_key};
+        use crate::api::{WorkerVolume, WorkerVolumeMount};
+        let mut md = deployment();
+        md.spec.model.checkpoint.volume = Some(CheckpointVolume {
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: "c".into(),
+                read_only: Some(true),
+            }),
+            host_path: None,
+        });
+        md.metadata.annotations =
+            Some([(ANNOTATION_PROCESS_BACKED.to_string(), "true".to_string())].into());
+        let p = worker_pod(&md, &valid(&md), 0, "h").unwrap();
+        let m = &p.metadata;
+        for k in m
+            .labels
+            .as_ref()
+            .unwrap()
+            .keys()
+            .chain(m.annotations.as_ref().unwrap().keys())
+        {
+            assert!(
+                owned_key(k),
+                "{k} is set by build but not refused by pod_shape"
+            );
+        }
+        let s = p.spec.as_ref().unwrap();
+        for v in s.volumes.as_ref().unwrap() {
+            let mut spec = md.spec.clone();
+            spec.worker.volumes = vec![WorkerVolume {
+                name: v.name.clone(),
+                empty_dir: Some(Default::default()),
+                ..Default::default()
+            }];
+            assert!(!check_pod_shape(&spec).is_empty(), "volume {}", v.name);
+        }
+        for vm in container(&p).volume_mounts.as_ref().unwrap() {
+            let mut spec = md.spec.clone();
+            spec.worker.volumes = vec![WorkerVolume {
+                name: "mine".into(),
+                empty_dir: Some(Default::default()),
+                ..Default::default()
+            }];
+            spec.worker.volume_mounts = vec![WorkerVolumeMount {
+                name: "mine".into(),
+                mount_path: vm.mount_path.clone(),
+                ..Default::default()
+            }];
+            let e = check_pod_shape(&spec);
+            assert_eq!(e.len(), 1, "mount path {}: {e:?}", vm.mount_path);
+        }
+    }
+
+    /// `scheduling.gang`: Kueue's pod-group labels and annotation, or scheduler-plugins' PodGroup
+    /// (minMember = the group's size) with the pods labelled for it; nothing for None and Guard.
+    #[test]
+    fn gang_schedulers_get_what_they_read() {
+        let mut md = deployment();
+        md.spec.scheduling.gang = Some(Gang::Kueue);
+        md.spec.scheduling.queue_name = Some("gpu-queue".into());
+        let v = valid(&md);
+        let d = build(&md, &v, &plan(&md), "t").unwrap();
+        assert!(d.pod_group.is_none());
+        for p in &d.pods {
+            let l = p.metadata.labels.as_ref().unwrap();
+            assert_eq!(l[KUEUE_POD_GROUP_NAME], "demo-workers");
+            assert_eq!(l[KUEUE_QUEUE_NAME], "gpu-queue");
+            assert_eq!(
+                p.metadata.annotations.as_ref().unwrap()[KUEUE_POD_GROUP_TOTAL_COUNT],
+                "2"
+            );
+            assert!(!l.contains_key(POD_GROUP_LABEL));
+        }
+        md.spec.scheduling = crate::api::SchedulingSpec {
+            gang: Some(Gang::PodGroup),
+            queue_name: None,
+            timeout: Some("90s".into()),
+        };
+        let v = valid(&md);
+        let d = build(&md, &v, &plan(&md), "t").unwrap();
+        let pg = d.pod_group.as_ref().unwrap();
+        assert_eq!(pg.metadata.name.as_deref(), Some("demo-workers"));
+        assert_eq!(pg.metadata.namespace.as_deref(), Some("ml"));
+        assert_eq!(
+            pg.metadata.owner_references.as_ref().unwrap()[0].name,
+            "demo"
+        );
+        assert_eq!(pg.data["spec"]["minMember"], 2);
+        assert_eq!(pg.data["spec"]["scheduleTimeoutSeconds"], 90);
+        let json = serde_json::to_value(pg).unwrap();
+        assert_eq!(json["apiVersion"], "scheduling.x-k8s.io/v1alpha1");
+        assert_eq!(json["kind"], "PodGroup");
+        for p in &d.pods {
+            let l = p.metadata.labels.as_ref().unwrap();
+            assert_eq!(l[POD_GROUP_LABEL], "demo-workers");
+            assert!(!l.contains_key(KUEUE_POD_GROUP_NAME));
+        }
+        // Switching the gang replaces the pods (their keys are part of the spec hash).
+        let kueue_hash = {
+            let mut k = md.clone();
+            k.spec.scheduling.gang = Some(Gang::Kueue);
+            k.spec.scheduling.queue_name = Some("q".into());
+            build(&k, &valid(&k), &plan(&k), "t").unwrap().pods[0].annotations()
+                [ANNOTATION_SPEC_HASH]
+                .clone()
+        };
+        assert_ne!(d.pods[0].annotations()[ANNOTATION_SPEC_HASH], kueue_hash);
+        for g in [Gang::None, Gang::Guard] {
+            md.spec.scheduling = crate::api::SchedulingSpec {
+                gang: Some(g),
+                ..Default::default()
+            };
+            let d = build(&md, &valid(&md), &plan(&md), "t").unwrap();
+            assert!(d.pod_group.is_none());
+            let l = d.pods[0].metadata.labels.as_ref().unwrap();
+            assert!(!l.keys().any(|k| k.contains("x-k8s.io")), "{l:?}");
+        }
     }
 
     #[test]

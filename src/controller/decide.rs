@@ -11,6 +11,7 @@ use kube::ResourceExt;
 
 use super::build::{self, Desired, ANNOTATION_SPEC_HASH};
 use super::fetch::Fetched;
+use super::gang::{self, Guard, Placement};
 use super::initial_load::initial_load_window;
 use super::observe::Observed;
 use super::ranks::{self, RankFailure};
@@ -21,8 +22,8 @@ use super::status::{plan_status, set_condition, workers_status};
 use crate::api::pod_policy::{check_pod, PodPolicy};
 use crate::api::validate::{FieldError, LoadSource, ValidSpec};
 use crate::api::{
-    condition, reason, MoEDeployment, MoEDeploymentStatus, ObservedLoad, ReplicationPolicy,
-    RolloutStatus,
+    condition, reason, Gang, GangStatus, MoEDeployment, MoEDeploymentStatus, ObservedLoad,
+    ReplicationPolicy, RolloutStatus, WorkersStatus,
 };
 use crate::plan::balance::evaluate;
 use crate::plan::planner::{make_plan, moe_layer_ids};
@@ -65,12 +66,24 @@ impl Note {
     }
 }
 
+/// Why a step deletes pods, for the Events that say so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteCause {
+    /// Replacing outdated pods (a Recreate rollout, an expired push, extra ranks).
+    Replace,
+    /// `spec.suspend`: every worker goes, none comes back until it is false again.
+    Suspend,
+    /// The gang guard releases a group it could not schedule whole.
+    GangRelease,
+}
+
 /// The rollout to carry out: the objects to apply, then the step's deletes, creates and pushes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rollout {
     pub desired: Desired,
     pub plan: ExpertPlan,
     pub step: Step,
+    pub cause: DeleteCause,
     /// The rank failure the step restarts the worker group for (its deletes are every pod).
     pub group_restart: Option<RankFailure>,
     /// The admin token the pushes carry, and the port they go to.
@@ -276,9 +289,162 @@ pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
         d.replans = replans;
         return Ok(d);
     }
+    if md.spec.suspend {
+        let mut d = suspend(inp, desired, plan, status, events);
+        d.replans = replans;
+        return Ok(d);
+    }
+    let was_suspended = old
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition::SUSPENDED && c.status == "True");
+    if was_suspended {
+        events.push(Note::normal(
+            reason::RESUMED,
+            format!(
+                "spec.suspend is false: bringing back {} worker(s) on plan {}",
+                spec.nodes,
+                plan.short_hash()
+            ),
+        ));
+    }
+    // The condition appears with the first suspension and stays (False, Resumed) after it.
+    if status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition::SUSPENDED)
+    {
+        set_condition(
+            &mut status.conditions,
+            condition::SUSPENDED,
+            false,
+            reason::RESUMED,
+            "the workers were brought back after spec.suspend",
+            gen,
+            inp.now,
+        );
+    }
     let mut d = roll(inp, desired, plan, status, events);
     d.replans = replans;
     Ok(d)
+}
+
+/// `spec.suspend`: the owned objects stay as they are (the plan's ConfigMap keeps the plan the
+/// workers come back on), every worker pod is deleted in one step (all at once, so no rank sees
+/// a peer go and fails: there is no group restart), none is created, and the status says so.
+fn suspend(
+    inp: &Inputs<'_>,
+    desired: Desired,
+    plan: ExpertPlan,
+    mut status: MoEDeploymentStatus,
+    mut events: Vec<Note>,
+) -> Decision {
+    let (md, spec, fetched) = (inp.md, inp.spec, inp.fetched);
+    let gen = md.metadata.generation;
+    let workers: Vec<WorkerState> = fetched
+        .pods
+        .iter()
+        .filter_map(|p| WorkerState::from_pod(p, None))
+        .collect();
+    let live: Vec<u32> = {
+        let mut r: Vec<u32> = workers
+            .iter()
+            .filter(|w| !w.terminating)
+            .map(|w| w.rank)
+            .collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    };
+    let left = workers.len();
+    let message = if left == 0 {
+        format!("spec.suspend: no workers; plan {} kept", plan.short_hash())
+    } else {
+        format!(
+            "spec.suspend: {left} worker pod(s) going away; plan {} kept",
+            plan.short_hash()
+        )
+    };
+    let was = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition::SUSPENDED && c.status == "True");
+    if !was {
+        events.push(Note::normal(
+            reason::SUSPENDED,
+            format!(
+                "spec.suspend is true: deleting {} worker pod(s); plan {} is kept for the resume",
+                live.len(),
+                plan.short_hash()
+            ),
+        ));
+    }
+    let cs = &mut status.conditions;
+    set_condition(
+        cs,
+        condition::SUSPENDED,
+        true,
+        reason::SUSPENDED,
+        &message,
+        gen,
+        inp.now,
+    );
+    set_condition(
+        cs,
+        condition::READY,
+        false,
+        reason::SUSPENDED,
+        &message,
+        gen,
+        inp.now,
+    );
+    set_condition(
+        cs,
+        condition::PROGRESSING,
+        left > 0,
+        reason::SUSPENDED,
+        &message,
+        gen,
+        inp.now,
+    );
+    set_condition(
+        cs,
+        condition::DEGRADED,
+        false,
+        reason::SPEC_VALID,
+        "",
+        gen,
+        inp.now,
+    );
+    let ready = workers.iter().filter(|w| w.ready && !w.terminating).count() as i32;
+    status.workers = Some(WorkersStatus {
+        desired: 0,
+        ready,
+        on_current_plan: 0,
+        summary: format!("{ready}/0"),
+    });
+    status.observed_generation = gen;
+    let step = Step {
+        delete: live,
+        done: left == 0,
+        ..Default::default()
+    };
+    Decision {
+        events,
+        status: (status != fetched.status).then_some(status),
+        rollout: Some(Rollout {
+            desired,
+            plan: plan.clone(),
+            step,
+            cause: DeleteCause::Suspend,
+            group_restart: None,
+            token: fetched.token.clone(),
+            admin_port: spec.ports.admin,
+        }),
+        balancedness: gauge(&plan),
+        requeue: if left > 0 { BUSY_REQUEUE } else { HELD_RETRY },
+        replans: Vec::new(),
+    }
 }
 
 /// The plan's predicted balancedness, which the operator's gauge reports.
@@ -401,12 +567,18 @@ fn choose_plan(
             p
         }
     };
-    let plan = match replan(inp, &plan, status, events) {
-        Some((v, candidate)) => {
-            verdicts.push(v);
-            candidate.unwrap_or(plan)
+    // Suspended: the plan in force stays, so the workers come back on it (nothing is measured
+    // meanwhile anyway).
+    let plan = if md.spec.suspend {
+        plan
+    } else {
+        match replan(inp, &plan, status, events) {
+            Some((v, candidate)) => {
+                verdicts.push(v);
+                candidate.unwrap_or(plan)
+            }
+            None => plan,
         }
-        None => plan,
     };
     if status.plan.as_ref().map(|p| p.hash.as_str()) != Some(plan.hash.as_str()) {
         status.plan = Some(plan_status(&plan, None, Some(inp.now.clone())));
@@ -456,11 +628,11 @@ fn replan(
     let cand_b = evaluate(&candidate, w)
         .map(|e| e.balancedness)
         .unwrap_or(0.0);
-    status.observed = Some(ObservedLoad {
-        balancedness: Some(cur_b),
-        tokens: w.total_tokens() as i64,
-        window_batches: w.batches() as i64,
-    });
+    status.observed = Some(ObservedLoad::new(
+        Some(cur_b),
+        w.total_tokens() as i64,
+        w.batches() as i64,
+    ));
     let rolled_out_at_s = status
         .plan
         .as_ref()
@@ -535,6 +707,14 @@ fn rank_failed_message(status: &MoEDeploymentStatus) -> String {
         .unwrap_or_default()
 }
 
+/// Whether the Degraded condition is True for `why`.
+fn is_degraded_for(status: &MoEDeploymentStatus, why: &str) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition::DEGRADED && c.status == "True" && c.reason == why)
+}
+
 /// The rollout's next step on the cluster's state, and the status that reports it.
 fn roll(
     inp: &Inputs<'_>,
@@ -577,10 +757,77 @@ fn roll(
     // A failed rank restarts the whole group instead of this step (docs/data-plane.md).
     let live = workers.iter().filter(|w| !w.terminating).count();
     let group_restart = rank_failure(inp, &mut status, &mut events, live);
-    let step = match &group_restart {
+    let mut step = match &group_restart {
         Some(_) => ranks::restart_step(&workers, nodes),
         None => next_step(&goal, &workers),
     };
+    // The gang guard: a group not scheduled whole in time is released (every pod deleted), and
+    // nothing is created while it backs off.
+    let mut cause = DeleteCause::Replace;
+    let mut unschedulable: Option<String> = None;
+    if spec.gang.gang == Gang::Guard && group_restart.is_none() {
+        let placements: Vec<Placement> = fetched
+            .pods
+            .iter()
+            .filter_map(Placement::from_pod)
+            .collect();
+        let guard = Guard {
+            nodes,
+            gpus_per_node: spec.gpus_per_node,
+            timeout_s: spec.gang.timeout.as_secs() as i64,
+            now_s: inp.now_s as i64,
+            released_at_s: status.gang.as_ref().map(|g| g.released_at.0.as_second()),
+        };
+        match guard.check(&placements) {
+            // A new attempt after a release stays Unschedulable until the group is whole.
+            gang::Verdict::Whole | gang::Verdict::Waiting => {
+                let placed = placements
+                    .iter()
+                    .filter(|p| !p.terminating && p.placed && p.rank < nodes)
+                    .count();
+                if placed as u32 >= nodes {
+                    status.gang = None;
+                } else if let Some(g) = &status.gang {
+                    unschedulable = Some(format!("{}; trying again", g.message));
+                }
+            }
+            gang::Verdict::Release { ranks, message } => {
+                let unscheduled = placements
+                    .iter()
+                    .filter(|p| !p.terminating && !p.placed && p.rank < nodes)
+                    .count() as i32;
+                events.push(Note::warning(reason::UNSCHEDULABLE, message.clone()));
+                status.gang = Some(GangStatus {
+                    released_at: inp.now.clone(),
+                    unscheduled_pods: unscheduled,
+                    missing_gpus: i64::from(unscheduled) * i64::from(spec.gpus_per_node),
+                    message: message.clone(),
+                });
+                step = Step {
+                    delete: ranks,
+                    ..Default::default()
+                };
+                cause = DeleteCause::GangRelease;
+                unschedulable = Some(message);
+            }
+            gang::Verdict::Unschedulable { message } => {
+                if !is_degraded_for(&status, reason::UNSCHEDULABLE) {
+                    events.push(Note::warning(reason::UNSCHEDULABLE, message.clone()));
+                }
+                unschedulable = Some(message);
+            }
+            gang::Verdict::BackingOff { message, .. } => {
+                step.create.clear();
+                step.done = false;
+                let last = status
+                    .gang
+                    .as_ref()
+                    .map(|g| g.message.clone())
+                    .unwrap_or_default();
+                unschedulable = Some(format!("{last}; {message}"));
+            }
+        }
+    }
     status.workers = Some(workers_status(nodes, &workers, &step));
     status.rollout = Some(RolloutStatus {
         target_hash: plan.hash.clone(),
@@ -615,6 +862,10 @@ fn roll(
     let rank_message = rank_failed_message(&status);
     let cs = &mut status.conditions;
     let degraded = condition::DEGRADED;
+    let (ready_reason, message) = match &unschedulable {
+        Some(m) if !step.done => (reason::UNSCHEDULABLE, m.clone()),
+        _ => (ready_reason, message),
+    };
     // The load source as the spec configures it does not work (credentials, CA): Degraded with
     // the field to fix, while the workers keep serving the plan in force. Between two readings
     // of the source the last one's verdict stands.
@@ -629,7 +880,9 @@ fn roll(
     };
     let source_verdict_stands =
         !inp.observed.fresh && SOURCE_DEGRADED_REASONS.iter().any(|r| degraded_now(r, ""));
-    if rank_failed {
+    if let (Some(m), false) = (&unschedulable, rank_failed) {
+        set_condition(cs, degraded, true, reason::UNSCHEDULABLE, m, gen, inp.now);
+    } else if rank_failed {
         set_condition(
             cs,
             degraded,
@@ -682,6 +935,7 @@ fn roll(
             desired,
             plan,
             step,
+            cause,
             group_restart,
             token: fetched.token.clone(),
             admin_port: spec.ports.admin,

@@ -6,6 +6,7 @@ pub mod apply;
 pub mod build;
 pub mod decide;
 pub mod fetch;
+pub mod gang;
 pub mod initial_load;
 pub mod leader;
 pub mod load;

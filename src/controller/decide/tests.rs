@@ -256,7 +256,13 @@ fn a_better_plan_rolls_in_place_one_worker_at_a_time_after_the_cooldown() {
     );
     assert!(d.events.is_empty(), "{:?}", d.events);
     assert_eq!(d.rollout.as_ref().unwrap().plan.hash, plan.hash);
-    assert!(d.status.as_ref().unwrap().observed.is_some());
+    let o = d.status.as_ref().unwrap().observed.clone().unwrap();
+    // The printer column's text is the number with 3 digits.
+    assert_eq!(
+        o.balancedness_text.as_deref(),
+        Some(format!("{:.3}", o.balancedness.unwrap()).as_str())
+    );
+    assert_eq!(o.balancedness_text.as_ref().unwrap().len(), 5);
     assert_eq!(verdicts(&d), vec![("kept", reason::COOLING_DOWN)]);
     // Past it: the candidate rolls out, one worker pushed at a time (maxUnavailable 1).
     status.plan.as_mut().unwrap().computed_at = Some(t(NOW - 301));
@@ -919,4 +925,279 @@ fn a_restarted_group_is_degraded_until_every_worker_is_back() {
     assert_eq!(cond(&s, condition::DEGRADED), ("False", reason::SPEC_VALID));
     assert_eq!(cond(&s, condition::READY), ("True", reason::WORKERS_READY));
     assert_eq!(s.rank_failure.unwrap().rank, 1);
+}
+
+/// `spec.suspend`: every worker deleted in one step and none created, the plan kept (no re-plan,
+/// even on a window that would give a better one), `Suspended` and the status kept; then resumed
+/// on the same plan, with no re-plan because of the resume.
+#[test]
+fn suspend_deletes_every_worker_at_once_keeps_the_plan_and_resumes_on_it() {
+    let mut md = deployment("{replication: {budget: {replicasPerGpu: 2}, cooldown: 1s}}");
+    let spec = spec_of(&md);
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let (pods, scraped) = running(&first, &plan.hash);
+    let ready = run(
+        &md,
+        &fetched(
+            first.status.clone().unwrap(),
+            Some(plan.clone()),
+            pods.clone(),
+        ),
+        &Observed {
+            scraped: scraped.clone(),
+            fresh: true,
+            ..Default::default()
+        },
+    );
+    let status = ready.status.clone().unwrap();
+    assert_eq!(
+        cond(&status, condition::READY),
+        ("True", reason::WORKERS_READY)
+    );
+    // A skewed window past the cooldown: unsuspended, this re-plans (PlanImproved).
+    let skew = Observed {
+        scraped,
+        window: Some(skewed(&spec)),
+        window_changed: true,
+        fresh: true,
+        ..Default::default()
+    };
+    let later = NOW + 600;
+    let unsuspended = run_with(
+        &md,
+        &fetched(status.clone(), Some(plan.clone()), pods.clone()),
+        &skew,
+        &PodPolicy::default(),
+        later,
+    );
+    assert_eq!(reasons(&unsuspended), vec![reason::PLAN_IMPROVED]);
+
+    md.spec.suspend = true;
+    let d = run_with(
+        &md,
+        &fetched(status.clone(), Some(plan.clone()), pods.clone()),
+        &skew,
+        &PodPolicy::default(),
+        later,
+    );
+    assert_eq!(reasons(&d), vec![reason::SUSPENDED]);
+    let r = d.rollout.as_ref().unwrap();
+    assert_eq!(r.plan.hash, plan.hash, "no re-plan while suspended");
+    assert_eq!(r.cause, DeleteCause::Suspend);
+    assert_eq!(r.step.delete, vec![0, 1], "every worker in one step");
+    assert!(r.step.create.is_empty() && r.step.push.is_empty() && r.group_restart.is_none());
+    let s = d.status.clone().unwrap();
+    assert_eq!(cond(&s, condition::SUSPENDED), ("True", reason::SUSPENDED));
+    assert_eq!(cond(&s, condition::READY), ("False", reason::SUSPENDED));
+    assert_eq!(
+        cond(&s, condition::PROGRESSING),
+        ("True", reason::SUSPENDED)
+    );
+    assert_eq!(cond(&s, condition::DEGRADED).0, "False");
+    assert_eq!(s.plan, status.plan, "status.plan kept");
+    assert_eq!(s.workers.as_ref().unwrap().desired, 0);
+    assert_eq!(d.requeue, BUSY_REQUEUE);
+
+    // The pods terminating, their ranks failing on the way out: nothing deleted twice, no group
+    // restart, no Event.
+    let now = t(later);
+    let going: Vec<Pod> = pods
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            p.metadata.deletion_timestamp = Some(now.clone());
+            p
+        })
+        .collect();
+    let d2 = run_with(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), going),
+        &fresh(),
+        &PodPolicy::default(),
+        later + 1,
+    );
+    assert!(d2.events.is_empty(), "{:?}", d2.events);
+    let r2 = d2.rollout.as_ref().unwrap();
+    assert!(r2.step.delete.is_empty() && r2.step.create.is_empty() && r2.group_restart.is_none());
+    // All gone: done, nothing to do, the plan still stored.
+    let s2 = d2.status.clone().unwrap_or(s);
+    let d3 = run_with(
+        &md,
+        &fetched(s2.clone(), Some(plan.clone()), vec![]),
+        &fresh(),
+        &PodPolicy::default(),
+        later + 30,
+    );
+    let r3 = d3.rollout.as_ref().unwrap();
+    assert!(r3.step.done && r3.step.create.is_empty());
+    assert_eq!(
+        r3.desired.plan_config_map.data.as_ref().unwrap()[build::HASH_KEY],
+        plan.hash
+    );
+    let s3 = d3.status.clone().unwrap_or(s2);
+    assert_eq!(
+        cond(&s3, condition::PROGRESSING),
+        ("False", reason::SUSPENDED)
+    );
+    assert_eq!(cond(&s3, condition::READY), ("False", reason::SUSPENDED));
+    assert_eq!(s3.workers.as_ref().unwrap().summary, "0/0");
+    assert_eq!(d3.requeue, HELD_RETRY);
+
+    // Resume: the same plan, every worker created, Suspended=False (Resumed).
+    md.spec.suspend = false;
+    let d4 = run_with(
+        &md,
+        &fetched(s3.clone(), Some(plan.clone()), vec![]),
+        &fresh(),
+        &PodPolicy::default(),
+        later + 60,
+    );
+    assert_eq!(reasons(&d4), vec![reason::RESUMED]);
+    let r4 = d4.rollout.as_ref().unwrap();
+    assert_eq!(r4.plan.hash, plan.hash, "resumed on the plan it had");
+    assert_eq!(r4.step.create, vec![0, 1]);
+    assert_eq!(
+        r4.desired.pods,
+        first.rollout.as_ref().unwrap().desired.pods,
+        "the same pods as before"
+    );
+    let s4 = d4.status.clone().unwrap();
+    assert_eq!(cond(&s4, condition::SUSPENDED), ("False", reason::RESUMED));
+    assert_eq!(cond(&s4, condition::READY), ("False", reason::ROLLING_OUT));
+    assert_eq!(s4.plan, status.plan);
+    // A deployment never suspended has no Suspended condition.
+    assert!(status
+        .conditions
+        .iter()
+        .all(|c| c.type_ != condition::SUSPENDED));
+}
+
+/// `scheduling.gang: Guard` (the default with an EP group): a group one pod short of whole past
+/// `scheduling.timeout` is released with Unschedulable naming the GPUs missing, backs off, tries
+/// again, and clears once whole.
+#[test]
+fn the_gang_guard_releases_a_partly_scheduled_group_and_backs_off() {
+    let md = deployment("{dataPlane: {transport: tcp}, worker: {image: 'moe-worker:dev', device: cpu}, scheduling: {timeout: 60s}}");
+    assert_eq!(
+        spec_of(&md).gang.gang,
+        crate::api::Gang::Guard,
+        "the default with a group"
+    );
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let status = first.status.clone().unwrap();
+    let placed = |rank: usize, node: Option<&str>, created: i64| {
+        let mut p = first.rollout.as_ref().unwrap().desired.pods[rank].clone();
+        p.metadata.creation_timestamp = Some(t(created));
+        p.spec.as_mut().unwrap().node_name = node.map(str::to_string);
+        if node.is_none() {
+            p.status = Some(PodStatus {
+                conditions: Some(vec![PodCondition {
+                    type_: "PodScheduled".into(),
+                    status: "False".into(),
+                    reason: Some("Unschedulable".into()),
+                    message: Some(
+                        "0/1 nodes are available: 1 node(s) didn't match pod anti-affinity rules."
+                            .into(),
+                    ),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            });
+        }
+        p
+    };
+    let pods = vec![
+        placed(0, Some("node-0"), NOW - 30),
+        placed(1, None, NOW - 30),
+    ];
+    // Within the timeout: waiting, not degraded.
+    let d = run(
+        &md,
+        &fetched(status.clone(), Some(plan.clone()), pods.clone()),
+        &fresh(),
+    );
+    assert!(d.rollout.as_ref().unwrap().step.delete.is_empty());
+    assert_eq!(
+        cond(d.status.as_ref().unwrap_or(&status), condition::DEGRADED).0,
+        "False"
+    );
+    // Past it: every pod deleted, Unschedulable with the missing GPUs.
+    let d = run_with(
+        &md,
+        &fetched(status.clone(), Some(plan.clone()), pods),
+        &fresh(),
+        &PodPolicy::default(),
+        NOW + 31,
+    );
+    assert_eq!(reasons(&d), vec![reason::UNSCHEDULABLE]);
+    let m = &d.events[0].message;
+    assert!(m.starts_with("1 of 2 worker pods not scheduled within 60s: 2 nvidia.com/gpu missing (1 unscheduled pod(s) x 2 requested each); the scheduler says: 0/1 nodes"), "{m}");
+    let r = d.rollout.as_ref().unwrap();
+    assert_eq!(
+        (r.step.delete.clone(), r.cause),
+        (vec![0, 1], DeleteCause::GangRelease)
+    );
+    assert!(r.step.create.is_empty());
+    let s = d.status.clone().unwrap();
+    assert_eq!(
+        cond(&s, condition::DEGRADED),
+        ("True", reason::UNSCHEDULABLE)
+    );
+    assert_eq!(cond(&s, condition::READY), ("False", reason::UNSCHEDULABLE));
+    let g = s.gang.clone().unwrap();
+    assert_eq!((g.unscheduled_pods, g.missing_gpus), (1, 2));
+    assert_eq!(s.plan, status.plan, "the plan is kept");
+    // Backing off: the pods gone, nothing created for the timeout.
+    let d = run_with(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), vec![]),
+        &fresh(),
+        &PodPolicy::default(),
+        NOW + 60,
+    );
+    let r = d.rollout.as_ref().unwrap();
+    assert!(
+        r.step.create.is_empty() && !r.step.done && d.events.is_empty(),
+        "{:?}",
+        r.step
+    );
+    let s = d.status.clone().unwrap_or(s);
+    assert_eq!(
+        cond(&s, condition::DEGRADED),
+        ("True", reason::UNSCHEDULABLE)
+    );
+    // After it: the whole group is created again, still Unschedulable until it is whole.
+    let d = run_with(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), vec![]),
+        &fresh(),
+        &PodPolicy::default(),
+        NOW + 92,
+    );
+    assert_eq!(d.rollout.as_ref().unwrap().step.create, vec![0, 1]);
+    let s = d.status.clone().unwrap_or(s);
+    assert_eq!(
+        cond(&s, condition::DEGRADED),
+        ("True", reason::UNSCHEDULABLE)
+    );
+    // Whole: cleared.
+    let pods = vec![
+        placed(0, Some("node-0"), NOW + 92),
+        placed(1, Some("node-1"), NOW + 92),
+    ];
+    let d = run_with(
+        &md,
+        &fetched(s.clone(), Some(plan.clone()), pods),
+        &fresh(),
+        &PodPolicy::default(),
+        NOW + 95,
+    );
+    let s = d.status.clone().unwrap();
+    assert_eq!(s.gang, None);
+    assert_eq!(cond(&s, condition::DEGRADED), ("False", reason::SPEC_VALID));
+    // Without a group the default is no gang: the same world is never released.
+    let plain = deployment("{}");
+    assert_eq!(spec_of(&plain).gang.gang, crate::api::Gang::None);
 }
