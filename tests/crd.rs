@@ -335,7 +335,8 @@ fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
 /// The chart's NetworkPolicy selects exactly the pods `controller::build` makes workers of, by
 /// their labels, and names their ports as build names them: the admin port only from the
 /// operator's own pods (the Deployment's pod labels, in the release namespace), the EP ranks' `ep`
-/// port only from worker pods of the namespace, dispatch and metrics from anywhere.
+/// ports (`ep`, `ep-1`, ... for local ranks past the first) only from worker pods of the
+/// namespace, dispatch and metrics from anywhere.
 #[test]
 fn network_policy_opens_the_admin_port_to_the_operator_only() {
     use moe_operator::api::MoEDeployment;
@@ -343,6 +344,9 @@ fn network_policy_opens_the_admin_port_to_the_operator_only() {
     let md: MoEDeployment = serde_yaml::from_str(&repo("examples/demo.yaml")).unwrap();
     let mut md = md;
     md.metadata.uid = Some("u".into());
+    // An EP group on nodes of the most GPUs a node may have: every rank port the policy names.
+    md.spec.data_plane.transport = moe_operator::api::Transport::Tcp;
+    md.spec.topology.gpus_per_node = moe_operator::plan::limits::MAX_GPUS_PER_NODE as i32;
     let policy = moe_operator::api::pod_policy::PodPolicy {
         host_path_prefixes: vec!["/var/lib/moe".into()],
         ..Default::default()
@@ -402,7 +406,10 @@ fn network_policy_opens_the_admin_port_to_the_operator_only() {
             assert_eq!(&operator_labels[k], v, "operator pods lack {k}");
         }
         // The EP ranks' port: from worker pods of the namespace only (the peers).
-        assert_eq!(names(&rules[1]), ["ep"]);
+        let ep: Vec<String> = std::iter::once("ep".to_string())
+            .chain((1..moe_operator::plan::limits::MAX_GPUS_PER_NODE).map(|i| format!("ep-{i}")))
+            .collect();
+        assert_eq!(names(&rules[1]), ep);
         let from = rules[1]["from"].as_array().unwrap();
         assert_eq!(from.len(), 1);
         assert!(from[0].get("namespaceSelector").is_none());

@@ -1029,11 +1029,40 @@ fn check_data_plane(spec: &MoEDeploymentSpec, errs: &mut Errors) -> Option<DataP
             format!("{} is not a port number (1..65535)", d.port),
         );
     }
+    // Local rank i of a worker listens at port + i (docs/data-plane.md): with a group, the whole
+    // range must stay clear of the worker's own ports and below 65536.
+    let ranks = if d.transport == Transport::None {
+        1
+    } else {
+        i64::from(spec.topology.gpus_per_node.max(1))
+    };
+    let last = i64::from(d.port) + ranks - 1;
+    if port.is_some() && ranks > 1 && last > 65535 {
+        ok = false;
+        err(
+            "spec.dataPlane.port",
+            format!(
+                "{}: a node's {ranks} ranks listen at {}..={last}, past 65535: give a lower port",
+                d.port, d.port
+            ),
+        );
+    }
     for (field, v) in [
         ("dispatch", w.ports.dispatch),
         ("metrics", w.ports.metrics),
         ("admin", w.ports.admin),
     ] {
+        let inside = (i64::from(d.port)..=last).contains(&i64::from(v));
+        if v != d.port && inside {
+            ok = false;
+            err(
+                "spec.dataPlane.port",
+                format!(
+                    "{}: a node's {ranks} ranks listen at {}..={last}, which holds worker.ports.{field} ({v}): move one of them",
+                    d.port, d.port
+                ),
+            );
+        }
         if v == d.port {
             ok = false;
             err(
@@ -1566,6 +1595,26 @@ worker: {image: "moe-worker:dev"}
                 |s| s.data_plane.port = 70000,
                 "spec.dataPlane.port",
                 "not a port number",
+            ),
+            (
+                "a node's rank ports reach a worker port",
+                |s| {
+                    s.data_plane.transport = Transport::Tcp;
+                    s.topology.gpus_per_node = 4;
+                    s.data_plane.port = s.worker.ports.admin - 2;
+                },
+                "spec.dataPlane.port",
+                "which holds worker.ports.admin",
+            ),
+            (
+                "a node's rank ports run past 65535",
+                |s| {
+                    s.data_plane.transport = Transport::Tcp;
+                    s.topology.gpus_per_node = 4;
+                    s.data_plane.port = 65534;
+                },
+                "spec.dataPlane.port",
+                "past 65535",
             ),
             (
                 "nccl on cpu",

@@ -443,6 +443,26 @@ pub fn worker_pod(
     })
 }
 
+/// The worker container's ports. With an EP group, local rank `i` of a node listens at
+/// `dataPlane.port + i`; ranks past the first get the named ports `ep-1`, `ep-2`, ..., so that the
+/// chart's NetworkPolicy (which admits them by name) lets peers reach every rank.
+fn worker_ports<P>(spec: &ValidSpec, port: impl Fn(&str, i32) -> P) -> Vec<P> {
+    let p = &spec.ports;
+    let ep = i32::from(spec.data_plane.port);
+    let mut out = vec![
+        port("dispatch", p.dispatch.into()),
+        port("metrics", p.metrics.into()),
+        port("admin", p.admin.into()),
+        port("ep", ep),
+    ];
+    if spec.data_plane.transport != crate::api::Transport::None {
+        for i in 1..spec.gpus_per_node {
+            out.push(port(&format!("ep-{i}"), ep + i as i32));
+        }
+    }
+    out
+}
+
 /// The data plane's environment of docs/data-plane.md ("Rank environment"); `$(POD_IP)` refers
 /// to the variable defined before it.
 fn data_plane_env(spec: &ValidSpec, rendezvous: &str) -> Vec<EnvVar> {
@@ -552,12 +572,7 @@ fn worker_container(
         command: Some(vec!["moe-worker".into()]),
         args: Some(args),
         env: Some(envs),
-        ports: Some(vec![
-            port("dispatch", p.dispatch),
-            port("metrics", p.metrics),
-            port("admin", p.admin),
-            port("ep", vspec.data_plane.port.into()),
-        ]),
+        ports: Some(worker_ports(vspec, |name, n| port(name, n))),
         resources: Some(resources),
         volume_mounts: Some(mounts),
         // A rank that fails writes `ep rank <r>: ...` to /dev/termination-log, which the operator
@@ -1086,6 +1101,12 @@ worker:
         ] {
             assert_eq!(env_of(&pod, name), None, "{name}");
         }
+        // No group, no rank ports past the first.
+        assert!(container(&pod)
+            .ports
+            .iter()
+            .flatten()
+            .all(|p| p.name.as_deref() != Some("ep-1")));
     }
 
     /// docs/data-plane.md's rank environment, the `ep` port on the pod and the Service, the
@@ -1135,6 +1156,26 @@ worker:
                 .find(|p| p.name.as_deref() == Some("ep"))
                 .unwrap();
             assert_eq!((ep.container_port, ep.host_port), (29500, None));
+            // Local rank i listens at port + i, named ep-i (the NetworkPolicy admits them).
+            let g = valid(&md).gpus_per_node as i32;
+            let eps: Vec<(String, i32)> = c
+                .ports
+                .iter()
+                .flatten()
+                .filter(|p| p.name.as_deref().is_some_and(|n| n.starts_with("ep")))
+                .map(|p| (p.name.clone().unwrap(), p.container_port))
+                .collect();
+            let want: Vec<(String, i32)> = (0..g)
+                .map(|i| {
+                    let name = if i == 0 {
+                        "ep".into()
+                    } else {
+                        format!("ep-{i}")
+                    };
+                    (name, 29500 + i)
+                })
+                .collect();
+            assert_eq!(eps, want);
             let shm = pod
                 .spec
                 .as_ref()
