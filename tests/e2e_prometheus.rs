@@ -383,17 +383,30 @@ async fn prometheus_source_and_kubectl_plugin() {
     })
     .await;
     eprintln!("kept re-plans counted: {kept}");
-    for (_, ip) in &running {
-        let r = WorkerClient::new()
-            .scrape(ip, 9401, Duration::from_secs(5))
-            .await
-            .expect("worker answers /metrics");
-        assert_eq!(
-            r.plan_hash.as_deref(),
-            Some(new_hash.as_str()),
-            "worker {ip}"
-        );
-    }
+    // The loadgen rounds of the wait above may have brought yet another re-plan (the load keeps
+    // moving): every worker serves the plan the status says is in force, once it has rolled out.
+    wait_for("every worker on the plan in force", long, || async {
+        let md = mds.get("tiny").await.map_err(|e| e.to_string())?;
+        let st = md.status.unwrap_or_default();
+        let in_force = st.plan.map(|p| p.hash).unwrap_or_default();
+        if in_force != new_hash {
+            eprintln!("re-planned again since: {in_force}");
+        }
+        for (_, ip) in &running {
+            let r = WorkerClient::new()
+                .scrape(ip, 9401, Duration::from_secs(5))
+                .await
+                .map_err(|e| format!("worker {ip}: {e}"))?;
+            if r.plan_hash.as_deref() != Some(in_force.as_str()) {
+                return Err(format!(
+                    "worker {ip} serves {:?}, the plan in force is {in_force}",
+                    r.plan_hash
+                ));
+            }
+        }
+        Ok(())
+    })
+    .await;
 
     // kubectl moe, found by kubectl on PATH as kubectl-moe (a link to moectl).
     let plugin_dir = plane.state.join("plugins");
