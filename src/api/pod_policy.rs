@@ -286,7 +286,8 @@ fn path_under(path: &str, prefix: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-fn is_dns_subdomain(s: &str) -> bool {
+/// A DNS subdomain (RFC 1123): what Kubernetes object names such as Secrets and ConfigMaps are.
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.split('.').all(|l| {

@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 
 use super::moedeployment::MoEDeploymentSpec;
+use super::pod_policy::is_dns_subdomain;
 use super::validate::FieldError;
 
 /// The operator's label and annotation domain: every `moe.craft.dev/` key on a worker pod is ours.
@@ -134,18 +135,6 @@ fn qualified_name_problem(key: &str) -> Option<&'static str> {
 
 fn is_label_value(v: &str) -> bool {
     v.is_empty() || (v.len() <= 63 && qualified_name_problem(v).is_none() && !v.contains('/'))
-}
-
-pub(crate) fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
 }
 
 /// Check `spec.worker`'s pod shaping for conflicts with what the operator owns and for what the

@@ -16,7 +16,7 @@ use super::moedeployment::{
     ReplicationPolicy, RolloutStrategy, Transport, WorkerDevice, BASIC_AUTH_PASSWORD_KEY,
     BASIC_AUTH_USERNAME_KEY, MAX_NCCL_ENV,
 };
-use super::pod_policy::{check_pod_policy, PodPolicy};
+use super::pod_policy::{check_pod_policy, is_dns_subdomain, PodPolicy};
 use super::pod_shape::check_pod_shape;
 use super::units::{parse_duration, parse_quantity};
 use crate::plan::craft::CraftOptions;
@@ -784,7 +784,7 @@ fn check_prometheus_access(p: &PrometheusSpec, errs: &mut Errors) {
         match (&a.bearer_token_secret, &a.basic_auth_secret) {
             (Some(b), None) => refs.push((format!("{path}.bearerTokenSecret"), b)),
             (None, Some(b)) => {
-                if !is_object_name(&b.name) {
+                if !is_dns_subdomain(&b.name) {
                     errs.push(
                         &format!("{path}.basicAuthSecret.name"),
                         format!(
@@ -819,7 +819,7 @@ fn check_prometheus_access(p: &PrometheusSpec, errs: &mut Errors) {
         }
     }
     for (path, r) in refs {
-        if !is_object_name(&r.name) {
+        if !is_dns_subdomain(&r.name) {
             errs.push(
                 &format!("{path}.name"),
                 format!(
@@ -843,19 +843,6 @@ fn check_prometheus_access(p: &PrometheusSpec, errs: &mut Errors) {
             );
         }
     }
-}
-
-/// A Secret's or ConfigMap's name: a DNS subdomain.
-fn is_object_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
 }
 
 /// The load window in metrics intervals, when it and the interval are valid.
