@@ -66,6 +66,35 @@ impl Drop for Plane {
     }
 }
 
+/// The hash of the plan in force by the deployment's status ("" before the first plan).
+async fn plan_in_force(mds: &Api<MoEDeployment>) -> String {
+    mds.get("tiny")
+        .await
+        .ok()
+        .and_then(|md| md.status?.plan)
+        .map(|p| p.hash)
+        .unwrap_or_default()
+}
+
+/// Runs `run` and returns the short hash of the plan in force around it with its output. The
+/// load keeps moving while Prometheus' rate window drains, so the operator may re-plan between
+/// any two reads: the plan is read before and after, and a change in between only retries.
+async fn stable_read(
+    mds: &Api<MoEDeployment>,
+    what: &str,
+    run: impl Fn() -> String,
+) -> (String, String) {
+    for _ in 0..10 {
+        let before = plan_in_force(mds).await;
+        let out = run();
+        if plan_in_force(mds).await == before && before.len() >= 12 {
+            return (before[..12].to_string(), out);
+        }
+        eprintln!("re-planned during {what}; reading again");
+    }
+    panic!("the plan in force kept changing during {what}");
+}
+
 fn run_ok(cmd: &mut Command, what: &str) -> String {
     let out = cmd
         .output()
@@ -431,19 +460,25 @@ async fn prometheus_source_and_kubectl_plugin() {
             &format!("kubectl moe {}", args.join(" ")),
         )
     };
-    let short = &new_hash[..12];
-    let status = moe(&["status", "-n", NS]);
+    // The load keeps moving while Prometheus' rate window drains, so the operator may re-plan
+    // between any two reads: each output is checked against the plan in force around it (read
+    // before and after; a change in between only retries).
+    let (short, status) =
+        stable_read(&mds, "kubectl moe status", || moe(&["status", "-n", NS])).await;
     eprintln!("kubectl moe status:\n{status}");
     let line = status
         .lines()
         .find(|l| l.starts_with("tiny "))
         .unwrap_or_else(|| panic!("no line for tiny:\n{status}"));
-    for want in ["True", short, "craft", "2/2"] {
+    for want in ["True", short.as_str(), "craft", "2/2"] {
         assert!(line.contains(want), "{want} missing: {line}");
     }
     let all = moe(&["status", "-A"]);
     assert!(all.starts_with("NAMESPACE") && all.contains("ml "), "{all}");
-    let plan = moe(&["plan", "tiny", "-n", NS]);
+    let (short, plan) = stable_read(&mds, "kubectl moe plan", || {
+        moe(&["plan", "tiny", "-n", NS])
+    })
+    .await;
     eprintln!("kubectl moe plan tiny:\n{plan}");
     assert!(
         plan.starts_with(&format!("Plan {short} (craft) of ml/tiny")),
@@ -462,25 +497,36 @@ async fn prometheus_source_and_kubectl_plugin() {
     // The trace replayed on the plan gives a per-layer balancedness for both layers.
     let replayed = moe(&["plan", "tiny", "-n", NS, "--load", trace.to_str().unwrap()]);
     assert!(replayed.contains("Replayed:   balancedness"), "{replayed}");
-    let explain = moe(&["explain", "tiny", "-n", NS]);
+    // A re-plan just made is still rolling out: the explanation is read again until the
+    // rollout it reports is complete (the other lines hold in every read).
+    let explain = wait_for(
+        "kubectl moe explain with the rollout complete",
+        long,
+        || async {
+            let explain = moe(&["explain", "tiny", "-n", NS]);
+            for want in ["Conditions:", "MetricsAvailable", "PlanImproved"] {
+                assert!(explain.contains(want), "{want} missing:\n{explain}");
+            }
+            if explain.contains("last re-plan rolled out") && explain.contains("complete") {
+                Ok(explain)
+            } else {
+                Err(format!("rollout not complete yet:\n{explain}"))
+            }
+        },
+    )
+    .await;
     eprintln!("kubectl moe explain tiny:\n{explain}");
-    for want in [
-        "Conditions:",
-        "MetricsAvailable",
-        "PlanImproved",
-        "last re-plan rolled out",
-        "complete",
-    ] {
-        assert!(explain.contains(want), "{want} missing:\n{explain}");
-    }
     // Direct invocation with --kubeconfig (no KUBECONFIG) works the same way.
-    let direct = run_ok(
-        Command::new(plugin_dir.join("kubectl-moe"))
-            .args(["--kubeconfig", kc.to_str().unwrap(), "-n", NS, "status"])
-            .env_remove("KUBECONFIG"),
-        "kubectl-moe --kubeconfig",
-    );
-    assert!(direct.contains(short), "{direct}");
+    let (short, direct) = stable_read(&mds, "kubectl-moe --kubeconfig status", || {
+        run_ok(
+            Command::new(plugin_dir.join("kubectl-moe"))
+                .args(["--kubeconfig", kc.to_str().unwrap(), "-n", NS, "status"])
+                .env_remove("KUBECONFIG"),
+            "kubectl-moe --kubeconfig",
+        )
+    })
+    .await;
+    assert!(direct.contains(&short), "{direct}");
     let missing = Command::new(plugin_dir.join("kubectl-moe"))
         .args([
             "--kubeconfig",
@@ -523,10 +569,14 @@ async fn prometheus_source_and_kubectl_plugin() {
         operator_metric(metrics_port, failures).await >= Some(1.0),
         "{failures}"
     );
-    let md = mds.get("tiny").await.unwrap();
+    // No load is read from now on, so nothing may change the plan: it stays over several
+    // metrics intervals (2 s each).
+    let kept_plan = plan_in_force(&mds).await;
+    assert!(!kept_plan.is_empty());
+    tokio::time::sleep(Duration::from_secs(7)).await;
     assert_eq!(
-        md.status.and_then(|s| s.plan).map(|p| p.hash),
-        Some(new_hash.clone()),
+        plan_in_force(&mds).await,
+        kept_plan,
         "the plan in force is kept"
     );
     let explain = moe(&["explain", "tiny", "-n", NS]);
