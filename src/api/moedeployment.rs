@@ -82,6 +82,12 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
         "reason": "FieldValueInvalid"
     },
     {
+        "rule": "!has(self.engine) || (has(self.metrics) && has(self.metrics.source) && self.metrics.source == 'Prometheus')",
+        "message": "engine pods serve the engine's metrics, not moe-worker's: set metrics.source to Prometheus with a query over the engine's per-expert metric (docs/engines.md)",
+        "fieldPath": ".metrics.source",
+        "reason": "FieldValueInvalid"
+    },
+    {
         "rule": "self.rollout.maxUnavailable <= self.topology.nodes",
         "message": "rollout.maxUnavailable must not exceed topology.nodes (there is one worker pod per node)",
         "fieldPath": ".rollout.maxUnavailable",
@@ -126,6 +132,78 @@ pub struct MoEDeploymentSpec {
     /// "Gang scheduling").
     #[serde(default)]
     pub scheduling: SchedulingSpec,
+    /// Run a serving engine (SGLang or vLLM) in the worker pods instead of `moe-worker`, started
+    /// on the plan in the engine's layout format (docs/engines.md). The pods keep everything of
+    /// `worker` (image, resources, volumes, scheduling); the engine reads no plan at run time, so
+    /// a new plan replaces the pods (Recreate) under `rollout.maxUnavailable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineSpec>,
+}
+
+/// Which engine the worker pods run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum EngineKind {
+    /// `--init-expert-location` with `physical_to_logical_map`, one row per decoder layer.
+    SGLang,
+    /// `--eplb-config`'s `initial_expert_map_path`, one row per MoE layer.
+    VLLM,
+}
+
+impl EngineKind {
+    /// The planner's name for it.
+    pub fn engine(self) -> crate::plan::engines::Engine {
+        match self {
+            EngineKind::SGLang => crate::plan::engines::Engine::Sglang,
+            EngineKind::VLLM => crate::plan::engines::Engine::Vllm,
+        }
+    }
+
+    /// The engine's own default HTTP port (`sglang.launch_server`, `vllm serve`).
+    pub fn default_port(self) -> i32 {
+        match self {
+            EngineKind::SGLang => 30000,
+            EngineKind::VLLM => 8000,
+        }
+    }
+}
+
+/// `spec.engine`: the engine process of each worker pod (the image is `worker.image`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineSpec {
+    pub kind: EngineKind,
+    /// The container's command; empty runs the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub command: Vec<String>,
+    /// The engine's arguments. The operator appends the layout flags (SGLang:
+    /// `--init-expert-location`, `--ep-num-redundant-experts`; vLLM: `--eplb-config`), which may
+    /// not appear here; `$(MOE_NODE_RANK)`, `$(MOE_NODES)`, `$(MOE_EP_SIZE)` and
+    /// `$(MOE_DIST_INIT_ADDR)` (rank 0's `host:port`) are set for multi-node flags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub args: Vec<String>,
+    /// The engine's HTTP port (readiness and `/metrics`); default 30000 for SGLang, 8000 for vLLM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// The readiness probe's path on `port`.
+    #[serde(default = "default_health_path")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/[!-~]*$"))]
+    pub health_path: String,
+    /// The port of rank 0's distributed init (SGLang `--dist-init-addr`, the torch rendezvous),
+    /// in `$(MOE_DIST_INIT_ADDR)`.
+    #[serde(default = "default_dist_init_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub dist_init_port: i32,
+}
+
+fn default_health_path() -> String {
+    "/health".into()
+}
+
+fn default_dist_init_port() -> i32 {
+    5000
 }
 
 /// How the worker group is gang-scheduled.
@@ -452,6 +530,11 @@ pub struct PrometheusSpec {
     /// `sum by (layer, expert) (increase(moe_expert_tokens_total{namespace="x"}[1m]))`.
     #[schemars(length(min = 1, max = 8192))]
     pub query: String,
+    /// How the query's series name their layer and expert, when they are not our workers'
+    /// `layer` (the model's layer id) and `expert`: e.g. vLLM's
+    /// `{layer: layer_idx, expert: logical_expert_id, layerIndex: MoELayer}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub series_labels: Option<SeriesLabels>,
     /// Credentials sent with every query, from a Secret of the MoEDeployment's namespace (read
     /// by name, once per metrics interval). Needs an `https://` url.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -460,6 +543,54 @@ pub struct PrometheusSpec {
     /// the operator's `--prometheus-ca-file`. Needs an `https://` url.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PrometheusCa>,
+}
+
+/// What a layer label's value counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum LayerIndex {
+    /// The model's decoder layer id (`model.firstMoeLayer` .. `model.layers - 1`).
+    #[default]
+    ModelLayer,
+    /// The MoE layers counted from 0 (the model layer is `model.firstMoeLayer` + the value).
+    MoELayer,
+}
+
+/// The labels of `metrics.prometheus.query`'s series.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SeriesLabels {
+    #[serde(default = "default_layer_label")]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+    )]
+    pub layer: String,
+    #[serde(default = "default_expert_label")]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+    )]
+    pub expert: String,
+    #[serde(default)]
+    pub layer_index: LayerIndex,
+}
+
+impl Default for SeriesLabels {
+    fn default() -> Self {
+        Self {
+            layer: default_layer_label(),
+            expert: default_expert_label(),
+            layer_index: LayerIndex::default(),
+        }
+    }
+}
+
+fn default_layer_label() -> String {
+    "layer".into()
+}
+
+fn default_expert_label() -> String {
+    "expert".into()
 }
 
 /// The keys of a `basicAuthSecret` (those of a `kubernetes.io/basic-auth` Secret).

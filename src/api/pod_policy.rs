@@ -966,6 +966,7 @@ mod tests {
     fn prometheus(s: &mut MoEDeploymentSpec, url: &str) {
         s.metrics.source = MetricsSource::Prometheus;
         s.metrics.prometheus = Some(PrometheusSpec {
+            series_labels: None,
             url: url.into(),
             query: "sum by (layer, expert) (x)".into(),
             auth: None,

@@ -12,9 +12,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::moedeployment::{
-    Gang, KeyRef, MetricsSource, MoEDeploymentSpec, ModelDtype, ModelSpec, PrometheusSpec,
-    ReplicationPolicy, RolloutStrategy, Transport, WorkerDevice, BASIC_AUTH_PASSWORD_KEY,
-    BASIC_AUTH_USERNAME_KEY, MAX_NCCL_ENV,
+    EngineSpec, Gang, KeyRef, MetricsSource, MoEDeploymentSpec, ModelDtype, ModelSpec,
+    PrometheusSpec, ReplicationPolicy, RolloutStrategy, SeriesLabels, Transport, WorkerDevice,
+    BASIC_AUTH_PASSWORD_KEY, BASIC_AUTH_USERNAME_KEY, MAX_NCCL_ENV,
 };
 use super::pod_policy::{check_pod_policy, is_dns_subdomain, PodPolicy};
 use super::pod_shape::check_pod_shape;
@@ -56,6 +56,18 @@ pub const RESERVED_ENV: &[&str] = &[
     "MOE_EP_LISTEN",
     "MOE_EP_TRANSPORT",
     "MOE_EP_RENDEZVOUS_TIMEOUT_SECONDS",
+    // Engine pods (`spec.engine`).
+    "MOE_EP_SIZE",
+    "MOE_DIST_INIT_ADDR",
+    "MOE_LAYOUT_FILE",
+    "MOE_REDUNDANT_EXPERTS",
+];
+
+/// Engine flags the operator appends from the plan's layout (`spec.engine.args` may not hold them).
+pub const ENGINE_LAYOUT_FLAGS: &[&str] = &[
+    "--init-expert-location",
+    "--ep-num-redundant-experts",
+    "--eplb-config",
 ];
 
 /// GPU resource name the operator requests per worker pod.
@@ -121,6 +133,20 @@ pub struct ValidSpec {
     pub data_plane: DataPlane,
     /// `spec.scheduling`, its default resolved.
     pub gang: GangSpec,
+    /// `spec.engine`: the pods run this engine instead of `moe-worker` (and `strategy` is
+    /// Recreate, the engines having no in-place plan update).
+    pub engine: Option<ValidEngine>,
+}
+
+/// `spec.engine`, resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidEngine {
+    pub kind: crate::plan::engines::Engine,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub port: u16,
+    pub health_path: String,
+    pub dist_init_port: u16,
 }
 
 /// Gang scheduling, resolved (`spec.scheduling`).
@@ -211,6 +237,8 @@ pub struct DataPlane {
 }
 
 /// Where the operator reads load.
+// One per validated spec, never in a collection: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LoadSource {
     /// Every worker's `/metrics`.
@@ -222,6 +250,8 @@ pub enum LoadSource {
         query: String,
         auth: Option<AuthRef>,
         ca: Option<CaRef>,
+        /// How the series name layer and expert (`metrics.prometheus.seriesLabels`).
+        series: SeriesLabels,
     },
 }
 
@@ -345,6 +375,7 @@ pub fn validate(
     check_worker(spec, &mut errs);
     let data_plane = check_data_plane(spec, &mut errs);
     let gang = check_scheduling(spec, &mut errs);
+    check_engine(spec, &mut errs);
     if let Some(sel) = &spec.initial_load {
         if sel.name.trim().is_empty() || sel.key.trim().is_empty() {
             errs.push(
@@ -449,6 +480,7 @@ fn resolve(
                 query: p.query.clone(),
                 auth,
                 ca,
+                series: p.series_labels.clone().unwrap_or_default(),
             }
         }
         _ => LoadSource::Workers,
@@ -466,7 +498,10 @@ fn resolve(
         interval,
         window_batches,
         load_source,
-        strategy: spec.rollout.strategy,
+        strategy: match &spec.engine {
+            Some(_) => RolloutStrategy::Recreate,
+            None => spec.rollout.strategy,
+        },
         max_unavailable: unsigned(
             "spec.rollout.maxUnavailable",
             spec.rollout.max_unavailable.into(),
@@ -478,7 +513,87 @@ fn resolve(
         },
         data_plane,
         gang,
+        engine: spec
+            .engine
+            .as_ref()
+            .map(|e| resolve_engine(e, &port))
+            .transpose()?,
     })
+}
+
+fn resolve_engine(
+    e: &EngineSpec,
+    port: &dyn Fn(&str, i32) -> Result<u16, FieldError>,
+) -> Result<ValidEngine, FieldError> {
+    Ok(ValidEngine {
+        kind: e.kind.engine(),
+        command: e.command.clone(),
+        args: e.args.clone(),
+        port: port(
+            "spec.engine.port",
+            e.port.unwrap_or_else(|| e.kind.default_port()),
+        )?,
+        health_path: e.health_path.clone(),
+        dist_init_port: port("spec.engine.distInitPort", e.dist_init_port)?,
+    })
+}
+
+/// `spec.engine`: the layout flags are the operator's, the engine's load comes from Prometheus,
+/// and the engine runs its own expert parallelism (no `moe-worker` data plane).
+fn check_engine(spec: &MoEDeploymentSpec, errs: &mut Errors) {
+    let Some(e) = &spec.engine else { return };
+    if spec.metrics.source != MetricsSource::Prometheus {
+        errs.push(
+            "spec.metrics.source",
+            "engine pods serve the engine's metrics, not moe-worker's: set source: Prometheus with a query over the engine's per-expert metric (docs/engines.md)".into(),
+        );
+    }
+    if spec.data_plane.transport != Transport::None {
+        errs.push(
+            "spec.dataPlane.transport",
+            format!(
+                "{}: the engine runs its own expert parallelism, moe-worker's data plane is not started in engine pods: remove dataPlane.transport",
+                spec.data_plane.transport.as_str()
+            ),
+        );
+    }
+    for (i, a) in e.args.iter().enumerate() {
+        let flag = a.split('=').next().unwrap_or(a);
+        if ENGINE_LAYOUT_FLAGS.contains(&flag) {
+            errs.push(
+                &format!("spec.engine.args[{i}]"),
+                format!(
+                    "{flag} is set by the operator from the plan's layout (the file it mounts): remove it"
+                ),
+            );
+        }
+    }
+    for (i, c) in e.command.iter().enumerate() {
+        if c.is_empty() {
+            errs.push(&format!("spec.engine.command[{i}]"), "empty".into());
+        }
+    }
+    let port = e.port.unwrap_or_else(|| e.kind.default_port());
+    for (path, v) in [
+        ("spec.engine.port", port),
+        ("spec.engine.distInitPort", e.dist_init_port),
+    ] {
+        if !(1..=65535).contains(&v) {
+            errs.push(path, format!("{v} is not a port number (1..65535)"));
+        }
+    }
+    if port == e.dist_init_port {
+        errs.push(
+            "spec.engine.distInitPort",
+            format!("{port} is also engine.port: choose another port for the distributed init"),
+        );
+    }
+    if !e.health_path.starts_with('/') || e.health_path.chars().any(|c| !c.is_ascii_graphic()) {
+        errs.push(
+            "spec.engine.healthPath",
+            format!("{:?}: give an absolute path such as /health", e.health_path),
+        );
+    }
 }
 
 /// Model and topology (also CEL / schema; see the module comment). The maxima are
@@ -757,6 +872,24 @@ fn check_metrics(spec: &MoEDeploymentSpec, errs: &mut Errors) -> Option<Duration
                 );
             }
             check_prometheus_access(p, errs);
+            if let Some(l) = &p.series_labels {
+                for (field, v) in [("layer", &l.layer), ("expert", &l.expert)] {
+                    let ok = v.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                    if !ok {
+                        errs.push(
+                            &format!("spec.metrics.prometheus.seriesLabels.{field}"),
+                            format!("{v:?} is not a Prometheus label name"),
+                        );
+                    }
+                }
+                if l.layer == l.expert {
+                    errs.push(
+                        "spec.metrics.prometheus.seriesLabels",
+                        format!("layer and expert are both {:?}: name two different labels", l.layer),
+                    );
+                }
+            }
         }
         (MetricsSource::Workers, Some(_)) => err(
             "spec.metrics.prometheus",
@@ -1181,6 +1314,68 @@ worker: {image: "moe-worker:dev"}
     }
 
     #[test]
+    fn engines_refuse_what_they_cannot_run_and_name_the_field() {
+        let policy = PodPolicy {
+            prometheus_url_prefixes: vec![super::super::pod_policy::HttpUrl::parse(
+                "http://prom:9090",
+            )
+            .unwrap()],
+            ..Default::default()
+        };
+        let engine = |yaml: &str| -> MoEDeploymentSpec {
+            let mut s = demo_spec();
+            s.engine = Some(serde_yaml::from_str(yaml).unwrap());
+            s
+        };
+        // Without Prometheus: the engine's pods serve no moe-worker metrics.
+        let s = engine("{kind: SGLang}");
+        let e = errors(&s, &policy);
+        assert!(e.iter().any(|e| e.path == "spec.metrics.source"), "{e:?}");
+        let prom = |s: &mut MoEDeploymentSpec| {
+            s.metrics = serde_yaml::from_str(
+                "{source: Prometheus, prometheus: {url: 'http://prom:9090', query: q, seriesLabels: {layer: layer_idx, expert: logical_expert_id, layerIndex: MoELayer}}}",
+            )
+            .unwrap();
+        };
+        let mut s = engine("{kind: VLLM, args: [--enable-eplb, '--eplb-config={}', --tp, '2'], port: 8080, distInitPort: 8080}");
+        prom(&mut s);
+        s.data_plane.transport = Transport::Tcp;
+        let paths: Vec<String> = errors(&s, &policy).into_iter().map(|e| e.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.dataPlane.transport",
+                "spec.engine.args[1]",
+                "spec.engine.distInitPort"
+            ]
+        );
+        // A valid engine spec: Recreate whatever the strategy says, vLLM's labels resolved.
+        let mut s = engine("{kind: VLLM}");
+        prom(&mut s);
+        let v = validate(&s, &policy).unwrap();
+        assert_eq!(v.strategy, RolloutStrategy::Recreate);
+        let e = v.engine.unwrap();
+        assert_eq!(
+            (e.port, e.dist_init_port, e.health_path.as_str()),
+            (8000, 5000, "/health")
+        );
+        match v.load_source {
+            LoadSource::Prometheus { series, .. } => {
+                assert_eq!(series.layer, "layer_idx");
+                assert_eq!(series.layer_index, super::super::LayerIndex::MoELayer);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut s = demo_spec();
+        prom(&mut s);
+        s.metrics.prometheus.as_mut().unwrap().series_labels =
+            Some(serde_yaml::from_str("{layer: x, expert: x}").unwrap());
+        let e = errors(&s, &policy);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "spec.metrics.prometheus.seriesLabels");
+    }
+
+    #[test]
     fn defaults_fill_in_and_the_demo_is_valid() {
         let s = demo_spec();
         assert_eq!(s.replication.policy, ReplicationPolicy::Craft);
@@ -1406,6 +1601,7 @@ worker: {image: "moe-worker:dev"}
                 |s| {
                     s.metrics.source = MetricsSource::Prometheus;
                     s.metrics.prometheus = Some(PrometheusSpec {
+                        series_labels: None,
                         url: "prometheus:9090".into(),
                         query: "q".into(),
                         auth: None,
@@ -1420,6 +1616,7 @@ worker: {image: "moe-worker:dev"}
                 |s| {
                     s.metrics.source = MetricsSource::Prometheus;
                     s.metrics.prometheus = Some(PrometheusSpec {
+                        series_labels: None,
                         url: "http://p:9090".into(),
                         query: " ".into(),
                         auth: None,
@@ -1434,6 +1631,7 @@ worker: {image: "moe-worker:dev"}
                 |s| {
                     s.metrics.source = MetricsSource::Prometheus;
                     s.metrics.prometheus = Some(PrometheusSpec {
+                        series_labels: None,
                         url: "http://p:9090".into(),
                         query: "q".into(),
                         auth: Some(PrometheusAuth {
@@ -1457,6 +1655,7 @@ worker: {image: "moe-worker:dev"}
                         key: "token".into(),
                     };
                     s.metrics.prometheus = Some(PrometheusSpec {
+                        series_labels: None,
                         url: "https://p:9090".into(),
                         query: "q".into(),
                         auth: Some(PrometheusAuth {
@@ -1476,6 +1675,7 @@ worker: {image: "moe-worker:dev"}
                 |s| {
                     s.metrics.source = MetricsSource::Prometheus;
                     s.metrics.prometheus = Some(PrometheusSpec {
+                        series_labels: None,
                         url: "http://p:9090".into(),
                         query: "q".into(),
                         auth: None,
@@ -1496,6 +1696,7 @@ worker: {image: "moe-worker:dev"}
                 |s| {
                     s.metrics.source = MetricsSource::Prometheus;
                     s.metrics.prometheus = Some(PrometheusSpec {
+                        series_labels: None,
                         url: "https://p:9090".into(),
                         query: "q".into(),
                         auth: None,
@@ -1515,6 +1716,7 @@ worker: {image: "moe-worker:dev"}
                 "prometheus ignored",
                 |s| {
                     s.metrics.prometheus = Some(PrometheusSpec {
+                        series_labels: None,
                         url: "http://p:9090".into(),
                         query: "q".into(),
                         auth: None,

@@ -37,11 +37,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume,
-    VolumeMount,
+    Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, ConfigMapVolumeSource, Container,
+    ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -55,8 +55,10 @@ use crate::api::pod_policy::IPC_LOCK;
 use crate::api::pod_shape::{
     KUEUE_POD_GROUP_NAME, KUEUE_POD_GROUP_TOTAL_COUNT, KUEUE_QUEUE_NAME, POD_GROUP_LABEL,
 };
-use crate::api::validate::{ValidSpec, GPU_RESOURCE};
+use crate::api::validate::{ValidEngine, ValidSpec, GPU_RESOURCE};
 use crate::api::{Gang, MoEDeployment, WorkerSecurityContext};
+use crate::plan::engines;
+use crate::plan::engines::Engine;
 use crate::plan::expert_plan::HashRule;
 use crate::plan::packed::{self, Packed};
 use crate::plan::ExpertPlan;
@@ -84,6 +86,10 @@ pub const PLAN_KEY: &str = "plan.json";
 pub const HASH_KEY: &str = "hash";
 /// Key of the bearer token in the admin Secret.
 pub const TOKEN_KEY: &str = "token";
+/// Keys of the plan ConfigMap of an engine deployment (`spec.engine`): the plan in the engine's
+/// layout format, and the `num_redundant_experts` the engine must be started with for it.
+pub const LAYOUT_KEY: &str = "layout.json";
+pub const REDUNDANT_EXPERTS_KEY: &str = "redundant-experts";
 
 pub use crate::api::pod_shape::SHM_DIR;
 use crate::api::pod_shape::{
@@ -91,6 +97,9 @@ use crate::api::pod_shape::{
 };
 
 const CONTAINER: &str = "worker";
+/// The names of an engine pod's ports.
+pub const ENGINE_HTTP_PORT: &str = "http";
+pub const ENGINE_DIST_INIT_PORT: &str = "dist-init";
 
 /// What went wrong building; each names what to fix.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -110,6 +119,8 @@ pub enum BuildError {
     UnsealedPlan,
     #[error("plan ConfigMap: {0}")]
     PlanTooLarge(#[from] packed::PackError),
+    #[error("spec.engine: the plan has no layout the engine accepts: {0}")]
+    EngineLayout(String),
 }
 
 impl BuildError {
@@ -121,6 +132,7 @@ impl BuildError {
             BuildError::ModelMismatch => "plan_model_mismatch",
             BuildError::UnsealedPlan => "unsealed_plan",
             BuildError::PlanTooLarge(_) => "plan_too_large",
+            BuildError::EngineLayout(_) => "engine_layout",
         }
     }
 }
@@ -308,13 +320,29 @@ pub fn check_plan(spec: &ValidSpec, plan: &ExpertPlan) -> Result<(), BuildError>
 /// The plan is compact JSON, or gzip in `binaryData` under the same key when the JSON would not fit
 /// ([`crate::plan::packed`]); a plan too large even then is refused with the limit named.
 pub fn plan_config_map(md: &MoEDeployment, plan: &ExpertPlan) -> Result<ConfigMap, BuildError> {
-    let packed = packed::pack(plan, packed::CONFIG_MAP_PLAN_MAX)?;
+    // An engine deployment's layout goes beside the plan, out of the same 1 MiB.
+    let layout = match &md.spec.engine {
+        Some(e) => {
+            let (file, report) = engines::export(e.kind.engine(), plan, None)
+                .map_err(|e| BuildError::EngineLayout(e.to_string()))?;
+            let json = serde_json::to_string(&file)
+                .map_err(|e| BuildError::EngineLayout(e.to_string()))?;
+            Some((json, report.redundant_experts))
+        }
+        None => None,
+    };
+    let room = packed::CONFIG_MAP_PLAN_MAX.saturating_sub(layout.as_ref().map_or(0, |l| l.0.len()));
+    let packed = packed::pack(plan, room)?;
     let mut m = meta(md, plan_config_map_name(md), "plan")?;
     m.annotations = Some(BTreeMap::from([(
         ANNOTATION_PLAN_HASH.to_string(),
         plan.hash.clone(),
     )]));
     let mut data = BTreeMap::from([(HASH_KEY.to_string(), plan.hash.clone())]);
+    if let Some((json, redundant)) = layout {
+        data.insert(LAYOUT_KEY.to_string(), json);
+        data.insert(REDUNDANT_EXPERTS_KEY.to_string(), redundant.to_string());
+    }
     let mut binary_data = None;
     match packed {
         Packed::Json(json) => {
@@ -369,6 +397,21 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
+/// `POD_IP` from the pod's status (the downward API).
+fn pod_ip_env() -> EnvVar {
+    EnvVar {
+        name: "POD_IP".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "status.podIP".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn http_probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -406,10 +449,21 @@ pub fn worker_pod(
 ) -> Result<Pod, BuildError> {
     let name = worker_pod_name(md, rank);
     let (volumes, mounts) = volumes(md, spec);
-    let rendezvous = rendezvous_address(md, spec)?;
-    let container = worker_container(md, spec, rank, &rendezvous, mounts);
+    let (container, component) = match &spec.engine {
+        Some(e) => (
+            engine_container(md, spec, e, rank, &engine_init_address(md, e)?, mounts),
+            "engine",
+        ),
+        None => {
+            let rendezvous = rendezvous_address(md, spec)?;
+            (
+                worker_container(md, spec, rank, &rendezvous, mounts),
+                "worker",
+            )
+        }
+    };
     let pod_spec = pod_spec(md, &name, container, volumes);
-    let mut m = meta(md, name, "worker")?;
+    let mut m = meta(md, name, component)?;
     m.labels
         .get_or_insert_with(BTreeMap::new)
         .insert(LABEL_NODE_RANK.into(), rank.to_string());
@@ -441,6 +495,115 @@ pub fn worker_pod(
         spec: Some(pod_spec),
         status: None,
     })
+}
+
+/// `host:port` of rank 0's distributed init for an engine (`$(MOE_DIST_INIT_ADDR)`), through the
+/// headless Service like the workers' rendezvous.
+fn engine_init_address(md: &MoEDeployment, e: &ValidEngine) -> Result<String, BuildError> {
+    let ns = md
+        .namespace()
+        .ok_or(BuildError::MissingMetadata("metadata.namespace"))?;
+    Ok(format!(
+        "{}.{}.{ns}.svc:{}",
+        worker_pod_name(md, 0),
+        service_name(md),
+        e.dist_init_port
+    ))
+}
+
+/// The flags that start an engine on the mounted layout. The values come from the environment
+/// (`$(VAR)`), the redundant-expert count from the plan ConfigMap, so the pod spec does not
+/// change with the plan.
+fn engine_layout_args(kind: Engine) -> Vec<String> {
+    match kind {
+        Engine::Sglang => vec![
+            "--init-expert-location".into(),
+            "$(MOE_LAYOUT_FILE)".into(),
+            "--ep-num-redundant-experts".into(),
+            "$(MOE_REDUNDANT_EXPERTS)".into(),
+        ],
+        Engine::Vllm => vec![
+            "--eplb-config".into(),
+            r#"{"initial_expert_map_path": "$(MOE_LAYOUT_FILE)", "num_redundant_experts": $(MOE_REDUNDANT_EXPERTS)}"#.into(),
+        ],
+    }
+}
+
+/// An engine pod's container (`spec.engine`): the spec's command and arguments with the layout
+/// flags appended, the rank environment for multi-node flags, the GPUs, the HTTP port's probes.
+fn engine_container(
+    md: &MoEDeployment,
+    vspec: &ValidSpec,
+    e: &ValidEngine,
+    rank: u32,
+    init_address: &str,
+    mounts: Vec<VolumeMount>,
+) -> Container {
+    let spec = &md.spec;
+    let w = &spec.worker;
+    let gpus = spec.topology.gpus_per_node.to_string();
+    let mut envs = vec![
+        pod_ip_env(),
+        env("MOE_NODE_RANK", rank.to_string()),
+        env("MOE_NODES", spec.topology.nodes.to_string()),
+        env("MOE_GPUS_PER_NODE", gpus.clone()),
+        env(
+            "MOE_EP_SIZE",
+            (u64::from(vspec.nodes) * u64::from(vspec.gpus_per_node)).to_string(),
+        ),
+        env("MOE_DIST_INIT_ADDR", init_address),
+        env("MOE_LAYOUT_FILE", format!("{PLAN_DIR}/{LAYOUT_KEY}")),
+        EnvVar {
+            name: "MOE_REDUNDANT_EXPERTS".into(),
+            value_from: Some(EnvVarSource {
+                config_map_key_ref: Some(ConfigMapKeySelector {
+                    name: plan_config_map_name(md),
+                    key: REDUNDANT_EXPERTS_KEY.into(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        env("MOE_CHECKPOINT_DIR", spec.model.checkpoint.path.clone()),
+    ];
+    envs.extend(w.env.iter().cloned());
+    let mut args = e.args.clone();
+    args.extend(engine_layout_args(e.kind));
+
+    let mut resources = w.resources.clone().unwrap_or_default();
+    for map in [&mut resources.requests, &mut resources.limits] {
+        map.get_or_insert_with(BTreeMap::new)
+            .insert(GPU_RESOURCE.into(), Quantity(gpus.clone()));
+    }
+    let port = |name: &str, n: u16| ContainerPort {
+        name: Some(name.into()),
+        container_port: n.into(),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    let http = i32::from(e.port);
+    Container {
+        name: CONTAINER.into(),
+        image: Some(w.image.clone()),
+        image_pull_policy: w.image_pull_policy.map(|p| p.as_str().to_string()),
+        command: (!e.command.is_empty()).then(|| e.command.clone()),
+        args: Some(args),
+        env: Some(envs),
+        ports: Some(vec![
+            port(ENGINE_HTTP_PORT, e.port),
+            port(ENGINE_DIST_INIT_PORT, e.dist_init_port),
+        ]),
+        resources: Some(resources),
+        volume_mounts: Some(mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        // Engines load the checkpoint and capture CUDA graphs before they answer: up to an hour.
+        startup_probe: Some(http_probe(&e.health_path, http, 10, 360)),
+        liveness_probe: Some(http_probe(&e.health_path, http, 10, 3)),
+        readiness_probe: Some(http_probe(&e.health_path, http, 5, 1)),
+        security_context: Some(container_security(vspec, w.security_context.as_ref())),
+        ..Default::default()
+    }
 }
 
 /// The worker container's ports. With an EP group, local rank `i` of a node listens at
@@ -503,17 +666,7 @@ fn worker_container(
     let ckpt = spec.model.checkpoint.path.clone();
 
     let mut envs = vec![
-        EnvVar {
-            name: "POD_IP".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "status.podIP".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
+        pod_ip_env(),
         env("MOE_NODE_RANK", rank.to_string()),
         env("MOE_NODES", spec.topology.nodes.to_string()),
         env("MOE_GPUS_PER_NODE", gpus.clone()),
@@ -621,16 +774,23 @@ fn container_security(vspec: &ValidSpec, user: Option<&WorkerSecurityContext>) -
 /// their mounts, then the spec's own.
 fn volumes(md: &MoEDeployment, spec: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
     let ckpt = md.spec.model.checkpoint.path.clone();
+    let engine = spec.engine.is_some();
+    // An engine reads its layout; moe-worker reads the plan.
+    let item = |key: &str| KeyToPath {
+        key: key.into(),
+        path: key.into(),
+        ..Default::default()
+    };
     let mut volumes = vec![
         Volume {
             name: VOLUME_PLAN.into(),
             config_map: Some(ConfigMapVolumeSource {
                 name: plan_config_map_name(md),
-                items: Some(vec![KeyToPath {
-                    key: PLAN_KEY.into(),
-                    path: PLAN_KEY.into(),
-                    ..Default::default()
-                }]),
+                items: Some(if engine {
+                    vec![item(LAYOUT_KEY), item(PLAN_KEY)]
+                } else {
+                    vec![item(PLAN_KEY)]
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -674,6 +834,11 @@ fn volumes(md: &MoEDeployment, spec: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMoun
             ..Default::default()
         },
     ];
+    if engine {
+        // The engine has no admin API: no token in its pods.
+        volumes.retain(|v| v.name != VOLUME_ADMIN_TOKEN);
+        mounts.retain(|m| m.name != VOLUME_ADMIN_TOKEN);
+    }
     if let Some(v) = &md.spec.model.checkpoint.volume {
         volumes.push(Volume {
             name: VOLUME_CHECKPOINT.into(),
@@ -831,12 +996,18 @@ pub fn service(md: &MoEDeployment, spec: &ValidSpec) -> Result<Service, BuildErr
             cluster_ip: Some("None".into()),
             selector: Some(selector_labels(md)),
             publish_not_ready_addresses: Some(true),
-            ports: Some(vec![
-                port("dispatch", p.dispatch),
-                port("metrics", p.metrics),
-                port("admin", p.admin),
-                port("ep", spec.data_plane.port),
-            ]),
+            ports: Some(match &spec.engine {
+                Some(e) => vec![
+                    port(ENGINE_HTTP_PORT, e.port),
+                    port(ENGINE_DIST_INIT_PORT, e.dist_init_port),
+                ],
+                None => vec![
+                    port("dispatch", p.dispatch),
+                    port("metrics", p.metrics),
+                    port("admin", p.admin),
+                    port("ep", spec.data_plane.port),
+                ],
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -869,7 +1040,7 @@ pub fn pdb(md: &MoEDeployment, spec: &ValidSpec) -> Result<PodDisruptionBudget, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{CheckpointVolume, MoEDeploymentSpec, WorkerDevice};
+    use crate::api::{CheckpointVolume, MoEDeploymentSpec, RolloutStrategy, WorkerDevice};
     use crate::plan::{Algorithm, LayerPlan};
     use k8s_openapi::api::core::v1::PersistentVolumeClaimVolumeSource;
     use k8s_openapi::api::core::v1::ResourceRequirements;
@@ -1729,6 +1900,148 @@ securityContext:
             assert!(d.pod_group.is_none());
             let l = d.pods[0].metadata.labels.as_ref().unwrap();
             assert!(!l.keys().any(|k| k.contains("x-k8s.io")), "{l:?}");
+        }
+    }
+
+    /// The demo deployment running vLLM (its load from Prometheus, as an engine's must be).
+    fn engine_deployment(kind: &str) -> MoEDeployment {
+        let mut md = deployment();
+        md.spec.metrics = serde_yaml::from_str(
+            "{source: Prometheus, prometheus: {url: 'http://prom:9090', query: 'q'}}",
+        )
+        .unwrap();
+        md.spec.engine = Some(
+            serde_yaml::from_str(&format!(
+                "{{kind: {kind}, command: [python3, -m, engine], args: [--tp, '2', --nnodes, '$(MOE_NODES)']}}"
+            ))
+            .unwrap(),
+        );
+        md
+    }
+
+    #[test]
+    fn engine_pods_start_the_engine_on_the_mounted_layout() {
+        for (kind, flags) in [
+            (
+                "SGLang",
+                vec![
+                    "--init-expert-location",
+                    "$(MOE_LAYOUT_FILE)",
+                    "--ep-num-redundant-experts",
+                    "$(MOE_REDUNDANT_EXPERTS)",
+                ],
+            ),
+            (
+                "VLLM",
+                vec![
+                    "--eplb-config",
+                    r#"{"initial_expert_map_path": "$(MOE_LAYOUT_FILE)", "num_redundant_experts": $(MOE_REDUNDANT_EXPERTS)}"#,
+                ],
+            ),
+        ] {
+            let md = engine_deployment(kind);
+            let policy = crate::api::pod_policy::PodPolicy {
+                prometheus_url_prefixes: vec![crate::api::pod_policy::HttpUrl::parse(
+                    "http://prom:9090",
+                )
+                .unwrap()],
+                ..Default::default()
+            };
+            let v = crate::api::validate::validate(&md.spec, &policy).unwrap();
+            assert_eq!(
+                v.strategy,
+                RolloutStrategy::Recreate,
+                "engines have no in-place update"
+            );
+            let p = plan(&md);
+            let d = build(&md, &v, &p, "t").unwrap();
+            let pod = &d.pods[1];
+            let c = container(pod);
+            assert_eq!(c.command.as_deref().unwrap(), ["python3", "-m", "engine"]);
+            let mut want: Vec<String> = ["--tp", "2", "--nnodes", "$(MOE_NODES)"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            want.extend(flags.iter().map(|s| s.to_string()));
+            assert_eq!(c.args.as_ref().unwrap(), &want, "{kind}");
+            assert_eq!(env_of(pod, "MOE_NODE_RANK").as_deref(), Some("1"));
+            assert_eq!(env_of(pod, "MOE_EP_SIZE").as_deref(), Some("4"));
+            assert_eq!(
+                env_of(pod, "MOE_DIST_INIT_ADDR").as_deref(),
+                Some("demo-worker-0.demo-workers.ml.svc:5000")
+            );
+            assert_eq!(
+                env_of(pod, "MOE_LAYOUT_FILE").as_deref(),
+                Some(format!("{PLAN_DIR}/{LAYOUT_KEY}").as_str())
+            );
+            // The redundant count comes from the plan ConfigMap, so the pod spec is the same
+            // for every plan (a new plan replaces pods through the Recreate strategy).
+            let redundant = c
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|e| e.name == "MOE_REDUNDANT_EXPERTS")
+                .and_then(|e| e.value_from.as_ref()?.config_map_key_ref.clone())
+                .unwrap();
+            assert_eq!(
+                (redundant.name.as_str(), redundant.key.as_str()),
+                ("demo-plan", REDUNDANT_EXPERTS_KEY)
+            );
+            let mut other = p.clone();
+            other.layers[0].slots.swap(0, 1);
+            let other = other.seal();
+            let d2 = build(&md, &v, &other, "t").unwrap();
+            assert_eq!(
+                pod.annotations()[ANNOTATION_SPEC_HASH],
+                d2.pods[1].annotations()[ANNOTATION_SPEC_HASH]
+            );
+            // The ConfigMap holds the layout the engine's loader accepts, and the count.
+            let data = d.plan_config_map.data.as_ref().unwrap();
+            let file: serde_json::Value = serde_json::from_str(&data[LAYOUT_KEY]).unwrap();
+            let engine = md.spec.engine.as_ref().unwrap().kind.engine();
+            let l = engines::check_layout(engine, &p.model, 4, &file).unwrap();
+            assert_eq!(
+                data[REDUNDANT_EXPERTS_KEY],
+                l.redundant_experts().to_string()
+            );
+            // Probes and ports on the engine's HTTP port; no admin token, no data plane.
+            let port = md.spec.engine.as_ref().unwrap().kind.default_port();
+            let probe = c
+                .readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .clone()
+                .unwrap();
+            assert_eq!(
+                (probe.path.as_deref(), probe.port.clone()),
+                (Some("/health"), IntOrString::Int(port))
+            );
+            let ports: Vec<_> = c
+                .ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|p| (p.name.clone().unwrap(), p.container_port))
+                .collect();
+            assert_eq!(
+                ports,
+                [("http".to_string(), port), ("dist-init".to_string(), 5000)]
+            );
+            let vols = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+            assert!(vols.iter().all(|v| v.name != VOLUME_ADMIN_TOKEN));
+            assert!(c
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .all(|e| !e.name.starts_with("MOE_EP_W")));
+            assert_eq!(pod.labels()["app.kubernetes.io/component"], "engine");
+            assert_eq!(
+                c.resources.as_ref().unwrap().limits.as_ref().unwrap()[GPU_RESOURCE].0,
+                "2"
+            );
         }
     }
 

@@ -11,7 +11,7 @@ use kube::{Client, ResourceExt};
 
 use super::fetch::prometheus_access;
 use super::load::ScrapeWindow;
-use super::prometheus::{sample_from_prometheus, Access, PrometheusClient};
+use super::prometheus::{sample_from_prometheus, Access, PrometheusClient, Series};
 use crate::api::reason;
 use crate::api::validate::{AuthRef, CaRef, LoadSource, ValidSpec};
 use crate::plan::planner::moe_layer_ids;
@@ -131,9 +131,11 @@ pub async fn observe(
 ) -> Observed {
     let workers = readers.workers;
     let mut obs = Observed::default();
+    // Engine pods serve the engine's metrics, not moe-worker's: their plan is the one they were
+    // started on (the pod's annotation), their load comes from Prometheus.
     for p in pods
         .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && spec.engine.is_none())
     {
         let Some(ip) = pod_ip(p) else { continue };
         match workers.scrape(&ip, spec.ports.metrics, HTTP_TIMEOUT).await {
@@ -181,9 +183,15 @@ pub async fn observe(
             query,
             auth,
             ca,
+            series,
         } if due => {
             obs.fresh = true;
-            let read = read_prometheus(readers, url, query, auth.as_ref(), ca.as_ref()).await;
+            let read = read_prometheus(readers, url, query, auth.as_ref(), ca.as_ref())
+                .await
+                .and_then(|s| {
+                    sample_from_prometheus(&s, series, spec.shape.first_moe_layer)
+                        .map_err(|e| garbled(Source::Prometheus, e))
+                });
             match read {
                 Ok(s) => windows.with(key, uid, spec, |t| {
                     match t
@@ -211,7 +219,7 @@ async fn read_prometheus(
     query: &str,
     auth: Option<&AuthRef>,
     ca: Option<&CaRef>,
-) -> Result<WorkerSample, MetricsFailure> {
+) -> Result<Vec<Series>, MetricsFailure> {
     let ns = readers.namespace;
     let access = prometheus_access(readers.client, ns, auth, ca)
         .await
@@ -226,7 +234,7 @@ async fn read_prometheus(
         .query_with(url, query, &access, HTTP_TIMEOUT)
         .await
         .map_err(|e| query_failure(&e, url, ns, auth, ca, &access))?;
-    sample_from_prometheus(&series).map_err(|e| garbled(Source::Prometheus, e))
+    Ok(series)
 }
 
 /// A failed query: refused credentials and failed TLS handshakes name the spec field to fix and

@@ -19,11 +19,10 @@ use rustls::pki_types::CertificateDer;
 
 use crate::api::pod_policy::{HttpUrl, PodPolicy};
 use crate::api::validate::AuthRef;
+use crate::api::{LayerIndex, SeriesLabels};
 use crate::api::{BASIC_AUTH_PASSWORD_KEY, BASIC_AUTH_USERNAME_KEY};
 use crate::worker::wire::http::native_roots;
-use crate::worker::wire::{
-    excerpt, HttpClient, HttpError, WorkerSample, EXPERT_LABEL, LAYER_LABEL,
-};
+use crate::worker::wire::{excerpt, HttpClient, HttpError, WorkerSample};
 
 /// One series of a Prometheus instant vector: its labels and value.
 pub type Series = (std::collections::BTreeMap<String, String>, f64);
@@ -467,10 +466,14 @@ pub fn parse_prometheus_vector(body: &[u8]) -> Result<Vec<Series>, String> {
         .collect()
 }
 
-/// Turn a Prometheus vector of `{layer, expert}` counters into one sample, as if scraped from
-/// one worker that holds every expert.
+/// Turn a Prometheus vector of per-expert counters into one sample, as if scraped from one
+/// worker that holds every expert. `series` names the labels (our workers' `layer` and `expert`
+/// by default) and what the layer label counts; `first_moe_layer` turns a MoE-layer index into
+/// the model's layer id.
 pub fn sample_from_prometheus(
     series: &[(std::collections::BTreeMap<String, String>, f64)],
+    names: &SeriesLabels,
+    first_moe_layer: u32,
 ) -> Result<WorkerSample, String> {
     let mut s = WorkerSample::default();
     for (labels, v) in series {
@@ -481,16 +484,23 @@ pub fn sample_from_prometheus(
                 .get(k)
                 .ok_or_else(|| {
                     format!(
-                        "series {} has no {k} label: sum by (layer, expert)",
-                        shown()
+                        "series {} has no {k} label: sum by ({}, {})",
+                        shown(),
+                        names.layer,
+                        names.expert
                     )
                 })?
                 .parse()
                 .map_err(|_| format!("series {}: {k} is not a number", shown()))
         };
-        *s.tokens
-            .entry((get(LAYER_LABEL)?, get(EXPERT_LABEL)?))
-            .or_insert(0.0) += v;
+        let layer = get(&names.layer)?;
+        let layer = match names.layer_index {
+            LayerIndex::ModelLayer => layer,
+            LayerIndex::MoELayer => layer
+                .checked_add(first_moe_layer)
+                .ok_or_else(|| format!("series {}: MoE layer {layer} is out of range", shown()))?,
+        };
+        *s.tokens.entry((layer, get(&names.expert)?)).or_insert(0.0) += v;
     }
     Ok(s)
 }
@@ -509,9 +519,27 @@ mod tests {
             {"metric":{"layer":"1","expert":"0","pod":"b"},"value":[1.5,"5"]},
             {"metric":{"layer":"1","expert":"3"},"value":[1.5,"2.5"]}]}}"#;
         let v = parse_prometheus_vector(body).unwrap();
-        let s = sample_from_prometheus(&v).unwrap();
+        let ours = SeriesLabels::default();
+        let s = sample_from_prometheus(&v, &ours, 1).unwrap();
         assert_eq!(s.tokens[&(1, 0)], 15.0);
         assert_eq!(s.tokens[&(1, 3)], 2.5);
+        // vLLM's gauge: its own label names, MoE layers counted from 0.
+        let vllm = br#"{"status":"success","data":{"resultType":"vector","result":[
+            {"metric":{"layer_idx":"0","logical_expert_id":"2"},"value":[1.5,"4"]},
+            {"metric":{"layer_idx":"1","logical_expert_id":"2"},"value":[1.5,"6"]}]}}"#;
+        let names = SeriesLabels {
+            layer: "layer_idx".into(),
+            expert: "logical_expert_id".into(),
+            layer_index: LayerIndex::MoELayer,
+        };
+        let s = sample_from_prometheus(&parse_prometheus_vector(vllm).unwrap(), &names, 3).unwrap();
+        assert_eq!(s.tokens[&(3, 2)], 4.0);
+        assert_eq!(s.tokens[&(4, 2)], 6.0);
+        let err = sample_from_prometheus(&v, &names, 3).unwrap_err();
+        assert!(
+            err.contains("no layer_idx label: sum by (layer_idx, logical_expert_id)"),
+            "{err}"
+        );
         let err =
             parse_prometheus_vector(br#"{"status":"error","error":"parse error"}"#).unwrap_err();
         assert!(err.contains("parse error"), "{err}");
@@ -519,7 +547,7 @@ mod tests {
             std::collections::BTreeMap::from([("layer".to_string(), "1".to_string())]),
             1.0,
         )];
-        assert!(sample_from_prometheus(&missing)
+        assert!(sample_from_prometheus(&missing, &ours, 0)
             .unwrap_err()
             .contains("expert"));
     }
