@@ -20,7 +20,7 @@ echo "==> e2e/prometheus.sh (Debian's Prometheus for the metrics-source e2e test
 if [[ -n "${CI:-}" && "${CI}" != 0 && "${CI}" != false ]]; then
     e2e/prometheus.sh
 else
-    e2e/prometheus.sh || echo "warning: no Prometheus; tests/e2e_prometheus*.rs will skip (they fail under CI)"
+    e2e/prometheus.sh || echo "warning: no Prometheus; tests/e2e_prometheus*.rs and tests/e2e_engine.rs will skip (they fail under CI)"
 fi
 echo "==> cargo test"
 cargo test --locked --all-targets

@@ -501,6 +501,9 @@ fn metrics_condition(inp: &Inputs<'_>, status: &mut MoEDeploymentStatus) {
     } else if obs.fresh {
         let answered = obs.scraped.len();
         let message = match inp.spec.load_source {
+            LoadSource::Prometheus { .. } if inp.spec.engine.is_some() => {
+                "load from Prometheus (the engine's metrics)".to_string()
+            }
             LoadSource::Prometheus { .. } => {
                 format!("load from Prometheus; {answered} worker(s) answered")
             }
