@@ -32,6 +32,8 @@ pub enum Command {
     Compare(CompareArgs),
     /// Write a plan as a serving engine's expert layout (SGLang, vLLM) and say what it changed.
     Export(plan_cmd::ExportArgs),
+    /// Fit the step-time cost model (`--step-tokens`) to kernel times measured on a GPU.
+    Calibrate(plan_cmd::CalibrateArgs),
     /// Scrape workers' expert-load counters into a load trace (what the operator plans from).
     Observe(observe::ObserveArgs),
     /// Write a deterministic synthetic checkpoint in a real layout (Mixtral, Qwen3-MoE, DeepSeek-V3).
@@ -52,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Evaluate(a) => plan_cmd::evaluate(a),
         Command::Compare(a) => plan_cmd::compare(a),
         Command::Export(a) => plan_cmd::export(a),
+        Command::Calibrate(a) => plan_cmd::calibrate(a),
         Command::GenCheckpoint(a) => Ok(a.run()?),
         Command::Observe(a) => observe::observe(a),
         Command::Bench(a) => bench::run(a),

@@ -11,6 +11,7 @@ use crate::plan::balance::{evaluate as replay, Evaluation, LayerMatrix, ReplaySc
 use crate::plan::craft::CraftOptions;
 use crate::plan::load_formats::read_load_file;
 use crate::plan::planner::{make_plan, Budget, PlanRequest, DEFAULT_AUTO_MIN_GAIN};
+use crate::plan::step_cost::{step_time, CostModel};
 use crate::plan::{
     parse_byte_size, Algorithm, Dtype, ExpertPlan, HashRule, LoadWindow, ModelShape, Topology,
 };
@@ -333,6 +334,110 @@ pub fn heatmap_panel(title: &str, plan: &ExpertPlan, window: &LoadWindow) -> Hea
     }
 }
 
+/// The step-time model's inputs (`docs/planner.md`, "Step time").
+#[derive(Args, Debug, Clone)]
+pub struct StepArgs {
+    /// Also predict the step time of the MoE layers at this many tokens per step (e.g. a decode
+    /// batch of 256, or a prefill chunk of 16384), from the cost model.
+    #[arg(long)]
+    pub step_tokens: Option<f64>,
+    /// Cost model JSON (`moectl calibrate` writes it); default: one H200, bf16.
+    #[arg(long, requires = "step_tokens")]
+    pub cost_model: Option<PathBuf>,
+}
+
+impl StepArgs {
+    /// The cost model and tokens per step, when a step time is asked for.
+    pub fn resolve(&self) -> anyhow::Result<Option<(CostModel, f64)>> {
+        let Some(t) = self.step_tokens else {
+            return Ok(None);
+        };
+        if !(t.is_finite() && t > 0.0) {
+            anyhow::bail!("--step-tokens {t}: give a positive number of tokens");
+        }
+        let cost = match &self.cost_model {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                let c: CostModel = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not a cost model", p.display()))?;
+                if ![c.launch_s, c.bytes_per_s, c.flops_per_s]
+                    .iter()
+                    .all(|x| x.is_finite() && *x >= 0.0)
+                    || c.bytes_per_s == 0.0
+                    || c.flops_per_s == 0.0
+                {
+                    anyhow::bail!("{}: every constant must be a positive number", p.display());
+                }
+                c
+            }
+            None => CostModel::default(),
+        };
+        Ok(Some((cost, t)))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    /// JSON of `benches/gpu/expert_ffn.py` (our kernels timed on the target GPU).
+    #[arg(long)]
+    pub bench_json: PathBuf,
+    /// The GPU's measured copy bandwidth, bytes/s: the fit stays at or below it.
+    #[arg(long, default_value_t = crate::plan::step_cost::H200_COPY_BYTES_PER_S)]
+    pub max_bandwidth: f64,
+    /// Write the cost model here (for `--cost-model`); default: print it.
+    #[arg(long, short = 'o')]
+    pub out: Option<PathBuf>,
+}
+
+/// Fit the step-time cost model to measured kernel times and say how well it predicts each.
+pub fn calibrate(a: CalibrateArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&a.bench_json)
+        .with_context(|| format!("reading {}", a.bench_json.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not JSON", a.bench_json.display()))?;
+    let samples = crate::plan::step_cost::samples_from_bench_json(&doc)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.bench_json.display()))?;
+    if samples.is_empty() {
+        anyhow::bail!("{}: no rows to fit", a.bench_json.display());
+    }
+    if !(a.max_bandwidth.is_finite() && a.max_bandwidth > 0.0) {
+        anyhow::bail!("--max-bandwidth {}: give bytes per second", a.max_bandwidth);
+    }
+    let (c, worst) = crate::plan::step_cost::fit(&samples, a.max_bandwidth);
+    println!(
+        "launch {:.1} us, {:.2} TB/s, {:.0} TFLOP/s; worst row off by {:.0}%",
+        c.launch_s * 1e6,
+        c.bytes_per_s / 1e12,
+        c.flops_per_s / 1e12,
+        worst * 100.0
+    );
+    println!(
+        "{:>6} {:>6} {:>5} {:>8} {:>11} {:>11}",
+        "H", "I", "E", "rows", "measured ms", "model ms"
+    );
+    for s in &samples {
+        println!(
+            "{:>6} {:>6} {:>5} {:>8} {:>11.3} {:>11.3}",
+            s.shape.hidden_size,
+            s.shape.expert_intermediate_size,
+            s.shape.experts,
+            s.rows.iter().sum::<f64>(),
+            s.seconds * 1e3,
+            c.rank_s(s.rows.iter().copied(), &s.shape) * 1e3
+        );
+    }
+    let json = serde_json::to_string_pretty(&c)?;
+    match &a.out {
+        Some(p) => {
+            std::fs::write(p, json + "\n").with_context(|| format!("writing {}", p.display()))?;
+            println!("cost model written to {}", p.display());
+        }
+        None => println!("{json}"),
+    }
+    Ok(())
+}
+
 #[derive(Args, Debug)]
 pub struct EvaluateArgs {
     #[arg(long)]
@@ -340,6 +445,8 @@ pub struct EvaluateArgs {
     /// Load to replay; may differ from the one the plan was made from (how stale plans are judged).
     #[arg(long)]
     pub load: PathBuf,
+    #[command(flatten)]
+    pub step: StepArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -350,12 +457,41 @@ pub fn evaluate(a: EvaluateArgs) -> anyhow::Result<()> {
     let plan = read_plan(&a.plan, HashRule::MayBeEmpty)?;
     let window = load(&a.load)?;
     let ev = replay(&plan, &window).map_err(|e| anyhow::anyhow!("{}: {e}", a.load.display()))?;
+    let step = match a.step.resolve()? {
+        Some((cost, tokens)) => Some(
+            step_time(
+                &plan,
+                &window.with_layers(&ev_layer_ids(&ev))?,
+                &cost,
+                tokens,
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e}", a.load.display()))?,
+        ),
+        None => None,
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&ev)?);
+        let mut v = serde_json::to_value(&ev)?;
+        if let Some(s) = &step {
+            v["step"] = serde_json::to_value(s)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     print_evaluation(&plan, &ev);
+    if let Some(s) = step {
+        println!(
+            "step time at {} tokens per step (MoE layers, cost model): {:.3} ms; bound {:.3} ms",
+            s.tokens_per_step,
+            s.step_s * 1e3,
+            s.ideal_step_s * 1e3
+        );
+    }
     Ok(())
+}
+
+/// The layer ids an evaluation replayed (the plan's layers the window holds).
+fn ev_layer_ids(ev: &Evaluation) -> Vec<u32> {
+    ev.layers.iter().map(|l| l.layer).collect()
 }
 
 fn print_evaluation(plan: &ExpertPlan, ev: &Evaluation) {
@@ -411,6 +547,8 @@ pub struct CompareArgs {
     /// Write the chart of balancedness against replica memory per GPU.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub step: StepArgs,
     /// Print JSON rows instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -426,6 +564,9 @@ pub struct CompareRow {
     pub balancedness: f64,
     pub balancedness_vllm: f64,
     pub plan_ms: f64,
+    /// Predicted step time of the MoE layers (`--step-tokens`), held-out batches, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_ms: Option<f64>,
 }
 
 /// Split a window into the batches plans see and those they are judged on.
@@ -441,15 +582,23 @@ pub fn split_holdout(window: &LoadWindow, holdout: f64) -> (LoadWindow, LoadWind
     )
 }
 
+/// How [`compare_rows`] judges the plans: the held-out fraction, and the step-time model with
+/// its tokens per step when a step time is asked for.
+pub struct Judge {
+    pub holdout: f64,
+    pub step: Option<(CostModel, f64)>,
+}
+
 pub fn compare_rows(
     window: &LoadWindow,
     model: &ModelShape,
     topology: Topology,
     budgets: &[u32],
     algos: &[Algorithm],
-    holdout: f64,
     variant: &VariantArgs,
+    judge: Judge,
 ) -> anyhow::Result<Vec<CompareRow>> {
+    let Judge { holdout, step } = judge;
     let (train, test) = split_holdout(window, holdout);
     let moe_layers = model.moe_layers();
     let mut rows = Vec::new();
@@ -474,6 +623,15 @@ pub fn compare_rows(
                 make_plan(&req, &train, None).with_context(|| format!("{algo} at R = {r}"))?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             let ev = replay(&plan, &test).map_err(anyhow::Error::msg)?;
+            let step_ms = match &step {
+                Some((cost, tokens)) => Some(
+                    step_time(&plan, &test.with_layers(&ev_layer_ids(&ev))?, cost, *tokens)
+                        .map_err(anyhow::Error::msg)?
+                        .step_s
+                        * 1e3,
+                ),
+                None => None,
+            };
             rows.push(CompareRow {
                 algorithm: algo.to_string(),
                 replicas_per_gpu: plan.replicas_per_gpu,
@@ -481,6 +639,7 @@ pub fn compare_rows(
                 balancedness: ev.balancedness,
                 balancedness_vllm: ev.balancedness_vllm,
                 plan_ms: ms,
+                step_ms,
             });
         }
     }
@@ -492,8 +651,13 @@ pub fn compare(a: CompareArgs) -> anyhow::Result<()> {
     let model = a.model.resolve(&window)?;
     let topology =
         Topology::new(a.gpus, a.nodes).map_err(|e| anyhow::anyhow!("--gpus/--nodes: {e}"))?;
+    let step = a.step.resolve()?;
+    let judge = Judge {
+        holdout: a.holdout,
+        step,
+    };
     let rows = compare_rows(
-        &window, &model, topology, &a.budgets, &a.algos, a.holdout, &a.variant,
+        &window, &model, topology, &a.budgets, &a.algos, &a.variant, judge,
     )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -511,18 +675,28 @@ pub fn compare(a: CompareArgs) -> anyhow::Result<()> {
             }
         );
         println!(
-            "{:<16} {:>4} {:>14} {:>13} {:>10} {:>10}",
-            "algorithm", "R", "replica mem", "balancedness", "vLLM form", "plan ms"
+            "{:<16} {:>4} {:>14} {:>13} {:>10} {:>10}{}",
+            "algorithm",
+            "R",
+            "replica mem",
+            "balancedness",
+            "vLLM form",
+            "plan ms",
+            step.map_or(String::new(), |(_, t)| format!(
+                " {:>16}",
+                format!("step ms @{t}")
+            ))
         );
         for r in &rows {
             println!(
-                "{:<16} {:>4} {:>14} {:>13.4} {:>10.4} {:>10.1}",
+                "{:<16} {:>4} {:>14} {:>13.4} {:>10.4} {:>10.1}{}",
                 r.algorithm,
                 r.replicas_per_gpu,
                 human_bytes(r.replica_bytes_per_gpu),
                 r.balancedness,
                 r.balancedness_vllm,
-                r.plan_ms
+                r.plan_ms,
+                r.step_ms.map_or(String::new(), |s| format!(" {s:>16.3}"))
             );
         }
     }

@@ -32,6 +32,7 @@ pub mod model;
 pub mod packed;
 pub mod planner;
 pub mod reference;
+pub mod step_cost;
 
 pub use expert_plan::{Algorithm, ExpertPlan, HashRule, LayerPlan, PlanReadError};
 pub use load::{LoadWindow, WindowError};

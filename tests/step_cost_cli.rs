@@ -1,0 +1,120 @@
+//! `moectl calibrate` and `--step-tokens`: the cost model fitted to the recorded H200 run, and the
+//! predicted step next to balancedness, with the decode/prefill difference the model exists for.
+
+use std::process::Command;
+
+mod common;
+
+fn moectl(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_moectl"))
+        .args(args)
+        .current_dir(common::repo())
+        .output()
+        .expect("moectl runs");
+    assert!(
+        out.status.success(),
+        "moectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn calibrate_fits_the_recorded_run_and_compare_predicts_step_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("h200.json");
+    let said = moectl(&[
+        "calibrate",
+        "--bench-json",
+        "benches/results/worker-gpu-2026-12-04-2124.json",
+        "-o",
+        model.to_str().unwrap(),
+    ]);
+    assert!(said.starts_with("launch "), "{said}");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&model).unwrap()).unwrap();
+    assert_eq!(c["bytesPerS"].as_f64(), Some(4.22e12), "{c}");
+
+    let trace = dir.path().join("trace.json");
+    moectl(&[
+        "bench",
+        "trace",
+        "--layers",
+        "4",
+        "--experts",
+        "32",
+        "--batches",
+        "4",
+        "--top-k",
+        "4",
+        "--seed",
+        "3",
+        "-o",
+        trace.to_str().unwrap(),
+    ]);
+    let step = |tokens: &str| -> Vec<(String, u32, f64)> {
+        let out = moectl(&[
+            "compare",
+            "--load",
+            trace.to_str().unwrap(),
+            "--gpus",
+            "4",
+            "--top-k",
+            "4",
+            "--hidden-size",
+            "2048",
+            "--intermediate-size",
+            "768",
+            "--budgets",
+            "0,8",
+            "--algos",
+            "none,craft",
+            "--step-tokens",
+            tokens,
+            "--cost-model",
+            model.to_str().unwrap(),
+            "--json",
+        ]);
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        rows.iter()
+            .map(|r| {
+                (
+                    r["algorithm"].as_str().unwrap().to_string(),
+                    r["replicasPerGpu"].as_u64().unwrap() as u32,
+                    r["stepMs"].as_f64().expect("stepMs with --step-tokens"),
+                )
+            })
+            .collect()
+    };
+    let at = |rows: &[(String, u32, f64)], a: &str, r: u32| {
+        rows.iter().find(|x| x.0 == a && x.1 == r).unwrap().2
+    };
+    // Decode (8 tokens per expert): weight reads dominate, a replica reads weights again.
+    let decode = step("64");
+    assert!(
+        at(&decode, "craft", 8) > at(&decode, "craft", 0),
+        "{decode:?}"
+    );
+    // Prefill: rows dominate, replicas shorten the slowest GPU.
+    let prefill = step("65536");
+    assert!(
+        at(&prefill, "craft", 8) < at(&prefill, "none", 0),
+        "{prefill:?}"
+    );
+
+    let err = Command::new(env!("CARGO_BIN_EXE_moectl"))
+        .args([
+            "compare",
+            "--load",
+            trace.to_str().unwrap(),
+            "--gpus",
+            "4",
+            "--top-k",
+            "4",
+        ])
+        .args(["--step-tokens", "0"])
+        .output()
+        .unwrap();
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("--step-tokens 0"));
+}
