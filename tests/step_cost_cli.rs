@@ -102,6 +102,40 @@ fn calibrate_fits_the_recorded_run_and_compare_predicts_step_time() {
         "{prefill:?}"
     );
 
+    // Planning for step time: `--budget auto` buys no replica for decode (every one costs
+    // step time there) and the same replicas as balancedness for prefill.
+    let r_of = |objective: &str, tokens: &str| -> u64 {
+        let out = dir.path().join(format!("{objective}-{tokens}.json"));
+        moectl(&[
+            "plan",
+            "--load",
+            trace.to_str().unwrap(),
+            "--gpus",
+            "4",
+            "--top-k",
+            "4",
+            "--hidden-size",
+            "2048",
+            "--intermediate-size",
+            "768",
+            "--budget",
+            "auto",
+            "--objective",
+            objective,
+            "--step-tokens",
+            tokens,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let plan: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+        plan["replicasPerGpu"].as_u64().unwrap()
+    };
+    let by_balance = r_of("balancedness", "64");
+    assert!(by_balance > 0);
+    assert_eq!(r_of("step-time", "64"), 0);
+    assert!(r_of("step-time", "65536") > 0);
+
     let err = Command::new(env!("CARGO_BIN_EXE_moectl"))
         .args([
             "compare",
@@ -117,4 +151,23 @@ fn calibrate_fits_the_recorded_run_and_compare_predicts_step_time() {
         .unwrap();
     assert!(!err.status.success());
     assert!(String::from_utf8_lossy(&err.stderr).contains("--step-tokens 0"));
+    let err = Command::new(env!("CARGO_BIN_EXE_moectl"))
+        .args([
+            "plan",
+            "--load",
+            trace.to_str().unwrap(),
+            "--gpus",
+            "4",
+            "--top-k",
+            "4",
+        ])
+        .args(["--objective", "step-time", "-o", "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(!err.status.success());
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("needs --step-tokens"),
+        "{}",
+        String::from_utf8_lossy(&err.stderr)
+    );
 }

@@ -11,7 +11,7 @@ use crate::plan::balance::{evaluate as replay, Evaluation, LayerMatrix, ReplaySc
 use crate::plan::craft::CraftOptions;
 use crate::plan::load_formats::read_load_file;
 use crate::plan::planner::{make_plan, Budget, PlanRequest, DEFAULT_AUTO_MIN_GAIN};
-use crate::plan::step_cost::{step_time, CostModel};
+use crate::plan::step_cost::{step_time, CostModel, StepObjective};
 use crate::plan::{
     parse_byte_size, Algorithm, Dtype, ExpertPlan, HashRule, LoadWindow, ModelShape, Topology,
 };
@@ -171,15 +171,45 @@ pub struct VariantArgs {
     /// Expert groups for EPLB's hierarchical policy (default: 1, the global policy).
     #[arg(long)]
     pub eplb_groups: Option<usize>,
+    /// What CRAFT's per-layer replica counts maximise: `balancedness` (the paper), or
+    /// `step-time` saved by the cost model at `--step-tokens` (docs/planner.md).
+    #[arg(long, default_value = "balancedness")]
+    pub objective: Objective,
+}
+
+/// CRAFT's objective (`--objective`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Objective {
+    #[default]
+    Balancedness,
+    StepTime,
 }
 
 impl VariantArgs {
-    fn options(&self) -> CraftOptions {
-        CraftOptions {
+    /// The planner's options; `step` (the cost model and tokens per step) is required for the
+    /// step-time objective.
+    fn options(
+        &self,
+        model: &ModelShape,
+        step: Option<(CostModel, f64)>,
+    ) -> anyhow::Result<CraftOptions> {
+        let step = match (self.objective, step) {
+            (Objective::Balancedness, _) => None,
+            (Objective::StepTime, Some((cost, tokens_per_step))) => Some(StepObjective {
+                cost,
+                tokens_per_step,
+                model: model.clone(),
+            }),
+            (Objective::StepTime, None) => {
+                bail!("--objective step-time needs --step-tokens (the tokens per step to plan for)")
+            }
+        };
+        Ok(CraftOptions {
             balanced_shares: !self.even_shares,
             local_search: !self.no_local_search,
+            step,
             ..CraftOptions::default()
-        }
+        })
     }
 }
 
@@ -200,6 +230,8 @@ pub struct PlanArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub variant: VariantArgs,
+    #[command(flatten)]
+    pub step: StepArgs,
     /// The plan in force: replicas that stay on a GPU keep their slot.
     #[arg(long)]
     pub previous: Option<PathBuf>,
@@ -240,11 +272,11 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         .transpose()?;
     let req = PlanRequest {
         algorithm: a.algo,
-        model,
+        model: model.clone(),
         topology,
         budget: a.budget.resolve()?,
         eplb_groups: a.variant.eplb_groups,
-        craft: a.variant.options(),
+        craft: a.variant.options(&model, a.step.resolve()?)?,
     };
     let t = Instant::now();
     let plan = make_plan(&req, &window, previous.as_ref())?;
@@ -616,7 +648,7 @@ pub fn compare_rows(
                 topology,
                 budget: Budget::ReplicasPerGpu(r),
                 eplb_groups: variant.eplb_groups,
-                craft: variant.options(),
+                craft: variant.options(model, step)?,
             };
             let t = Instant::now();
             let plan =

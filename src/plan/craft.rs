@@ -12,6 +12,7 @@ use std::collections::BinaryHeap;
 
 use super::balance::{LayerMatrix, ReplayScratch};
 use super::model::Topology;
+use super::step_cost::StepObjective;
 
 /// Benefit values are kept in fixed point so that the DP is exact and its ties deterministic.
 const FIXED_POINT: f64 = 1e9;
@@ -37,6 +38,9 @@ pub struct CraftOptions {
     /// Score the benefit table out of sample: place on the first half of the window's batches and
     /// replay the second half, so that the knapsack does not favour layers whose gain is noise.
     pub benefit_holdout: bool,
+    /// Score the benefit table by the step time saved (fraction of the layer's step with no
+    /// extra replica) instead of the balancedness gained (`moectl plan --step-tokens`).
+    pub step: Option<StepObjective>,
 }
 
 impl Default for CraftOptions {
@@ -49,6 +53,7 @@ impl Default for CraftOptions {
             risk_z: 0.0,
             local_search_rounds: LOCAL_SEARCH_ROUNDS,
             benefit_holdout: false,
+            step: None,
         }
     }
 }
@@ -612,11 +617,24 @@ pub fn benefit_table(
             }
             let caps = layer_capacities(m.experts + k, topo.gpus);
             let p = plan_layer(m, &order, k, &caps, topo, opts, false);
-            let bal = scratch.replay(judge, topo.gpus, p.replicas()).balancedness;
-            if i == 0 {
-                base = bal;
+            match &opts.step {
+                // Step time saved, as a fraction of the layer's step with no extra replica: may
+                // be negative (a replica that reads weights again and saves no rows).
+                Some(obj) => {
+                    let s = obj.layer_s(judge, topo.gpus, p.replicas());
+                    if i == 0 {
+                        base = s;
+                    }
+                    out.push(if base > 0.0 { (base - s) / base } else { 0.0 });
+                }
+                None => {
+                    let bal = scratch.replay(judge, topo.gpus, p.replicas()).balancedness;
+                    if i == 0 {
+                        base = bal;
+                    }
+                    out.push(bal - base);
+                }
             }
-            out.push(bal - base);
         }
         out
     };

@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::balance::plan_replicas;
+use super::balance::{plan_replicas, LayerMatrix};
 use super::expert_plan::ExpertPlan;
 use super::load::LoadWindow;
 use super::model::{ModelShape, ShapeError};
@@ -150,7 +150,49 @@ pub fn step_time(
     })
 }
 
-/// One measured FFN: a model shape, the rows each expert got, and the time it took.
+/// The planner's step-time objective (`CraftOptions::step`): CRAFT's per-layer replica counts
+/// chosen by the step time they save at `tokens_per_step` tokens per step, instead of the
+/// balancedness they gain. The placement within a layer still levels token rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepObjective {
+    pub cost: CostModel,
+    pub tokens_per_step: f64,
+    pub model: ModelShape,
+}
+
+impl StepObjective {
+    /// Mean over `m`'s batches of the layer's slowest rank, the replicas `(gpu, expert, share)`
+    /// splitting each expert's rows, each batch scaled to `tokens_per_step`.
+    pub fn layer_s(
+        &self,
+        m: &LayerMatrix,
+        gpus: usize,
+        replicas: impl Iterator<Item = (usize, usize, f32)>,
+    ) -> f64 {
+        let replicas: Vec<(usize, usize, f32)> = replicas
+            .filter(|&(g, e, _)| g < gpus && e < m.experts)
+            .collect();
+        let rows_per_step = self.tokens_per_step * f64::from(self.model.top_k);
+        let mut rank = vec![0.0f64; gpus];
+        let mut sum = 0.0;
+        for b in 0..m.batches {
+            let total = f64::from(m.batch_totals[b]);
+            if total <= 0.0 {
+                continue;
+            }
+            let scale = rows_per_step / total;
+            rank.iter_mut().for_each(|t| *t = self.cost.launch_s);
+            for &(g, e, share) in &replicas {
+                let rows = f64::from(m.expert(e)[b]) * scale * f64::from(share);
+                rank[g] += self.cost.expert_s(rows, &self.model);
+            }
+            sum += rank.iter().copied().fold(0.0, f64::max);
+        }
+        sum / m.batches.max(1) as f64
+    }
+}
+
+/// One measured FFN: a model shape/// One measured FFN: a model shape, the rows each expert got, and the time it took.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
     pub shape: ModelShape,
@@ -380,6 +422,28 @@ mod tests {
         // The bound: both experts read once over two GPUs, or the rows spread evenly.
         assert!((p1.ideal_step_s - flops(20_000.0)).abs() / p1.ideal_step_s < 1e-9);
         assert!((d1.ideal_step_s - read).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_planners_layer_time_is_the_evaluators() {
+        let c = CostModel::H200_BF16;
+        let m = ModelShape {
+            experts: 2,
+            ..shape(1024, 512, 2)
+        };
+        let w = LoadWindow::new(vec![0], 2, vec![3.0, 1.0, 1.0, 5.0]).unwrap();
+        let obj = StepObjective {
+            cost: c,
+            tokens_per_step: 4096.0,
+            model: m.clone(),
+        };
+        for replicate in [false, true] {
+            let p = two_gpu_plan(&m, replicate);
+            let lm = LayerMatrix::from_window(&w, 0);
+            let a = obj.layer_s(&lm, 2, plan_replicas(&p.layers[0]));
+            let b = step_time(&p, &w, &c, 4096.0).unwrap().step_s;
+            assert!((a - b).abs() / b < 1e-6, "{a} {b}");
+        }
     }
 
     #[test]
