@@ -52,7 +52,7 @@ fn calibrate_fits_the_recorded_run_and_compare_predicts_step_time() {
         "-o",
         trace.to_str().unwrap(),
     ]);
-    let step = |tokens: &str| -> Vec<(String, u32, f64)> {
+    let step = |tokens: &str, dispatch: &str| -> Vec<(String, u32, f64)> {
         let out = moectl(&[
             "compare",
             "--load",
@@ -73,6 +73,8 @@ fn calibrate_fits_the_recorded_run_and_compare_predicts_step_time() {
             tokens,
             "--cost-model",
             model.to_str().unwrap(),
+            "--dispatch",
+            dispatch,
             "--json",
         ]);
         let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
@@ -90,17 +92,24 @@ fn calibrate_fits_the_recorded_run_and_compare_predicts_step_time() {
         rows.iter().find(|x| x.0 == a && x.1 == r).unwrap().2
     };
     // Decode (8 tokens per expert): weight reads dominate, a replica reads weights again.
-    let decode = step("64");
+    let decode = step("64", "shares");
     assert!(
         at(&decode, "craft", 8) > at(&decode, "craft", 0),
         "{decode:?}"
     );
     // Prefill: rows dominate, replicas shorten the slowest GPU.
-    let prefill = step("65536");
+    let prefill = step("65536", "shares");
     assert!(
         at(&prefill, "craft", 8) < at(&prefill, "none", 0),
         "{prefill:?}"
     );
+    // The per-batch dispatch predicts no longer a step than the plan's fixed shares, and the
+    // same for a plan without replicas.
+    for tokens in ["64", "65536"] {
+        let (fixed, dispatched) = (step(tokens, "shares"), step(tokens, "step"));
+        assert!(at(&dispatched, "craft", 8) <= at(&fixed, "craft", 8) * (1.0 + 1e-9));
+        assert!((at(&dispatched, "none", 0) - at(&fixed, "none", 0)).abs() < 1e-9);
+    }
 
     // Planning for step time: `--budget auto` buys no replica for decode (every one costs
     // step time there) and the same replicas as balancedness for prefill.

@@ -11,7 +11,7 @@ use crate::plan::balance::{evaluate as replay, Evaluation, LayerMatrix, ReplaySc
 use crate::plan::craft::CraftOptions;
 use crate::plan::load_formats::read_load_file;
 use crate::plan::planner::{make_plan, Budget, PlanRequest, DEFAULT_AUTO_MIN_GAIN};
-use crate::plan::step_cost::{step_time, CostModel, StepObjective};
+use crate::plan::step_cost::{step_time_dispatched, CostModel, Dispatch, StepObjective};
 use crate::plan::{
     parse_byte_size, Algorithm, Dtype, ExpertPlan, HashRule, LoadWindow, ModelShape, Topology,
 };
@@ -376,6 +376,10 @@ pub struct StepArgs {
     /// Cost model JSON (`moectl calibrate` writes it); default: one H200, bf16.
     #[arg(long, requires = "step_tokens")]
     pub cost_model: Option<PathBuf>,
+    /// How the predicted step splits a replicated expert's rows: the plan's `shares`, or `step`,
+    /// the per-batch dispatch that minimises the cost model (`plan::dispatch`).
+    #[arg(long, default_value = "shares", requires = "step_tokens")]
+    pub dispatch: Dispatch,
 }
 
 impl StepArgs {
@@ -491,11 +495,12 @@ pub fn evaluate(a: EvaluateArgs) -> anyhow::Result<()> {
     let ev = replay(&plan, &window).map_err(|e| anyhow::anyhow!("{}: {e}", a.load.display()))?;
     let step = match a.step.resolve()? {
         Some((cost, tokens)) => Some(
-            step_time(
+            step_time_dispatched(
                 &plan,
                 &window.with_layers(&ev_layer_ids(&ev))?,
                 &cost,
                 tokens,
+                a.step.dispatch,
             )
             .map_err(|e| anyhow::anyhow!("{}: {e}", a.load.display()))?,
         ),
@@ -619,6 +624,7 @@ pub fn split_holdout(window: &LoadWindow, holdout: f64) -> (LoadWindow, LoadWind
 pub struct Judge {
     pub holdout: f64,
     pub step: Option<(CostModel, f64)>,
+    pub dispatch: Dispatch,
 }
 
 pub fn compare_rows(
@@ -630,7 +636,11 @@ pub fn compare_rows(
     variant: &VariantArgs,
     judge: Judge,
 ) -> anyhow::Result<Vec<CompareRow>> {
-    let Judge { holdout, step } = judge;
+    let Judge {
+        holdout,
+        step,
+        dispatch,
+    } = judge;
     let (train, test) = split_holdout(window, holdout);
     let moe_layers = model.moe_layers();
     let mut rows = Vec::new();
@@ -657,9 +667,15 @@ pub fn compare_rows(
             let ev = replay(&plan, &test).map_err(anyhow::Error::msg)?;
             let step_ms = match &step {
                 Some((cost, tokens)) => Some(
-                    step_time(&plan, &test.with_layers(&ev_layer_ids(&ev))?, cost, *tokens)
-                        .map_err(anyhow::Error::msg)?
-                        .step_s
+                    step_time_dispatched(
+                        &plan,
+                        &test.with_layers(&ev_layer_ids(&ev))?,
+                        cost,
+                        *tokens,
+                        dispatch,
+                    )
+                    .map_err(anyhow::Error::msg)?
+                    .step_s
                         * 1e3,
                 ),
                 None => None,
@@ -687,6 +703,7 @@ pub fn compare(a: CompareArgs) -> anyhow::Result<()> {
     let judge = Judge {
         holdout: a.holdout,
         step,
+        dispatch: a.step.dispatch,
     };
     let rows = compare_rows(
         &window, &model, topology, &a.budgets, &a.algos, &a.variant, judge,

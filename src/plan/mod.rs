@@ -22,6 +22,7 @@
 
 pub mod balance;
 pub mod craft;
+pub mod dispatch;
 pub mod engines;
 pub mod eplb;
 pub mod expert_plan;

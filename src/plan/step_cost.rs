@@ -80,6 +80,17 @@ pub struct StepEstimate {
     pub tokens_per_step: f64,
 }
 
+/// How a step's rows of a replicated expert are split between its replicas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "camelCase")]
+pub enum Dispatch {
+    /// The plan's fixed per-replica shares.
+    #[default]
+    Shares,
+    /// Per batch and layer, [`super::dispatch::dispatch`]: the split the cost model prefers.
+    Step,
+}
+
 /// The step time of `plan` on every batch of `window`, each batch scaled to `tokens_per_step`
 /// tokens (each routed to `top_k` experts), the plan's shares splitting each expert's rows.
 pub fn step_time(
@@ -87,6 +98,17 @@ pub fn step_time(
     window: &LoadWindow,
     cost: &CostModel,
     tokens_per_step: f64,
+) -> Result<StepEstimate, ShapeError> {
+    step_time_dispatched(plan, window, cost, tokens_per_step, Dispatch::Shares)
+}
+
+/// [`step_time`] with the given dispatch.
+pub fn step_time_dispatched(
+    plan: &ExpertPlan,
+    window: &LoadWindow,
+    cost: &CostModel,
+    tokens_per_step: f64,
+    dispatch: Dispatch,
 ) -> Result<StepEstimate, ShapeError> {
     let m = &plan.model;
     if window.experts() != m.experts as usize {
@@ -117,9 +139,30 @@ pub fn step_time(
             }
             let scale = rows_per_step / total;
             rank_rows.iter_mut().for_each(Vec::clear);
-            for (g, e, share) in plan_replicas(lp) {
-                if let (Some(r), Some(&c)) = (rank_rows.get_mut(g), row.get(e)) {
-                    r.push(c * scale * f64::from(share));
+            match dispatch {
+                Dispatch::Shares => {
+                    for (g, e, share) in plan_replicas(lp) {
+                        if let (Some(r), Some(&c)) = (rank_rows.get_mut(g), row.get(e)) {
+                            r.push(c * scale * f64::from(share));
+                        }
+                    }
+                }
+                Dispatch::Step => {
+                    let mut hosts: Vec<Vec<usize>> = vec![Vec::new(); row.len()];
+                    for (g, e, _) in plan_replicas(lp) {
+                        if let Some(h) = hosts.get_mut(e) {
+                            if g < gpus && !h.contains(&g) {
+                                h.push(g);
+                            }
+                        }
+                    }
+                    let rows: Vec<f64> = row.iter().map(|c| c * scale).collect();
+                    let split = super::dispatch::dispatch(&rows, &hosts, gpus, cost, m);
+                    for (e, h) in hosts.iter().enumerate() {
+                        for (j, &g) in h.iter().enumerate() {
+                            rank_rows[g].push(split[e][j]);
+                        }
+                    }
                 }
             }
             let slowest = rank_rows
