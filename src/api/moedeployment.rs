@@ -372,6 +372,14 @@ impl ReplicationPolicy {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.stepTime) || !has(self.policy) || self.policy == 'Craft'",
+        "message": "replication.stepTime chooses CRAFT's per-layer replica counts: it needs policy Craft",
+        "fieldPath": ".stepTime",
+        "reason": "FieldValueInvalid"
+    }
+]))]
 pub struct ReplicationSpec {
     #[serde(default)]
     pub policy: ReplicationPolicy,
@@ -393,6 +401,38 @@ pub struct ReplicationSpec {
     /// The load window planned on: an integer counts metrics intervals, a string is a duration.
     #[serde(default = "default_window")]
     pub window: IntOrString,
+    /// Plan for step time instead of balancedness (docs/planner.md, "Step time"): CRAFT's
+    /// per-layer replica counts are chosen by the MoE step time they save at `tokensPerStep`,
+    /// and `minImprovement` is then the fraction of predicted step time a new plan must save.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_time: Option<StepTimeSpec>,
+}
+
+/// `replication.stepTime`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepTimeSpec {
+    /// Tokens per step the plan is made for: a decode batch (e.g. 256) or a prefill chunk.
+    #[schemars(range(min = 1, max = 16777216))]
+    pub tokens_per_step: i64,
+    /// The GPU's cost model (`moectl calibrate` fits it); default: one H200, bf16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_model: Option<CostModelSpec>,
+}
+
+/// A GPU's expert-FFN cost model (`plan::step_cost::CostModel`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CostModelSpec {
+    /// Fixed cost of one rank's layer, seconds.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub launch_seconds: f64,
+    /// Expert weight bytes read per second.
+    #[schemars(range(min = 1.0e6, max = 1.0e15))]
+    pub bytes_per_second: f64,
+    /// FFN FLOP per second.
+    #[schemars(range(min = 1.0e6, max = 1.0e18))]
+    pub flops_per_second: f64,
 }
 
 impl Default for ReplicationSpec {
@@ -403,6 +443,7 @@ impl Default for ReplicationSpec {
             min_improvement: default_min_improvement(),
             cooldown: default_cooldown(),
             window: default_window(),
+            step_time: None,
         }
     }
 }

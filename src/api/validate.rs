@@ -22,6 +22,7 @@ use super::units::{parse_duration, parse_quantity};
 use crate::plan::craft::CraftOptions;
 use crate::plan::limits;
 use crate::plan::planner::{Budget, PlanRequest, DEFAULT_AUTO_MIN_GAIN};
+use crate::plan::step_cost::{CostModel, StepObjective};
 use crate::plan::{Algorithm, Dtype, ModelShape, Topology};
 
 /// One problem in a spec: where, and what to do about it.
@@ -136,6 +137,9 @@ pub struct ValidSpec {
     /// `spec.engine`: the pods run this engine instead of `moe-worker` (and `strategy` is
     /// Recreate, the engines having no in-place plan update).
     pub engine: Option<ValidEngine>,
+    /// `replication.stepTime`: CRAFT plans for step time, and re-plans are judged by the
+    /// fraction of predicted step time they save.
+    pub step_time: Option<StepObjective>,
 }
 
 /// `spec.engine`, resolved.
@@ -330,7 +334,10 @@ impl ValidSpec {
             topology: self.topology,
             budget: self.budget,
             eplb_groups: None,
-            craft: CraftOptions::default(),
+            craft: CraftOptions {
+                step: self.step_time.clone(),
+                ..CraftOptions::default()
+            },
         }
     }
 
@@ -486,8 +493,9 @@ fn resolve(
         _ => LoadSource::Workers,
     };
     let p = &spec.worker.ports;
+    let shape = spec.model.shape()?;
     Ok(ValidSpec {
-        shape: spec.model.shape()?,
+        shape: shape.clone(),
         nodes,
         gpus_per_node,
         topology,
@@ -518,6 +526,18 @@ fn resolve(
             .as_ref()
             .map(|e| resolve_engine(e, &port))
             .transpose()?,
+        step_time: spec.replication.step_time.as_ref().map(|st| StepObjective {
+            cost: st
+                .cost_model
+                .as_ref()
+                .map_or(CostModel::H200_BF16, |c| CostModel {
+                    launch_s: c.launch_seconds,
+                    bytes_per_s: c.bytes_per_second,
+                    flops_per_s: c.flops_per_second,
+                }),
+            tokens_per_step: st.tokens_per_step as f64,
+            model: shape.clone(),
+        }),
     })
 }
 
@@ -743,7 +763,49 @@ fn check_checkpoint(spec: &MoEDeploymentSpec, errs: &mut Errors) {
 }
 
 /// The budget and the cooldown, when they are valid.
+/// `replication.stepTime` (also CEL and schema ranges, re-checked for objects stored without
+/// them): CRAFT only, a sane token count, a cost model of positive finite constants.
+fn check_step_time(spec: &MoEDeploymentSpec, errs: &mut Errors) {
+    let Some(st) = &spec.replication.step_time else {
+        return;
+    };
+    let path = "spec.replication.stepTime";
+    if spec.replication.policy != ReplicationPolicy::Craft {
+        errs.push(
+            path,
+            format!(
+                "chooses CRAFT's per-layer replica counts, but policy is {:?}: set policy: Craft or remove stepTime",
+                spec.replication.policy
+            ),
+        );
+    }
+    if !(1..=1 << 24).contains(&st.tokens_per_step) {
+        errs.push(
+            &format!("{path}.tokensPerStep"),
+            format!(
+                "{} is out of range: give 1 to 16777216 tokens per step",
+                st.tokens_per_step
+            ),
+        );
+    }
+    if let Some(c) = &st.cost_model {
+        for (field, v, min) in [
+            ("launchSeconds", c.launch_seconds, 0.0),
+            ("bytesPerSecond", c.bytes_per_second, 1e6),
+            ("flopsPerSecond", c.flops_per_second, 1e6),
+        ] {
+            if !(v.is_finite() && v >= min) {
+                errs.push(
+                    &format!("{path}.costModel.{field}"),
+                    format!("{v} is not a usable rate: give a finite number of at least {min} (moectl calibrate prints them)"),
+                );
+            }
+        }
+    }
+}
+
 fn check_replication(spec: &MoEDeploymentSpec, errs: &mut Errors) -> Option<(Budget, Duration)> {
+    check_step_time(spec, errs);
     let mut err = |path: &str, message: String| errs.push(path, message);
     let m = &spec.model;
     let policy = spec.replication.policy;
@@ -1311,6 +1373,33 @@ worker: {image: "moe-worker:dev"}
 "#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_step_time_objective_is_craft_only_with_usable_constants() {
+        let mut s = demo_spec();
+        s.replication.step_time = Some(
+            serde_yaml::from_str("{tokensPerStep: 256, costModel: {launchSeconds: 1e-4, bytesPerSecond: 4.2e12, flopsPerSecond: 5e14}}")
+                .unwrap(),
+        );
+        let v = validate(&s, &PodPolicy::default()).unwrap();
+        let obj = v.plan_request(Algorithm::Craft).craft.step.unwrap();
+        assert_eq!((obj.tokens_per_step, obj.cost.bytes_per_s), (256.0, 4.2e12));
+        s.replication.policy = ReplicationPolicy::Eplb;
+        let st = s.replication.step_time.as_mut().unwrap();
+        st.tokens_per_step = 0;
+        st.cost_model.as_mut().unwrap().bytes_per_second = f64::NAN;
+        let paths: Vec<String> = errors(&s, &PodPolicy::default())
+            .into_iter()
+            .map(|e| e.path)
+            .collect();
+        for want in [
+            "spec.replication.stepTime",
+            "spec.replication.stepTime.tokensPerStep",
+            "spec.replication.stepTime.costModel.bytesPerSecond",
+        ] {
+            assert!(paths.iter().any(|p| p == want), "{want} not in {paths:?}");
+        }
     }
 
     #[test]

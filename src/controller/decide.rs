@@ -27,6 +27,7 @@ use crate::api::{
 };
 use crate::plan::balance::evaluate;
 use crate::plan::planner::{make_plan, moe_layer_ids};
+use crate::plan::step_cost::step_time;
 use crate::plan::{Algorithm, ExpertPlan, LoadWindow};
 
 /// How long a worker may refuse pushes for holding another admin token before it is replaced:
@@ -631,6 +632,21 @@ fn replan(
     let cand_b = evaluate(&candidate, w)
         .map(|e| e.balancedness)
         .unwrap_or(0.0);
+    // With a step-time objective the hysteresis is on the fraction of predicted step time the
+    // candidate saves (the plan in force scores 0); otherwise on balancedness.
+    let step = spec.step_time.as_ref().map(|obj| {
+        let s = |p: &ExpertPlan| {
+            step_time(p, w, &obj.cost, obj.tokens_per_step)
+                .map(|e| e.step_s)
+                .unwrap_or(f64::INFINITY)
+        };
+        (s(plan), s(&candidate))
+    });
+    let (cur_score, cand_score) = match step {
+        Some((cur, cand)) if cur.is_finite() && cur > 0.0 => (0.0, (cur - cand) / cur),
+        Some(_) => (0.0, 0.0),
+        None => (cur_b, cand_b),
+    };
     status.observed = Some(ObservedLoad::new(
         Some(cur_b),
         w.total_tokens() as i64,
@@ -644,13 +660,13 @@ fn replan(
         .unwrap_or(0.0);
     let current = Current {
         hash: &plan.hash,
-        balancedness: cur_b,
+        balancedness: cur_score,
         rolled_out_at_s,
     };
     let d = replan::decide(
         Some(&current),
         &candidate.hash,
-        cand_b,
+        cand_score,
         spec.min_improvement,
         spec.cooldown.as_secs_f64(),
         inp.now_s,
@@ -659,10 +675,18 @@ fn replan(
         tracing::debug!(reason = d.reason(), "plan kept");
         return Some((d.verdict(), None));
     }
+    let step_note = match step {
+        Some((cur, cand)) => format!(
+            ", predicted MoE step {:.3} ms over {:.3} ms",
+            cand * 1e3,
+            cur * 1e3
+        ),
+        None => String::new(),
+    };
     events.push(Note::normal(
         d.reason(),
         format!(
-            "plan {} ({}, R={}): predicted balancedness {:.3} over {:.3} of plan {}",
+            "plan {} ({}, R={}): predicted balancedness {:.3} over {:.3} of plan {}{step_note}",
             candidate.short_hash(),
             candidate.algorithm,
             candidate.replicas_per_gpu,

@@ -1201,3 +1201,41 @@ fn the_gang_guard_releases_a_partly_scheduled_group_and_backs_off() {
     let plain = deployment("{}");
     assert_eq!(spec_of(&plain).gang.gang, crate::api::Gang::None);
 }
+
+#[test]
+fn a_step_time_objective_judges_replans_by_the_step_they_save() {
+    for (tokens, want) in [
+        // Decode: each GPU reads its experts' weights whatever their rows; nothing saves 2%.
+        (64, reason::GAIN_BELOW_MIN_IMPROVEMENT),
+        // Prefill: the hot experts' rows dominate; spreading them saves most of the step.
+        (1 << 20, reason::PLAN_IMPROVED),
+    ] {
+        let md = deployment(&format!(
+            "{{model: {{layers: 4, firstMoeLayer: 1, experts: 16, topK: 2, hiddenSize: 2048, \
+             expertIntermediateSize: 768, checkpoint: {{path: /models/tiny}}}}, \
+             replication: {{budget: {{auto: true}}, stepTime: {{tokensPerStep: {tokens}}}}}}}"
+        ));
+        let spec = spec_of(&md);
+        assert!(spec.step_time.is_some());
+        let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+        let plan = first.rollout.as_ref().unwrap().plan.clone();
+        let mut status = first.status.clone().unwrap();
+        status.plan.as_mut().unwrap().computed_at = Some(t(NOW - 3600));
+        let (pods, scraped) = running(&first, &plan.hash);
+        let obs = Observed {
+            scraped,
+            window: Some(skewed(&spec)),
+            window_changed: true,
+            fresh: true,
+            ..Default::default()
+        };
+        let d = run(&md, &fetched(status, Some(plan), pods), &obs);
+        let v = verdicts(&d);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].1, want, "{tokens} tokens per step: {v:?}");
+        if want == reason::PLAN_IMPROVED {
+            let note = &d.events[0].message;
+            assert!(note.contains("predicted MoE step"), "{note}");
+        }
+    }
+}
