@@ -16,7 +16,9 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{Measured, RankShare, StepRecorder};
 use crate::loadgen::layer_map;
-use crate::loadgen::route::{hidden_pool, LayerRouter, ReplicaPicker, RoutedRow, TopKSampler};
+use crate::loadgen::route::{
+    hidden_pool, layer_pickers, LayerRouter, ReplicaPicker, RoutedRow, TopKSampler,
+};
 use crate::plan::{ExpertPlan, LoadWindow};
 use crate::worker::checkpoint::WeightSource;
 use crate::worker::compute::{ExpertCompute, ExpertKey, ExpertLoader, RowBatch};
@@ -205,6 +207,8 @@ pub struct RunConfig {
     pub hidden_pool: usize,
     /// Stop measuring after this many seconds (at least one batch is measured).
     pub max_seconds: Option<f64>,
+    /// The step-time dispatch's cost model (`--dispatch step`); None routes by the shares.
+    pub dispatch: Option<crate::plan::step_cost::CostModel>,
 }
 
 impl RunConfig {
@@ -216,6 +220,7 @@ impl RunConfig {
             seed,
             hidden_pool: 64,
             max_seconds: None,
+            dispatch: None,
         }
     }
 }
@@ -243,11 +248,7 @@ pub fn run_emulated(
     let hidden = plan.model.hidden_size as usize;
     let top_k = plan.model.top_k as usize;
     let pool_n = cfg.hidden_pool.max(1);
-    let pickers: Vec<ReplicaPicker> = plan
-        .layers
-        .iter()
-        .map(|lp| ReplicaPicker::new(&lp.replicas(experts)))
-        .collect();
+    let pickers: Vec<ReplicaPicker> = layer_pickers(plan, cfg.dispatch);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     // Drawn first, as the load generator does, so that the token draws match it.
     let pool = hidden_pool(&mut rng, pool_n, hidden);

@@ -315,6 +315,7 @@ pub async fn run_workers(
     let mut lg = LoadgenConfig::new(served, pool.dispatch.clone(), window.clone());
     lg.tokens_per_batch = cfg.tokens_per_batch;
     lg.hidden_pool = cfg.hidden_pool;
+    lg.dispatch = cfg.dispatch;
     if cfg.warmup > 0 {
         lg.batches = cfg.warmup;
         lg.seed = cfg.seed ^ WARMUP_SEED_XOR;

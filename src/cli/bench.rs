@@ -69,6 +69,10 @@ pub struct PoliciesArgs {
     /// Load trace whose per-batch counts drive the routing (and the plans).
     #[arg(long)]
     pub load: PathBuf,
+    /// How replicated experts' rows are split: the plans' `shares`, or per batch by `step`, the
+    /// dispatch the default cost model prefers (docs/planner.md).
+    #[arg(long, default_value = "shares")]
+    pub dispatch: crate::plan::step_cost::Dispatch,
     /// A HuggingFace config.json or a ModelShape JSON.
     #[arg(long, conflicts_with = "preset")]
     pub model: Option<PathBuf>,
@@ -397,6 +401,7 @@ pub fn policies(a: &PoliciesArgs) -> anyhow::Result<Vec<BenchReport>> {
         let mut cfg = RunConfig::new(a.batches, *tokens, a.seed);
         cfg.warmup = a.warmup;
         cfg.max_seconds = a.max_seconds_per_policy;
+        cfg.dispatch = step_dispatch(a.dispatch);
         let mut results = Vec::new();
         for plan in &plans {
             let t = Instant::now();
@@ -558,6 +563,7 @@ fn ranks_mode(
         for (label, tokens, _) in runs {
             let mut cfg = RunConfig::new(a.batches, *tokens, a.seed);
             cfg.warmup = a.warmup;
+            cfg.dispatch = step_dispatch(a.dispatch);
             let (m, serial) = run_emulated_sources(plan, window, &cfg, &mut exec)
                 .with_context(|| format!("{label}: emulated, policy {}", plan.algorithm))?;
             emulated.push((m, serial));
@@ -671,5 +677,13 @@ mod tests {
             Path::new("out/results-decode.json")
         );
         assert_eq!(labelled(Path::new("r"), "t64", true), Path::new("r-t64"));
+    }
+}
+
+/// The emulated router's cost model for `--dispatch`.
+fn step_dispatch(d: crate::plan::step_cost::Dispatch) -> Option<crate::plan::step_cost::CostModel> {
+    match d {
+        crate::plan::step_cost::Dispatch::Shares => None,
+        crate::plan::step_cost::Dispatch::Step => Some(Default::default()),
     }
 }

@@ -391,24 +391,8 @@ impl StepArgs {
         if !(t.is_finite() && t > 0.0) {
             anyhow::bail!("--step-tokens {t}: give a positive number of tokens");
         }
-        let cost = match &self.cost_model {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?;
-                let c: CostModel = serde_json::from_str(&text)
-                    .with_context(|| format!("{}: not a cost model", p.display()))?;
-                if ![c.launch_s, c.bytes_per_s, c.flops_per_s]
-                    .iter()
-                    .all(|x| x.is_finite() && *x >= 0.0)
-                    || c.bytes_per_s == 0.0
-                    || c.flops_per_s == 0.0
-                {
-                    anyhow::bail!("{}: every constant must be a positive number", p.display());
-                }
-                c
-            }
-            None => CostModel::default(),
-        };
+        let cost = crate::plan::step_cost::read_cost_model(self.cost_model.as_deref())
+            .map_err(anyhow::Error::msg)?;
         Ok(Some((cost, t)))
     }
 }

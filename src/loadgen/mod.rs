@@ -29,13 +29,15 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
+use crate::plan::step_cost::{CostModel, Dispatch};
 use crate::plan::{ExpertPlan, HashRule, LoadWindow};
 use crate::worker::protocol::{
     decode_reply_ref, encode_request_into, read_frame_into, ReplyRef, HEADER_LEN,
     MAX_ERROR_MESSAGE, SHAPE_LEN,
 };
 use route::{
-    balancedness, hidden_pool, percentile, LayerRouter, ReplicaPicker, RoutedRow, TopKSampler,
+    balancedness, hidden_pool, layer_pickers, percentile, LayerRouter, ReplicaPicker, RoutedRow,
+    TopKSampler,
 };
 
 /// What to run.
@@ -56,6 +58,9 @@ pub struct LoadgenConfig {
     pub io_timeout: Duration,
     /// When set (by another task), the run ends after the batch in progress.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Split replicated experts' rows per batch by the step-time dispatch with this cost model,
+    /// instead of token by token by the plan's shares.
+    pub dispatch: Option<CostModel>,
 }
 
 impl LoadgenConfig {
@@ -71,6 +76,7 @@ impl LoadgenConfig {
             max_frame_bytes: 1 << 30,
             io_timeout: DEFAULT_IO_TIMEOUT,
             stop: None,
+            dispatch: None,
         }
     }
 }
@@ -335,11 +341,7 @@ pub async fn run_loadgen(cfg: &LoadgenConfig) -> Result<LoadgenReport, LoadgenEr
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let pool_n = cfg.hidden_pool.max(1);
     let pool: Vec<bf16> = hidden_pool(&mut rng, pool_n, hidden);
-    let pickers: Vec<ReplicaPicker> = plan
-        .layers
-        .iter()
-        .map(|lp| ReplicaPicker::new(&lp.replicas(experts)))
-        .collect();
+    let pickers: Vec<ReplicaPicker> = layer_pickers(plan, cfg.dispatch);
 
     let mut conns: Vec<Option<RankConn>> = Vec::with_capacity(d);
     for rank in 0..d as u32 {
@@ -560,6 +562,14 @@ pub struct LoadgenArgs {
     /// Seconds each connect, request write and reply read may take before the run fails.
     #[arg(long, default_value_t = DEFAULT_IO_TIMEOUT.as_secs_f64(), value_name = "SECONDS")]
     pub timeout: f64,
+    /// How a replicated expert's rows are split between its replicas: by the plan's `shares`,
+    /// token by token, or per batch by `step`, the dispatch the cost model prefers
+    /// (docs/planner.md, "Per-batch dispatch").
+    #[arg(long, default_value = "shares")]
+    pub dispatch: Dispatch,
+    /// Cost model JSON for `--dispatch step` (`moectl calibrate`); default: one H200, bf16.
+    #[arg(long)]
+    pub cost_model: Option<PathBuf>,
 }
 
 impl LoadgenArgs {
@@ -585,6 +595,18 @@ impl LoadgenArgs {
         cfg.tokens_per_batch = self.tokens;
         cfg.seed = self.seed;
         cfg.io_timeout = Duration::from_secs_f64(self.timeout);
+        if self.cost_model.is_some() && self.dispatch == Dispatch::Shares {
+            anyhow::bail!(
+                "--cost-model is read by --dispatch step only: add it, or drop --cost-model"
+            );
+        }
+        cfg.dispatch = match self.dispatch {
+            Dispatch::Shares => None,
+            Dispatch::Step => Some(
+                crate::plan::step_cost::read_cost_model(self.cost_model.as_deref())
+                    .map_err(anyhow::Error::msg)?,
+            ),
+        };
         Ok(cfg)
     }
 

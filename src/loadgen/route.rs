@@ -4,6 +4,8 @@
 use rand::Rng;
 
 use crate::plan::expert_plan::Replica;
+use crate::plan::step_cost::CostModel;
+use crate::plan::ModelShape;
 
 /// Successive weighted sampling without replacement over one layer's expert loads.
 pub struct TopKSampler {
@@ -99,13 +101,47 @@ impl TopKSampler {
     }
 }
 
-/// Replica choice for one expert by the plan's token shares.
+/// Replica choice for one expert: by the plan's token shares, or per batch by the step-time
+/// dispatch ([`ReplicaPicker::with_step_dispatch`]).
 pub struct ReplicaPicker {
     /// Per expert: (gpu, cumulative share).
     per_expert: Vec<Vec<(u32, f64)>>,
+    step: Option<StepPick>,
+}
+
+/// What the step-time dispatch needs: each expert's replica GPUs and the cost model.
+struct StepPick {
+    hosts: Vec<Vec<usize>>,
+    cost: CostModel,
+    model: ModelShape,
 }
 
 impl ReplicaPicker {
+    /// Each batch's rows of a replicated expert split by [`crate::plan::dispatch::dispatch`]
+    /// (the split the cost model prefers) instead of token by token by the shares. The tokens
+    /// drawn are the same as with the shares (the same random numbers are consumed).
+    pub fn with_step_dispatch(
+        replicas: &[Vec<Replica>],
+        cost: CostModel,
+        model: ModelShape,
+    ) -> Self {
+        let mut p = Self::new(replicas);
+        let hosts = replicas
+            .iter()
+            .map(|list| {
+                let mut h: Vec<usize> = Vec::new();
+                for r in list {
+                    if !h.contains(&(r.gpu as usize)) {
+                        h.push(r.gpu as usize);
+                    }
+                }
+                h
+            })
+            .collect();
+        p.step = Some(StepPick { hosts, cost, model });
+        p
+    }
+
     pub fn new(replicas: &[Vec<Replica>]) -> Self {
         let per_expert = replicas
             .iter()
@@ -119,7 +155,10 @@ impl ReplicaPicker {
                     .collect()
             })
             .collect();
-        Self { per_expert }
+        Self {
+            per_expert,
+            step: None,
+        }
     }
 
     /// The GPU that computes this token of `expert`; `None` for an expert without replicas.
@@ -141,6 +180,24 @@ impl ReplicaPicker {
     }
 }
 
+/// The pickers of every layer of `plan`: by the plan's shares, or (with a cost model) by the
+/// step-time dispatch.
+pub fn layer_pickers(
+    plan: &crate::plan::ExpertPlan,
+    dispatch: Option<CostModel>,
+) -> Vec<ReplicaPicker> {
+    let experts = plan.model.experts as usize;
+    plan.layers
+        .iter()
+        .map(|lp| match dispatch {
+            Some(cost) => {
+                ReplicaPicker::with_step_dispatch(&lp.replicas(experts), cost, plan.model.clone())
+            }
+            None => ReplicaPicker::new(&lp.replicas(experts)),
+        })
+        .collect()
+}
+
 /// One routed row: (logical expert, router weight, index of its hidden vector in the pool).
 pub type RoutedRow = (u32, f32, u32);
 
@@ -159,6 +216,41 @@ pub fn hidden_pool<R: Rng>(rng: &mut R, n: usize, hidden: usize) -> Vec<half::bf
 pub struct LayerRouter {
     picks: Vec<u32>,
     weights: Vec<f32>,
+    /// The step-time dispatch's batch: every drawn (expert, weight, pool index), then per expert
+    /// the rows left to give each replica.
+    drawn: Vec<RoutedRow>,
+    quota: Vec<Vec<u64>>,
+}
+
+/// Whole rows per replica from a split of `n` rows: the floors, then one more to the largest
+/// fractions (the lower index on a tie) until all `n` are given. Empty without replicas.
+fn whole_rows(n: u64, split: &[f64], out: &mut Vec<u64>) {
+    out.clear();
+    if split.is_empty() {
+        return;
+    }
+    out.extend(split.iter().map(|&x| x.max(0.0).floor() as u64));
+    // Floors above `n` (float noise) come back off the largest first.
+    while out.iter().sum::<u64>() > n {
+        let j = (0..out.len()).max_by_key(|&j| out[j]).unwrap_or(0);
+        out[j] -= 1;
+    }
+    let mut order: Vec<usize> = (0..split.len()).collect();
+    order.sort_by(|&a, &b| {
+        let fa = split[a] - split[a].floor();
+        let fb = split[b] - split[b].floor();
+        fb.total_cmp(&fa).then(a.cmp(&b))
+    });
+    let mut rest = n - out.iter().sum::<u64>();
+    while rest > 0 {
+        for &j in &order {
+            if rest == 0 {
+                break;
+            }
+            out[j] += 1;
+            rest -= 1;
+        }
+    }
 }
 
 impl LayerRouter {
@@ -179,6 +271,20 @@ impl LayerRouter {
         for r in rows.iter_mut() {
             r.clear();
         }
+        if let Some(step) = &picker.step {
+            self.route_step(
+                rng,
+                sampler,
+                picker,
+                step,
+                top_k,
+                tokens,
+                pool,
+                rows,
+                expert_rows,
+            );
+            return;
+        }
         for _ in 0..tokens {
             sampler.sample(rng, top_k, &mut self.picks);
             router_weights(rng, self.picks.len(), &mut self.weights);
@@ -189,6 +295,75 @@ impl LayerRouter {
                 if let Some(c) = expert_rows.get_mut(e as usize) {
                     *c += 1;
                 }
+            }
+        }
+    }
+}
+
+impl LayerRouter {
+    /// [`LayerRouter::route`] with the step-time dispatch: draw the batch (consuming the shares
+    /// router's random numbers), split each expert's rows over its replicas by the cost model,
+    /// then hand the rows out in draw order.
+    #[allow(clippy::too_many_arguments)]
+    fn route_step<R: Rng>(
+        &mut self,
+        rng: &mut R,
+        sampler: &TopKSampler,
+        picker: &ReplicaPicker,
+        step: &StepPick,
+        top_k: usize,
+        tokens: usize,
+        pool: u32,
+        rows: &mut [Vec<RoutedRow>],
+        expert_rows: &mut [u64],
+    ) {
+        let experts = step.hosts.len();
+        self.drawn.clear();
+        let mut counts = vec![0u64; experts];
+        for _ in 0..tokens {
+            sampler.sample(rng, top_k, &mut self.picks);
+            router_weights(rng, self.picks.len(), &mut self.weights);
+            let x = rng.random_range(0..pool.max(1));
+            for (&e, &w) in self.picks.iter().zip(&self.weights) {
+                // The shares router's draw, so that both routers see the same tokens.
+                let _ = picker.pick(rng, e);
+                self.drawn.push((e, w, x));
+                if let Some(c) = counts.get_mut(e as usize) {
+                    *c += 1;
+                }
+            }
+        }
+        let want: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
+        let split = crate::plan::dispatch::dispatch(
+            &want,
+            &step.hosts,
+            rows.len(),
+            &step.cost,
+            &step.model,
+        );
+        self.quota.resize_with(experts, Vec::new);
+        for e in 0..experts {
+            let mut q = std::mem::take(&mut self.quota[e]);
+            whole_rows(counts[e], &split[e], &mut q);
+            self.quota[e] = q;
+        }
+        for &(e, w, x) in &self.drawn {
+            let ei = e as usize;
+            let g = match (step.hosts.get(ei), self.quota.get_mut(ei)) {
+                (Some(h), Some(q)) if !h.is_empty() => {
+                    let j = q.iter().position(|&n| n > 0).unwrap_or(0);
+                    if let Some(n) = q.get_mut(j) {
+                        *n = n.saturating_sub(1);
+                    }
+                    h[j]
+                }
+                _ => 0,
+            };
+            if let Some(r) = rows.get_mut(g) {
+                r.push((e, w, x));
+            }
+            if let Some(c) = expert_rows.get_mut(ei) {
+                *c += 1;
             }
         }
     }
@@ -286,6 +461,84 @@ mod tests {
         assert_eq!(out[0], 0);
         out.sort();
         assert_eq!(out, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn the_step_dispatch_routes_the_same_tokens_on_existing_replicas() {
+        let r = |gpu| Replica {
+            gpu,
+            slot: 0,
+            share: 0.5,
+        };
+        // Expert 0 on GPUs 0 and 1; experts 1 and 2 alone.
+        let replicas = vec![vec![r(0), r(1)], vec![r(0)], vec![r(1)]];
+        let model = |h: u64, i: u64| ModelShape {
+            layers: 1,
+            first_moe_layer: 0,
+            experts: 3,
+            top_k: 1,
+            hidden_size: h,
+            expert_intermediate_size: i,
+            dtype: crate::plan::Dtype::Bf16,
+        };
+        let sampler = TopKSampler::new(&[80.0, 10.0, 10.0]);
+        let route = |picker: &ReplicaPicker, tokens: usize| {
+            let mut rng = ChaCha8Rng::seed_from_u64(5);
+            let mut rows = vec![Vec::new(); 2];
+            let mut expert_rows = vec![0u64; 3];
+            LayerRouter::default().route(
+                &mut rng,
+                &sampler,
+                picker,
+                1,
+                tokens,
+                8,
+                &mut rows,
+                &mut expert_rows,
+            );
+            (rows, expert_rows)
+        };
+        let cost = CostModel::H200_BF16;
+        for (h, i, tokens, spread) in [(2048, 768, 64, false), (2048, 768, 100_000, true)] {
+            let (shares, counted) = route(&ReplicaPicker::new(&replicas), tokens);
+            let step = ReplicaPicker::with_step_dispatch(&replicas, cost, model(h, i));
+            let (dispatched, counted2) = route(&step, tokens);
+            // The same tokens (expert, weight, pool row), only on other replicas.
+            assert_eq!(counted, counted2);
+            let sorted = |rows: &[Vec<RoutedRow>]| {
+                let mut all: Vec<(u32, u32, u32)> = rows
+                    .iter()
+                    .flatten()
+                    .map(|&(e, w, x)| (e, w.to_bits(), x))
+                    .collect();
+                all.sort();
+                all
+            };
+            assert_eq!(sorted(&shares), sorted(&dispatched));
+            // Experts 1 and 2 stay on their one GPU.
+            assert!(dispatched[1].iter().all(|row| row.0 != 1));
+            assert!(dispatched[0].iter().all(|row| row.0 != 2));
+            // Decode keeps expert 0 on one replica; a large batch spreads it over both.
+            let on = |g: usize| dispatched[g].iter().filter(|row| row.0 == 0).count();
+            assert_eq!(on(0) > 0 && on(1) > 0, spread, "{} {}", on(0), on(1));
+        }
+    }
+
+    #[test]
+    fn whole_rows_give_exactly_n() {
+        let mut out = Vec::new();
+        for (n, split) in [
+            (10u64, vec![3.3, 3.3, 3.4]),
+            (7, vec![7.0]),
+            (5, vec![0.0, 5.0]),
+            (3, vec![1.0000000001, 1.0000000001, 0.9999999998]),
+            (0, vec![0.0, 0.0]),
+        ] {
+            whole_rows(n, &split, &mut out);
+            assert_eq!(out.iter().sum::<u64>(), n, "{split:?} {out:?}");
+        }
+        whole_rows(4, &[], &mut out);
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -66,6 +66,25 @@ impl Default for CostModel {
     }
 }
 
+/// A cost model from a JSON file (`moectl calibrate -o`), or the H200 default without one.
+/// Refuses constants that are not positive finite numbers (zero launch allowed).
+pub fn read_cost_model(path: Option<&std::path::Path>) -> Result<CostModel, String> {
+    let Some(p) = path else {
+        return Ok(CostModel::default());
+    };
+    let text = std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+    let c: CostModel = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not a cost model ({e})", p.display()))?;
+    let ok = |x: f64| x.is_finite() && x > 0.0;
+    if !(c.launch_s.is_finite() && c.launch_s >= 0.0 && ok(c.bytes_per_s) && ok(c.flops_per_s)) {
+        return Err(format!(
+            "{}: every constant must be a positive number",
+            p.display()
+        ));
+    }
+    Ok(c)
+}
+
 /// What a plan's step costs on a window, scaled to `tokens_per_step` tokens per step.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
