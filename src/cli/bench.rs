@@ -664,6 +664,14 @@ fn ranks_mode(
     Ok(())
 }
 
+/// The emulated router's cost model for `--dispatch`.
+fn step_dispatch(d: crate::plan::step_cost::Dispatch) -> Option<crate::plan::step_cost::CostModel> {
+    match d {
+        crate::plan::step_cost::Dispatch::Shares => None,
+        crate::plan::step_cost::Dispatch::Step => Some(Default::default()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -677,13 +685,5 @@ mod tests {
             Path::new("out/results-decode.json")
         );
         assert_eq!(labelled(Path::new("r"), "t64", true), Path::new("r-t64"));
-    }
-}
-
-/// The emulated router's cost model for `--dispatch`.
-fn step_dispatch(d: crate::plan::step_cost::Dispatch) -> Option<crate::plan::step_cost::CostModel> {
-    match d {
-        crate::plan::step_cost::Dispatch::Shares => None,
-        crate::plan::step_cost::Dispatch::Step => Some(Default::default()),
     }
 }
