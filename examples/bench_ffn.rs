@@ -10,6 +10,7 @@ use std::sync::Arc;
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
 use moe_operator::plan::model::{Dtype, ModelShape};
+use moe_operator::plan::step_cost::bench_ffn_rows;
 use moe_operator::worker::checkpoint::synthetic::{hashed_projection, HashedWeights};
 use moe_operator::worker::checkpoint::{ExpertWeights, WeightSource};
 use moe_operator::worker::cpu::reference_row;
@@ -18,32 +19,6 @@ use moe_operator::worker::cuda::{CudaDevice, CudaExperts, GemmMode};
 /// Router weights in [0.1, 1), a deterministic spread.
 fn router_weight(r: usize) -> f32 {
     0.1 + 0.9 * (r.wrapping_mul(2_654_435_761) % 1_000_003) as f32 / 1_000_003.0
-}
-
-/// Skewed row counts summing to `tpe * experts`: expert e gets a share ∝ 1/(e+1)^0.7, at least 1.
-fn skewed_counts(experts: usize, tpe: usize) -> Vec<usize> {
-    let total = tpe * experts;
-    let w: Vec<f64> = (0..experts)
-        .map(|e| 1.0 / ((e + 1) as f64).powf(0.7))
-        .collect();
-    let s: f64 = w.iter().sum();
-    let mut c: Vec<usize> = w
-        .iter()
-        .map(|x| ((x / s * total as f64) as usize).max(1))
-        .collect();
-    let mut have: usize = c.iter().sum();
-    let mut e = 0;
-    while have < total {
-        c[e % experts] += 1;
-        have += 1;
-        e += 1;
-    }
-    while have > total {
-        let m = (0..experts).max_by_key(|&k| c[k]).expect("experts");
-        c[m] -= 1;
-        have -= 1;
-    }
-    c
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -94,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         // Weights of the experts whose rows are checked, generated once per config.
         let mut sampled: HashMap<usize, ExpertWeights> = HashMap::new();
         for &tpe in &tpes {
-            let counts = skewed_counts(e, tpe);
+            let counts = bench_ffn_rows(e, tpe);
             let total: usize = counts.iter().sum();
             let x = hashed_projection(0xabc ^ tpe as u64, total * h, 1.0);
             let w: Vec<f32> = (0..total).map(router_weight).collect();

@@ -294,6 +294,17 @@ pub fn balance_of(
     out
 }
 
+/// The plan's layer with model layer id `id`, or the error that names the plan's layers.
+pub fn plan_layer(plan: &ExpertPlan, id: u32) -> Result<&LayerPlan, ShapeError> {
+    plan.layers
+        .iter()
+        .find(|lp| lp.layer == id)
+        .ok_or_else(|| ShapeError::PlanLayer {
+            layer: id,
+            plan_layers: plan.layers.iter().map(|l| l.layer).collect(),
+        })
+}
+
 /// The replicas of a layer plan as `(gpu, expert, share)`.
 pub fn plan_replicas(lp: &LayerPlan) -> impl Iterator<Item = (usize, usize, f32)> + '_ {
     lp.slots
@@ -354,15 +365,7 @@ pub fn evaluate_routed(
     }
     let mut pairs = Vec::new();
     for (wl, &id) in window.layer_ids().iter().enumerate() {
-        let lp = plan
-            .layers
-            .iter()
-            .find(|lp| lp.layer == id)
-            .ok_or_else(|| ShapeError::PlanLayer {
-                layer: id,
-                plan_layers: plan.layers.iter().map(|l| l.layer).collect(),
-            })?;
-        pairs.push((lp, LayerMatrix::from_window(window, wl)));
+        pairs.push((plan_layer(plan, id)?, LayerMatrix::from_window(window, wl)));
     }
     Ok(evaluate_layers_routed(
         plan,

@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::balance::{plan_replicas, LayerMatrix};
+use super::balance::{plan_layer, plan_replicas, LayerMatrix};
 use super::expert_plan::ExpertPlan;
 use super::load::LoadWindow;
 use super::model::{ModelShape, ShapeError};
@@ -142,14 +142,7 @@ pub fn step_time_dispatched(
     let (mut step, mut ideal) = (0.0, 0.0);
     let mut rank_rows: Vec<Vec<f64>> = vec![Vec::new(); gpus];
     for (wl, &id) in window.layer_ids().iter().enumerate() {
-        let lp = plan
-            .layers
-            .iter()
-            .find(|lp| lp.layer == id)
-            .ok_or_else(|| ShapeError::PlanLayer {
-                layer: id,
-                plan_layers: plan.layers.iter().map(|l| l.layer).collect(),
-            })?;
+        let lp = plan_layer(plan, id)?;
         for b in 0..window.batches() {
             let row = window.row(b, wl);
             let total: f64 = row.iter().sum();
@@ -313,9 +306,9 @@ pub fn fit(samples: &[Sample], max_bytes_per_s: f64) -> (CostModel, f64) {
     (c, worst)
 }
 
-/// `examples/bench_ffn`'s row counts: `tpe * experts` rows, expert `e` a share proportional to
-/// `1/(e+1)^0.7`, at least one row each (the same rule, so that a fit sees the rows it timed).
-pub fn bench_ffn_rows(experts: usize, tpe: usize) -> Vec<f64> {
+/// `examples/bench_ffn`'s row counts (it calls this): `tpe * experts` rows, expert `e` a share
+/// proportional to `1/(e+1)^0.7`, at least one row each, so that a fit sees the rows it timed.
+pub fn bench_ffn_rows(experts: usize, tpe: usize) -> Vec<usize> {
     let total = tpe * experts;
     let w: Vec<f64> = (0..experts)
         .map(|e| 1.0 / ((e + 1) as f64).powf(0.7))
@@ -339,7 +332,7 @@ pub fn bench_ffn_rows(experts: usize, tpe: usize) -> Vec<f64> {
         c[m] -= 1;
         have -= 1;
     }
-    c.into_iter().map(|x| x as f64).collect()
+    c
 }
 
 /// The samples of one `benches/gpu/expert_ffn.py` JSON (`rows[]` with `hidden`, `inter`,
@@ -375,7 +368,10 @@ pub fn samples_from_bench_json(doc: &serde_json::Value) -> Result<Vec<Sample>, S
                     expert_intermediate_size: n("inter")?,
                     dtype: super::Dtype::Bf16,
                 },
-                rows: bench_ffn_rows(experts, tpe),
+                rows: bench_ffn_rows(experts, tpe)
+                    .into_iter()
+                    .map(|x| x as f64)
+                    .collect(),
                 seconds: ms / 1e3,
             })
         })
@@ -534,8 +530,8 @@ mod tests {
     fn bench_rows_sum_to_the_rows_timed() {
         for (e, t) in [(128, 8), (32, 2048), (8, 64), (3, 1)] {
             let r = bench_ffn_rows(e, t);
-            assert_eq!(r.iter().sum::<f64>(), (e * t) as f64);
-            assert!(r.iter().all(|&x| x >= 1.0));
+            assert_eq!(r.iter().sum::<usize>(), e * t);
+            assert!(r.iter().all(|&x| x >= 1));
         }
         assert!(samples_from_bench_json(&serde_json::json!({"rows": [{"hidden": 1}]})).is_err());
     }
