@@ -64,18 +64,6 @@ impl Drop for Plane {
     }
 }
 
-fn run_ok(cmd: &mut Command, what: &str) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Per MoE layer, per expert: `hot` gets 40x the others (none: even load).
 fn load(hot: Option<[usize; 2]>) -> serde_json::Value {
     let hot = hot.map_or([EXPERTS; 2], |h| h);
@@ -240,16 +228,7 @@ async fn rolled_out(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_pods_follow_the_plan_from_the_engines_metrics() {
-    let bin_dir = Command::new(common::repo().join("e2e/build.sh"))
-        .arg("--bin-dir")
-        .output()
-        .expect("running e2e/build.sh --bin-dir");
-    assert!(
-        bin_dir.status.success(),
-        "the local control plane is not built: run e2e/build.sh first: {}",
-        String::from_utf8_lossy(&bin_dir.stderr).trim()
-    );
-    let bin = PathBuf::from(String::from_utf8_lossy(&bin_dir.stdout).trim());
+    let bin = common::operator::e2e_bin();
     let prom = Command::new(common::repo().join("e2e/prometheus.sh"))
         .arg("--path")
         .output()
@@ -282,14 +261,7 @@ async fn engine_pods_follow_the_plan_from_the_engines_metrics() {
     common::run_cluster(&state, NODES, "up");
     let kc = state.join("kubeconfig");
     let admin = common::client_from(&kc).await;
-    let kubectl = |args: &[&str]| {
-        run_ok(
-            Command::new(bin.join("kubectl"))
-                .args(args)
-                .env("KUBECONFIG", &kc),
-            &format!("kubectl {}", args.join(" ")),
-        )
-    };
+    let kubectl = |args: &[&str]| common::operator::tool(&bin, "kubectl", args, &kc);
     let crd = common::repo().join("crds/moedeployments.moe.craft.dev.yaml");
     kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
     kubectl(&["create", "namespace", NS]);
