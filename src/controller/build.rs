@@ -327,6 +327,13 @@ pub fn plan_config_map(md: &MoEDeployment, plan: &ExpertPlan) -> Result<ConfigMa
                 .map_err(|e| BuildError::EngineLayout(e.to_string()))?;
             let json = serde_json::to_string(&file)
                 .map_err(|e| BuildError::EngineLayout(e.to_string()))?;
+            if json.len() >= packed::CONFIG_MAP_PLAN_MAX {
+                return Err(BuildError::EngineLayout(format!(
+                    "the layout is {} bytes of JSON, over the {} bytes the plan ConfigMap holds beside the plan: use fewer layers, experts or GPUs",
+                    json.len(),
+                    packed::CONFIG_MAP_PLAN_MAX
+                )));
+            }
             Some((json, report.redundant_experts))
         }
         None => None,

@@ -254,20 +254,29 @@ pub fn decide(inp: &Inputs<'_>) -> Result<Decision, Error> {
     // ConfigMap) holds the deployment back with the limit named; the pods keep the plan they have.
     let desired = match build::build(md, spec, &plan, &fetched.token) {
         Ok(d) => d,
-        Err(e @ build::BuildError::PlanTooLarge(_)) => {
+        Err(e @ (build::BuildError::PlanTooLarge(_) | build::BuildError::EngineLayout(_))) => {
             let held = Held {
                 reason: reason::PLAN_TOO_LARGE,
                 message: e.to_string(),
                 retry: HELD_RETRY,
             };
-            // The plan just chosen cannot be stored: it does not come into force.
-            if let Some(v) = replans
-                .iter_mut()
-                .rfind(|v| v.outcome == replan::Outcome::Applied)
-            {
-                *v = Verdict::rejected(reason::PLAN_TOO_LARGE);
+            // The plan just chosen cannot be stored: it does not come into force. Its verdict
+            // becomes a rejection, its announcement is withdrawn, and the status keeps the plan
+            // in force (none before the first).
+            let stored = fetched.stored_plan.as_ref();
+            if stored.is_none_or(|p| p.hash != plan.hash) {
+                if let Some(v) = replans
+                    .iter_mut()
+                    .rfind(|v| v.outcome == replan::Outcome::Applied)
+                {
+                    *v = Verdict::rejected(reason::PLAN_TOO_LARGE);
+                }
+                events.retain(|n| {
+                    n.reason != reason::PLAN_IMPROVED && n.reason != reason::INITIAL_PLAN
+                });
+                status.plan = old.plan.clone();
             }
-            let mut d = hold(md, old, status, events, held, Some(&plan), inp.now);
+            let mut d = hold(md, old, status, events, held, stored, inp.now);
             d.replans = replans;
             return Ok(d);
         }

@@ -1239,3 +1239,45 @@ fn a_step_time_objective_judges_replans_by_the_step_they_save() {
         }
     }
 }
+
+#[test]
+fn a_plan_that_cannot_be_stored_is_neither_announced_nor_put_in_status() {
+    // An SGLang layout of 400 layers x 1024 experts is over a MiB of JSON: nothing fits beside it.
+    let md = deployment(
+        "{model: {layers: 400, firstMoeLayer: 0, experts: 1024, topK: 8, hiddenSize: 64, \
+         expertIntermediateSize: 32, checkpoint: {path: /models/tiny}}, \
+         metrics: {source: Prometheus, prometheus: {url: 'http://prom:9090', query: q}}, \
+         engine: {kind: SGLang}}",
+    );
+    let policy = PodPolicy {
+        prometheus_url_prefixes: vec![
+            crate::api::pod_policy::HttpUrl::parse("http://prom:9090").unwrap()
+        ],
+        ..Default::default()
+    };
+    let spec = validate(&md.spec, &policy).unwrap();
+    let f = fetched(Default::default(), None, vec![]);
+    let d = decide(&Inputs {
+        md: &md,
+        spec: &spec,
+        fetched: &f,
+        observed: &fresh(),
+        pod_policy: &policy,
+        push_timeout: Duration::from_secs(600),
+        now: &t(NOW),
+        now_s: NOW as f64,
+    })
+    .unwrap();
+    assert_eq!(reasons(&d), vec![reason::PLAN_TOO_LARGE]);
+    assert_eq!(verdicts(&d), vec![("rejected", reason::PLAN_TOO_LARGE)]);
+    assert!(d.rollout.is_none());
+    let s = d.status.as_ref().unwrap();
+    assert_eq!(s.plan, None, "a plan never stored is not the plan in force");
+    let (status, why) = cond(s, condition::DEGRADED);
+    assert_eq!((status, why), ("True", reason::PLAN_TOO_LARGE));
+    let msg = &d.events[0].message;
+    assert!(
+        msg.contains("the layout is") && msg.contains("bytes"),
+        "{msg}"
+    );
+}
