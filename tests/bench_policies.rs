@@ -91,6 +91,8 @@ fn check(path: &std::path::Path, mode: &str) -> Value {
     assert!(bytes[0] == 0 && bytes[3] <= bytes[4] && bytes[4] <= bytes[2]);
     for x in p {
         assert!(x["tokens_per_s"].as_f64().unwrap() > 0.0, "{x}");
+        // The step-time model's layer step beside the measured one.
+        assert!(x["model_layer_ms"].as_f64().is_some_and(|m| m > 0.0), "{x}");
         let s = &x["step_ms"];
         let (p50, p90, p99) = (
             s["p50"].as_f64().unwrap(),

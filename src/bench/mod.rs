@@ -394,6 +394,10 @@ pub struct PolicyResult {
     /// Tokens over the run's wall time, routing and input staging included.
     pub wall_tokens_per_s: f64,
     pub layers: Vec<LayerResult>,
+    /// The step-time model's mean layer step for this plan and trace at the run's tokens per
+    /// batch and dispatch (`plan::step_cost`, one H200 in bf16), next to the measured `step_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_layer_ms: Option<f64>,
 }
 
 impl PolicyResult {
@@ -420,6 +424,7 @@ impl PolicyResult {
             rows: m.rows,
             wall_tokens_per_s: per(m.wall_seconds),
             layers: m.layers.clone(),
+            model_layer_ms: None,
         }
     }
 }
@@ -471,7 +476,7 @@ impl BenchReport {
             self.mode_note,
         );
         s.push_str(&format!(
-            "{:<10} {:>4} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}\n",
+            "{:<10} {:>4} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}\n",
             "policy",
             "R",
             "replica MiB",
@@ -481,7 +486,8 @@ impl BenchReport {
             "p99 ms",
             "observed",
             "predicted",
-            "vs none"
+            "vs none",
+            "model ms"
         ));
         let base = self
             .policies
@@ -494,7 +500,7 @@ impl BenchReport {
                 _ => "-".into(),
             };
             s.push_str(&format!(
-                "{:<10} {:>4} {:>12.1} {:>12.0} {:>9.3} {:>9.3} {:>9.3} {:>9.4} {:>9.4} {:>8}\n",
+                "{:<10} {:>4} {:>12.1} {:>12.0} {:>9.3} {:>9.3} {:>9.3} {:>9.4} {:>9.4} {:>8} {:>9}\n",
                 p.policy,
                 p.replicas_per_gpu,
                 p.replica_mib_per_gpu,
@@ -504,7 +510,8 @@ impl BenchReport {
                 p.step_ms.p99,
                 p.observed_balancedness,
                 p.predicted_balancedness,
-                rel
+                rel,
+                p.model_layer_ms.map_or("-".into(), |m| format!("{m:.3}"))
             ));
         }
         for n in &self.notes {
@@ -534,10 +541,10 @@ impl BenchReport {
             self.trace,
             self.mode_note,
         );
-        s.push_str("| policy | R | replica MiB/GPU | tokens/s | step p50 ms | p90 ms | p99 ms | observed bal. | predicted bal. |\n|---|---|---|---|---|---|---|---|---|\n");
+        s.push_str("| policy | R | replica MiB/GPU | tokens/s | step p50 ms | p90 ms | p99 ms | observed bal. | predicted bal. | model step ms |\n|---|---|---|---|---|---|---|---|---|---|\n");
         for p in &self.policies {
             s.push_str(&format!(
-                "| {} | {} | {:.1} | {:.0} | {:.3} | {:.3} | {:.3} | {:.4} | {:.4} |\n",
+                "| {} | {} | {:.1} | {:.0} | {:.3} | {:.3} | {:.3} | {:.4} | {:.4} | {} |\n",
                 p.policy,
                 p.replicas_per_gpu,
                 p.replica_mib_per_gpu,
@@ -546,7 +553,8 @@ impl BenchReport {
                 p.step_ms.p90,
                 p.step_ms.p99,
                 p.observed_balancedness,
-                p.predicted_balancedness
+                p.predicted_balancedness,
+                p.model_layer_ms.map_or("-".into(), |m| format!("{m:.3}"))
             ));
         }
         for n in &self.notes {

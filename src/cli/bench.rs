@@ -419,7 +419,17 @@ pub fn policies(a: &PoliciesArgs) -> anyhow::Result<Vec<BenchReport>> {
                     break 'runs;
                 }
             };
-            let r = PolicyResult::new(plan, &measured);
+            let mut r = PolicyResult::new(plan, &measured);
+            // The cost model's layer step beside the measured one (issue "8 of 10").
+            r.model_layer_ms = crate::plan::step_cost::step_time_dispatched(
+                plan,
+                &window,
+                &Default::default(),
+                *tokens as f64,
+                a.dispatch,
+            )
+            .ok()
+            .map(|e| e.step_s / window.layers().max(1) as f64 * 1e3);
             eprintln!(
                 "{label}: {:<9} R = {:>3}: {:.0} tokens/s, step p50 {:.3} ms, observed balancedness {:.4} ({} batches, {:.1} s)",
                 r.policy,
