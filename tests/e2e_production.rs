@@ -1,8 +1,8 @@
 //! End-to-end tests of the production-cluster features on the local control plane (e2e/cluster.sh),
 //! with the operator under the chart's ServiceAccount (tests/common/operator.rs), on one plane of
 //! two fake GPU nodes (8 `nvidia.com/gpu` each):
-//! - the CRD refuses the pod-shaping and scheduling specs of examples/invalid/ with the messages
-//!   docs/api.md quotes;
+//! - the CRD refuses the pod-shaping, scheduling, engine, series-label and step-time specs of
+//!   examples/invalid/ with the messages docs/api.md quotes (or the schema's own);
 //! - a shaped MoEDeployment's worker pod reaches the API server with the user's fields merged
 //!   beside the operator's;
 //! - `spec.suspend` scales real (process-backed) workers of an EP group to zero with no group
@@ -58,6 +58,11 @@ async fn shaping_suspend_and_gang_guard_end_to_end() {
         ("pod-cap.yaml", r#"spec.worker.securityContext.capabilities.add[0]: Invalid value: "sys_admin": spec.worker.securityContext.capabilities.add[0] in body should match '^[A-Z][A-Z0-9_]*$'"#),
         ("gang-kueue-noqueue.yaml", "spec.scheduling.queueName: Required value: scheduling.queueName (the Kueue LocalQueue) is required when scheduling.gang is Kueue"),
         ("gang-unknown.yaml", r#"spec.scheduling.gang: Unsupported value: "Volcano": supported values: "None", "Kueue", "PodGroup", "Guard""#),
+        ("engine-workers.yaml", r#"spec.metrics.source: Invalid value: "object": engine pods serve the engine's metrics, not moe-worker's: set metrics.source to Prometheus with a query over the engine's per-expert metric (docs/engines.md)"#),
+        ("engine-kind.yaml", r#"spec.engine.kind: Unsupported value: "TensorRT": supported values: "SGLang", "VLLM""#),
+        ("series-label.yaml", "spec.metrics.prometheus.seriesLabels.layer in body should match '^[a-zA-Z_][a-zA-Z0-9_]*$'"),
+        ("steptime-eplb.yaml", r#"spec.replication.stepTime: Invalid value: "object": replication.stepTime chooses CRAFT's per-layer replica counts: it needs policy Craft"#),
+        ("steptime-tokens.yaml", "spec.replication.stepTime.tokensPerStep in body should be greater than or equal to 1"),
     ] {
         let path = repo.join("examples/invalid").join(file);
         let out = Command::new(bin.join("kubectl"))

@@ -4,11 +4,13 @@ use moe_operator::api::pod_policy::{PodPolicy, PodPolicyArgs};
 use moe_operator::api::validate::validate;
 
 /// The policy of a cluster whose admin allows the examples' checkpoint host directory
-/// (`--allow-host-path-prefix=/var/lib/moe`, chart value podPolicy.hostPathPrefixes): the invalid
-/// examples must be refused for their own defect, not for their hostPath.
+/// (`--allow-host-path-prefix=/var/lib/moe`, chart value podPolicy.hostPathPrefixes) and their
+/// Prometheus: the invalid examples must be refused for their own defect, not for their hostPath
+/// or their Prometheus URL.
 fn policy() -> PodPolicy {
     PodPolicy::from_args(&PodPolicyArgs {
         host_path_prefixes: vec!["/var/lib/moe".into()],
+        prometheus_url_prefixes: vec!["http://prometheus.monitoring:9090".into()],
         ..Default::default()
     })
     .unwrap()
@@ -54,4 +56,41 @@ fn invalid_examples_are_refused_by_parsing_or_validation() {
         }
     }
     assert!(seen >= 20, "only {seen} invalid examples in {dir}");
+}
+
+/// The invalid examples of `spec.engine`, `metrics.prometheus.seriesLabels` and
+/// `replication.stepTime` are refused for their own field (None: they do not even parse).
+#[test]
+fn engine_series_and_step_time_examples_name_their_own_field() {
+    for (file, want) in [
+        ("engine-workers.yaml", Some("spec.metrics.source")),
+        ("engine-layout-flag.yaml", Some("spec.engine.args[2]")),
+        ("engine-kind.yaml", None),
+        (
+            "series-label.yaml",
+            Some("spec.metrics.prometheus.seriesLabels.layer"),
+        ),
+        (
+            "series-label-same.yaml",
+            Some("spec.metrics.prometheus.seriesLabels"),
+        ),
+        ("steptime-eplb.yaml", Some("spec.replication.stepTime")),
+        (
+            "steptime-tokens.yaml",
+            Some("spec.replication.stepTime.tokensPerStep"),
+        ),
+    ] {
+        let path = format!("{}/examples/invalid/{file}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let parsed = serde_yaml::from_str::<MoEDeployment>(&text);
+        match (want, parsed) {
+            (None, parsed) => assert!(parsed.is_err(), "{file} parses"),
+            (Some(field), Ok(md)) => {
+                let errs = validate(&md.spec, &policy()).expect_err(file);
+                let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+                assert_eq!(paths, [field], "{file}: {errs:?}");
+            }
+            (Some(_), Err(e)) => panic!("{file} does not parse: {e}"),
+        }
+    }
 }
