@@ -55,13 +55,11 @@ fn bench(c: &mut Criterion) {
     for tokens in [256.0, 16384.0] {
         let (rows, hosts) = batch(tokens);
         let split = dispatch(&rows, &hosts, GPUS, &cost, &m);
-        let mut t = vec![cost.launch_s; GPUS];
-        for (e, h) in hosts.iter().enumerate() {
-            for (j, &gpu) in h.iter().enumerate() {
-                t[gpu] += cost.expert_s(split[e][j], &m);
-            }
-        }
-        let step = t.into_iter().fold(0.0, f64::max);
+        let placed = hosts
+            .iter()
+            .zip(&split)
+            .flat_map(|(h, s)| h.iter().copied().zip(s.iter().copied()));
+        let step = cost.layer_s(&m, GPUS, placed, &mut Vec::new());
         eprintln!("tokens {tokens}: predicted layer step {:.1} us", step * 1e6);
         g.bench_with_input(
             BenchmarkId::new("tokens", tokens as u64),

@@ -177,14 +177,11 @@ mod tests {
     }
 
     fn finish(out: &[Vec<f64>], hosts: &[Vec<usize>], gpus: usize, c: &CostModel) -> f64 {
-        let m = model();
-        let mut t = vec![c.launch_s; gpus];
-        for (e, h) in hosts.iter().enumerate() {
-            for (j, &g) in h.iter().enumerate() {
-                t[g] += c.expert_s(out[e][j], &m);
-            }
-        }
-        t.into_iter().fold(0.0, f64::max)
+        let placed = hosts
+            .iter()
+            .zip(out)
+            .flat_map(|(h, o)| h.iter().copied().zip(o.iter().copied()));
+        c.layer_s(&model(), gpus, placed, &mut Vec::new())
     }
 
     #[test]

@@ -55,6 +55,25 @@ impl CostModel {
     pub fn rank_s(&self, rows: impl IntoIterator<Item = f64>, m: &ModelShape) -> f64 {
         self.launch_s + rows.into_iter().map(|r| self.expert_s(r, m)).sum::<f64>()
     }
+
+    /// One layer of `gpus` ranks: each `(gpu, rows)` is one replica's rows on its GPU (GPUs out
+    /// of range are ignored); the layer takes its slowest rank. `scratch` holds the ranks' times.
+    pub fn layer_s(
+        &self,
+        m: &ModelShape,
+        gpus: usize,
+        replica_rows: impl IntoIterator<Item = (usize, f64)>,
+        scratch: &mut Vec<f64>,
+    ) -> f64 {
+        scratch.clear();
+        scratch.resize(gpus, self.launch_s);
+        for (g, rows) in replica_rows {
+            if let Some(t) = scratch.get_mut(g) {
+                *t += self.expert_s(rows, m);
+            }
+        }
+        scratch.iter().copied().fold(0.0, f64::max)
+    }
 }
 
 /// The H200's copy bandwidth as measured on the device (issue "7 of 10"'s ceiling), bytes/s.
@@ -140,9 +159,21 @@ pub fn step_time_dispatched(
     let rows_per_step = tokens_per_step * f64::from(m.top_k);
     let mut layer_s = vec![0.0; window.layers()];
     let (mut step, mut ideal) = (0.0, 0.0);
-    let mut rank_rows: Vec<Vec<f64>> = vec![Vec::new(); gpus];
+    let mut ranks = Vec::with_capacity(gpus);
     for (wl, &id) in window.layer_ids().iter().enumerate() {
         let lp = plan_layer(plan, id)?;
+        // The GPUs of each expert's replicas, for the per-batch dispatch (once per layer).
+        let mut hosts: Vec<Vec<usize>> = Vec::new();
+        if dispatch == Dispatch::Step {
+            hosts = vec![Vec::new(); window.experts()];
+            for (g, e, _) in plan_replicas(lp) {
+                if let Some(h) = hosts.get_mut(e) {
+                    if g < gpus && !h.contains(&g) {
+                        h.push(g);
+                    }
+                }
+            }
+        }
         for b in 0..window.batches() {
             let row = window.row(b, wl);
             let total: f64 = row.iter().sum();
@@ -150,37 +181,25 @@ pub fn step_time_dispatched(
                 continue;
             }
             let scale = rows_per_step / total;
-            rank_rows.iter_mut().for_each(Vec::clear);
-            match dispatch {
-                Dispatch::Shares => {
-                    for (g, e, share) in plan_replicas(lp) {
-                        if let (Some(r), Some(&c)) = (rank_rows.get_mut(g), row.get(e)) {
-                            r.push(c * scale * f64::from(share));
-                        }
-                    }
-                }
+            let slowest = match dispatch {
+                Dispatch::Shares => cost.layer_s(
+                    m,
+                    gpus,
+                    plan_replicas(lp).filter_map(|(g, e, share)| {
+                        Some((g, row.get(e)? * scale * f64::from(share)))
+                    }),
+                    &mut ranks,
+                ),
                 Dispatch::Step => {
-                    let mut hosts: Vec<Vec<usize>> = vec![Vec::new(); row.len()];
-                    for (g, e, _) in plan_replicas(lp) {
-                        if let Some(h) = hosts.get_mut(e) {
-                            if g < gpus && !h.contains(&g) {
-                                h.push(g);
-                            }
-                        }
-                    }
                     let rows: Vec<f64> = row.iter().map(|c| c * scale).collect();
                     let split = super::dispatch::dispatch(&rows, &hosts, gpus, cost, m);
-                    for (e, h) in hosts.iter().enumerate() {
-                        for (j, &g) in h.iter().enumerate() {
-                            rank_rows[g].push(split[e][j]);
-                        }
-                    }
+                    let placed = hosts
+                        .iter()
+                        .zip(&split)
+                        .flat_map(|(h, s)| h.iter().copied().zip(s.iter().copied()));
+                    cost.layer_s(m, gpus, placed, &mut ranks)
                 }
-            }
-            let slowest = rank_rows
-                .iter()
-                .map(|r| cost.rank_s(r.iter().copied(), m))
-                .fold(0.0, f64::max);
+            };
             layer_s[wl] += slowest;
             // Ideal: each expert's weights read once, the rows spread evenly over the GPUs.
             let active = row.iter().filter(|&&c| c > 0.0).count() as f64;
@@ -228,7 +247,7 @@ impl StepObjective {
             .filter(|&(g, e, _)| g < gpus && e < m.experts)
             .collect();
         let rows_per_step = self.tokens_per_step * f64::from(self.model.top_k);
-        let mut rank = vec![0.0f64; gpus];
+        let mut ranks = Vec::with_capacity(gpus);
         let mut sum = 0.0;
         for b in 0..m.batches {
             let total = f64::from(m.batch_totals[b]);
@@ -236,18 +255,16 @@ impl StepObjective {
                 continue;
             }
             let scale = rows_per_step / total;
-            rank.iter_mut().for_each(|t| *t = self.cost.launch_s);
-            for &(g, e, share) in &replicas {
-                let rows = f64::from(m.expert(e)[b]) * scale * f64::from(share);
-                rank[g] += self.cost.expert_s(rows, &self.model);
-            }
-            sum += rank.iter().copied().fold(0.0, f64::max);
+            let rows = replicas
+                .iter()
+                .map(|&(g, e, share)| (g, f64::from(m.expert(e)[b]) * scale * f64::from(share)));
+            sum += self.cost.layer_s(&self.model, gpus, rows, &mut ranks);
         }
         sum / m.batches.max(1) as f64
     }
 }
 
-/// One measured FFN: a model shape/// One measured FFN: a model shape, the rows each expert got, and the time it took.
+/// One measured FFN: a model shape, the rows each expert got, and the time it took.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
     pub shape: ModelShape,
