@@ -198,6 +198,13 @@ pub struct EngineSpec {
     pub dist_init_port: i32,
 }
 
+impl EngineSpec {
+    /// `port`, or the engine's own default.
+    pub fn http_port(&self) -> i32 {
+        self.port.unwrap_or_else(|| self.kind.default_port())
+    }
+}
+
 fn default_health_path() -> String {
     "/health".into()
 }

@@ -549,10 +549,7 @@ fn resolve_engine(
         kind: e.kind.engine(),
         command: e.command.clone(),
         args: e.args.clone(),
-        port: port(
-            "spec.engine.port",
-            e.port.unwrap_or_else(|| e.kind.default_port()),
-        )?,
+        port: port("spec.engine.port", e.http_port())?,
         health_path: e.health_path.clone(),
         dist_init_port: port("spec.engine.distInitPort", e.dist_init_port)?,
     })
@@ -593,7 +590,7 @@ fn check_engine(spec: &MoEDeploymentSpec, errs: &mut Errors) {
             errs.push(&format!("spec.engine.command[{i}]"), "empty".into());
         }
     }
-    let port = e.port.unwrap_or_else(|| e.kind.default_port());
+    let port = e.http_port();
     for (path, v) in [
         ("spec.engine.port", port),
         ("spec.engine.distInitPort", e.dist_init_port),

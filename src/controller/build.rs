@@ -40,8 +40,8 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, ConfigMapVolumeSource, Container,
     ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
     ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe,
-    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    Toleration, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -56,7 +56,7 @@ use crate::api::pod_shape::{
     KUEUE_POD_GROUP_NAME, KUEUE_POD_GROUP_TOTAL_COUNT, KUEUE_QUEUE_NAME, POD_GROUP_LABEL,
 };
 use crate::api::validate::{ValidEngine, ValidSpec, GPU_RESOURCE};
-use crate::api::{Gang, MoEDeployment, WorkerSecurityContext};
+use crate::api::{Gang, MoEDeployment, WorkerSecurityContext, WorkerSpec};
 use crate::plan::engines;
 use crate::plan::engines::Engine;
 use crate::plan::expert_plan::HashRule;
@@ -404,6 +404,16 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
+/// The spec's container resources with `nvidia.com/gpu` requested and limited to the node's GPUs.
+fn gpu_resources(w: &WorkerSpec, gpus: &str) -> ResourceRequirements {
+    let mut resources = w.resources.clone().unwrap_or_default();
+    for map in [&mut resources.requests, &mut resources.limits] {
+        map.get_or_insert_with(BTreeMap::new)
+            .insert(GPU_RESOURCE.into(), Quantity(gpus.to_string()));
+    }
+    resources
+}
+
 /// `POD_IP` from the pod's status (the downward API).
 fn pod_ip_env() -> EnvVar {
     EnvVar {
@@ -578,11 +588,7 @@ fn engine_container(
     let mut args = e.args.clone();
     args.extend(engine_layout_args(e.kind));
 
-    let mut resources = w.resources.clone().unwrap_or_default();
-    for map in [&mut resources.requests, &mut resources.limits] {
-        map.get_or_insert_with(BTreeMap::new)
-            .insert(GPU_RESOURCE.into(), Quantity(gpus.clone()));
-    }
+    let resources = gpu_resources(w, &gpus);
     let port = |name: &str, n: u16| ContainerPort {
         name: Some(name.into()),
         container_port: n.into(),
@@ -712,11 +718,7 @@ fn worker_container(
     ])
     .collect();
 
-    let mut resources = w.resources.clone().unwrap_or_default();
-    for map in [&mut resources.requests, &mut resources.limits] {
-        map.get_or_insert_with(BTreeMap::new)
-            .insert(GPU_RESOURCE.into(), Quantity(gpus.clone()));
-    }
+    let resources = gpu_resources(w, &gpus);
 
     let port = |name: &str, n: i32| ContainerPort {
         name: Some(name.into()),
