@@ -180,3 +180,70 @@ fn calibrate_fits_the_recorded_run_and_compare_predicts_step_time() {
         String::from_utf8_lossy(&err.stderr)
     );
 }
+
+/// `moectl bench steptime` on the CPU with tiny shapes: every declared policy runs on every seed,
+/// the per-seed reports are `moectl serving`'s format, and the summary's ratios are taken within
+/// a seed (eplb-fixed over itself is exactly 1 with no spread).
+#[test]
+fn steptime_bench_runs_the_declared_policies_on_every_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("st");
+    let said = moectl(&[
+        "bench",
+        "steptime",
+        "--preset",
+        "qwen3-30b-a3b",
+        "--layers",
+        "2",
+        "--hidden-size",
+        "16",
+        "--intermediate-size",
+        "8",
+        "--experts",
+        "16",
+        "--top-k",
+        "2",
+        "--gpus",
+        "4",
+        "--nodes",
+        "2",
+        "--seeds",
+        "3,4",
+        "--regime",
+        "decode",
+        "--batches",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(said.contains("| decode | ours |"), "{said}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let samples = s["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 2 * 5, "{s}");
+    let eplb = s["summary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["label"] == "eplb-fixed")
+        .unwrap();
+    assert_eq!(eplb["overEplbFixed"]["mean"].as_f64(), Some(1.0));
+    assert_eq!(eplb["overEplbFixed"]["n"].as_u64(), Some(2));
+    for seed in [3, 4] {
+        let r: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(format!("seed{seed}-decode.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(r["schema"], "moe-bench-policies/v1");
+        let labels: Vec<&str> = r["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["policy"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            labels,
+            ["none", "eplb-fixed", "eplb-dispatch", "craft-fixed", "ours"]
+        );
+    }
+}

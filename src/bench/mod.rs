@@ -8,6 +8,7 @@
 
 pub mod emulate;
 pub mod ranks;
+pub mod steptime;
 pub mod workers;
 
 use serde::{Deserialize, Serialize};

@@ -37,6 +37,8 @@ pub enum BenchCommand {
     /// Plan each replication policy, run real expert compute on it under the same routed load,
     /// and report tokens/s, step times, balancedness and replica memory per GPU.
     Policies(Box<PoliciesArgs>),
+    /// The pre-registered step-time benchmark: declared policies, several seeds, mean and spread.
+    Steptime(Box<super::bench_steptime::SteptimeArgs>),
     /// Write a seeded skewed load trace (moe-load-trace/v1) of any shape.
     Trace(TraceArgs),
     /// One rank process of `bench policies --mode ranks` (started by it).
@@ -53,6 +55,7 @@ pub struct EpRankArgs {
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.command {
         BenchCommand::Policies(p) => policies(&p).map(|_| ()),
+        BenchCommand::Steptime(s) => super::bench_steptime::steptime(&s),
         BenchCommand::Trace(t) => trace(&t),
         BenchCommand::EpRank(r) => {
             crate::worker::runtime::init_logging(false);

@@ -1,6 +1,7 @@
 //! `moectl`: plan offline, evaluate and compare plans, drive workers, inspect deployments.
 
 pub mod bench;
+mod bench_steptime;
 pub mod kube_view;
 pub mod kubectl;
 mod observe;

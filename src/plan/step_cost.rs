@@ -119,7 +119,9 @@ pub struct StepEstimate {
 }
 
 /// How a step's rows of a replicated expert are split between its replicas.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum Dispatch {
     /// The plan's fixed per-replica shares.
