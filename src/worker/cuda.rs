@@ -143,27 +143,46 @@ pub enum GemmMode {
     /// One `cublasGemmEx` per expert and projection, spread over several streams so that small
     /// GEMMs run side by side.
     PerExpert,
-    /// Grouped when experts get few rows each (weight-bandwidth bound, where one launch for all
-    /// experts wins), per-expert streams otherwise (see benches/results/worker-gpu.md).
+    /// Whichever of the two measured faster on this device for batches of this kind
+    /// ([`ModeKey`]): the first batch of a kind runs both (timed with device events) and keeps
+    /// the faster; later ones reuse the choice. A fixed threshold (the rule before issue "7 of
+    /// 10") picked the slower mode at (2048, 768, 128) with 512 rows per expert.
     Auto,
 }
 
 /// Streams (each with its own cuBLAS handle and workspace) for per-expert GEMMs.
 const SIDE_STREAMS: usize = 4;
 
-impl GemmMode {
-    /// Auto: one grouped launch while the per-expert GEMMs are small (mean rows x 2I under 1e6:
-    /// weight-bandwidth bound, where per-expert launches leave the GPU idle), per-expert GEMMs on
-    /// side streams above that. The threshold separates every measured case on the H200 in
-    /// benches/results/worker-gpu.md. The per-expert path's one wrong result (first H200 run, at
-    /// 16,384 rows x 2I = 28,672, on the then single-stream code) has not come back in the
-    /// regression test `cuda_large_per_expert_matches_grouped` since (benches/results/worker-gpu.md).
-    pub fn pick(self, groups: usize, rows: usize, inter: usize) -> Self {
-        match self {
-            Self::Auto if rows * 2 * inter < 1_000_000 * groups.max(1) => Self::Grouped,
-            Self::Auto => Self::PerExpert,
-            m => m,
+/// The kind of batch a measured mode choice holds for: the expert shape, and the experts with
+/// rows and the rows in all, each rounded up to a power of two (the two modes' costs change
+/// smoothly within a bucket; across one, they are measured again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ModeKey {
+    pub hidden: usize,
+    pub inter: usize,
+    pub groups_pow2: usize,
+    pub rows_pow2: usize,
+}
+
+impl ModeKey {
+    pub fn of(hidden: usize, inter: usize, groups: usize, rows: usize) -> Self {
+        Self {
+            hidden,
+            inter,
+            groups_pow2: groups.max(1).next_power_of_two(),
+            rows_pow2: rows.max(1).next_power_of_two(),
         }
+    }
+}
+
+/// The faster mode from each mode's best time (seconds) over its measured runs; grouped on a tie
+/// (one launch, fewer streams busy).
+pub fn faster_mode(grouped_s: &[f64], per_expert_s: &[f64]) -> GemmMode {
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    if best(per_expert_s) < best(grouped_s) {
+        GemmMode::PerExpert
+    } else {
+        GemmMode::Grouped
     }
 }
 
@@ -350,6 +369,8 @@ pub struct CudaDevice {
     arch: String,
     scratch: Mutex<Scratch>,
     mode: Mutex<GemmMode>,
+    /// [`GemmMode::Auto`]'s measured choices.
+    measured: Mutex<HashMap<ModeKey, GemmMode>>,
     batch: Mutex<()>,
 }
 
@@ -417,6 +438,7 @@ impl CudaDevice {
                 ptrs: None,
             }),
             mode: Mutex::new(GemmMode::Auto),
+            measured: Mutex::new(HashMap::new()),
             batch: Mutex::new(()),
         }))
     }
@@ -462,6 +484,14 @@ impl CudaDevice {
 
     pub fn set_mode(&self, mode: GemmMode) {
         *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+    }
+
+    /// The modes [`GemmMode::Auto`] has measured and chosen so far.
+    pub fn measured_modes(&self) -> Vec<(ModeKey, GemmMode)> {
+        let m = self.measured.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = m.iter().map(|(k, v)| (*k, *v)).collect();
+        v.sort_by_key(|(k, _)| (k.hidden, k.inter, k.groups_pow2, k.rows_pow2));
+        v
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -734,16 +764,55 @@ impl CudaExperts {
         if p.total_rows == 0 {
             return Ok(());
         }
+        let dev = &self.dev;
+        let sc = dev.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        sc.check(&p.need)?;
+        let configured = *dev.mode.lock().unwrap_or_else(|e| e.into_inner());
+        if configured != GemmMode::Auto {
+            return self.run_mode(p, &sc, configured);
+        }
+        let key = ModeKey::of(self.hidden, self.inter, p.groups.len(), p.total_rows);
+        let known = dev
+            .measured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied();
+        if let Some(m) = known {
+            return self.run_mode(p, &sc, m);
+        }
+        // First batch of its kind: each mode once to warm up, then each twice timed; the last
+        // run leaves this batch's output in place.
+        let st = &dev.stream;
+        let timed = |mode| -> Result<f64, ComputeError> {
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            let a = st.record_event(flags).map_err(dev_err("record event"))?;
+            self.run_mode(p, &sc, mode)?;
+            let b = st.record_event(flags).map_err(dev_err("record event"))?;
+            b.synchronize().map_err(dev_err("event sync"))?;
+            Ok(a.elapsed_ms(&b).map_err(dev_err("event time"))? as f64 / 1e3)
+        };
+        self.run_mode(p, &sc, GemmMode::Grouped)?;
+        self.run_mode(p, &sc, GemmMode::PerExpert)?;
+        let (mut g, mut e) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            g.push(timed(GemmMode::Grouped)?);
+            e.push(timed(GemmMode::PerExpert)?);
+        }
+        let chosen = faster_mode(&g, &e);
+        tracing::debug!(?key, ?chosen, grouped_s = ?g, per_expert_s = ?e, "GEMM mode measured");
+        dev.measured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, chosen);
+        Ok(())
+    }
+
+    /// GEMM 1, the activation kernel and GEMM 2 in `mode` (Grouped or PerExpert), asynchronous.
+    fn run_mode(&self, p: &Prepared, sc: &Scratch, mode: GemmMode) -> Result<(), ComputeError> {
         let (h, i) = (self.hidden as i32, self.inter as i32);
         let dev = &self.dev;
         let st = &dev.stream;
-        let sc = dev.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        sc.check(&p.need)?;
-        let mode = dev.mode.lock().unwrap_or_else(|e| e.into_inner()).pick(
-            p.groups.len(),
-            p.total_rows,
-            self.inter,
-        );
         let handle = *dev.blas.handle();
         let bf = cb::cudaDataType_t::CUDA_R_16BF;
         let f32c = cb::cublasComputeType_t::CUBLAS_COMPUTE_32F;
