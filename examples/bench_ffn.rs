@@ -1,7 +1,10 @@
 //! Times the CUDA expert FFN (grouped GEMM, SiLU*up*w, grouped GEMM) on generated bf16 weights.
 //! Driven by benches/gpu/expert_ffn.py, which times `torch._grouped_mm` on the same row counts.
 //!
-//! Usage: bench_ffn [--iters N] [--configs H:I:E,...] [--tpe 8,64,...]
+//! Usage: bench_ffn [--iters N] [--configs H:I:E[:fp8],...] [--tpe 8,64,...]
+//! A config ending in `:fp8` keeps the weights in FP8 E4M3 with 128 x 128 block scales (DeepSeek's
+//! layout) and runs the FP8 path (mode "Fp8"); its reference is the f64 FFN on the dequantized
+//! weights.
 //! Prints one JSON object per (config, tokens per expert, GEMM mode) on stdout.
 
 use std::collections::HashMap;
@@ -33,12 +36,16 @@ fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(20);
-    let configs: Vec<(usize, usize, usize)> = arg(&args, "--configs")
+    let configs: Vec<(usize, usize, usize, bool)> = arg(&args, "--configs")
         .unwrap_or_else(|| "2048:768:128,7168:2048:32,4096:14336:8".into())
         .split(',')
         .map(|c| {
+            let (c, fp8) = match c.strip_suffix(":fp8") {
+                Some(c) => (c, true),
+                None => (c, false),
+            };
             let v: Vec<usize> = c.split(':').map(|x| x.parse().expect("H:I:E")).collect();
-            (v[0], v[1], v[2])
+            (v[0], v[1], v[2], fp8)
         })
         .collect();
     let tpes: Vec<usize> = arg(&args, "--tpe")
@@ -48,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let dev = CudaDevice::new(0)?;
     eprintln!("device {} ({})", dev.name(), dev.arch());
-    for &(h, i, e) in &configs {
+    for &(h, i, e, fp8) in &configs {
         let shape = ModelShape {
             layers: 1,
             first_moe_layer: 0,
@@ -56,7 +63,7 @@ fn main() -> anyhow::Result<()> {
             top_k: 1,
             hidden_size: h as u64,
             expert_intermediate_size: i as u64,
-            dtype: Dtype::Bf16,
+            dtype: if fp8 { Dtype::Fp8 } else { Dtype::Bf16 },
         };
         let src = HashedWeights::new(shape, 0);
         let keys: Vec<(u32, u32)> = (0..e as u32).map(|x| (0, x)).collect();
@@ -74,7 +81,17 @@ fn main() -> anyhow::Result<()> {
             let x = hashed_projection(0xabc ^ tpe as u64, total * h, 1.0);
             let w: Vec<f32> = (0..total).map(router_weight).collect();
             let ids: Vec<u32> = (0..e as u32).collect();
-            for mode in [GemmMode::Grouped, GemmMode::PerExpert, GemmMode::Auto] {
+            let modes: &[GemmMode] = if fp8 {
+                &[GemmMode::Auto]
+            } else {
+                &[GemmMode::Grouped, GemmMode::PerExpert, GemmMode::Auto]
+            };
+            anyhow::ensure!(
+                set.is_fp8() == fp8,
+                "H={h} I={i}: FP8 path {} on this device",
+                if fp8 { "unavailable" } else { "taken for bf16" }
+            );
+            for &mode in modes {
                 dev.set_mode(mode);
                 let p = set.prepare(0, &ids, &counts, x.reinterpret_cast(), &w)?;
                 // Correctness on sampled rows against the f64 reference (first row of some experts).
@@ -98,7 +115,7 @@ fn main() -> anyhow::Result<()> {
                             rn += (g - v).powi(2);
                             rd += v * v;
                         }
-                        if (rn / rd).sqrt() > 0.05 {
+                        if (rn / rd).sqrt() > if fp8 { 0.1 } else { 0.05 } {
                             eprintln!("H={h} I={i} E={e} tpe={tpe} {mode:?}: expert {ex} row {r} (of {c}, from {off}) rel err {:.3}; got[0..4] {:?} want[0..4] {:?}",
                                 (rn / rd).sqrt(), &out[r * h..r * h + 4].iter().map(|b| bf16::from_bits(*b).to_f32()).collect::<Vec<_>>(), &want[..4]);
                         }
@@ -137,13 +154,13 @@ fn main() -> anyhow::Result<()> {
                 per_call.sort_by(|a, b| a.total_cmp(b));
                 let ms = per_call[2];
                 let active = counts.iter().filter(|&&c| c > 0).count();
-                let bytes = active * 3 * h * i * 2 + 2 * total * h * 2;
+                let bytes = active * 3 * h * i * if fp8 { 1 } else { 2 } + 2 * total * h * 2;
                 let flops = 6.0 * total as f64 * h as f64 * i as f64;
                 println!(
                     "{}",
                     serde_json::json!({
                         "hidden": h, "inter": i, "experts": e, "tpe": tpe, "tokens": total,
-                        "mode": format!("{mode:?}"), "ms": ms, "ms_all": per_call,
+                        "mode": if fp8 { "Fp8".to_string() } else { format!("{mode:?}") }, "ms": ms, "ms_all": per_call,
                         "tbps": bytes as f64 / (ms * 1e-3) / 1e12,
                         "tflops": flops / (ms * 1e-3) / 1e12,
                         "rel_err": rel, "finite": finite, "counts": counts,

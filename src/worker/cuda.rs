@@ -29,6 +29,8 @@ use super::checkpoint::WeightSource;
 use super::compute::{ComputeError, ExpertCompute, ExpertKey, ExpertLoader, RowBatch};
 use super::cpu::group_rows;
 
+mod fp8;
+
 /// The fused activation kernel. bf16 is handled as raw bits so that no CUDA header is needed at
 /// run time (NVRTC then needs no include path).
 const KERNELS: &str = r#"
@@ -148,6 +150,21 @@ pub enum GemmMode {
     /// the faster; later ones reuse the choice. A fixed threshold (the rule before issue "7 of
     /// 10") picked the slower mode at (2048, 768, 128) with 512 rows per expert.
     Auto,
+}
+
+impl GemmMode {
+    /// `MOE_GEMM_MODE` (grouped, per-expert or auto; unset is auto): a fixed mode for
+    /// measurements and for working around a GEMM path on a new GPU.
+    pub fn from_env() -> anyhow::Result<Self> {
+        match std::env::var("MOE_GEMM_MODE").ok().as_deref() {
+            None | Some("") | Some("auto") => Ok(Self::Auto),
+            Some("grouped") => Ok(Self::Grouped),
+            Some("per-expert") => Ok(Self::PerExpert),
+            Some(other) => {
+                anyhow::bail!("MOE_GEMM_MODE={other:?}: expected grouped, per-expert or auto")
+            }
+        }
+    }
 }
 
 /// Streams (each with its own cuBLAS handle and workspace) for per-expert GEMMs.
@@ -371,6 +388,8 @@ pub struct CudaDevice {
     mode: Mutex<GemmMode>,
     /// [`GemmMode::Auto`]'s measured choices.
     measured: Mutex<HashMap<ModeKey, GemmMode>>,
+    /// cuBLASLt and the FP8 kernels, once an FP8 set is used.
+    fp8: fp8::Fp8Cell,
     batch: Mutex<()>,
 }
 
@@ -407,7 +426,7 @@ impl CudaDevice {
             .compute_capability()
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let arch = format!("sm_{maj}{min}");
-        let module = Self::load_kernels(&ctx, &arch)?;
+        let module = Self::load_kernels(&ctx, &arch, KERNELS)?;
         let silu = module
             .load_function("silu_mul_scale")
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -437,8 +456,9 @@ impl CudaDevice {
                 out: None,
                 ptrs: None,
             }),
-            mode: Mutex::new(GemmMode::Auto),
+            mode: Mutex::new(GemmMode::from_env()?),
             measured: Mutex::new(HashMap::new()),
+            fp8: Default::default(),
             batch: Mutex::new(()),
         }))
     }
@@ -447,8 +467,9 @@ impl CudaDevice {
     fn load_kernels(
         ctx: &Arc<CudaContext>,
         arch: &str,
+        source: &str,
     ) -> anyhow::Result<Arc<cudarc::driver::CudaModule>> {
-        let key = hex::encode(sha2::Sha256::digest(format!("{arch}\n{KERNELS}")));
+        let key = hex::encode(sha2::Sha256::digest(format!("{arch}\n{source}")));
         let path = kernel_cache_dir().join(format!("{}-{arch}.ptx", &key[..16]));
         if let Ok(src) = std::fs::read_to_string(&path) {
             match ctx.load_module(cudarc::nvrtc::Ptx::from_src(src)) {
@@ -462,7 +483,7 @@ impl CudaDevice {
             options: vec![format!("--gpu-architecture={arch}")],
             ..Default::default()
         };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
             .map_err(|e| anyhow::anyhow!("NVRTC for {arch}: {e:?}"))?;
         let src = ptx.to_src();
         if let Err(e) =
@@ -579,18 +600,37 @@ impl CudaDevice {
             .stream
             .clone_htod(&all)
             .map_err(dev_err("uploading expert weights"))?;
-        Ok(DeviceExpert { buf })
+        Ok(DeviceExpert::Bf16(buf))
+    }
+
+    fn upload_expert_fp8(&self, e: &super::fp8::Fp8Expert) -> Result<DeviceExpert, ComputeError> {
+        let w = [e.gate_up.as_slice(), &e.down].concat();
+        let s = [e.gate_up_scale.as_slice(), &e.down_scale].concat();
+        let w = self
+            .stream
+            .clone_htod(&w)
+            .map_err(dev_err("uploading FP8 expert weights"))?;
+        let s = self
+            .stream
+            .clone_htod(&s)
+            .map_err(dev_err("uploading FP8 block scales"))?;
+        Ok(DeviceExpert::Fp8 { w, s })
     }
 }
 
-/// One expert's weights on the device: [gate (I x H) | up (I x H) | down (H x I)] in bf16.
-pub struct DeviceExpert {
-    buf: CudaSlice<u16>,
+/// One expert's weights on the device: [gate (I x H) | up (I x H) | down (H x I)], in bf16, or
+/// in FP8 E4M3 with their 128 x 128 block scales ([gate|up (2I/128 x H/128) | down]).
+pub enum DeviceExpert {
+    Bf16(CudaSlice<u16>),
+    Fp8 { w: CudaSlice<u8>, s: CudaSlice<f32> },
 }
 
 impl DeviceExpert {
     fn ptr(&self, stream: &CudaStream) -> CUdeviceptr {
-        self.buf.device_ptr(stream).0
+        match self {
+            Self::Bf16(b) => b.device_ptr(stream).0,
+            Self::Fp8 { w, .. } => w.device_ptr(stream).0,
+        }
     }
 }
 
@@ -610,6 +650,8 @@ pub struct Prepared {
     need: ScratchSizes,
     /// (weights pointer, rows, first row) per expert with rows.
     groups: Vec<(CUdeviceptr, usize, usize)>,
+    /// FP8 experts: (weights, block scales, rows, first row), in `groups`' order; empty for bf16.
+    fp8: Vec<(CUdeviceptr, CUdeviceptr, usize, usize)>,
     m1: Vec<i32>,
     n: Vec<i32>,
     k1: Vec<i32>,
@@ -652,6 +694,14 @@ impl CudaExperts {
 
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.dev
+    }
+
+    /// Whether the experts are resident in FP8 (and computed in FP8).
+    pub fn is_fp8(&self) -> bool {
+        self.experts
+            .values()
+            .next()
+            .is_some_and(|e| matches!(e.as_ref(), DeviceExpert::Fp8 { .. }))
     }
 
     /// Sets up the scratch buffers and pointer arrays for `counts[g]` rows of expert `experts[g]`
@@ -711,6 +761,7 @@ impl CudaExperts {
             Rows::Device { ptr, .. } => ptr,
         };
         let mut groups = Vec::with_capacity(g);
+        let mut fp8 = Vec::new();
         let mut arrays = vec![0u64; 6 * g];
         let mut off = 0usize;
         for (j, &(e, c)) in live.iter().enumerate() {
@@ -719,6 +770,9 @@ impl CudaExperts {
                 .get(&(layer, e))
                 .ok_or(ComputeError::NotResident { layer, expert: e })?;
             let wp = ex.ptr(st);
+            if let DeviceExpert::Fp8 { s, .. } = ex.as_ref() {
+                fp8.push((wp, s.device_ptr(st).0, c, off));
+            }
             arrays[j] = wp; // A1: gate|up [2I, H]
             arrays[g + j] = px + (off * h * 2) as u64; // B1: x rows
             arrays[2 * g + j] = py + (off * 2 * i * 2) as u64; // C1: y rows
@@ -744,6 +798,7 @@ impl CudaExperts {
             x: px,
             need,
             groups,
+            fp8,
             m1: vec![(2 * i) as i32; g],
             k1: vec![h as i32; g],
             m2: vec![h as i32; g],
@@ -767,6 +822,9 @@ impl CudaExperts {
         let dev = &self.dev;
         let sc = dev.scratch.lock().unwrap_or_else(|e| e.into_inner());
         sc.check(&p.need)?;
+        if !p.fp8.is_empty() {
+            return self.run_fp8(p, &sc);
+        }
         let configured = *dev.mode.lock().unwrap_or_else(|e| e.into_inner());
         if configured != GemmMode::Auto {
             return self.run_mode(p, &sc, configured);
@@ -1076,6 +1134,13 @@ impl WeightSource for SourceRef<'_> {
     ) -> Result<super::checkpoint::ExpertWeights, super::checkpoint::CheckpointError> {
         self.0.expert(layer, expert)
     }
+    fn expert_fp8(
+        &self,
+        layer: u32,
+        expert: u32,
+    ) -> Result<Option<super::fp8::Fp8Expert>, super::checkpoint::CheckpointError> {
+        self.0.expert_fp8(layer, expert)
+    }
 }
 
 /// Loads experts onto one device. Experts held by a live set are shared (the sets are
@@ -1119,27 +1184,44 @@ impl<S: WeightSource + ?Sized> CudaLoader<S> {
                 None => missing.push(k),
             }
         }
+        // FP8 checkpoints stay FP8 where the device computes in FP8; otherwise read dequantized.
+        let fp8 = fp8::fp8_capable(&self.dev) && std::env::var_os("MOE_FP8_DEQUANTIZE").is_none();
+        enum Read {
+            Fp8(Box<super::fp8::Fp8Expert>),
+            Bf16(super::checkpoint::ExpertWeights),
+        }
         // Read (and dequantise) from the checkpoint in parallel; upload in order.
         let read: Vec<_> = missing
             .par_iter()
-            .map(|&(l, e)| self.source.expert(l, e).map(|w| ((l, e), w)))
-            .collect::<Result<_, _>>()?;
+            .map(|&(l, e)| {
+                let q = if fp8 {
+                    self.source.expert_fp8(l, e)?
+                } else {
+                    None
+                };
+                match q {
+                    Some(q) => Ok(((l, e), Read::Fp8(Box::new(q)))),
+                    None => self.source.expert(l, e).map(|w| ((l, e), Read::Bf16(w))),
+                }
+            })
+            .collect::<Result<_, super::checkpoint::CheckpointError>>()?;
         for (k, w) in read {
-            let d = self
-                .dev
-                .upload_expert(
+            let d = match &w {
+                Read::Fp8(q) => self.dev.upload_expert_fp8(q),
+                Read::Bf16(w) => self.dev.upload_expert(
                     w.gate.reinterpret_cast(),
                     w.up.reinterpret_cast(),
                     w.down.reinterpret_cast(),
+                ),
+            }
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "layer {} expert {} onto cuda:{}: {e}",
+                    k.0,
+                    k.1,
+                    self.dev.ordinal
                 )
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "layer {} expert {} onto cuda:{}: {e}",
-                        k.0,
-                        k.1,
-                        self.dev.ordinal
-                    )
-                })?;
+            })?;
             let d = Arc::new(d);
             live.insert(k, Arc::downgrade(&d));
             out.insert(k, d);

@@ -14,5 +14,6 @@ pub use runtime::backend_loader;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+pub mod fp8;
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -99,6 +99,17 @@ pub struct ExpertWeights {
 pub trait WeightSource: Send + Sync {
     fn shape(&self) -> &ModelShape;
     fn expert(&self, layer: u32, expert: u32) -> Result<ExpertWeights, CheckpointError>;
+    /// The expert's FP8 weights with their block scales, as stored, for backends that compute in
+    /// FP8; None where the source is not FP8 or the shape cannot stay FP8
+    /// ([`crate::worker::fp8::fp8_shape_unsupported`]): such experts are read with
+    /// [`Self::expert`], dequantized.
+    fn expert_fp8(
+        &self,
+        _layer: u32,
+        _expert: u32,
+    ) -> Result<Option<crate::worker::fp8::Fp8Expert>, CheckpointError> {
+        Ok(None)
+    }
 }
 
 #[derive(Deserialize)]
@@ -587,6 +598,47 @@ impl Checkpoint {
 impl WeightSource for Checkpoint {
     fn shape(&self) -> &ModelShape {
         &self.config.shape
+    }
+
+    fn expert_fp8(
+        &self,
+        layer: u32,
+        expert: u32,
+    ) -> Result<Option<crate::worker::fp8::Fp8Expert>, CheckpointError> {
+        let s = &self.config.shape;
+        let (h, i) = (s.hidden_size as usize, s.expert_intermediate_size as usize);
+        if s.dtype != Dtype::Fp8 || crate::worker::fp8::fp8_shape_unsupported(h, i).is_some() {
+            return Ok(None);
+        }
+        self.check_key(layer, expert)?;
+        let [g, u, d] = self.per_expert_names(layer, expert);
+        let raw = |name: &str,
+                   rows: usize,
+                   cols: usize|
+         -> Result<(Vec<u8>, Vec<f32>), CheckpointError> {
+            use safetensors::StDtype;
+            let q = self.read_bytes(name, StDtype::F8E4M3, &[rows, cols], None)?;
+            let sname = format!("{name}_scale_inv");
+            let sc = f32_from_le(&self.read_bytes(
+                &sname,
+                StDtype::F32,
+                &[rows / 128, cols / 128],
+                None,
+            )?);
+            Ok((q, sc))
+        };
+        let (gq, gs) = raw(&g, i, h)?;
+        let (uq, us) = raw(&u, i, h)?;
+        let (dq, ds) = raw(&d, h, i)?;
+        crate::worker::fp8::Fp8Expert::stack(h, i, &gq, &gs, &uq, &us, &dq, &ds)
+            .map(Some)
+            .map_err(|reason| {
+                let file = self
+                    .lookup(&g)
+                    .map(|(f, _)| f.path.clone())
+                    .unwrap_or_default();
+                CheckpointError::BadFile { file, reason }
+            })
     }
 
     fn expert(&self, layer: u32, expert: u32) -> Result<ExpertWeights, CheckpointError> {

@@ -383,6 +383,69 @@ impl super::WeightSource for HashedWeights {
     }
 
     fn expert(&self, layer: u32, expert: u32) -> Result<super::ExpertWeights, CheckpointError> {
+        self.check(layer, expert)?;
+        let s = &self.shape;
+        let (h, i) = (s.hidden_size as usize, s.expert_intermediate_size as usize);
+        let [gate, up, down] = self.projections(layer, expert);
+        if s.dtype == Dtype::Fp8 {
+            // What an FP8 checkpoint holds, dequantized: the weights the FP8 path computes with.
+            let deq = |w: &[bf16], r: usize, c: usize| {
+                let f: Vec<f32> = w.iter().map(|x| x.to_f32()).collect();
+                let (q, sc) = quantize_fp8_blocks(&f, r, c);
+                crate::worker::fp8::dequantize_weight(&q, &sc, r, c)
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect()
+            };
+            return Ok(super::ExpertWeights {
+                hidden: h,
+                intermediate: i,
+                gate: deq(&gate, i, h),
+                up: deq(&up, i, h),
+                down: deq(&down, h, i),
+            });
+        }
+        Ok(super::ExpertWeights {
+            hidden: h,
+            intermediate: i,
+            gate,
+            up,
+            down,
+        })
+    }
+
+    fn expert_fp8(
+        &self,
+        layer: u32,
+        expert: u32,
+    ) -> Result<Option<crate::worker::fp8::Fp8Expert>, CheckpointError> {
+        let s = &self.shape;
+        let (h, i) = (s.hidden_size as usize, s.expert_intermediate_size as usize);
+        if s.dtype != Dtype::Fp8 || crate::worker::fp8::fp8_shape_unsupported(h, i).is_some() {
+            return Ok(None);
+        }
+        self.check(layer, expert)?;
+        let [gate, up, down] = self.projections(layer, expert);
+        let quant = |w: &[bf16], r: usize, c: usize| {
+            let f: Vec<f32> = w.iter().map(|x| x.to_f32()).collect();
+            quantize_fp8_blocks(&f, r, c)
+        };
+        let ((gq, gs), ((uq, us), (dq, ds))) = rayon::join(
+            || quant(&gate, i, h),
+            || rayon::join(|| quant(&up, i, h), || quant(&down, h, i)),
+        );
+        crate::worker::fp8::Fp8Expert::stack(h, i, &gq, &gs, &uq, &us, &dq, &ds)
+            .map(Some)
+            .map_err(|reason| CheckpointError::NotAnExpert {
+                layer,
+                expert,
+                reason,
+            })
+    }
+}
+
+impl HashedWeights {
+    fn check(&self, layer: u32, expert: u32) -> Result<(), CheckpointError> {
         let s = &self.shape;
         if layer < s.first_moe_layer || layer >= s.layers || expert >= s.experts {
             return Err(CheckpointError::NotAnExpert {
@@ -394,18 +457,22 @@ impl super::WeightSource for HashedWeights {
                 ),
             });
         }
+        Ok(())
+    }
+
+    /// Gate, up and down in bf16, from the seed, layer and expert.
+    fn projections(&self, layer: u32, expert: u32) -> [Vec<bf16>; 3] {
+        let s = &self.shape;
         let (h, i) = (s.hidden_size as usize, s.expert_intermediate_size as usize);
         let key = |p: u64| {
             self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 ^ ((layer as u64) << 40 | (expert as u64) << 8 | p)
         };
-        Ok(super::ExpertWeights {
-            hidden: h,
-            intermediate: i,
-            gate: hashed_projection(key(0), i * h, 1.0 / (h as f32).sqrt()),
-            up: hashed_projection(key(1), i * h, 1.0 / (h as f32).sqrt()),
-            down: hashed_projection(key(2), h * i, 1.0 / (i as f32).sqrt()),
-        })
+        [
+            hashed_projection(key(0), i * h, 1.0 / (h as f32).sqrt()),
+            hashed_projection(key(1), i * h, 1.0 / (h as f32).sqrt()),
+            hashed_projection(key(2), h * i, 1.0 / (i as f32).sqrt()),
+        ]
     }
 }
 
