@@ -51,7 +51,9 @@ done
 T0=$(date +%s)
 step() { echo "==> [$(( $(date +%s) - T0 ))s] $*" >&2; }
 
-eval "$(images/tools.sh --env)"
+# The tools' PATH, LD_LIBRARY_PATH (Debian libraries unpacked into the cache) and PERL5LIB are set
+# after cargo has run: the build sees the caller's environment only.
+tools_env() { eval "$(images/tools.sh --env)"; }
 MIRROR="${MOE_DEBIAN_MIRROR:-http://deb.debian.org}"
 CACHE="${MOE_IMAGES_CACHE:-$HOME/.cache/moe-operator-images}"
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}"
@@ -96,6 +98,7 @@ rootfs() {
 }
 
 if [[ $UPDATE_LOCK == 1 ]]; then
+    tools_env
     for NAME in "${NAMES[@]}"; do mkdir -p "$WORK/$NAME"; rootfs "$NAME" "$WORK/$NAME"; done
     rm -rf "$WORK"
     exit 0
@@ -117,6 +120,8 @@ for b in moe-operator moe-worker moectl; do
 done
 cargo tree --locked --offline -e normal --prefix none --format '{p} {l}' \
     --target x86_64-unknown-linux-gnu > "$WORK/crates.txt"
+
+tools_env
 
 # 2. The CUDA wheels (pip checks each sha256; the cache keeps them between runs).
 wheels=()
