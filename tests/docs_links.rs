@@ -14,7 +14,7 @@ const REPO_DIRS: &[&str] = &[
     "examples/",
     "charts/",
     "crds/",
-    "docker/",
+    "images/",
     "docs/",
     ".ci/",
 ];

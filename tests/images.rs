@@ -1,9 +1,11 @@
-//! The container images agree with what runs them (there is no Docker here: the Dockerfiles are
-//! read as text). The worker image exposes the ports the CRD defaults give the workers, runs as the
-//! numeric non-root user the worker pods' `runAsNonRoot` needs, and its ENTRYPOINT is the program
-//! the operator's pods name. The operator image exposes the ports the chart and the binary use, runs
-//! as the chart's user, and its ENTRYPOINT + CMD are what the chart's container (no `command`,
-//! `args` replacing CMD) and the local control plane's image mapping expect.
+//! The container images agree with what runs them. scripts/images.sh builds them from
+//! images/NAME.json (the image config: user, entrypoint, cmd, ports); scripts/images-test.sh runs
+//! them. Here, without building: the worker image exposes the ports the CRD defaults give the
+//! workers, runs as the numeric non-root user the worker pods' `runAsNonRoot` needs, and its
+//! ENTRYPOINT is the program the operator's pods name. The operator image exposes the ports the
+//! chart and the binary use, runs as the chart's user, and its ENTRYPOINT + CMD are what the
+//! chart's container (no `command`, `args` replacing CMD) and the local control plane's image
+//! mapping expect. The CUDA wheels are the versions the worker's cudarc features are built for.
 
 mod common;
 
@@ -12,7 +14,7 @@ use std::collections::BTreeSet;
 use moe_operator::api::{DataPlaneSpec, MoEDeployment, WorkerPorts};
 use serde_json::Value;
 
-/// The final stage of a Dockerfile: EXPOSE ports, USER, ENTRYPOINT and CMD (exec form).
+/// An image's config as images/NAME.json gives it to scripts/images.sh.
 #[derive(Debug, Default)]
 struct Image {
     expose: BTreeSet<i32>,
@@ -21,42 +23,31 @@ struct Image {
     cmd: Vec<String>,
 }
 
-fn image(file: &str) -> Image {
-    let path = common::repo().join("docker").join(file);
+fn image(name: &str) -> Image {
+    let path = common::repo().join("images").join(format!("{name}.json"));
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    // Continuation lines joined; only the last stage (after the last FROM) is the image.
-    let joined = text.replace("\\\n", " ");
-    let mut img = Image::default();
-    for line in joined.lines().map(str::trim) {
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let (instr, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
-        let rest = rest.trim();
-        let exec_form = |what: &str| -> Vec<String> {
-            serde_json::from_str(rest).unwrap_or_else(|e| {
-                panic!("{file}: {what} {rest:?} is not the exec (JSON) form: {e}")
-            })
-        };
-        match instr.to_ascii_uppercase().as_str() {
-            "FROM" => img = Image::default(),
-            "EXPOSE" => {
-                for p in rest.split_whitespace() {
-                    let port = p.split('/').next().unwrap();
-                    img.expose.insert(
-                        port.parse()
-                            .unwrap_or_else(|_| panic!("{file}: EXPOSE {p}")),
-                    );
-                }
-            }
-            "USER" => img.user = Some(rest.to_string()),
-            "ENTRYPOINT" => img.entrypoint = exec_form("ENTRYPOINT"),
-            "CMD" => img.cmd = exec_form("CMD"),
-            _ => {}
-        }
+    let v: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(v["name"], name, "{}: name", path.display());
+    let strings = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap_or_else(|| panic!("{}: {k} is not a list", path.display()))
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    Image {
+        expose: v["expose"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_i64().unwrap() as i32)
+            .collect(),
+        user: v["user"].as_str().map(str::to_string),
+        entrypoint: strings("entrypoint"),
+        cmd: strings("cmd"),
     }
-    img
 }
 
 /// `uid:gid` of a numeric USER; None for a name (the kubelet cannot check a name is non-root).
@@ -75,7 +66,7 @@ fn chart_deployment() -> Value {
 
 #[test]
 fn worker_image_matches_the_crd_defaults_and_the_worker_pods() {
-    let img = image("worker.Dockerfile");
+    let img = image("moe-worker");
     let ports = WorkerPorts::default();
     let want: BTreeSet<i32> = [
         ports.dispatch,
@@ -86,7 +77,7 @@ fn worker_image_matches_the_crd_defaults_and_the_worker_pods() {
     .into();
     assert_eq!(
         img.expose, want,
-        "docker/worker.Dockerfile EXPOSE: the defaults of spec.worker.ports and spec.dataPlane.port"
+        "images/moe-worker.json expose: the defaults of spec.worker.ports and spec.dataPlane.port"
     );
 
     // A worker pod as the operator builds it from the sample.
@@ -118,9 +109,13 @@ fn worker_image_matches_the_crd_defaults_and_the_worker_pods() {
         .run_as_user
         .or(c.security_context.as_ref().and_then(|s| s.run_as_user));
     if run_as_user.is_none() {
-        let user = img.user.as_deref().expect("worker.Dockerfile sets USER");
-        let (uid, gid) = numeric_user(user)
-            .unwrap_or_else(|| panic!("worker.Dockerfile USER {user:?} must be numeric uid:gid"));
+        let user = img
+            .user
+            .as_deref()
+            .expect("images/moe-worker.json sets user");
+        let (uid, gid) = numeric_user(user).unwrap_or_else(|| {
+            panic!("images/moe-worker.json user {user:?} must be numeric uid:gid")
+        });
         assert!(uid > 0 && gid > 0, "USER {user} is root");
     }
     // The pod names the program; the image has it where PATH finds it.
@@ -141,7 +136,7 @@ fn worker_image_matches_the_crd_defaults_and_the_worker_pods() {
 
 #[test]
 fn operator_image_matches_the_chart_and_the_binary() {
-    let img = image("operator.Dockerfile");
+    let img = image("moe-operator");
     let values: Value = serde_yaml::from_str(
         &std::fs::read_to_string(common::repo().join("charts/moe-operator/values.yaml")).unwrap(),
     )
@@ -153,7 +148,7 @@ fn operator_image_matches_the_chart_and_the_binary() {
     .into();
     assert_eq!(
         img.expose, chart_ports,
-        "docker/operator.Dockerfile EXPOSE: the chart's metrics.port and health.port"
+        "images/moe-operator.json expose: the chart's metrics.port and health.port"
     );
     // The binary's own defaults, from its --help.
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_moe-operator"))
@@ -171,7 +166,10 @@ fn operator_image_matches_the_chart_and_the_binary() {
     let d = chart_deployment();
     let pod = &d["spec"]["template"]["spec"];
     let sc = &pod["securityContext"];
-    let user = img.user.as_deref().expect("operator.Dockerfile sets USER");
+    let user = img
+        .user
+        .as_deref()
+        .expect("images/moe-operator.json sets user");
     assert_eq!(
         numeric_user(user),
         Some((
@@ -213,4 +211,82 @@ fn operator_image_matches_the_chart_and_the_binary() {
         cluster_sh.contains(&format!("{repo}={program}")),
         "e2e/cluster.sh does not map {repo} to {program}"
     );
+}
+
+/// `name==version` pins of images/cuda-wheels.txt.
+fn wheel_pins() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(common::repo().join("images/cuda-wheels.txt")).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let pin = l.split_whitespace().next().unwrap();
+            assert!(
+                l.contains("--hash=sha256:"),
+                "{pin} is not pinned by sha256"
+            );
+            let (n, v) = pin.split_once("==").expect("name==version");
+            (n.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn cuda_wheels_match_the_cudarc_features() {
+    // cudarc's `cuda-MMmmm` and `nccl-0MMmm` features pick the API the worker is built against.
+    let manifest = std::fs::read_to_string(common::repo().join("Cargo.toml")).unwrap();
+    let cudarc = manifest
+        .lines()
+        .find(|l| l.starts_with("cudarc"))
+        .expect("cudarc in Cargo.toml");
+    let feature = |prefix: &str| -> String {
+        cudarc
+            .split('"')
+            .find_map(|f| f.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix}* feature: {cudarc}"))
+            .to_string()
+    };
+    let cuda = feature("cuda-"); // e.g. 13000
+    let cuda = format!(
+        "{}.{}.",
+        &cuda[..2],
+        cuda[2..4].trim_start_matches('0').max("0")
+    );
+    let nccl = feature("nccl-"); // e.g. 02028
+    let nccl = format!(
+        "{}.{}.",
+        nccl[..2].trim_start_matches('0'),
+        nccl[2..].trim_start_matches('0')
+    );
+    let pins = wheel_pins();
+    let version = |name: &str| -> &str {
+        &pins
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("images/cuda-wheels.txt lacks {name}"))
+            .1
+    };
+    for w in ["nvidia-cublas", "nvidia-cuda-nvrtc"] {
+        assert!(
+            version(w).starts_with(&cuda),
+            "{w} {} is not CUDA {cuda}x, which cudarc is built for",
+            version(w)
+        );
+    }
+    assert!(
+        version("nvidia-nccl-cu13").starts_with(&nccl),
+        "nvidia-nccl-cu13 {} is not NCCL {nccl}x, which cudarc is built for",
+        version("nvidia-nccl-cu13")
+    );
+    // Every library the worker image takes is in one of them (by its directory in the wheels).
+    let libs =
+        std::fs::read_to_string(common::repo().join("images/moe-worker-cuda-libs.txt")).unwrap();
+    for l in libs
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        assert!(
+            l.starts_with("nvidia/cu13/lib/") || l.starts_with("nvidia/nccl/lib/"),
+            "{l}"
+        );
+    }
 }

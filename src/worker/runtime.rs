@@ -54,6 +54,7 @@ fn listen_arg(s: &str) -> Result<SocketAddr, String> {
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "moe-worker",
+    version,
     about = "Expert runtime of one node: serves the experts the plan gives its GPUs"
 )]
 pub struct WorkerArgs {

@@ -160,7 +160,13 @@ pub struct OperatorPlane {
 impl OperatorPlane {
     /// Brings up a plane of `nodes` fake GPU nodes, installs the chart and creates `ns`.
     pub async fn up(prefix: &str, nodes: usize, ns: &str) -> Self {
-        Self::up_with(prefix, nodes, ns, None).await
+        Self::up_with(prefix, nodes, ns, None, None).await
+    }
+
+    /// [`OperatorPlane::up`] with the chart installed from `chart` instead of the repository's
+    /// (e.g. a copy whose `crds/` holds a previous CRD, as an earlier release installed it).
+    pub async fn up_from_chart(prefix: &str, nodes: usize, ns: &str, chart: &Path) -> Self {
+        Self::up_with(prefix, nodes, ns, None, Some(chart)).await
     }
 
     /// [`OperatorPlane::up`] with the chart's own Deployment running (not scaled to 0), installed
@@ -173,7 +179,7 @@ impl OperatorPlane {
         ns: &str,
         values: impl FnOnce(&Path) -> String,
     ) -> Self {
-        Self::up_with(prefix, nodes, ns, Some(Box::new(values))).await
+        Self::up_with(prefix, nodes, ns, Some(Box::new(values)), None).await
     }
 
     #[allow(clippy::type_complexity)]
@@ -182,6 +188,7 @@ impl OperatorPlane {
         nodes: usize,
         ns: &str,
         chart_values: Option<Box<dyn FnOnce(&Path) -> String + '_>>,
+        chart: Option<&Path>,
     ) -> Self {
         let bin = e2e_bin();
         let tmp = tempfile::Builder::new()
@@ -204,7 +211,9 @@ impl OperatorPlane {
             tmp: Some(tmp),
         };
         let (bin, kc) = (plane.bin.clone(), plane.admin_kc.clone());
-        let chart = super::repo().join("charts/moe-operator");
+        let chart = chart
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| super::repo().join("charts/moe-operator"));
         let values_file = plane.state.join("chart-values.yaml");
         let running = chart_values.is_some();
         if let Some(values) = chart_values {
