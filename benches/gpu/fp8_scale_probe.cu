@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -51,7 +52,7 @@ struct Gemm {
     cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
 
     Gemm(cublasLtHandle_t h, Case c, int wmode, int xmode, const float* ws, const float* xs, void* workspace,
-         size_t wsbytes)
+         size_t wsbytes, uint32_t align = 0)
         : lt(h) {
         CK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
         cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
@@ -71,6 +72,13 @@ struct Gemm {
         CK(cublasLtMatmulPreferenceCreate(&pref));
         CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsbytes,
                                                 sizeof wsbytes));
+        if (align) {
+            cublasLtMatmulPreferenceAttributes_t as[4] = {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                          CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                          CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                          CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+            for (auto a : as) CK(cublasLtMatmulPreferenceSetAttribute(pref, a, &align, sizeof align));
+        }
         status = cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, ld, ld, pref, 8, heur, &found);
         cublasLtMatmulPreferenceDestroy(pref);
     }
@@ -162,6 +170,18 @@ int main() {
                             xl == 0 ? "kblock-fastest" : "token-fastest", std::sqrt(num / den), maxrel,
                             std::sqrt(num / den) < 1e-2 ? "  <== matches" : "");
             }
+    }
+
+    // --- which token counts and pointer alignments have an algorithm ---
+    for (uint32_t align : {0u, 16u, 64u, 128u, 256u}) {
+        std::printf("min alignment %3u B, tokens:", align);
+        for (int n : {1, 2, 3, 5, 8, 13, 16, 17, 24, 32, 33, 64, 100, 128, 1000}) {
+            Case cc{n, 4096, 7168};
+            Gemm g(lt, cc, CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F, dws_blk,
+                   dxs, workspace, wsbytes, align);
+            std::printf(" %d:%s", n, (g.status == 0 && g.found > 0) ? "ok" : "NO");
+        }
+        std::printf("\n");
     }
 
     // --- speed: DeepSeek-V3 expert GEMMs, BLK128x128 weights, VEC128 activations ---

@@ -192,11 +192,17 @@ impl ModeKey {
     }
 }
 
-/// The faster mode from each mode's best time (seconds) over its measured runs; grouped on a tie
-/// (one launch, fewer streams busy).
+/// Per-expert must beat grouped by this factor to be chosen: its GEMMs pay a cold cost at each
+/// row count cuBLAS has not seen yet (up to milliseconds; in the testbed's prefill with no
+/// replication, per-expert layers had a p99 of 6.8 ms against 0.2 ms with the grouped path,
+/// benches/results/worker-gpu.md), which a measurement on one batch cannot see.
+pub const PER_EXPERT_MARGIN: f64 = 0.8;
+
+/// The faster mode from each mode's best time (seconds) over its measured runs; grouped unless
+/// per-expert is faster by [`PER_EXPERT_MARGIN`] (one launch, no cold cost per row count).
 pub fn faster_mode(grouped_s: &[f64], per_expert_s: &[f64]) -> GemmMode {
     let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
-    if best(per_expert_s) < best(grouped_s) {
+    if best(per_expert_s) < PER_EXPERT_MARGIN * best(grouped_s) {
         GemmMode::PerExpert
     } else {
         GemmMode::Grouped

@@ -78,6 +78,13 @@ impl Drop for LtHandle {
 
 #[derive(Default)]
 struct Fp8Scratch {
+    xpad: Option<CudaSlice<u16>>,
+    wpad: Option<CudaSlice<f32>>,
+    ypad: Option<CudaSlice<u16>>,
+    apad: Option<CudaSlice<u16>>,
+    opad: Option<CudaSlice<u16>>,
+    idx_in: Option<CudaSlice<u32>>,
+    idx_out: Option<CudaSlice<u32>>,
     xq: Option<CudaSlice<u8>>,
     xs: Option<CudaSlice<f32>>,
     aq: Option<CudaSlice<u8>>,
@@ -170,6 +177,37 @@ pub(super) fn row_groups(counts: &[usize], k: usize) -> (Vec<u32>, usize) {
         base += (c * kb).next_multiple_of(16);
     }
     (grp, base.max(1))
+}
+
+/// Rows in cuBLASLt's FP8 granularity: each expert's count rounded up to a multiple of 4.
+pub(super) struct PaddedRows {
+    pub padded: Vec<usize>,
+    /// Per padded row, the batch row it copies (an expert's last row fills its padding).
+    pub idx_in: Vec<u32>,
+    /// Per batch row, its padded row.
+    pub idx_out: Vec<u32>,
+}
+
+pub(super) fn padded_rows(counts: &[usize]) -> PaddedRows {
+    let mut r = PaddedRows {
+        padded: Vec::with_capacity(counts.len()),
+        idx_in: Vec::new(),
+        idx_out: Vec::new(),
+    };
+    let (mut off, mut poff) = (0usize, 0usize);
+    for &c in counts {
+        let c4 = c.next_multiple_of(4);
+        r.padded.push(c4);
+        for j in 0..c4 {
+            r.idx_in.push((off + j.min(c.saturating_sub(1))) as u32);
+        }
+        for j in 0..c {
+            r.idx_out.push((poff + j) as u32);
+        }
+        off += c;
+        poff += c4;
+    }
+    r
 }
 
 /// One GEMM `D[n x m] = B[n x k] · A[m x k]ᵀ` (row-major; column-major `D = Aᵀ B`) with block
@@ -348,60 +386,83 @@ impl Fp8State {
 }
 
 impl CudaExperts {
-    /// The FP8 FFN of a prepared batch: quantize rows, GEMM 1 per expert, the activation
-    /// kernel, quantize, GEMM 2 per expert. Asynchronous, like the bf16 path.
+    /// The FP8 FFN of a prepared batch. cuBLASLt's block-scaled GEMMs take only row counts that
+    /// are multiples of 4 (`benches/gpu/fp8_scale_probe.cu` on the H200: 1, 2, 3, 5, 13, 17 and 33
+    /// rows have no algorithm; 8, 16, 24, 100 and 1000 do), so each expert's rows are padded to a
+    /// multiple of 4 by repeating its last row: gather into padded rows, quantize, GEMM 1 per
+    /// expert, the activation kernel, quantize, GEMM 2 per expert, gather the real rows back to
+    /// the output. Asynchronous, like the bf16 path.
     pub(super) fn run_fp8(&self, p: &Prepared, sc: &Scratch) -> Result<(), ComputeError> {
         let dev = &self.dev;
         let st = &dev.stream;
         let f = dev.fp8_state()?;
         let (h, i) = (self.hidden, self.inter);
-        let rows = p.total_rows;
-        let counts: Vec<usize> = p.groups.iter().map(|g| g.1).collect();
-        let (gx, xs_len) = row_groups(&counts, h);
-        let (ga, as_len) = row_groups(&counts, i);
+        let counts: Vec<usize> = p.fp8.iter().map(|g| g.2).collect();
+        let pad = padded_rows(&counts);
+        let prows = pad.padded.iter().sum::<usize>();
+        let (gx, xs_len) = row_groups(&pad.padded, h);
+        let (ga, as_len) = row_groups(&pad.padded, i);
         let mut fs = f.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        grow(st, &mut fs.xq, rows * h)?;
+        grow(st, &mut fs.xpad, prows * h)?;
+        grow(st, &mut fs.wpad, prows)?;
+        grow(st, &mut fs.ypad, prows * 2 * i)?;
+        grow(st, &mut fs.apad, prows * i)?;
+        grow(st, &mut fs.opad, prows * h)?;
+        grow(st, &mut fs.xq, prows * h)?;
         grow(st, &mut fs.xs, xs_len)?;
-        grow(st, &mut fs.aq, rows * i)?;
+        grow(st, &mut fs.aq, prows * i)?;
         grow(st, &mut fs.ascale, as_len)?;
         grow(st, &mut fs.grp_x, gx.len())?;
         grow(st, &mut fs.grp_a, ga.len())?;
-        st.memcpy_htod(&gx, fs.grp_x.as_mut().expect("grown"))
-            .map_err(dev_err("upload row groups"))?;
-        st.memcpy_htod(&ga, fs.grp_a.as_mut().expect("grown"))
-            .map_err(dev_err("upload row groups"))?;
-        let ptr = |s: &Option<CudaSlice<u8>>| s.as_ref().expect("grown").device_ptr(st).0;
-        let fptr = |s: &Option<CudaSlice<f32>>| s.as_ref().expect("grown").device_ptr(st).0;
-        let uptr = |s: &Option<CudaSlice<u32>>| s.as_ref().expect("grown").device_ptr(st).0;
-        let (pxq, pxs, paq, pas) = (ptr(&fs.xq), fptr(&fs.xs), ptr(&fs.aq), fptr(&fs.ascale));
-        let bptr = |s: &Option<CudaSlice<u16>>| s.as_ref().expect("prepared").device_ptr(st).0;
-        let (py, pa, po, pw) = (
-            bptr(&sc.y),
-            bptr(&sc.act),
-            bptr(&sc.out),
-            sc.w.as_ref().expect("prepared").device_ptr(st).0,
+        grow(st, &mut fs.idx_in, prows)?;
+        grow(st, &mut fs.idx_out, p.total_rows)?;
+        let fs = &mut *fs;
+        for (host, buf) in [
+            (&gx, &mut fs.grp_x),
+            (&ga, &mut fs.grp_a),
+            (&pad.idx_in, &mut fs.idx_in),
+            (&pad.idx_out, &mut fs.idx_out),
+        ] {
+            st.memcpy_htod(host, buf.as_mut().expect("grown"))
+                .map_err(dev_err("upload FP8 row tables"))?;
+        }
+        let p8 = |s: &Option<CudaSlice<u8>>| s.as_ref().expect("grown").device_ptr(st).0;
+        let p16 = |s: &Option<CudaSlice<u16>>| s.as_ref().expect("grown").device_ptr(st).0;
+        let p32 = |s: &Option<CudaSlice<f32>>| s.as_ref().expect("grown").device_ptr(st).0;
+        let pu = |s: &Option<CudaSlice<u32>>| s.as_ref().expect("grown").device_ptr(st).0;
+        let (pxq, pxs, paq, pas) = (p8(&fs.xq), p32(&fs.xs), p8(&fs.aq), p32(&fs.ascale));
+        let (pxp, pwp, pyp, pap, pop) = (
+            p16(&fs.xpad),
+            p32(&fs.wpad),
+            p16(&fs.ypad),
+            p16(&fs.apad),
+            p16(&fs.opad),
         );
+        let pw = sc.w.as_ref().expect("prepared").device_ptr(st).0;
+        let pout = sc.out.as_ref().expect("prepared").device_ptr(st).0;
         let quant = |src: u64, q: u64, s: u64, grp: u64, k: usize| -> Result<(), ComputeError> {
             let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
+                grid_dim: (prows as u32, 1, 1),
                 block_dim: (64, 1, 1),
                 shared_mem_bytes: 0,
             };
             let k = k as i32;
             let mut l = st.launch_builder(&f.quant);
             l.arg(&src).arg(&q).arg(&s).arg(&grp).arg(&k);
-            // SAFETY: src holds rows x k bf16, q rows x k bytes, s the row groups' scales, grp
-            // 3 x rows entries (sized above).
+            // SAFETY: src holds prows x k bf16, q prows x k bytes, s the row groups' scales, grp
+            // 3 x prows entries (sized above).
             unsafe { l.launch(cfg) }
                 .map(|_| ())
                 .map_err(dev_err("quant_rows_fp8 launch"))
         };
-        quant(p.x, pxq, pxs, uptr(&fs.grp_x), h)?;
-        // Expert offsets of each GEMM's operands.
+        // Padded rows and their router weights (an f32 is two bf16-sized halves).
+        dev.gather_rows(p.x, pu(&fs.idx_in), pxp, prows, h)?;
+        dev.gather_rows(pw, pu(&fs.idx_in), pwp, prows, 2)?;
+        quant(pxp, pxq, pxs, pu(&fs.grp_x), h)?;
         let mut jobs1 = Vec::with_capacity(p.fp8.len());
         let mut jobs2 = Vec::with_capacity(p.fp8.len());
-        let (mut sx, mut sa) = (0usize, 0usize);
-        for (&(w, s, c, off), _) in p.fp8.iter().zip(&counts) {
+        let (mut sx, mut sa, mut off) = (0usize, 0usize, 0usize);
+        for (&(w, s, _, _), &c) in p.fp8.iter().zip(&pad.padded) {
             jobs1.push(LtGemm {
                 m: (2 * i) as i32,
                 n: c as i32,
@@ -410,7 +471,7 @@ impl CudaExperts {
                 a_scale: s,
                 b: pxq + (off * h) as u64,
                 b_scale: pxs + (sx * 4) as u64,
-                d: py + (off * 2 * i * 2) as u64,
+                d: pyp + (off * 2 * i * 2) as u64,
             });
             jobs2.push(LtGemm {
                 m: h as i32,
@@ -420,26 +481,27 @@ impl CudaExperts {
                 a_scale: s + ((2 * i / BLOCK) * (h / BLOCK) * 4) as u64,
                 b: paq + (off * i) as u64,
                 b_scale: pas + (sa * 4) as u64,
-                d: po + (off * h * 2) as u64,
+                d: pop + (off * h * 2) as u64,
             });
             sx += (c * (h / BLOCK)).next_multiple_of(16);
             sa += (c * (i / BLOCK)).next_multiple_of(16);
+            off += c;
         }
         self.on_all_streams(f, &jobs1)?;
         let inter = i as i32;
         let threads = ((i as u32 / 8).clamp(32, 256)).div_ceil(32) * 32;
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
+            grid_dim: (prows as u32, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut launch = st.launch_builder(&dev.silu);
-        launch.arg(&py).arg(&pw).arg(&pa).arg(&inter);
-        // SAFETY: y holds rows x 2I, act rows x I, w rows entries.
+        launch.arg(&pyp).arg(&pwp).arg(&pap).arg(&inter);
+        // SAFETY: ypad holds prows x 2I, apad prows x I, wpad prows entries.
         unsafe { launch.launch(cfg) }.map_err(dev_err("silu_mul_scale launch"))?;
-        quant(pa, paq, pas, uptr(&fs.grp_a), i)?;
+        quant(pap, paq, pas, pu(&fs.grp_a), i)?;
         self.on_all_streams(f, &jobs2)?;
-        Ok(())
+        dev.gather_rows(pop, pu(&fs.idx_out), pout, p.total_rows, h)
     }
 
     /// The GEMMs on the main stream and the side streams (largest first, each to the least
@@ -492,5 +554,15 @@ mod tests {
         let (off, cnt, base) = (g[3 * r], g[3 * r + 1], g[3 * r + 2]);
         assert_eq!(base + cnt + (r as u32 - off), 19);
         assert_eq!(row_groups(&[], 128).1, 1);
+    }
+
+    #[test]
+    fn rows_pad_to_multiples_of_four_by_repeating_the_last() {
+        let p = padded_rows(&[1, 4, 6]);
+        assert_eq!(p.padded, [4, 4, 8]);
+        assert_eq!(&p.idx_in[..4], &[0, 0, 0, 0]);
+        assert_eq!(&p.idx_in[4..8], &[1, 2, 3, 4]);
+        assert_eq!(&p.idx_in[8..], &[5, 6, 7, 8, 9, 10, 10, 10]);
+        assert_eq!(p.idx_out, [0, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
     }
 }

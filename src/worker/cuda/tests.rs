@@ -142,6 +142,9 @@ fn auto_mode_keeps_the_faster_measured_mode_per_kind_of_batch() {
     // Best of each, not the mean; a tie keeps one launch.
     assert_eq!(faster_mode(&[9.0, 1.0], &[1.5, 1.5]), GemmMode::Grouped);
     assert_eq!(faster_mode(&[1.0], &[1.0]), GemmMode::Grouped);
+    // Per-expert only when clearly faster (its cold cost per new row count is not measured).
+    assert_eq!(faster_mode(&[1.0], &[0.9]), GemmMode::Grouped);
+    assert_eq!(faster_mode(&[1.0], &[0.7]), GemmMode::PerExpert);
     // Batches of one kind share a choice; the next power of two, another shape, do not.
     assert_eq!(
         ModeKey::of(2048, 768, 100, 60_000),
