@@ -1,5 +1,5 @@
 //! The operator: a reconcile pipeline (fetch -> validate -> observe -> decide -> apply) and the
-//! pure pieces `decide` calls (build, initial_load, ranks, replan, rollout, status), with the
+//! pure pieces `decide` calls (build, initial_load, ranks, replan, rollout, status, weights), with the
 //! operator's own telemetry and leader election beside them.
 
 pub mod apply;
@@ -18,3 +18,4 @@ pub mod replan;
 pub mod rollout;
 pub mod status;
 pub mod telemetry;
+pub mod weights;

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod runtime;
 pub mod server;
+pub mod weights;
 pub mod wire;
 
 pub use runtime::backend_loader;
