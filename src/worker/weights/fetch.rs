@@ -326,6 +326,7 @@ async fn fetch_object(
     let mut backoff = BACKOFF_START;
     let mut resumed = false;
     let mut attempt = 0;
+    let checks;
     loop {
         let have = tokio::fs::metadata(&partial).await.map_or(0, |m| m.len());
         resumed |= have > 0;
@@ -334,7 +335,10 @@ async fn fetch_object(
             Err(e) => Err(e),
         };
         match r {
-            Ok(()) => break,
+            Ok(c) => {
+                checks = c;
+                break;
+            }
             Err(e) if e.retriable() && attempt < args.retries => {
                 attempt += 1;
                 warn!(object = %url, attempt, "{e}; trying again in {backoff:?}");
@@ -364,7 +368,7 @@ async fn fetch_object(
         .await
         .map_err(|e| FetchError::local(path, "moving the download in place", e))?;
     let _ = tokio::fs::remove_file(&meta).await;
-    info!(object = %url, bytes = o.size, resumed, secs = start.elapsed().as_secs_f64(), "fetched");
+    info!(object = %url, bytes = o.size, resumed, checks = %checks.join(","), secs = start.elapsed().as_secs_f64(), "fetched");
     Ok(resumed)
 }
 
@@ -550,15 +554,22 @@ async fn download(
 
 /// Check the finished partial file against the store's checksums, and a `.safetensors` file's
 /// header against its length. A checksum mismatch drops the file (a retry downloads it anew).
-async fn verify(o: &Object, url: &str, partial: &Path, e: &Expected) -> Result<(), FetchError> {
+async fn verify(
+    o: &Object,
+    url: &str,
+    partial: &Path,
+    e: &Expected,
+) -> Result<Vec<&'static str>, FetchError> {
     let (p, e2) = (partial.to_path_buf(), e.clone());
     let sums = tokio::task::spawn_blocking(move || digest_file(&p, &e2))
         .await
         .map_err(|err| FetchError::local(partial, "hashing", err))?
         .map_err(|err| FetchError::local(partial, "reading back", err))?;
     let mut bad = Vec::new();
+    let mut checked = vec!["size"];
     let b64 = base64::engine::general_purpose::STANDARD;
     if let (Some(want), Some(got)) = (&e.sha256, &sums.sha256) {
+        checked.push("sha256");
         if b64.encode(got) != *want {
             bad.push(format!(
                 "SHA-256 {} (the store's x-amz-checksum-sha256 is {want})",
@@ -567,6 +578,7 @@ async fn verify(o: &Object, url: &str, partial: &Path, e: &Expected) -> Result<(
         }
     }
     if let (Some(want), Some(got)) = (&e.crc32, &sums.crc32) {
+        checked.push("crc32");
         if b64.encode(got.to_be_bytes()) != *want {
             bad.push(format!(
                 "CRC32 {} (the store's x-amz-checksum-crc32 is {want})",
@@ -575,6 +587,7 @@ async fn verify(o: &Object, url: &str, partial: &Path, e: &Expected) -> Result<(
         }
     }
     if let (Some(want), Some(got)) = (&e.md5, &sums.md5) {
+        checked.push("etag-md5");
         if hex::encode(got) != *want {
             bad.push(format!(
                 "MD5 {} (the store's ETag is {want})",
@@ -591,8 +604,9 @@ async fn verify(o: &Object, url: &str, partial: &Path, e: &Expected) -> Result<(
         });
     }
     if o.key.ends_with(".safetensors") {
+        checked.push("safetensors-header");
         let p = partial.to_path_buf();
-        let checked = tokio::task::spawn_blocking(move || {
+        let header = tokio::task::spawn_blocking(move || {
             let f = std::fs::File::open(&p)?;
             crate::worker::checkpoint::safetensors::read_header(&p, &f)
                 .map(|_| ())
@@ -600,7 +614,7 @@ async fn verify(o: &Object, url: &str, partial: &Path, e: &Expected) -> Result<(
         })
         .await
         .map_err(|err| FetchError::local(partial, "reading the header", err))?;
-        if let Err(err) = checked {
+        if let Err(err) = header {
             let _ = tokio::fs::remove_file(partial).await;
             // The partial file's path says nothing to the user; the reason does.
             let reason = err.to_string();
@@ -619,7 +633,7 @@ async fn verify(o: &Object, url: &str, partial: &Path, e: &Expected) -> Result<(
             });
         }
     }
-    Ok(())
+    Ok(checked)
 }
 
 #[derive(Default)]
