@@ -1601,6 +1601,59 @@ worker: {image: "moe-worker:dev"}
     fn each_bad_input_names_its_field() {
         let cases: Vec<(&str, Edit, &str, &str)> = vec![
             (
+                "s3 bucket",
+                |s| {
+                    s.model.checkpoint.s3 = Some(crate::api::S3Checkpoint {
+                        bucket: "Bad_Bucket".into(),
+                        ..Default::default()
+                    })
+                },
+                "spec.model.checkpoint.s3.bucket",
+                "not a bucket name",
+            ),
+            (
+                "s3 endpoint with a path",
+                |s| {
+                    s.model.checkpoint.s3 = Some(crate::api::S3Checkpoint {
+                        bucket: "weights".into(),
+                        endpoint: Some("https://minio:9000/bucket".into()),
+                        ..Default::default()
+                    })
+                },
+                "spec.model.checkpoint.s3.endpoint",
+                "without a path",
+            ),
+            (
+                "s3 credentials without the policy",
+                |s| {
+                    s.model.checkpoint.s3 = Some(crate::api::S3Checkpoint {
+                        bucket: "weights".into(),
+                        credentials_secret: Some("s3-creds".into()),
+                        ..Default::default()
+                    })
+                },
+                "spec.model.checkpoint.s3.credentialsSecret",
+                "--allow-secret-volumes",
+            ),
+            (
+                "s3 into a hostPath",
+                |s| {
+                    s.model.checkpoint.s3 = Some(crate::api::S3Checkpoint {
+                        bucket: "weights".into(),
+                        ..Default::default()
+                    });
+                    s.model.checkpoint.volume = Some(crate::api::CheckpointVolume {
+                        host_path: Some(k8s_openapi::api::core::v1::HostPathVolumeSource {
+                            path: "/data/m".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    });
+                },
+                "spec.model.checkpoint.volume.hostPath",
+                "cannot be the cache",
+            ),
+            (
                 "relative checkpoint",
                 |s| s.model.checkpoint.path = "models/x".into(),
                 "spec.model.checkpoint.path",

@@ -1560,6 +1560,95 @@ worker:
     }
 
     #[test]
+    fn an_s3_checkpoint_is_fetched_by_an_init_container_into_an_empty_dir() {
+        use crate::api::pod_policy::{check_pod, PodPolicy};
+        let mut md = deployment();
+        md.spec.model.checkpoint.s3 = Some(crate::api::S3Checkpoint {
+            bucket: "weights".into(),
+            prefix: "models/tiny/".into(),
+            endpoint: Some("http://minio.storage:9000".into()),
+            credentials_secret: Some("s3-creds".into()),
+            ..Default::default()
+        });
+        let plan = plan(&md);
+        let vspec = crate::api::validate::validate(
+            &md.spec,
+            &PodPolicy {
+                allow_secret_volumes: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let pod = worker_pod(&md, &vspec, 0, &plan.hash).unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        let vols = spec.volumes.as_ref().unwrap();
+        let ckpt = vols.iter().find(|v| v.name == "checkpoint").unwrap();
+        assert!(ckpt.empty_dir.is_some(), "{ckpt:?}");
+        let creds = vols.iter().find(|v| v.name == "s3-credentials").unwrap();
+        assert_eq!(
+            creds.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("s3-creds")
+        );
+        let init = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(init.name, "fetch-weights");
+        assert_eq!(init.image, container(&pod).image);
+        assert_eq!(
+            init.args.as_ref().unwrap().join(" "),
+            "fetch-weights --endpoint http://minio.storage:9000 --region us-east-1 --bucket weights \
+             --prefix models/tiny/ --path-style true --dest /models/tiny \
+             --credentials-dir /etc/moe/s3 --credentials-secret s3-creds"
+        );
+        let mounts = init.volume_mounts.as_ref().unwrap();
+        assert_eq!(
+            mounts
+                .iter()
+                .map(|m| (m.name.as_str(), m.mount_path.as_str(), m.read_only))
+                .collect::<Vec<_>>(),
+            [
+                ("checkpoint", "/models/tiny", None),
+                ("s3-credentials", "/etc/moe/s3", Some(true))
+            ]
+        );
+        let sc = init.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.capabilities.as_ref().unwrap().add, None);
+        // The worker reads the checkpoint read-only and never sees the credentials.
+        let worker_mounts = container(&pod).volume_mounts.clone().unwrap();
+        assert!(worker_mounts
+            .iter()
+            .any(|m| m.name == "checkpoint" && m.read_only == Some(true)));
+        assert!(!worker_mounts.iter().any(|m| m.name == "s3-credentials"));
+        // The pod policy sees the Secret volume: refused unless allowed.
+        let refused = check_pod(&pod, &PodPolicy::default());
+        assert!(
+            refused
+                .iter()
+                .any(|r| r.contains("volume s3-credentials mounts a Secret")),
+            "{refused:?}"
+        );
+        let allowed = PodPolicy {
+            allow_secret_volumes: true,
+            ..Default::default()
+        };
+        assert_eq!(check_pod(&pod, &allowed), Vec::<String>::new());
+        // A writable hostPath in an init container is refused like one in the worker.
+        let mut hp = pod.clone();
+        let s = hp.spec.as_mut().unwrap();
+        let v = s.volumes.as_mut().unwrap().iter_mut();
+        let v = v.filter(|v| v.name == "checkpoint").next().unwrap();
+        v.empty_dir = None;
+        v.host_path = Some(k8s_openapi::api::core::v1::HostPathVolumeSource {
+            path: "/data".into(),
+            ..Default::default()
+        });
+        let refused = check_pod(&hp, &allowed);
+        assert!(
+            refused.iter().any(|r| r.contains("mounted writable")),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
     fn checkpoint_volume_device_and_user_resources() {
         let mut md = deployment();
         md.spec.model.checkpoint.volume = Some(CheckpointVolume {
