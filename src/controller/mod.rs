@@ -2,6 +2,7 @@
 //! pure pieces `decide` calls (build, initial_load, ranks, replan, rollout, status, weights), with the
 //! operator's own telemetry and leader election beside them.
 
+pub mod admin_pki;
 pub mod apply;
 pub mod build;
 pub mod decide;

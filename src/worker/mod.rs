@@ -1,5 +1,6 @@
 //! The expert runtime that runs in each GPU worker pod.
 
+pub mod admin_tls;
 pub mod checkpoint;
 pub mod compute;
 pub mod heap;

@@ -175,10 +175,16 @@ impl HttpClient {
     /// A client trusting exactly `roots` for https.
     pub fn with_roots(roots: rustls::RootCertStore) -> Result<Self, rustls::Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        Ok(Self::with_tls(tls))
+    }
+
+    /// A client with its own TLS configuration (e.g. the admin API's verifier,
+    /// `worker::admin_tls::client_config`).
+    pub fn with_tls(mut tls: rustls::ClientConfig) -> Self {
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut tcp = HttpConnector::new();
         // https URLs reach the TLS layer through this connector too.
@@ -191,9 +197,9 @@ impl HttpClient {
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Ok(Self {
+        Self {
             inner: Arc::new(inner),
-        })
+        }
     }
 
     /// `GET url` (see [`Self::send`]).
