@@ -1634,8 +1634,8 @@ worker:
         // A writable hostPath in an init container is refused like one in the worker.
         let mut hp = pod.clone();
         let s = hp.spec.as_mut().unwrap();
-        let v = s.volumes.as_mut().unwrap().iter_mut();
-        let v = v.filter(|v| v.name == "checkpoint").next().unwrap();
+        let mut vols = s.volumes.as_mut().unwrap().iter_mut();
+        let v = vols.find(|v| v.name == "checkpoint").unwrap();
         v.empty_dir = None;
         v.host_path = Some(k8s_openapi::api::core::v1::HostPathVolumeSource {
             path: "/data".into(),

@@ -25,10 +25,12 @@ struct Behaviour {
     refuse: Option<(u16, &'static str)>,
 }
 
+/// One request as the fake saw it: request line, Range, If-Match, whether it had Authorization.
+type Seen = (String, Option<String>, Option<String>, bool);
+
 struct Fake {
     port: u16,
-    /// (request line, range header, if-match header, has authorization)
-    seen: Arc<Mutex<Vec<(String, Option<String>, Option<String>, bool)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 fn md5_hex(b: &[u8]) -> String {
