@@ -60,6 +60,11 @@ pub struct FetchArgs {
     /// A download that receives nothing for this long is cut and resumed.
     #[arg(long, default_value_t = 60)]
     pub idle_timeout_seconds: u64,
+    /// Names this fetcher's partial files (`<file>.partial.<instance>`), so that the pods sharing
+    /// one cache volume (a ReadWriteMany claim) never write the same partial file; a pod's
+    /// restarted init container continues its own. Default: the pod's host name.
+    #[arg(long, env = "HOSTNAME", default_value = "local")]
+    pub instance: String,
 }
 
 /// What a fetch did.
@@ -164,9 +169,9 @@ pub fn relative_path(prefix: &str, key: &str) -> Result<Option<PathBuf>, String>
             "key {key:?} would be written outside the checkpoint directory (its path under the prefix has `..`, `.`, `//` or a root)"
         ));
     }
-    if rest.ends_with(".partial") || rest == MANIFEST {
+    if rest.contains(".partial") || rest == MANIFEST {
         return Err(format!(
-            "key {key:?} clashes with the fetcher's own files (*.partial, {MANIFEST})"
+            "key {key:?} clashes with the fetcher's own files (*.partial*, {MANIFEST})"
         ));
     }
     Ok(Some(p))
@@ -298,11 +303,22 @@ async fn write_manifest(path: &Path, m: &Manifest) -> Result<(), FetchError> {
 }
 
 /// The partial file of a download, and the checksums its first answer carried.
-fn partial_paths(path: &Path) -> (PathBuf, PathBuf) {
+fn partial_paths(path: &Path, instance: &str) -> (PathBuf, PathBuf) {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
+    // One instance name per path component: nothing it holds can leave the directory.
+    let instance: String = instance
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     (
-        path.with_file_name(format!("{name}.partial")),
-        path.with_file_name(format!(".{name}.partial.json")),
+        path.with_file_name(format!("{name}.partial.{instance}")),
+        path.with_file_name(format!(".{name}.partial.{instance}.json")),
     )
 }
 
@@ -320,7 +336,7 @@ async fn fetch_object(
             .await
             .map_err(|e| FetchError::local(parent, "creating a directory", e))?;
     }
-    let (partial, meta) = partial_paths(path);
+    let (partial, meta) = partial_paths(path, &args.instance);
     let idle = Duration::from_secs(args.idle_timeout_seconds.max(1));
     let start = Instant::now();
     let mut backoff = BACKOFF_START;

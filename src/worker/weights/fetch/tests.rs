@@ -188,6 +188,7 @@ fn args(dest: &Path) -> FetchArgs {
         concurrency: 2,
         retries: 2,
         idle_timeout_seconds: 5,
+        instance: "w-0".into(),
     }
 }
 
@@ -283,7 +284,11 @@ async fn a_partial_file_from_an_earlier_run_is_continued() {
     let srv = fake(objs, Behaviour::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().to_path_buf();
-    let (partial, meta) = partial_paths(&dest.join("a.bin"));
+    let (partial, meta) = partial_paths(&dest.join("a.bin"), "w-0");
+    assert!(partial.ends_with("a.bin.partial.w-0"), "{partial:?}");
+    // Another pod's partial file of the same object is not touched.
+    let (other, _) = partial_paths(&dest.join("a.bin"), "w-1");
+    std::fs::write(&other, b"junk").unwrap();
     std::fs::write(&partial, &big[..12_345]).unwrap();
     let e = Expected {
         md5: Some(md5_hex(&big)),
@@ -444,6 +449,7 @@ fn keys_map_inside_the_cache() {
         "m/a/./b",
         "m/a//b",
         "m/x.partial",
+        "m/x.partial.w-0",
         "m/.moe-fetch.json",
     ] {
         assert!(relative_path("m/", bad).is_err(), "{bad}");
