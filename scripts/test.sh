@@ -22,6 +22,12 @@ if [[ -n "${CI:-}" && "${CI}" != 0 && "${CI}" != false ]]; then
 else
     e2e/prometheus.sh || echo "warning: no Prometheus; tests/e2e_prometheus*.rs and tests/e2e_engine.rs will skip (they fail under CI)"
 fi
+echo "==> e2e/s3.sh (moto's S3 server from PyPI for the S3 checkpoint e2e test; cached)"
+if [[ -n "${CI:-}" && "${CI}" != 0 && "${CI}" != false ]]; then
+    e2e/s3.sh
+else
+    e2e/s3.sh || echo "warning: no S3 server; tests/e2e_s3.rs will skip (it fails under CI)"
+fi
 echo "==> cargo test"
 cargo test --locked --all-targets
 echo "==> scripts/demo.sh --short (the README's demo through the operator and its chart, shortened)"

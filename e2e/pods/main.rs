@@ -373,6 +373,8 @@ struct Exit {
 
 /// A running process of a pod.
 struct Running {
+    /// The init container it runs (its index), or None for the pod's container.
+    init: Option<usize>,
     pid: u32,
     started: Instant,
     started_at: String,
@@ -468,6 +470,19 @@ struct PodKubelet {
     patch_retry_at: Instant,
     /// Since when a start has waited for a pod named by DNS in the env to get an IP.
     dns_wait_since: Option<Instant>,
+    /// The pod's init containers, run one after the other (each to a zero exit) before the
+    /// first container; `inits_done` of them have completed.
+    inits: Vec<InitStatus>,
+    inits_done: usize,
+}
+
+/// One init container and its status.
+#[derive(Clone, Debug)]
+struct InitStatus {
+    container: Container,
+    state: ContainerState,
+    last_state: Option<ContainerState>,
+    restart_count: i32,
 }
 
 impl PodKubelet {
@@ -512,12 +527,34 @@ impl PodKubelet {
             acked: None,
             patch_retry_at: Instant::now(),
             dns_wait_since: None,
+            inits: pod
+                .spec
+                .iter()
+                .flat_map(|s| s.init_containers.iter().flatten())
+                .map(|c| InitStatus {
+                    container: c.clone(),
+                    state: ContainerState::Waiting {
+                        reason: "PodInitializing".into(),
+                        message: String::new(),
+                    },
+                    last_state: None,
+                    restart_count: 0,
+                })
+                .collect(),
+            inits_done: 0,
         }
     }
 
+    /// The init container to run next, while any has not completed.
+    fn pending_init(&self) -> Option<usize> {
+        (self.inits_done < self.inits.len()).then_some(self.inits_done)
+    }
+
     fn view(&self, pid: Option<u32>) -> PodView {
+        let initializing = self.pending_init().is_some();
         PodView {
             phase: self.finished.unwrap_or(match self.state {
+                _ if initializing => "Pending",
                 ContainerState::Running { .. } => "Running",
                 _ if self.restart_count > 0 || self.last_state.is_some() => "Running",
                 _ => "Pending",
@@ -534,6 +571,18 @@ impl PodKubelet {
             state: self.state.clone(),
             last_state: self.last_state.clone(),
             restart_count: self.restart_count,
+            inits: self
+                .inits
+                .iter()
+                .map(|i| spec::InitView {
+                    name: i.container.name.clone(),
+                    image: i.container.image.clone().unwrap_or_default(),
+                    state: i.state.clone(),
+                    last_state: i.last_state.clone(),
+                    restart_count: i.restart_count,
+                })
+                .collect(),
+            initialized: !initializing,
         }
     }
 
@@ -591,13 +640,16 @@ impl PodKubelet {
                 }
                 exit = exit_of(&mut proc) => {
                     let r = proc.take().expect("exit_of waits on a running process");
-                    self.exited(r, exit);
+                    match r.init {
+                        Some(i) => self.init_exited(i, r, exit),
+                        None => self.exited(r, exit),
+                    }
                 }
                 ok = join_opt(&mut probe_task) => {
                     probe_task = None;
                     // A result that arrives after the process it probed exited is stale.
                     if let (Some(ok), Some(p)) = (ok, self.probe.clone()) {
-                        if proc.is_some() {
+                        if proc.as_ref().is_some_and(|p| p.init.is_none()) {
                             let before = self.readiness.ready;
                             if self.readiness.observe(ok, &p) {
                                 // Through set_ready, for the transition time and the log line.
@@ -624,7 +676,7 @@ impl PodKubelet {
                     if proc.is_none() && self.finished.is_none() && now_i >= self.next_start {
                         proc = self.start().await;
                     }
-                    if proc.is_some() {
+                    if proc.as_ref().is_some_and(|p| p.init.is_none()) {
                         match &self.probe {
                             None => self.set_ready(true),
                             Some(p) if probe_task.is_none() && now_i >= self.next_probe => {
@@ -687,9 +739,44 @@ impl PodKubelet {
         st.pod_ip = Some(self.ip.clone());
         st.host_ip = Some(self.l.host_ip.clone());
         let dns_wait_over = self.dns_wait_since.is_some_and(|t| t.elapsed() >= DNS_WAIT);
-        let started =
-            tokio::time::timeout(4 * API_TIMEOUT, self.l.start(&pod, &self.ip, dns_wait_over))
-                .await;
+        let init = self.pending_init();
+        let container = match init {
+            Some(i) => self.inits[i].container.clone(),
+            None => match pod.spec.as_ref().and_then(|s| s.containers.first()) {
+                Some(c) => c.clone(),
+                None => {
+                    self.state = ContainerState::Waiting {
+                        reason: "CreateContainerConfigError".into(),
+                        message: "pod has no containers".into(),
+                    };
+                    self.next_start = Instant::now() + self.l.retry;
+                    return None;
+                }
+            },
+        };
+        let started = tokio::time::timeout(
+            4 * API_TIMEOUT,
+            self.l.start(&pod, &container, &self.ip, dns_wait_over),
+        )
+        .await
+        .map(|r| {
+            r.map(|mut run| {
+                run.init = init;
+                run
+            })
+        });
+        if let (Some(i), Ok(Ok(r))) = (init, &started) {
+            let st = &mut self.inits[i];
+            if st.last_state.is_some() {
+                st.restart_count += 1;
+            }
+            st.state = ContainerState::Running {
+                started_at: r.started_at.clone(),
+            };
+            self.dns_wait_since = None;
+            info!(pod = %self.key, container = %st.container.name, "init container started");
+            return started.ok().and_then(Result::ok);
+        }
         match started
             .unwrap_or_else(|_| Err(anyhow::anyhow!("starting took over {:?}", 4 * API_TIMEOUT)))
         {
@@ -736,6 +823,57 @@ impl PodKubelet {
                 None
             }
         }
+    }
+
+    /// An init container ended: on a zero exit the next one (or the pod's container) starts;
+    /// otherwise it runs again after a back-off (restartPolicy Always/OnFailure, as the kubelet
+    /// does: Init:CrashLoopBackOff) or the pod fails (Never).
+    fn init_exited(&mut self, i: usize, r: Running, exit: Exit) {
+        let started_at = match &self.inits[i].state {
+            ContainerState::Running { started_at } => started_at.clone(),
+            _ => r.started_at.clone(),
+        };
+        let ended = ContainerState::Terminated {
+            exit_code: exit.code,
+            reason: exit.reason.clone(),
+            message: exit.message,
+            started_at,
+            finished_at: now(),
+        };
+        let name = self.inits[i].container.name.clone();
+        if exit.code == 0 {
+            info!(pod = %self.key, container = %name, "init container completed");
+            self.inits[i].state = ended;
+            self.inits_done += 1;
+            self.next_start = Instant::now();
+            self.backoff = BACKOFF_START;
+            return;
+        }
+        let policy = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.clone())
+            .unwrap_or_else(|| "Always".into());
+        if policy == "Never" {
+            self.inits[i].state = ended;
+            self.finished = Some("Failed");
+            return;
+        }
+        if r.started.elapsed() >= BACKOFF_RESET_AFTER {
+            self.backoff = BACKOFF_START;
+        }
+        self.next_start = Instant::now() + self.backoff;
+        info!(pod = %self.key, container = %name, code = exit.code, "init container failed; running it again in {:?}", self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.inits[i].last_state = Some(ended);
+        self.inits[i].state = ContainerState::Waiting {
+            reason: "CrashLoopBackOff".into(),
+            message: format!(
+                "back-off restarting the init container (exit {}, {})",
+                exit.code, exit.reason
+            ),
+        };
     }
 
     /// The process ended: restart it after a back-off, or finish the pod, per restartPolicy.
@@ -901,15 +1039,17 @@ impl std::error::Error for DnsPending {}
 impl Launcher {
     /// Starts the pod's process. With `dns_wait_over` false, a pod DNS name in the env whose pod
     /// has no IP yet fails the start with [`DnsPending`]; with it true the name is left as it is.
-    async fn start(&self, pod: &Pod, pod_ip: &str, dns_wait_over: bool) -> Result<Running> {
+    async fn start(
+        &self,
+        pod: &Pod,
+        container: &Container,
+        pod_ip: &str,
+        dns_wait_over: bool,
+    ) -> Result<Running> {
         let ns = pod.namespace().unwrap_or_default();
         let name = pod.name_any();
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let pod_spec = pod.spec.as_ref().context("pod has no spec")?;
-        let container = pod_spec
-            .containers
-            .first()
-            .context("pod has no containers")?;
         if pod_spec.containers.len() > 1 {
             warn!(pod = %format!("{ns}/{name}"), "only the first container gets a process");
         }
@@ -986,7 +1126,7 @@ impl Launcher {
                 Some(prog) => vec![prog.to_string()],
                 None => bail!(
                     "container {:?} has no command and image {image:?} is not mapped: process-backed \
-                     pods need spec.containers[0].command, or the launcher's --image-entrypoint \
+                     pods need the container's command, or the launcher's --image-entrypoint \
                      {}=PROGRAM (there is no image to take an entrypoint from)",
                     container.name,
                     spec::image_repository(&image)
@@ -1061,6 +1201,7 @@ impl Launcher {
             }));
         });
         Ok(Running {
+            init: None,
             pid,
             started: Instant::now(),
             started_at: now(),

@@ -348,6 +348,20 @@ pub struct PodView {
     pub state: ContainerState,
     pub last_state: Option<ContainerState>,
     pub restart_count: i32,
+    /// The init containers' statuses, in order.
+    pub inits: Vec<InitView>,
+    /// Whether every init container has completed.
+    pub initialized: bool,
+}
+
+/// One init container's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitView {
+    pub name: String,
+    pub image: String,
+    pub state: ContainerState,
+    pub last_state: Option<ContainerState>,
+    pub restart_count: i32,
 }
 
 impl PodView {
@@ -373,28 +387,69 @@ impl PodView {
             c
         };
         let started = matches!(self.state, ContainerState::Running { .. });
+        let state = if self.initialized {
+            self.state.clone()
+        } else {
+            ContainerState::Waiting {
+                reason: "PodInitializing".into(),
+                message: String::new(),
+            }
+        };
         let mut cs = json!({
             "name": self.container, "image": self.image, "imageID": "",
             "ready": self.ready, "started": started, "restartCount": self.restart_count,
-            "state": self.state.json(),
+            "state": state.json(),
             "lastState": self.last_state.as_ref().map(|s| s.json()).unwrap_or(json!({})),
         });
         if let Some(pid) = self.pid {
             cs["containerID"] = json!(format!("moe-e2e-pods://{pid}"));
         }
-        json!({"status": {
+        let mut initialized = json!({"type": "Initialized", "status": "True",
+                                     "lastTransitionTime": self.initialized_at, "lastProbeTime": null});
+        if !self.initialized {
+            let pending: Vec<&str> = self
+                .inits
+                .iter()
+                .filter(|i| !matches!(i.state, ContainerState::Terminated { exit_code: 0, .. }))
+                .map(|i| i.name.as_str())
+                .collect();
+            initialized["status"] = json!("False");
+            initialized["reason"] = json!("ContainersNotInitialized");
+            initialized["message"] = json!(format!(
+                "containers with incomplete status: [{}]",
+                pending.join(" ")
+            ));
+        }
+        let inits: Vec<serde_json::Value> = self
+            .inits
+            .iter()
+            .map(|i| {
+                let done = matches!(i.state, ContainerState::Terminated { exit_code: 0, .. });
+                json!({
+                    "name": i.name, "image": i.image, "imageID": "",
+                    "ready": done, "started": matches!(i.state, ContainerState::Running { .. }),
+                    "restartCount": i.restart_count,
+                    "state": i.state.json(),
+                    "lastState": i.last_state.as_ref().map(|s| s.json()).unwrap_or(json!({})),
+                })
+            })
+            .collect();
+        let mut out = json!({"status": {
             "phase": self.phase,
             "hostIP": self.host_ip, "hostIPs": [{"ip": self.host_ip}],
             "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}],
             "startTime": self.start_time,
             "conditions": [
-                {"type": "Initialized", "status": "True", "lastTransitionTime": self.initialized_at,
-                 "lastProbeTime": null},
+                initialized,
                 cond("ContainersReady"),
                 cond("Ready"),
             ],
             "containerStatuses": [cs],
-        }})
+        }});
+        if !inits.is_empty() {
+            out["status"]["initContainerStatuses"] = json!(inits);
+        }
+        out
     }
 
     /// Whether `pod`'s status (as last seen from the API) already says what this view says, in
@@ -1002,7 +1057,74 @@ mod tests {
             },
             last_state: None,
             restart_count: 2,
+            inits: Vec::new(),
+            initialized: true,
         }
+    }
+
+    #[test]
+    fn init_containers_are_reported_until_they_complete() {
+        let mut v = view(false);
+        v.phase = "Pending";
+        v.initialized = false;
+        v.inits = vec![InitView {
+            name: "fetch-weights".into(),
+            image: "moe-worker:dev".into(),
+            state: ContainerState::Waiting {
+                reason: "CrashLoopBackOff".into(),
+                message: "back-off".into(),
+            },
+            last_state: Some(ContainerState::Terminated {
+                exit_code: 1,
+                reason: "Error".into(),
+                message: "fetch-weights: s3://b/k: no".into(),
+                started_at: "2026-01-01T00:00:01Z".into(),
+                finished_at: "2026-01-01T00:00:02Z".into(),
+            }),
+            restart_count: 1,
+        }];
+        let status: PodStatus = serde_json::from_value(v.status_patch()["status"].clone()).unwrap();
+        let init = &status.init_container_statuses.as_ref().unwrap()[0];
+        assert_eq!(
+            (init.name.as_str(), init.restart_count),
+            ("fetch-weights", 1)
+        );
+        let last = init
+            .last_state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (last.exit_code, last.message.as_deref()),
+            (1, Some("fetch-weights: s3://b/k: no"))
+        );
+        let cond = status
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "Initialized")
+            .unwrap();
+        assert_eq!(
+            (cond.status.as_str(), cond.message.as_deref()),
+            (
+                "False",
+                Some("containers with incomplete status: [fetch-weights]")
+            )
+        );
+        let main = &status.container_statuses.unwrap()[0];
+        assert_eq!(
+            main.state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("PodInitializing")
+        );
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub mod reason {
     /// `scheduling.timeout`: Degraded=True and Ready=False naming the GPUs missing, a Warning
     /// event, and the placed pods released.
     pub const UNSCHEDULABLE: &str = "Unschedulable";
+    /// `model.checkpoint.s3`: a worker pod's fetch-weights init container failed (credentials,
+    /// a missing bucket, a truncated object): Degraded=True naming the pod, the object and the
+    /// cause, and a Warning event; the rollout waits on that pod, the others keep serving.
+    pub const WEIGHTS_FETCH_FAILED: &str = "WeightsFetchFailed";
 
     // Conditions when all is well.
     /// Degraded=False.

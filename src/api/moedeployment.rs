@@ -324,8 +324,67 @@ pub struct CheckpointSpec {
     #[schemars(length(min = 1, max = 4096))]
     pub path: String,
     /// The volume mounted (read-only) at `path`. Without it the path must exist in the image.
+    /// With `s3` it is the cache the objects are fetched into (a persistentVolumeClaim; without
+    /// it, an emptyDir).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<CheckpointVolume>,
+    /// Fetch the checkpoint from an S3-compatible object store: an init container of each
+    /// worker pod (`moe-worker fetch-weights`) downloads every object under the prefix into the
+    /// cache volume at `path`, checked and resumable, before the worker starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Checkpoint>,
+}
+
+/// A checkpoint in an S3-compatible object store (AWS S3, MinIO, Ceph RGW, ...).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Checkpoint {
+    /// The bucket: 3-63 lower-case letters, digits, dots and hyphens.
+    #[schemars(regex(pattern = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"))]
+    pub bucket: String,
+    /// Key prefix of the checkpoint's objects (e.g. `models/olmoe/`); each object lands at its
+    /// key's path below the prefix. Empty: the whole bucket.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub prefix: String,
+    /// The store's URL, `http(s)://host[:port]`. Default: AWS, `https://s3.<region>.amazonaws.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^/?#@\s]+/?$"), length(max = 512))]
+    pub endpoint: Option<String>,
+    /// The region requests are signed for (SigV4). Default `us-east-1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9-]{1,64}$"))]
+    pub region: Option<String>,
+    /// Address the bucket in the path (`endpoint/bucket/key`) rather than in the host name
+    /// (`bucket.endpoint/key`). Default: true with an `endpoint`, false for AWS's default one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_style: Option<bool>,
+    /// A Secret of the deployment's namespace with the keys `accessKeyId` and `secretAccessKey`
+    /// (and optionally `sessionToken`), mounted into the init container only. Without it the
+    /// requests are anonymous (a public bucket). Needs the pod policy's `allowSecretVolumes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub credentials_secret: Option<String>,
+}
+
+impl S3Checkpoint {
+    pub const DEFAULT_REGION: &'static str = "us-east-1";
+
+    pub fn region(&self) -> &str {
+        self.region.as_deref().unwrap_or(Self::DEFAULT_REGION)
+    }
+
+    /// The endpoint requests go to.
+    pub fn endpoint(&self) -> String {
+        match &self.endpoint {
+            Some(e) => e.trim_end_matches('/').to_string(),
+            None => format!("https://s3.{}.amazonaws.com", self.region()),
+        }
+    }
+
+    pub fn path_style(&self) -> bool {
+        self.path_style.unwrap_or(self.endpoint.is_some())
+    }
 }
 
 /// A volume source for the checkpoint: exactly one of the fields.

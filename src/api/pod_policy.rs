@@ -533,6 +533,21 @@ pub fn check_pod_policy(spec: &MoEDeploymentSpec, policy: &PodPolicy) -> Vec<Fie
             );
         }
     }
+    let s3_secret = spec
+        .model
+        .checkpoint
+        .s3
+        .as_ref()
+        .and_then(|s| s.credentials_secret.as_ref());
+    if let (Some(name), false) = (s3_secret, policy.allow_secret_volumes) {
+        err(
+            "spec.model.checkpoint.s3.credentialsSecret".into(),
+            format!(
+                "Secret {name} would be mounted into the fetch-weights init container, which this cluster does not let MoEDeployments do (the operator, not you, would be reading it): remove it for a public bucket, or {}",
+                how_to_allow("allow-secret-volumes", "true", "allowSecretVolumes"),
+            ),
+        );
+    }
     let adds = w
         .security_context
         .iter()
@@ -657,6 +672,7 @@ fn check_pod_spec(name: &str, s: &PodSpec, policy: &PodPolicy, out: &mut Vec<Str
             let writable = s
                 .containers
                 .iter()
+                .chain(s.init_containers.iter().flatten())
                 .flat_map(|c| c.volume_mounts.iter().flatten())
                 .any(|m| m.name == v.name && m.read_only != Some(true));
             if writable {

@@ -46,12 +46,19 @@ pub const VOLUME_PLAN: &str = "plan";
 pub const VOLUME_ADMIN_TOKEN: &str = "admin-token";
 pub const VOLUME_SHM: &str = "shm";
 pub const VOLUME_CHECKPOINT: &str = "checkpoint";
+/// `model.checkpoint.s3.credentialsSecret`, mounted into the fetch-weights init container only.
+pub const VOLUME_S3_CREDENTIALS: &str = "s3-credentials";
 pub const OWNED_VOLUMES: &[&str] = &[
     VOLUME_PLAN,
     VOLUME_ADMIN_TOKEN,
     VOLUME_SHM,
     VOLUME_CHECKPOINT,
+    VOLUME_S3_CREDENTIALS,
 ];
+/// Where the fetch-weights init container reads the S3 credentials Secret's keys.
+pub const S3_CREDENTIALS_DIR: &str = "/etc/moe/s3";
+/// The init container that fetches an S3 checkpoint (`model.checkpoint.s3`).
+pub const FETCH_CONTAINER: &str = "fetch-weights";
 
 /// Where the plan ConfigMap is mounted.
 pub const PLAN_DIR: &str = "/etc/moe/plan";

@@ -731,6 +731,9 @@ fn check_checkpoint(spec: &MoEDeploymentSpec, errs: &mut Errors) {
             "\"/\" is not a checkpoint directory: name the directory holding the shards".into(),
         );
     }
+    if let Some(s3) = &ck.s3 {
+        check_s3(spec, s3, &mut err);
+    }
     if let Some(v) = &ck.volume {
         let forms =
             usize::from(v.persistent_volume_claim.is_some()) + usize::from(v.host_path.is_some());
@@ -757,6 +760,74 @@ fn check_checkpoint(spec: &MoEDeploymentSpec, errs: &mut Errors) {
             }
         }
     }
+}
+
+/// `model.checkpoint.s3` (the schema's patterns too, re-checked for objects stored without
+/// them): a bucket name S3 accepts, an endpoint that is only a scheme and an authority, a cache
+/// the init container can write, and moe-worker pods (an engine image has no fetcher).
+fn check_s3(
+    spec: &MoEDeploymentSpec,
+    s3: &super::S3Checkpoint,
+    err: &mut impl FnMut(&str, String),
+) {
+    let b = &s3.bucket;
+    let bucket_ok = (3..=63).contains(&b.len())
+        && b.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
+        && !b.starts_with(['.', '-'])
+        && !b.ends_with(['.', '-']);
+    if !bucket_ok {
+        err(
+            "spec.model.checkpoint.s3.bucket",
+            format!("{b:?} is not a bucket name: 3-63 lower-case letters, digits, dots and hyphens, starting and ending with a letter or digit"),
+        );
+    }
+    if let Some(e) = &s3.endpoint {
+        let rest = e
+            .strip_prefix("https://")
+            .or_else(|| e.strip_prefix("http://"));
+        let ok = rest.is_some_and(|r| {
+            let host = r.strip_suffix('/').unwrap_or(r);
+            !host.is_empty()
+                && !host.contains(['/', '?', '#', '@'])
+                && !host.chars().any(char::is_whitespace)
+        });
+        if !ok {
+            err(
+                "spec.model.checkpoint.s3.endpoint",
+                format!("{e:?} is not http(s)://host[:port]: give the store's URL without a path, query or credentials (those go in credentialsSecret)"),
+            );
+        }
+    }
+    if s3.prefix.starts_with('/') {
+        err(
+            "spec.model.checkpoint.s3.prefix",
+            format!(
+                "{:?} starts with '/': S3 keys have no leading slash; drop it",
+                s3.prefix
+            ),
+        );
+    }
+    if ck_host_path(spec) {
+        err(
+            "spec.model.checkpoint.volume.hostPath",
+            "a hostPath is never writable by the operator's pods, so it cannot be the cache model.checkpoint.s3 fetches into: use a persistentVolumeClaim, or no volume (an emptyDir per pod)".into(),
+        );
+    }
+    if spec.engine.is_some() {
+        err(
+            "spec.model.checkpoint.s3",
+            "not available with spec.engine (the engine image has no fetcher): fetch the checkpoint into a PersistentVolumeClaim and use model.checkpoint.volume".into(),
+        );
+    }
+}
+
+fn ck_host_path(spec: &MoEDeploymentSpec) -> bool {
+    spec.model
+        .checkpoint
+        .volume
+        .as_ref()
+        .is_some_and(|v| v.host_path.is_some())
 }
 
 /// The budget and the cooldown, when they are valid.
@@ -1529,6 +1600,59 @@ worker: {image: "moe-worker:dev"}
     #[test]
     fn each_bad_input_names_its_field() {
         let cases: Vec<(&str, Edit, &str, &str)> = vec![
+            (
+                "s3 bucket",
+                |s| {
+                    s.model.checkpoint.s3 = Some(crate::api::S3Checkpoint {
+                        bucket: "Bad_Bucket".into(),
+                        ..Default::default()
+                    })
+                },
+                "spec.model.checkpoint.s3.bucket",
+                "not a bucket name",
+            ),
+            (
+                "s3 endpoint with a path",
+                |s| {
+                    s.model.checkpoint.s3 = Some(crate::api::S3Checkpoint {
+                        bucket: "weights".into(),
+                        endpoint: Some("https://minio:9000/bucket".into()),
+                        ..Default::default()
+                    })
+                },
+                "spec.model.checkpoint.s3.endpoint",
+                "without a path",
+            ),
+            (
+                "s3 credentials without the policy",
+                |s| {
+                    s.model.checkpoint.s3 = Some(crate::api::S3Checkpoint {
+                        bucket: "weights".into(),
+                        credentials_secret: Some("s3-creds".into()),
+                        ..Default::default()
+                    })
+                },
+                "spec.model.checkpoint.s3.credentialsSecret",
+                "--allow-secret-volumes",
+            ),
+            (
+                "s3 into a hostPath",
+                |s| {
+                    s.model.checkpoint.s3 = Some(crate::api::S3Checkpoint {
+                        bucket: "weights".into(),
+                        ..Default::default()
+                    });
+                    s.model.checkpoint.volume = Some(crate::api::CheckpointVolume {
+                        host_path: Some(k8s_openapi::api::core::v1::HostPathVolumeSource {
+                            path: "/data/m".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    });
+                },
+                "spec.model.checkpoint.volume.hostPath",
+                "cannot be the cache",
+            ),
             (
                 "relative checkpoint",
                 |s| s.model.checkpoint.path = "models/x".into(),

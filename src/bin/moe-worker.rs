@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use moe_operator::ep::group;
 use moe_operator::worker::metrics::WorkerMetrics;
-use moe_operator::worker::{backend_loader, runtime};
+use moe_operator::worker::{backend_loader, runtime, weights};
 
 /// Starts this worker's EP ranks next to the serving when the pod is in a group
 /// (`MOE_EP_WORLD_SIZE` set): a rank failure writes `ep rank <r>: ...` to the termination message
@@ -25,7 +25,27 @@ fn start_ep_group(
     }
 }
 
+/// `moe-worker fetch-weights ...`: the init container that fetches an S3 checkpoint
+/// (`moe_operator::worker::weights`).
+#[derive(Parser)]
+#[command(
+    name = "moe-worker fetch-weights",
+    about = "Fetch a checkpoint from an S3-compatible object store into a directory"
+)]
+struct FetchCommand {
+    #[command(flatten)]
+    args: weights::fetch::FetchArgs,
+}
+
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("fetch-weights") {
+        let cmd = FetchCommand::parse_from(std::env::args().skip(1));
+        runtime::init_logging(false);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(weights::fetch::run(cmd.args));
+    }
     let args = runtime::WorkerArgs::parse();
     runtime::init_logging(args.log_json);
     // Before any thread allocates a frame buffer.

@@ -93,7 +93,8 @@ pub const REDUNDANT_EXPERTS_KEY: &str = "redundant-experts";
 
 pub use crate::api::pod_shape::SHM_DIR;
 use crate::api::pod_shape::{
-    ADMIN_DIR, PLAN_DIR, VOLUME_ADMIN_TOKEN, VOLUME_CHECKPOINT, VOLUME_PLAN, VOLUME_SHM,
+    ADMIN_DIR, FETCH_CONTAINER, PLAN_DIR, S3_CREDENTIALS_DIR, VOLUME_ADMIN_TOKEN,
+    VOLUME_CHECKPOINT, VOLUME_PLAN, VOLUME_S3_CREDENTIALS, VOLUME_SHM,
 };
 
 const CONTAINER: &str = "worker";
@@ -479,7 +480,8 @@ pub fn worker_pod(
             )
         }
     };
-    let pod_spec = pod_spec(md, &name, container, volumes);
+    let mut pod_spec = pod_spec(md, &name, container, volumes);
+    pod_spec.init_containers = fetch_container(md, spec).map(|c| vec![c]);
     let mut m = meta(md, name, component)?;
     m.labels
         .get_or_insert_with(BTreeMap::new)
@@ -751,6 +753,68 @@ fn worker_container(
     }
 }
 
+/// The init container of `model.checkpoint.s3`: `moe-worker fetch-weights` from the worker
+/// image, writing the checkpoint volume (read-only to the worker) before the worker starts, with
+/// the credentials Secret mounted here only. Its failure message (`fetch-weights: s3://...: ...`)
+/// is the container's termination message, which `controller::weights` reports.
+fn fetch_container(md: &MoEDeployment, vspec: &ValidSpec) -> Option<Container> {
+    let s3 = md.spec.model.checkpoint.s3.as_ref()?;
+    let w = &md.spec.worker;
+    let mut args: Vec<String> = vec![
+        "fetch-weights".into(),
+        "--endpoint".into(),
+        s3.endpoint(),
+        "--region".into(),
+        s3.region().into(),
+        "--bucket".into(),
+        s3.bucket.clone(),
+        "--prefix".into(),
+        s3.prefix.clone(),
+        "--path-style".into(),
+        s3.path_style().to_string(),
+        "--dest".into(),
+        md.spec.model.checkpoint.path.clone(),
+    ];
+    let mut mounts = vec![VolumeMount {
+        name: VOLUME_CHECKPOINT.into(),
+        mount_path: md.spec.model.checkpoint.path.clone(),
+        ..Default::default()
+    }];
+    if let Some(secret) = &s3.credentials_secret {
+        args.extend([
+            "--credentials-dir".into(),
+            S3_CREDENTIALS_DIR.into(),
+            "--credentials-secret".into(),
+            secret.clone(),
+        ]);
+        mounts.push(VolumeMount {
+            name: VOLUME_S3_CREDENTIALS.into(),
+            mount_path: S3_CREDENTIALS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    let user = w.security_context.as_ref();
+    Some(Container {
+        name: FETCH_CONTAINER.into(),
+        image: Some(w.image.clone()),
+        image_pull_policy: w.image_pull_policy.map(|p| p.as_str().to_string()),
+        command: Some(vec!["moe-worker".into()]),
+        args: Some(args),
+        volume_mounts: Some(mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        // Like the worker's, without any capability: it only reads the network and writes files.
+        security_context: Some(SecurityContext {
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..container_security(vspec, user)
+        }),
+        ..Default::default()
+    })
+}
+
 /// The container's security context: no privilege escalation and every capability dropped, then
 /// IPC_LOCK (`dataPlane.ipcLock`) and the spec's own additions (`worker.securityContext`, allowed
 /// by the pod policy) added back.
@@ -848,17 +912,45 @@ fn volumes(md: &MoEDeployment, spec: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMoun
         volumes.retain(|v| v.name != VOLUME_ADMIN_TOKEN);
         mounts.retain(|m| m.name != VOLUME_ADMIN_TOKEN);
     }
-    if let Some(v) = &md.spec.model.checkpoint.volume {
-        volumes.push(Volume {
+    let checkpoint = &md.spec.model.checkpoint;
+    let ckpt_volume = match (&checkpoint.volume, &checkpoint.s3) {
+        (Some(v), _) => Some(Volume {
             name: VOLUME_CHECKPOINT.into(),
             persistent_volume_claim: v.persistent_volume_claim.clone(),
             host_path: v.host_path.clone(),
             ..Default::default()
-        });
+        }),
+        // An S3 checkpoint without a cache volume: fetched into the pod's own emptyDir.
+        (None, Some(_)) => Some(Volume {
+            name: VOLUME_CHECKPOINT.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        }),
+        (None, None) => None,
+    };
+    if let Some(v) = ckpt_volume {
+        volumes.push(v);
         mounts.push(VolumeMount {
             name: VOLUME_CHECKPOINT.into(),
             mount_path: ckpt,
             read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    // The S3 credentials: a volume of the pod, mounted by the fetch-weights init container only
+    // (`fetch_container`), never by the worker.
+    if let Some(secret) = checkpoint
+        .s3
+        .as_ref()
+        .and_then(|s| s.credentials_secret.clone())
+    {
+        volumes.push(Volume {
+            name: VOLUME_S3_CREDENTIALS.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret),
+                default_mode: Some(0o400),
+                ..Default::default()
+            }),
             ..Default::default()
         });
     }
@@ -1465,6 +1557,95 @@ worker:
                 Some(true)
             );
         }
+    }
+
+    #[test]
+    fn an_s3_checkpoint_is_fetched_by_an_init_container_into_an_empty_dir() {
+        use crate::api::pod_policy::{check_pod, PodPolicy};
+        let mut md = deployment();
+        md.spec.model.checkpoint.s3 = Some(crate::api::S3Checkpoint {
+            bucket: "weights".into(),
+            prefix: "models/tiny/".into(),
+            endpoint: Some("http://minio.storage:9000".into()),
+            credentials_secret: Some("s3-creds".into()),
+            ..Default::default()
+        });
+        let plan = plan(&md);
+        let vspec = crate::api::validate::validate(
+            &md.spec,
+            &PodPolicy {
+                allow_secret_volumes: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let pod = worker_pod(&md, &vspec, 0, &plan.hash).unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        let vols = spec.volumes.as_ref().unwrap();
+        let ckpt = vols.iter().find(|v| v.name == "checkpoint").unwrap();
+        assert!(ckpt.empty_dir.is_some(), "{ckpt:?}");
+        let creds = vols.iter().find(|v| v.name == "s3-credentials").unwrap();
+        assert_eq!(
+            creds.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("s3-creds")
+        );
+        let init = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(init.name, "fetch-weights");
+        assert_eq!(init.image, container(&pod).image);
+        assert_eq!(
+            init.args.as_ref().unwrap().join(" "),
+            "fetch-weights --endpoint http://minio.storage:9000 --region us-east-1 --bucket weights \
+             --prefix models/tiny/ --path-style true --dest /models/tiny \
+             --credentials-dir /etc/moe/s3 --credentials-secret s3-creds"
+        );
+        let mounts = init.volume_mounts.as_ref().unwrap();
+        assert_eq!(
+            mounts
+                .iter()
+                .map(|m| (m.name.as_str(), m.mount_path.as_str(), m.read_only))
+                .collect::<Vec<_>>(),
+            [
+                ("checkpoint", "/models/tiny", None),
+                ("s3-credentials", "/etc/moe/s3", Some(true))
+            ]
+        );
+        let sc = init.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.capabilities.as_ref().unwrap().add, None);
+        // The worker reads the checkpoint read-only and never sees the credentials.
+        let worker_mounts = container(&pod).volume_mounts.clone().unwrap();
+        assert!(worker_mounts
+            .iter()
+            .any(|m| m.name == "checkpoint" && m.read_only == Some(true)));
+        assert!(!worker_mounts.iter().any(|m| m.name == "s3-credentials"));
+        // The pod policy sees the Secret volume: refused unless allowed.
+        let refused = check_pod(&pod, &PodPolicy::default());
+        assert!(
+            refused
+                .iter()
+                .any(|r| r.contains("volume s3-credentials mounts a Secret")),
+            "{refused:?}"
+        );
+        let allowed = PodPolicy {
+            allow_secret_volumes: true,
+            ..Default::default()
+        };
+        assert_eq!(check_pod(&pod, &allowed), Vec::<String>::new());
+        // A writable hostPath in an init container is refused like one in the worker.
+        let mut hp = pod.clone();
+        let s = hp.spec.as_mut().unwrap();
+        let mut vols = s.volumes.as_mut().unwrap().iter_mut();
+        let v = vols.find(|v| v.name == "checkpoint").unwrap();
+        v.empty_dir = None;
+        v.host_path = Some(k8s_openapi::api::core::v1::HostPathVolumeSource {
+            path: "/data".into(),
+            ..Default::default()
+        });
+        let refused = check_pod(&hp, &allowed);
+        assert!(
+            refused.iter().any(|r| r.contains("mounted writable")),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use super::reconcile::Error;
 use super::replan::{self, Current, Verdict};
 use super::rollout::{next_step, RolloutGoal, Step, WorkerState};
 use super::status::{plan_status, set_condition, workers_status};
+use super::weights;
 use crate::api::pod_policy::{check_pod, PodPolicy};
 use crate::api::validate::{FieldError, LoadSource, ValidSpec};
 use crate::api::{
@@ -896,6 +897,15 @@ fn roll(
         (reason::ROLLING_OUT, reason::ROLLING_OUT)
     };
     let rank_message = rank_failed_message(&status);
+    // A pod that cannot fetch its checkpoint (model.checkpoint.s3) never becomes ready; say why.
+    let fetch_failure = weights::fetch_failures(&fetched.pods).into_iter().next();
+    let (ready_reason, message) = match &fetch_failure {
+        Some(f) if !step.done && !rank_failed => (
+            reason::WEIGHTS_FETCH_FAILED,
+            format!("{message}; {}", f.condition_message()),
+        ),
+        _ => (ready_reason, message),
+    };
     let cs = &mut status.conditions;
     let degraded = condition::DEGRADED;
     let (ready_reason, message) = match &unschedulable {
@@ -925,6 +935,20 @@ fn roll(
             true,
             reason::RANK_FAILED,
             &rank_message,
+            gen,
+            inp.now,
+        );
+    } else if let Some(f) = &fetch_failure {
+        let m = f.condition_message();
+        if !degraded_now(reason::WEIGHTS_FETCH_FAILED, &m) {
+            events.push(Note::warning(reason::WEIGHTS_FETCH_FAILED, m.clone()));
+        }
+        set_condition(
+            cs,
+            degraded,
+            true,
+            reason::WEIGHTS_FETCH_FAILED,
+            &m,
             gen,
             inp.now,
         );

@@ -1,7 +1,8 @@
 //! The operator: a reconcile pipeline (fetch -> validate -> observe -> decide -> apply) and the
-//! pure pieces `decide` calls (build, initial_load, ranks, replan, rollout, status), with the
+//! pure pieces `decide` calls (build, initial_load, ranks, replan, rollout, status, weights), with the
 //! operator's own telemetry and leader election beside them.
 
+pub mod admin_pki;
 pub mod apply;
 pub mod build;
 pub mod decide;
@@ -18,3 +19,4 @@ pub mod replan;
 pub mod rollout;
 pub mod status;
 pub mod telemetry;
+pub mod weights;

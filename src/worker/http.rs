@@ -60,6 +60,9 @@ pub struct HttpConfig {
     pub admin_token_file: Option<PathBuf>,
     /// Least time between two looks at `admin_token_file`.
     pub token_recheck: Duration,
+    /// TLS of the admin listener (`--admin-tls-cert`/`--admin-tls-key`), its certificate reloaded
+    /// from the files when they change (`worker::admin_tls`).
+    pub admin_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl Default for HttpConfig {
@@ -74,6 +77,7 @@ impl Default for HttpConfig {
             max_plan_bytes: limits::MAX_PLAN_BYTES,
             admin_token_file: None,
             token_recheck: Duration::from_secs(1),
+            admin_tls: None,
         }
     }
 }
@@ -443,7 +447,30 @@ pub async fn serve_http(
     stop: watch::Receiver<bool>,
     name: &'static str,
 ) {
-    let listener = TimedListener::new(listener, cfg);
+    let timed = TimedListener::new(listener, cfg);
+    match &cfg.admin_tls {
+        // Only the admin listener is named "admin"; the metrics port stays plain HTTP.
+        Some(tls) if name == "admin" => {
+            let tls = super::admin_tls::TlsListener::new(timed, tls.clone());
+            match tls {
+                Ok(l) => serve_on(l, router, cfg, stop, name).await,
+                Err(e) => tracing::error!(listener = name, error = %e, "admin TLS listener failed"),
+            }
+        }
+        _ => serve_on(timed, router, cfg, stop, name).await,
+    }
+}
+
+async fn serve_on<L>(
+    listener: L,
+    router: Router,
+    cfg: &HttpConfig,
+    stop: watch::Receiver<bool>,
+    name: &'static str,
+) where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let mut graceful = stop.clone();
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(async move {

@@ -1,5 +1,6 @@
 //! The expert runtime that runs in each GPU worker pod.
 
+pub mod admin_tls;
 pub mod checkpoint;
 pub mod compute;
 pub mod heap;
@@ -8,6 +9,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod runtime;
 pub mod server;
+pub mod weights;
 pub mod wire;
 
 pub use runtime::backend_loader;

@@ -91,6 +91,13 @@ pub struct WorkerArgs {
     /// File holding the admin bearer token; otherwise the MOE_ADMIN_TOKEN environment variable.
     #[arg(long, env = "MOE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Serve the admin API over TLS with this certificate (PEM; a mounted Secret's `tls.crt`),
+    /// reloaded when the file changes. Needs --admin-tls-key.
+    #[arg(long, env = "MOE_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// The private key of --admin-tls-cert (PEM).
+    #[arg(long, env = "MOE_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
     /// Compute device: cpu, cuda:N (local rank i uses cuda:N+i) or auto.
     #[arg(long, env = "MOE_DEVICE", default_value = "auto")]
     pub device: String,
@@ -467,6 +474,12 @@ pub fn resolve(args: &WorkerArgs) -> anyhow::Result<WorkerOptions> {
     serve.http.shutdown_drain = Duration::from_secs(args.shutdown_drain_seconds);
     serve.http.max_plan_bytes = args.max_plan_bytes;
     serve.http.admin_token_file = args.admin_token_file.clone();
+    if let (Some(cert), Some(key)) = (&args.admin_tls_cert, &args.admin_tls_key) {
+        let reloading =
+            super::admin_tls::ReloadingCert::new(cert, key, serve.http.token_recheck)
+                .context("the admin API's TLS certificate (--admin-tls-cert, --admin-tls-key)")?;
+        serve.http.admin_tls = Some(super::admin_tls::server_config(Arc::new(reloading))?);
+    }
     // The model the weights are for: plans for another shape are refused (see Worker::validate).
     serve.model = match (&args.checkpoint, args.synthetic_weights, &plan) {
         (Some(dir), _, _) => Some(checkpoint_model(dir)?),

@@ -18,6 +18,9 @@ pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 #[derive(Clone, Debug, Default)]
 pub struct WorkerClient {
     http: HttpClient,
+    /// The admin API over TLS only ([`Self::with_admin_tls`]): plan pushes, and so the token,
+    /// never go over plain http with such a client.
+    admin_tls: bool,
 }
 
 impl WorkerClient {
@@ -29,7 +32,19 @@ impl WorkerClient {
     /// A client over `http`, sharing its pool (the operator shares one with its Prometheus
     /// client).
     pub fn with_http(http: HttpClient) -> Self {
-        Self { http }
+        Self {
+            http,
+            admin_tls: false,
+        }
+    }
+
+    /// A client whose plan pushes go over https only, verified with `tls`
+    /// (`worker::admin_tls::client_config`: the operator's CA and the workers' certificate name).
+    pub fn with_admin_tls(tls: rustls::ClientConfig) -> Self {
+        Self {
+            http: HttpClient::with_tls(tls),
+            admin_tls: true,
+        }
     }
 
     /// `http://host:port/path`; `host` is a name or an address (IPv6 with or without brackets).
@@ -86,7 +101,11 @@ impl WorkerClient {
         plan_json: &[u8],
         timeout: Duration,
     ) -> Result<(), HttpError> {
-        let url = Self::url(host, port, PLAN_PATH);
+        let url = if self.admin_tls {
+            format!("https://{}{PLAN_PATH}", authority(host, port))
+        } else {
+            Self::url(host, port, PLAN_PATH)
+        };
         let req = hyper::Request::put(&url)
             .header(ADMIN_AUTH_HEADER, bearer(token))
             .header(hyper::header::CONTENT_TYPE, "application/json")

@@ -175,10 +175,16 @@ impl HttpClient {
     /// A client trusting exactly `roots` for https.
     pub fn with_roots(roots: rustls::RootCertStore) -> Result<Self, rustls::Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        Ok(Self::with_tls(tls))
+    }
+
+    /// A client with its own TLS configuration (e.g. the admin API's verifier,
+    /// `worker::admin_tls::client_config`).
+    pub fn with_tls(mut tls: rustls::ClientConfig) -> Self {
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut tcp = HttpConnector::new();
         // https URLs reach the TLS layer through this connector too.
@@ -191,9 +197,9 @@ impl HttpClient {
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Ok(Self {
+        Self {
             inner: Arc::new(inner),
-        })
+        }
     }
 
     /// `GET url` (see [`Self::send`]).
@@ -277,6 +283,93 @@ impl HttpClient {
                 target: target.clone(),
                 message: format!("no answer within {timeout:?}"),
             }),
+        }
+    }
+}
+
+/// A response whose body is still to be read, frame by frame ([`HttpClient::open`]).
+pub struct Streaming {
+    /// As in [`Response::target`].
+    pub target: String,
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: hyper::body::Incoming,
+}
+
+impl Streaming {
+    /// The next chunk of the body (None at its end), or an error when nothing came within
+    /// `idle` or the body broke off.
+    pub async fn chunk(&mut self, idle: Duration) -> Result<Option<Bytes>, HttpError> {
+        loop {
+            let frame = match tokio::time::timeout(idle, self.body.frame()).await {
+                Err(_) => {
+                    return Err(HttpError::Unreachable {
+                        target: self.target.clone(),
+                        message: format!("reading the body: nothing received for {idle:?}"),
+                    })
+                }
+                Ok(None) => return Ok(None),
+                Ok(Some(f)) => f.map_err(|e| body_error(&self.target, &e))?,
+            };
+            if let Ok(data) = frame.into_data() {
+                return Ok(Some(data));
+            }
+        }
+    }
+
+    /// The whole body of an answer, at most `max` bytes (error bodies, listings).
+    pub async fn read_all(mut self, idle: Duration, max: usize) -> Result<Vec<u8>, HttpError> {
+        let mut out = Vec::new();
+        while let Some(d) = self.chunk(idle).await? {
+            if out.len() + d.len() > max {
+                return Err(HttpError::Garbled {
+                    target: self.target.clone(),
+                    message: format!("answer larger than {max} bytes"),
+                });
+            }
+            out.extend_from_slice(&d);
+        }
+        Ok(out)
+    }
+}
+
+impl HttpClient {
+    /// Send `req` and return the answer's head within `head_timeout`; the body is the caller's
+    /// to read ([`Streaming::chunk`], each chunk with its own idle deadline), for downloads too
+    /// large to hold or to finish within one deadline.
+    pub async fn open(
+        &self,
+        mut req: hyper::Request<Full<Bytes>>,
+        head_timeout: Duration,
+    ) -> Result<Streaming, HttpError> {
+        let u = req.uri();
+        let target = format!(
+            "{} {}://{}{}",
+            req.method(),
+            u.scheme_str().unwrap_or("http"),
+            u.authority().map_or("", |a| a.as_str()),
+            u.path()
+        );
+        let https = u.scheme_str() == Some("https");
+        req.headers_mut()
+            .entry(hyper::header::USER_AGENT)
+            .or_insert(hyper::header::HeaderValue::from_static(USER_AGENT));
+        match tokio::time::timeout(head_timeout, self.inner.request(req)).await {
+            Err(_) => Err(HttpError::Unreachable {
+                target,
+                message: format!("no answer within {head_timeout:?}"),
+            }),
+            Ok(Err(e)) => Err(request_error(&target, https, &e)),
+            Ok(Ok(resp)) => {
+                let status = resp.status().as_u16();
+                let (parts, body) = resp.into_parts();
+                Ok(Streaming {
+                    target,
+                    status,
+                    headers: parts.headers,
+                    body,
+                })
+            }
         }
     }
 }
