@@ -2016,6 +2016,27 @@ worker: {image: "moe-worker:dev"}
                 "between 1 and",
             ),
             (
+                "negative replicas",
+                |s| s.replicas = -1,
+                "spec.replicas",
+                "between 0 and",
+            ),
+            (
+                "no group budget and no surge",
+                |s| {
+                    s.rollout.max_unavailable_groups = 0;
+                    s.rollout.max_surge = 0
+                },
+                "spec.rollout.maxUnavailableGroups",
+                "maxSurge to 1",
+            ),
+            (
+                "surge past the limit",
+                |s| s.rollout.max_surge = 17,
+                "spec.rollout.maxSurge",
+                "between 0 and 16",
+            ),
+            (
                 "topK > experts",
                 |s| s.model.top_k = 17,
                 "spec.model.topK",
