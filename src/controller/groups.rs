@@ -11,15 +11,18 @@
 //!   `replicas - maxUnavailableGroups` (a group already unready costs nothing): groups are updated
 //!   in group order, `maxUnavailableGroups` at a time, InPlace pushes and Recreate replacements
 //!   alike. Creating missing pods is never held back.
-//! - Surge (`maxSurge`): while a serving group is outdated (its pod spec or its plan), up to `maxSurge` extra groups `replicas..` are started on the new spec and
-//!   count as ready groups once they are; they stay until every serving group is ready and
-//!   current, then go.
+//! - Surge (`maxSurge`): while a serving group must be replaced (its pod spec changed, or Recreate
+//!   and an old plan; an InPlace push too when `maxUnavailableGroups` is 0), up to `maxSurge`
+//!   extra groups `replicas..` are started on the new spec and count as ready groups once they
+//!   are; they stay until every serving group is ready and current, then go.
 //! - Any other group with pods (a scale-in, a surge no longer needed) is removed: every pod
 //!   deleted in one step, like a suspend.
 
 use std::collections::BTreeMap;
 
-use super::rollout::{group_serving, next_step, outdated, RolloutGoal, Step, WorkerState};
+use super::rollout::{
+    group_serving, needs_replacement, next_step, outdated, RolloutGoal, Step, WorkerState,
+};
 
 /// What a group is to the rollout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,7 +189,9 @@ pub fn next_groups(goal: &GroupsGoal, workers: &[WorkerState]) -> GroupsStep {
         let Some(pg) = pod_goal(g) else { continue };
         let ws = of(g);
         let step = next_step(pg, ws);
-        if outdated(pg, ws) {
+        // A surge group stands in for a group being replaced; for an in-place push only when
+        // no group may be out of service at all (a push is quick, a group's start is not).
+        if needs_replacement(pg, ws) || (goal.max_unavailable_groups == 0 && outdated(pg, ws)) {
             to_replace += 1;
         }
         serving_done &= step.done;
@@ -486,6 +491,22 @@ mod tests {
         let (ws, _) = run(&g, ws);
         assert!(ws.iter().all(|w| w.group < 3), "the surge group is gone");
         assert!(next_groups(&g, &ws).done);
+    }
+
+    #[test]
+    fn an_in_place_push_starts_no_surge_group_unless_no_group_may_go() {
+        let ws = groups(2, "spec", "old");
+        let s = next_groups(&goal(2, 1, 1, RolloutStrategy::InPlace), &ws);
+        assert!(s.group(2).is_none(), "a push needs no surge group: {s:?}");
+        assert_eq!(s.group(0).unwrap().step.push, [0, 1]);
+        let g = goal(2, 0, 1, RolloutStrategy::InPlace);
+        let s = next_groups(&g, &ws);
+        assert_eq!(s.group(2).unwrap().step.create, [0, 1]);
+        assert!(s.group(0).unwrap().step.push.is_empty());
+        let (ws, _) = run(&g, ws);
+        assert!(ws
+            .iter()
+            .all(|w| w.group < 2 && w.plan_hash.as_deref() == Some("new")));
     }
 
     #[test]

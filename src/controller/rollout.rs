@@ -237,6 +237,17 @@ pub fn group_serving(goal: &RolloutGoal, workers: &[WorkerState]) -> bool {
         .all(|pods| !unavailable(goal, pods))
 }
 
+/// Whether a live worker of a desired rank must be replaced: its spec changed, or the strategy is
+/// Recreate and its plan is old.
+pub fn needs_replacement(goal: &RolloutGoal, workers: &[WorkerState]) -> bool {
+    workers.iter().any(|w| {
+        !w.terminating
+            && w.rank < goal.nodes()
+            && (!spec_current(goal, w)
+                || (goal.strategy == RolloutStrategy::Recreate && !plan_current(goal, w)))
+    })
+}
+
 /// Whether a live worker of a desired rank is outdated (its spec or its plan): what a surge
 /// group stands in for while its group is updated.
 pub fn outdated(goal: &RolloutGoal, workers: &[WorkerState]) -> bool {
