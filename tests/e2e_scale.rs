@@ -10,7 +10,9 @@
 //!   (each worker's `/readyz` asked directly), never has fewer than 2 ready groups, and the
 //!   operator is killed in the middle of it and started again;
 //! - scale 3 -> 2 through the subresource: group 2's pods and Service are gone, groups 0 and 1
-//!   are not restarted.
+//!   are not restarted;
+//! - a Recreate with `maxSurge: 1` and `maxUnavailableGroups: 0`: an extra group serves first, so
+//!   the 2 groups never drop below 2 ready, and it is gone at the end.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,13 +63,15 @@ fn uids(pods: &[Pod], groups: &[u32]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Groups whose every rank has a live worker answering `/readyz`.
-async fn ready_groups(pods_api: &Api<Pod>) -> Option<BTreeSet<u32>> {
+/// One look: the groups whose every rank has a live worker answering `/readyz`, and the groups
+/// with any pod (terminating ones included: they still hold their GPUs).
+async fn ready_groups(pods_api: &Api<Pod>) -> Option<(BTreeSet<u32>, BTreeSet<u32>)> {
     let pods = pods_api
         .list(&ListParams::default().labels(&format!("moe.craft.dev/deployment={NAME}")))
         .await
         .ok()?
         .items;
+    let holding: BTreeSet<u32> = pods.iter().map(group_of).collect();
     let checks = live(&pods).into_iter().filter_map(|p| {
         let rank: u32 = label(p, RANK)?.parse().ok()?;
         let group = group_of(p);
@@ -85,13 +89,29 @@ async fn ready_groups(pods_api: &Api<Pod>) -> Option<BTreeSet<u32>> {
             serving.entry(g).or_default().insert(r);
         }
     }
-    Some(
-        serving
-            .into_iter()
-            .filter(|(_, ranks)| ranks.len() as u32 == NODES)
-            .map(|(g, _)| g)
-            .collect(),
-    )
+    let ready = serving
+        .into_iter()
+        .filter(|(_, ranks)| ranks.len() as u32 == NODES)
+        .map(|(g, _)| g)
+        .collect();
+    Some((ready, holding))
+}
+
+type Samples = Vec<(u128, BTreeSet<u32>, BTreeSet<u32>)>;
+
+/// Look every 100 ms until `stop`.
+fn watch(pods_api: Api<Pod>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Samples> {
+    tokio::spawn(async move {
+        let t = Instant::now();
+        let mut samples = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            if let Some((ready, holding)) = ready_groups(&pods_api).await {
+                samples.push((t.elapsed().as_millis(), ready, holding));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        samples
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,20 +314,7 @@ async fn scale_subresource_group_rollouts_and_plan_pushes() {
         .filter_map(|p| p.metadata.annotations.as_ref()?.get(SPEC_HASH).cloned())
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let monitor = {
-        let (stop, pods_api) = (stop.clone(), pods_api.clone());
-        tokio::spawn(async move {
-            let t = Instant::now();
-            let mut samples: Vec<(u128, BTreeSet<u32>)> = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(s) = ready_groups(&pods_api).await {
-                    samples.push((t.elapsed().as_millis(), s));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            samples
-        })
-    };
+    let monitor = watch(pods_api.clone(), stop.clone());
     spec["spec"]["replicas"] = json!(3);
     spec["spec"]["rollout"]["strategy"] = json!("Recreate");
     spec["spec"]["worker"]["env"] = json!([{"name": "MOE_E2E_ROLL", "value": "2"}]);
@@ -365,8 +372,8 @@ async fn scale_subresource_group_rollouts_and_plan_pushes() {
             p.metadata.name
         );
     }
-    let min = samples.iter().map(|(_, s)| s.len()).min().unwrap_or(0);
-    let dips = samples.iter().filter(|(_, s)| s.len() < 3).count();
+    let min = samples.iter().map(|(_, s, _)| s.len()).min().unwrap_or(0);
+    let dips = samples.iter().filter(|(_, s, _)| s.len() < 3).count();
     eprintln!(
         "[{:?}] rollout: {} samples over {} ms, fewest ready groups {min}, {dips} samples below 3",
         t0.elapsed(),
@@ -374,7 +381,7 @@ async fn scale_subresource_group_rollouts_and_plan_pushes() {
         samples.last().map(|s| s.0).unwrap_or(0)
     );
     assert!(samples.len() >= 10, "too few samples: {}", samples.len());
-    let bad: Vec<_> = samples.iter().filter(|(_, s)| s.len() < 2).collect();
+    let bad: Vec<_> = samples.iter().filter(|(_, s, _)| s.len() < 2).collect();
     assert!(bad.is_empty(), "fewer than 2 ready groups: {bad:?}");
     // The watch saw groups being replaced (a test that cannot fail proves nothing).
     assert!(dips > 0, "no sample saw a group out of service");
@@ -406,4 +413,59 @@ async fn scale_subresource_group_rollouts_and_plan_pushes() {
         2
     );
     eprintln!("[{:?}] scaled in to 2 groups", t0.elapsed());
+
+    // A Recreate with maxSurge 1 and maxUnavailableGroups 0: a third group serves first, then
+    // the two are replaced one at a time, then the extra group goes. Never fewer than 2 ready
+    // groups, never more than 3 groups of pods (the GPUs of 6 nodes).
+    let old_hashes: BTreeSet<String> = pods
+        .iter()
+        .filter_map(|p| p.metadata.annotations.as_ref()?.get(SPEC_HASH).cloned())
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let monitor = watch(pods_api.clone(), stop.clone());
+    spec["spec"]["replicas"] = json!(2);
+    spec["spec"]["rollout"]["maxUnavailableGroups"] = json!(0);
+    spec["spec"]["rollout"]["maxSurge"] = json!(1);
+    spec["spec"]["worker"]["env"] = json!([{"name": "MOE_E2E_ROLL", "value": "3"}]);
+    mds.patch(NAME, &ssa, &Patch::Apply(&spec))
+        .await
+        .expect("a surge rollout");
+    let gen = mds.get(NAME).await.unwrap().metadata.generation.unwrap();
+    wait_for("two groups Ready after the surge rollout", long, || async {
+        let pods = plane.worker_pods(NAME).await?;
+        if pods.iter().any(|p| group_of(p) == 2) {
+            return Err("the surge group is still there".into());
+        }
+        ready(2, gen)().await.map(|_| ())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let samples = monitor.await.expect("monitor task");
+    let pods = plane.worker_pods(NAME).await.unwrap();
+    for p in &pods {
+        let h = p
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SPEC_HASH));
+        assert!(
+            h.is_some_and(|h| !old_hashes.contains(h)),
+            "pod {:?} still runs the old spec",
+            p.metadata.name
+        );
+    }
+    let min = samples.iter().map(|(_, s, _)| s.len()).min().unwrap_or(0);
+    let most = samples.iter().map(|(_, _, h)| h.len()).max().unwrap_or(0);
+    let surge = samples.iter().filter(|(_, s, _)| s.contains(&2)).count();
+    eprintln!(
+        "[{:?}] surge rollout: {} samples, fewest ready groups {min}, most groups with pods {most}, {surge} samples with the surge group serving",
+        t0.elapsed(),
+        samples.len()
+    );
+    assert!(
+        min >= 2,
+        "fewer than 2 ready groups with maxUnavailableGroups 0"
+    );
+    assert!(most <= 3, "more than one surge group");
+    assert!(surge > 0, "no sample saw the surge group serve");
 }
