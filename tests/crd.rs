@@ -148,6 +148,14 @@ fn names_columns_and_subresources() {
     let v = &crd["spec"]["versions"][0];
     assert_eq!(v["name"], "v1alpha1");
     assert!(v["subresources"]["status"].is_object());
+    // The scale subresource: `kubectl scale` and a HorizontalPodAutoscaler size the EP groups.
+    let scale = &v["subresources"]["scale"];
+    assert_eq!(scale["specReplicasPath"], ".spec.replicas");
+    assert_eq!(scale["statusReplicasPath"], ".status.replicas");
+    assert_eq!(scale["labelSelectorPath"], ".status.selector");
+    let replicas = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["replicas"];
+    assert_eq!(replicas["minimum"], 0.0);
+    assert_eq!(replicas["default"], 1);
     let cols: Vec<&str> = v["additionalPrinterColumns"]
         .as_array()
         .unwrap()
@@ -156,7 +164,15 @@ fn names_columns_and_subresources() {
         .collect();
     assert_eq!(
         cols,
-        ["Ready", "Plan", "R", "Balancedness", "Workers", "Age"]
+        [
+            "Ready",
+            "Plan",
+            "R",
+            "Balancedness",
+            "Workers",
+            "Groups",
+            "Age"
+        ]
     );
     // Printer columns cannot format numbers: a float column prints 16 digits
     // (`0.9817604634467675`). Floats are shown through a 3-digit string field instead.

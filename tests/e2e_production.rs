@@ -63,6 +63,8 @@ async fn shaping_suspend_and_gang_guard_end_to_end() {
         ("series-label.yaml", "spec.metrics.prometheus.seriesLabels.layer in body should match '^[a-zA-Z_][a-zA-Z0-9_]*$'"),
         ("steptime-eplb.yaml", r#"spec.replication.stepTime: Invalid value: "object": replication.stepTime chooses CRAFT's per-layer replica counts: it needs policy Craft"#),
         ("steptime-tokens.yaml", "spec.replication.stepTime.tokensPerStep in body should be greater than or equal to 1"),
+        ("replicas-neg.yaml", "spec.replicas: Invalid value: -1: spec.replicas in body should be greater than or equal to 0"),
+        ("groups-budget.yaml", r#"spec.rollout.maxUnavailableGroups: Invalid value: "object": rollout.maxUnavailableGroups and rollout.maxSurge cannot both be 0: a rollout could never take a group out of service nor add one first"#),
     ] {
         let path = repo.join("examples/invalid").join(file);
         let out = Command::new(bin.join("kubectl"))

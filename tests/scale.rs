@@ -9,7 +9,9 @@
 //!   pods, so their metrics are unreachable and MetricsAvailable is False; the operator still
 //!   reconciles, plans, applies and scrapes them). Prints the operator's RSS (VmRSS over a minute
 //!   of steady state, and VmHWM) and the time until every deployment had its plan and 8 Running
-//!   pods. `MOE_SCALE_DEPLOYMENTS` and `MOE_SCALE_WORKERS` change the 50 and 8.
+//!   pods. `MOE_SCALE_DEPLOYMENTS` and `MOE_SCALE_WORKERS` change the 50 and 8, and
+//!   `MOE_SCALE_GROUPS` (default 1) gives each deployment that many EP groups (`spec.replicas`)
+//!   of `MOE_SCALE_WORKERS` workers.
 //! - `load_shift_to_new_plan_in_force`: 2 process-backed CPU workers (2 nodes x 2 GPUs) under
 //!   `moectl loadgen` traffic with experts 0 and 1 hot; the traffic then shifts to experts 5 and 6,
 //!   and the time from the first shifted batch to every worker reporting a new plan hash is
@@ -57,9 +59,10 @@ fn rss_kib(pid: u32) -> Option<(u64, u64)> {
 async fn operator_memory_with_many_deployments() {
     let deployments = env_usize("MOE_SCALE_DEPLOYMENTS", 50);
     let workers = env_usize("MOE_SCALE_WORKERS", 8);
+    let groups = env_usize("MOE_SCALE_GROUPS", 1);
     // One GPU per worker; nodes with 8 GPUs each, with room to spare so that the one-worker-per-
     // node anti-affinity of each deployment never leaves a pod unschedulable.
-    let nodes = (deployments * workers).div_ceil(8) * 5 / 4 + workers;
+    let nodes = (deployments * groups * workers).div_ceil(8) * 5 / 4 + groups * workers;
     let t_up = Instant::now();
     let mut plane = OperatorPlane::up("moe-scale-mem-", nodes, "scale").await;
     eprintln!("plane with {nodes} nodes up in {:?}", t_up.elapsed());
@@ -75,12 +78,13 @@ async fn operator_memory_with_many_deployments() {
         let name = format!("m{i:03}");
         let mut d = deployment(&name, "scale", &ckpt, workers as u32, 1, false);
         d["spec"]["metrics"]["interval"] = json!("15s");
+        d["spec"]["replicas"] = json!(groups);
         mds.patch(&name, &ssa, &Patch::Apply(&d))
             .await
             .unwrap_or_else(|e| panic!("apply {name}: {e}"));
     }
     let applied = t0.elapsed();
-    let want = deployments * workers;
+    let want = deployments * groups * workers;
     wait_every(
         "every deployment planned with all its pods Running",
         Duration::from_secs(900),
@@ -130,7 +134,7 @@ async fn operator_memory_with_many_deployments() {
     assert!(plane.operator_running("op-scale"), "the operator exited");
     let mib = |k: u64| k as f64 / 1024.0;
     eprintln!(
-        "SCALE {deployments} deployments x {workers} workers ({want} pods): applied in {applied:?}, \
+        "SCALE {deployments} deployments x {groups} groups x {workers} workers ({want} pods): applied in {applied:?}, \
          all planned and Running after {converged:?}; operator RSS idle {:.1} MiB, steady max {:.1} MiB, \
          last {:.1} MiB, peak (VmHWM) {:.1} MiB; {reconciles:?} reconciles, mean {:.1} ms",
         mib(idle.map(|r| r.0).unwrap_or(0)),

@@ -42,6 +42,11 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
     namespaced,
     status = "MoEDeploymentStatus",
     derive = "PartialEq",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     doc = "A Mixture-of-Experts model served by one worker pod per node, with an expert replication plan kept balanced by the operator.",
     printcolumn(
         name = "Ready",
@@ -66,6 +71,12 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
         type_ = "string",
         json_path = ".status.workers.summary",
         description = "ready/desired worker pods"
+    ),
+    printcolumn(
+        name = "Groups",
+        type_ = "string",
+        json_path = ".status.groupsSummary",
+        description = "ready/desired EP groups (spec.replicas)"
     ),
     printcolumn(
         name = "Age",
@@ -109,6 +120,13 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
 pub struct MoEDeploymentSpec {
     pub model: ModelSpec,
     pub topology: TopologySpec,
+    /// Expert-parallel groups: each a full set of `topology.nodes` worker pods with its own ranks
+    /// and rendezvous, all on the same model and plan (docs/api.md, "Scaling"). The `scale`
+    /// subresource drives it (`kubectl scale`, a HorizontalPodAutoscaler). 0 deletes every
+    /// worker like `suspend`, but as a size, not a pause (docs/api.md says how they differ).
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = MAX_REPLICAS))]
+    pub replicas: i32,
     #[serde(default)]
     pub replication: ReplicationSpec,
     #[serde(default)]
@@ -138,6 +156,15 @@ pub struct MoEDeploymentSpec {
     /// a new plan replaces the pods (Recreate) under `rollout.maxUnavailable`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineSpec>,
+}
+
+/// Most `spec.replicas` (EP groups of one MoEDeployment).
+pub const MAX_REPLICAS: i32 = 256;
+/// Most `rollout.maxSurge` groups.
+pub const MAX_SURGE: i32 = 16;
+
+fn default_replicas() -> i32 {
+    1
 }
 
 /// Which engine the worker pods run.
@@ -777,13 +804,34 @@ pub enum RolloutStrategy {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.maxUnavailableGroups) || !has(self.maxSurge) || self.maxUnavailableGroups + self.maxSurge >= 1",
+        "message": "rollout.maxUnavailableGroups and rollout.maxSurge cannot both be 0: a rollout could never take a group out of service nor add one first",
+        "fieldPath": ".maxUnavailableGroups",
+        "reason": "FieldValueInvalid"
+    }
+]))]
 pub struct RolloutSpec {
     #[serde(default)]
     pub strategy: RolloutStrategy,
-    /// Workers that may be off the serving path at once (being updated or replaced).
+    /// Workers of one EP group that may be off the serving path at once (being updated or
+    /// replaced).
     #[serde(default = "default_max_unavailable")]
     #[schemars(range(min = 1, max = limits::MAX_NODES))]
     pub max_unavailable: i32,
+    /// EP groups (`spec.replicas`) that may be out of service at once during a rollout: ready
+    /// groups never drop below `replicas - maxUnavailableGroups`. Groups are updated one after
+    /// the other within this budget.
+    #[serde(default = "default_max_unavailable_groups")]
+    #[schemars(range(min = 0, max = MAX_REPLICAS))]
+    pub max_unavailable_groups: i32,
+    /// Extra EP groups started on the new pod spec before an old group is replaced (a Recreate
+    /// of groups), then removed when the rollout is done. Opt-in: each needs `topology.nodes`
+    /// more nodes of free GPUs.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = MAX_SURGE))]
+    pub max_surge: i32,
 }
 
 impl Default for RolloutSpec {
@@ -791,8 +839,14 @@ impl Default for RolloutSpec {
         Self {
             strategy: RolloutStrategy::default(),
             max_unavailable: default_max_unavailable(),
+            max_unavailable_groups: default_max_unavailable_groups(),
+            max_surge: 0,
         }
     }
+}
+
+fn default_max_unavailable_groups() -> i32 {
+    1
 }
 
 fn default_max_unavailable() -> i32 {
@@ -1183,6 +1237,21 @@ pub struct MoEDeploymentStatus {
     /// The gang guard's last release of a worker group it could not schedule whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gang: Option<GangStatus>,
+    /// EP groups with at least one live worker pod (the scale subresource's current size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+    /// EP groups whose every worker pod is Ready (a surge group included while it serves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ready_groups: Option<i32>,
+    /// `readyGroups/spec.replicas`, for the printer column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups_summary: Option<String>,
+    /// The label selector of every worker pod of the deployment, as a string (the scale
+    /// subresource's `labelSelectorPath`, which a HorizontalPodAutoscaler reads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
 }
 
 /// `scheduling.gang: Guard`: when the group was last released, and why.

@@ -128,8 +128,14 @@ pub struct ValidSpec {
     pub window_batches: usize,
     pub load_source: LoadSource,
     pub strategy: RolloutStrategy,
-    /// At least 1, at most `nodes`.
+    /// At least 1, at most `nodes`: workers of one group.
     pub max_unavailable: u32,
+    /// `spec.replicas`: EP groups.
+    pub replicas: u32,
+    /// Groups that may be out of service at once during a rollout.
+    pub max_unavailable_groups: u32,
+    /// Extra groups a Recreate of groups may start first.
+    pub max_surge: u32,
     pub ports: Ports,
     pub data_plane: DataPlane,
     /// `spec.scheduling`, its default resolved.
@@ -514,6 +520,12 @@ fn resolve(
             "spec.rollout.maxUnavailable",
             spec.rollout.max_unavailable.into(),
         )?,
+        replicas: unsigned("spec.replicas", spec.replicas.into())?,
+        max_unavailable_groups: unsigned(
+            "spec.rollout.maxUnavailableGroups",
+            spec.rollout.max_unavailable_groups.into(),
+        )?,
+        max_surge: unsigned("spec.rollout.maxSurge", spec.rollout.max_surge.into())?,
         ports: Ports {
             dispatch: port("spec.worker.ports.dispatch", p.dispatch)?,
             metrics: port("spec.worker.ports.metrics", p.metrics)?,
@@ -1181,6 +1193,38 @@ fn check_rollout(spec: &MoEDeploymentSpec, errs: &mut Errors) {
         err(
             "spec.rollout.maxUnavailable",
             format!("{mu} must be between 1 and topology.nodes ({})", t.nodes),
+        );
+    }
+    let r = &spec.rollout;
+    if spec.replicas < 0 || spec.replicas > crate::api::moedeployment::MAX_REPLICAS {
+        err(
+            "spec.replicas",
+            format!(
+                "{} must be between 0 and {} (EP groups)",
+                spec.replicas,
+                crate::api::moedeployment::MAX_REPLICAS
+            ),
+        );
+    }
+    if r.max_surge < 0 || r.max_surge > crate::api::moedeployment::MAX_SURGE {
+        err(
+            "spec.rollout.maxSurge",
+            format!(
+                "{} must be between 0 and {} (extra EP groups)",
+                r.max_surge,
+                crate::api::moedeployment::MAX_SURGE
+            ),
+        );
+    }
+    if r.max_unavailable_groups < 0 {
+        err(
+            "spec.rollout.maxUnavailableGroups",
+            format!("{} must be at least 0", r.max_unavailable_groups),
+        );
+    } else if r.max_unavailable_groups == 0 && r.max_surge <= 0 {
+        err(
+            "spec.rollout.maxUnavailableGroups",
+            "0 with rollout.maxSurge 0: a rollout could never take a group out of service nor add one first; set maxUnavailableGroups to 1 or maxSurge to 1".into(),
         );
     }
 }
@@ -2094,6 +2138,27 @@ worker: {image: "moe-worker:dev"}
                 |s| s.rollout.max_unavailable = 3,
                 "spec.rollout.maxUnavailable",
                 "between 1 and",
+            ),
+            (
+                "negative replicas",
+                |s| s.replicas = -1,
+                "spec.replicas",
+                "between 0 and",
+            ),
+            (
+                "no group budget and no surge",
+                |s| {
+                    s.rollout.max_unavailable_groups = 0;
+                    s.rollout.max_surge = 0
+                },
+                "spec.rollout.maxUnavailableGroups",
+                "maxSurge to 1",
+            ),
+            (
+                "surge past the limit",
+                |s| s.rollout.max_surge = 17,
+                "spec.rollout.maxSurge",
+                "between 0 and 16",
             ),
             (
                 "topK > experts",

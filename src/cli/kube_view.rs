@@ -623,6 +623,7 @@ mod tests {
             }),
             rank_failure: None,
             gang: None,
+            ..Default::default()
         });
         md
     }

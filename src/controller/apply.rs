@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use super::build::{self, FIELD_MANAGER};
 use super::decide::{Decision, DeleteCause, Note, Rollout};
+use super::groups::{GroupStep, Role};
 use super::observe::pod_ip;
 use super::reconcile::{wall_s, Context, Error};
 use super::rollout::{
@@ -44,10 +45,10 @@ pub async fn apply(
     }
     ctx.metrics.set_balancedness(key, decision.balancedness);
     if let Some(r) = &decision.rollout {
-        apply_objects(ctx, ns, r).await?;
+        apply_objects(ctx, md, ns, r).await?;
         execute(ctx, md, &Api::namespaced(ctx.client.clone(), ns), pods, r).await?;
         ctx.metrics
-            .set_rollout(key, r.step.updated, r.desired.pods.len() as u32);
+            .set_rollout(key, r.steps.updated(), r.desired_workers);
     }
     if let Some(status) = &decision.status {
         patch_status(
@@ -61,7 +62,12 @@ pub async fn apply(
     Ok(())
 }
 
-async fn apply_objects(ctx: &Context, ns: &str, r: &Rollout) -> Result<(), Error> {
+async fn apply_objects(
+    ctx: &Context,
+    md: &MoEDeployment,
+    ns: &str,
+    r: &Rollout,
+) -> Result<(), Error> {
     let client = ctx.client.clone();
     let d = &r.desired;
     server_side_apply(
@@ -74,23 +80,53 @@ async fn apply_objects(ctx: &Context, ns: &str, r: &Rollout) -> Result<(), Error
         &d.admin_secret,
     )
     .await?;
-    server_side_apply(&Api::<Service>::namespaced(client.clone(), ns), &d.service).await?;
+    let services = Api::<Service>::namespaced(client.clone(), ns);
+    server_side_apply(&services, &d.service).await?;
+    // A Service per live group; a removed group's goes with its pods (by name: the operator
+    // never lists Services).
+    for s in &r.steps.groups {
+        match (s.role, d.group_services.get(s.group as usize)) {
+            (Role::Removed, _) => {
+                let name = build::group_service_name(md, s.group);
+                delete_if_present(&services, &name).await?;
+            }
+            (_, Some(svc)) => {
+                server_side_apply(&services, svc).await?;
+            }
+            (_, None) => {}
+        }
+    }
     server_side_apply(
         &Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
         &d.pdb,
     )
     .await?;
-    if let Some(pg) = &d.pod_group {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(client, ns, &build::pod_group_resource());
-        api.patch(
-            &pg.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(pg),
-        )
-        .await?;
+    // Each live group's PodGroup (a removed group's stays, without pods, until the
+    // MoEDeployment goes: the operator has no right to delete PodGroups).
+    let api: Api<DynamicObject> = Api::namespaced_with(client, ns, &build::pod_group_resource());
+    for s in r.steps.groups.iter().filter(|s| s.role != Role::Removed) {
+        if let Some(pg) = d.pod_groups.get(s.group as usize) {
+            api.patch(
+                &pg.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(pg),
+            )
+            .await?;
+        }
     }
     Ok(())
+}
+
+/// Delete an object by name; one already gone is no error.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Server-side apply under the operator's field manager, taking ownership of conflicting fields.
@@ -164,15 +200,21 @@ async fn annotate_since(
     Ok(())
 }
 
-/// The pods of one rank (normally one).
-fn by_rank(pods: &[Pod], rank: u32) -> Vec<&Pod> {
+/// The pods of one rank of one group (normally one); a pod without a group label is group 0's.
+fn by_rank(pods: &[Pod], group: u32, rank: u32) -> Vec<&Pod> {
     let want = rank.to_string();
     pods.iter()
-        .filter(|p| p.labels().get(build::LABEL_NODE_RANK) == Some(&want))
+        .filter(|p| {
+            let l = p.labels();
+            l.get(build::LABEL_NODE_RANK) == Some(&want)
+                && l.get(build::LABEL_GROUP)
+                    .map_or(0, |g| g.parse().unwrap_or(u32::MAX))
+                    == group
+        })
         .collect()
 }
 
-/// The step, in the order `rollout::Step` prescribes: delete, create, push.
+/// Every group's step, in group order.
 async fn execute(
     ctx: &Context,
     md: &MoEDeployment,
@@ -180,7 +222,29 @@ async fn execute(
     pods: &[Pod],
     r: &Rollout,
 ) -> Result<(), Error> {
-    let (step, plan) = (&r.step, &r.plan);
+    for name in &r.relabel {
+        let patch = serde_json::json!({"metadata": {"labels": {build::LABEL_GROUP: "0"}}});
+        pods_api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    for s in &r.steps.groups {
+        execute_group(ctx, md, pods_api, pods, r, s).await?;
+    }
+    Ok(())
+}
+
+/// One group's step, in the order `rollout::Step` prescribes: delete, create, push.
+async fn execute_group(
+    ctx: &Context,
+    md: &MoEDeployment,
+    pods_api: &Api<Pod>,
+    pods: &[Pod],
+    r: &Rollout,
+    gs: &GroupStep,
+) -> Result<(), Error> {
+    let (step, plan, group) = (&gs.step, &r.plan, gs.group);
+    let by_rank = |pods, rank| by_rank(pods, group, rank);
     for &rank in &step.expired {
         for p in by_rank(pods, rank) {
             let message = format!(
@@ -217,13 +281,18 @@ async fn execute(
                     f.rank,
                     f.pod
                 ),
+                None if gs.role == Role::Removed => format!(
+                    "deleted {} (group {group}, node rank {rank}): the group is no longer wanted (spec.replicas {})",
+                    p.name_any(),
+                    md.spec.replicas
+                ),
                 None => format!("deleted {} (rank {rank}) to replace it", p.name_any()),
             };
             pod_event(ctx, md, p, false, reason::WORKER_REPLACED, message).await;
         }
     }
     for &rank in &step.create {
-        if let Some(p) = r.desired.pods.get(rank as usize) {
+        if let Some(p) = r.desired.pod(group, rank) {
             let created = server_side_apply(pods_api, p).await?;
             let message = format!("created {}", p.name_any());
             pod_event(ctx, md, &created, false, reason::WORKER_CREATED, message).await;

@@ -67,6 +67,11 @@ use kube::api::{ApiResource, DynamicObject};
 
 /// Label naming the owning MoEDeployment on every object it owns (also the orphan selector).
 pub const LABEL_DEPLOYMENT: &str = "moe.craft.dev/deployment";
+/// Label carrying a worker pod's EP group (`spec.replicas`); a worker pod without it (made
+/// before groups existed) is group 0's. Also on each group's Service.
+pub const LABEL_GROUP: &str = "moe.craft.dev/group";
+/// Label telling the Services apart: `deployment` (every worker) or `group` (one group's).
+pub const LABEL_SERVICE_SCOPE: &str = "moe.craft.dev/service-scope";
 /// Label carrying a worker pod's node rank.
 pub const LABEL_NODE_RANK: &str = "moe.craft.dev/node-rank";
 /// Annotation: hash of the plan a worker pod was started with.
@@ -144,11 +149,28 @@ pub struct Desired {
     pub plan_config_map: ConfigMap,
     /// Indexed by node rank.
     pub pods: Vec<Pod>,
+    /// Headless, every worker of every group: the deployment's front door for a router, and the
+    /// DNS subdomain of group 0's pods.
     pub service: Service,
+    /// One headless Service per group `0..replicas + maxSurge` (indexed by group); group `g > 0`'s
+    /// pods take their DNS names from theirs. Only those of live groups are applied.
+    pub group_services: Vec<Service>,
     pub pdb: PodDisruptionBudget,
     pub admin_secret: Secret,
-    /// The scheduler-plugins PodGroup of the workers (`scheduling.gang: PodGroup`).
-    pub pod_group: Option<DynamicObject>,
+    /// The scheduler-plugins PodGroup of each group (`scheduling.gang: PodGroup`), indexed by
+    /// group like `group_services`.
+    pub pod_groups: Vec<DynamicObject>,
+}
+
+impl Desired {
+    /// The pod of node rank `rank` of group `group` (`pods` holds the groups one after the other).
+    pub fn pod(&self, group: u32, rank: u32) -> Option<&Pod> {
+        let groups = self.group_services.len().max(1);
+        let nodes = self.pods.len() / groups;
+        (rank < nodes as u32)
+            .then(|| self.pods.get(group as usize * nodes + rank as usize))
+            .flatten()
+    }
 }
 
 /// The PodGroup kind of sigs.k8s.io/scheduler-plugins' coscheduling plugin.
@@ -162,16 +184,35 @@ pub fn pod_group_resource() -> ApiResource {
     }
 }
 
-/// The name of the workers' gang: the PodGroup's, and Kueue's pod-group name.
-pub fn pod_group_name(md: &MoEDeployment) -> String {
-    format!("{}-workers", md.name_any())
+/// The name of group `group`'s gang: the PodGroup's, and Kueue's pod-group name
+/// (`<name>-workers` for group 0, as before groups existed; `<name>-g<g>-workers` after).
+pub fn pod_group_name(md: &MoEDeployment, group: u32) -> String {
+    group_subdomain(md, group)
 }
 
-/// `<name>-workers` PodGroup: the whole group (`minMember` = nodes) or none, within
+/// The prefix of group `group`'s object names: the deployment's name for group 0 (so a
+/// deployment made before groups existed keeps its pods), `<name>-g<group>` for the others.
+pub fn group_prefix(md: &MoEDeployment, group: u32) -> String {
+    match group {
+        0 => md.name_any(),
+        g => format!("{}-g{g}", md.name_any()),
+    }
+}
+
+/// Group `group`'s PodGroup: the whole group (`minMember` = nodes) or none, within
 /// `scheduling.timeout` (`scheduleTimeoutSeconds`).
-pub fn pod_group(md: &MoEDeployment, spec: &ValidSpec) -> Result<DynamicObject, BuildError> {
-    let mut pg = DynamicObject::new(&pod_group_name(md), &pod_group_resource());
-    pg.metadata = meta(md, pod_group_name(md), "worker")?;
+pub fn pod_group(
+    md: &MoEDeployment,
+    spec: &ValidSpec,
+    group: u32,
+) -> Result<DynamicObject, BuildError> {
+    let name = pod_group_name(md, group);
+    let mut pg = DynamicObject::new(&name, &pod_group_resource());
+    pg.metadata = meta(md, name, "worker")?;
+    pg.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(LABEL_GROUP.into(), group.to_string());
     pg.data = serde_json::json!({
         "spec": {
             "minMember": spec.nodes,
@@ -185,19 +226,20 @@ pub fn pod_group(md: &MoEDeployment, spec: &ValidSpec) -> Result<DynamicObject, 
 fn gang_metadata(
     md: &MoEDeployment,
     spec: &ValidSpec,
+    group: u32,
 ) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let mut labels = BTreeMap::new();
     let mut annotations = BTreeMap::new();
     match spec.gang.gang {
         Gang::Kueue => {
-            labels.insert(KUEUE_POD_GROUP_NAME.into(), pod_group_name(md));
+            labels.insert(KUEUE_POD_GROUP_NAME.into(), pod_group_name(md, group));
             if let Some(q) = &spec.gang.queue_name {
                 labels.insert(KUEUE_QUEUE_NAME.into(), q.clone());
             }
             annotations.insert(KUEUE_POD_GROUP_TOTAL_COUNT.into(), spec.nodes.to_string());
         }
         Gang::PodGroup => {
-            labels.insert(POD_GROUP_LABEL.into(), pod_group_name(md));
+            labels.insert(POD_GROUP_LABEL.into(), pod_group_name(md, group));
         }
         Gang::None | Gang::Guard => {}
     }
@@ -207,11 +249,27 @@ fn gang_metadata(
 pub fn plan_config_map_name(md: &MoEDeployment) -> String {
     format!("{}-plan", md.name_any())
 }
+/// Group 0's worker pod of node rank `rank`.
 pub fn worker_pod_name(md: &MoEDeployment, rank: u32) -> String {
-    format!("{}-worker-{rank}", md.name_any())
+    group_pod_name(md, 0, rank)
 }
+/// `<name>-worker-<rank>` in group 0, `<name>-g<group>-worker-<rank>` in the others.
+pub fn group_pod_name(md: &MoEDeployment, group: u32, rank: u32) -> String {
+    format!("{}-worker-{rank}", group_prefix(md, group))
+}
+/// The Service of every worker of the deployment (and group 0's pods' DNS subdomain).
 pub fn service_name(md: &MoEDeployment) -> String {
     format!("{}-workers", md.name_any())
+}
+/// The DNS subdomain of group `group`'s pods: the deployment's Service for group 0, its own
+/// group Service for the others.
+pub fn group_subdomain(md: &MoEDeployment, group: u32) -> String {
+    format!("{}-workers", group_prefix(md, group))
+}
+/// Group `group`'s own Service: `<name>-g<group>-workers` (group 0's too: its pods keep the
+/// deployment's Service as their subdomain, so that they survive the upgrade to groups).
+pub fn group_service_name(md: &MoEDeployment, group: u32) -> String {
+    format!("{}-g{group}-workers", md.name_any())
 }
 pub fn pdb_name(md: &MoEDeployment) -> String {
     format!("{}-workers", md.name_any())
@@ -281,18 +339,27 @@ pub fn build(
     admin_token: &str,
 ) -> Result<Desired, BuildError> {
     check_plan(spec, plan)?;
-    let pods = (0..spec.nodes)
-        .map(|rank| worker_pod(md, spec, rank, &plan.hash))
-        .collect::<Result<Vec<_>, _>>()?;
+    let groups = spec.replicas + spec.max_surge;
+    let mut pods = Vec::with_capacity((groups * spec.nodes) as usize);
+    for group in 0..groups {
+        for rank in 0..spec.nodes {
+            pods.push(group_worker_pod(md, spec, group, rank, &plan.hash)?);
+        }
+    }
     Ok(Desired {
         plan_config_map: plan_config_map(md, plan)?,
         pods,
         service: service(md, spec)?,
+        group_services: (0..groups)
+            .map(|g| group_service(md, spec, g))
+            .collect::<Result<_, _>>()?,
         pdb: pdb(md, spec)?,
         admin_secret: admin_secret(md, admin_token)?,
-        pod_group: match spec.gang.gang {
-            Gang::PodGroup => Some(pod_group(md, spec)?),
-            _ => None,
+        pod_groups: match spec.gang.gang {
+            Gang::PodGroup => (0..groups)
+                .map(|g| pod_group(md, spec, g))
+                .collect::<Result<_, _>>()?,
+            _ => Vec::new(),
         },
     })
 }
@@ -446,46 +513,70 @@ fn http_probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
 
 /// `host:port` of rank 0's rendezvous listener: its pod's stable DNS name through the headless
 /// Service (published before the pod is ready, so the group can form).
-pub fn rendezvous_address(md: &MoEDeployment, spec: &ValidSpec) -> Result<String, BuildError> {
+pub fn rendezvous_address(
+    md: &MoEDeployment,
+    spec: &ValidSpec,
+    group: u32,
+) -> Result<String, BuildError> {
     let ns = md
         .namespace()
         .ok_or(BuildError::MissingMetadata("metadata.namespace"))?;
     Ok(format!(
         "{}.{}.{ns}.svc:{}",
-        worker_pod_name(md, 0),
-        service_name(md),
+        group_pod_name(md, group, 0),
+        group_subdomain(md, group),
         spec.data_plane.port
     ))
 }
 
-/// The worker pod of node rank `rank`, started on the plan with hash `plan_hash`.
+/// Group 0's worker pod of node rank `rank`, started on the plan with hash `plan_hash`.
 pub fn worker_pod(
     md: &MoEDeployment,
     spec: &ValidSpec,
     rank: u32,
     plan_hash: &str,
 ) -> Result<Pod, BuildError> {
-    let name = worker_pod_name(md, rank);
+    group_worker_pod(md, spec, 0, rank, plan_hash)
+}
+
+/// The worker pod of node rank `rank` of EP group `group`, started on the plan with hash
+/// `plan_hash`. Groups differ only in their names, DNS subdomain, rendezvous and gang: group 0's
+/// pod spec is the one a deployment had before groups existed.
+pub fn group_worker_pod(
+    md: &MoEDeployment,
+    spec: &ValidSpec,
+    group: u32,
+    rank: u32,
+    plan_hash: &str,
+) -> Result<Pod, BuildError> {
+    let name = group_pod_name(md, group, rank);
     let (volumes, mounts) = volumes(md, spec);
     let (container, component) = match &spec.engine {
         Some(e) => (
-            engine_container(md, spec, e, rank, &engine_init_address(md, e)?, mounts),
+            engine_container(
+                md,
+                spec,
+                e,
+                rank,
+                &engine_init_address(md, e, group)?,
+                mounts,
+            ),
             "engine",
         ),
         None => {
-            let rendezvous = rendezvous_address(md, spec)?;
+            let rendezvous = rendezvous_address(md, spec, group)?;
             (
                 worker_container(md, spec, rank, &rendezvous, mounts),
                 "worker",
             )
         }
     };
-    let mut pod_spec = pod_spec(md, &name, container, volumes);
+    let mut pod_spec = pod_spec(md, &name, &group_subdomain(md, group), container, volumes);
     pod_spec.init_containers = fetch_container(md, spec).map(|c| vec![c]);
     let mut m = meta(md, name, component)?;
-    m.labels
-        .get_or_insert_with(BTreeMap::new)
-        .insert(LABEL_NODE_RANK.into(), rank.to_string());
+    let labels = m.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert(LABEL_NODE_RANK.into(), rank.to_string());
+    labels.insert(LABEL_GROUP.into(), group.to_string());
     if process_backed(md) {
         m.labels
             .get_or_insert_with(BTreeMap::new)
@@ -495,7 +586,7 @@ pub fn worker_pod(
     // part of the spec hash, so changing them replaces the pods like any other pod field.
     let w = &md.spec.worker;
     // The gang schedulers' keys likewise: a pod must carry them from its creation on.
-    let (mut shaped_labels, mut shaped_annotations) = gang_metadata(md, spec);
+    let (mut shaped_labels, mut shaped_annotations) = gang_metadata(md, spec, group);
     shaped_labels.extend(w.pod_labels.clone());
     shaped_annotations.extend(w.pod_annotations.clone());
     let labels = m.labels.get_or_insert_with(BTreeMap::new);
@@ -518,14 +609,18 @@ pub fn worker_pod(
 
 /// `host:port` of rank 0's distributed init for an engine (`$(MOE_DIST_INIT_ADDR)`), through the
 /// headless Service like the workers' rendezvous.
-fn engine_init_address(md: &MoEDeployment, e: &ValidEngine) -> Result<String, BuildError> {
+fn engine_init_address(
+    md: &MoEDeployment,
+    e: &ValidEngine,
+    group: u32,
+) -> Result<String, BuildError> {
     let ns = md
         .namespace()
         .ok_or(BuildError::MissingMetadata("metadata.namespace"))?;
     Ok(format!(
         "{}.{}.{ns}.svc:{}",
-        worker_pod_name(md, 0),
-        service_name(md),
+        group_pod_name(md, group, 0),
+        group_subdomain(md, group),
         e.dist_init_port
     ))
 }
@@ -979,7 +1074,13 @@ fn volumes(md: &MoEDeployment, spec: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMoun
 
 /// The pod spec around the container: scheduling (one worker per node, GPU tolerations), a
 /// stable DNS name per rank, and a locked-down security context.
-fn pod_spec(md: &MoEDeployment, name: &str, container: Container, volumes: Vec<Volume>) -> PodSpec {
+fn pod_spec(
+    md: &MoEDeployment,
+    name: &str,
+    subdomain: &str,
+    container: Container,
+    volumes: Vec<Volume>,
+) -> PodSpec {
     let w = &md.spec.worker;
     let mut tolerations = vec![Toleration {
         key: Some(GPU_RESOURCE.into()),
@@ -999,9 +1100,10 @@ fn pod_spec(md: &MoEDeployment, name: &str, container: Container, volumes: Vec<V
         // was chosen on purpose (and allowed by the pod policy).
         automount_service_account_token: w.service_account_name.is_none().then_some(false),
         priority_class_name: w.priority_class_name.clone(),
-        // Stable DNS per rank: <name>-worker-<n>.<name>-workers.<namespace>.svc
+        // Stable DNS per rank: <name>-worker-<n>.<name>-workers.<namespace>.svc (group 0),
+        // <name>-g<g>-worker-<n>.<name>-g<g>-workers.<namespace>.svc (group g).
         hostname: Some(name.to_string()),
-        subdomain: Some(service_name(md)),
+        subdomain: Some(subdomain.to_string()),
         restart_policy: Some("Always".into()),
         enable_service_links: Some(false),
         termination_grace_period_seconds: Some(30),
@@ -1083,6 +1185,36 @@ fn shaped_spec_hash(
 /// because every EP rank must be addressable while the group starts (rank 0's rendezvous name
 /// resolves before any worker is ready).
 pub fn service(md: &MoEDeployment, spec: &ValidSpec) -> Result<Service, BuildError> {
+    let mut s = headless_service(md, spec, service_name(md), selector_labels(md))?;
+    s.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(LABEL_SERVICE_SCOPE.into(), "deployment".into());
+    Ok(s)
+}
+
+/// Group `group`'s headless Service: its workers only, labelled with the group so that a router
+/// finds the groups by listing `moe.craft.dev/deployment=<name>,moe.craft.dev/service-scope=group`.
+pub fn group_service(
+    md: &MoEDeployment,
+    spec: &ValidSpec,
+    group: u32,
+) -> Result<Service, BuildError> {
+    let mut selector = selector_labels(md);
+    selector.insert(LABEL_GROUP.into(), group.to_string());
+    let mut s = headless_service(md, spec, group_service_name(md, group), selector)?;
+    let labels = s.metadata.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert(LABEL_SERVICE_SCOPE.into(), "group".into());
+    labels.insert(LABEL_GROUP.into(), group.to_string());
+    Ok(s)
+}
+
+fn headless_service(
+    md: &MoEDeployment,
+    spec: &ValidSpec,
+    name: String,
+    selector: BTreeMap<String, String>,
+) -> Result<Service, BuildError> {
     let p = &spec.ports;
     let port = |name: &str, n: u16| ServicePort {
         name: Some(name.into()),
@@ -1092,10 +1224,10 @@ pub fn service(md: &MoEDeployment, spec: &ValidSpec) -> Result<Service, BuildErr
         ..Default::default()
     };
     Ok(Service {
-        metadata: meta(md, service_name(md), "worker")?,
+        metadata: meta(md, name, "worker")?,
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
-            selector: Some(selector_labels(md)),
+            selector: Some(selector),
             publish_not_ready_addresses: Some(true),
             ports: Some(match &spec.engine {
                 Some(e) => vec![
@@ -1118,10 +1250,10 @@ pub fn service(md: &MoEDeployment, spec: &ValidSpec) -> Result<Service, BuildErr
 /// PodDisruptionBudget for the workers. Bare pods owned by a custom resource without a scale
 /// subresource only support an integer `minAvailable` (the disruption controller cannot resolve
 /// `maxUnavailable` for them), so `rollout.maxUnavailable` is expressed as
-/// `minAvailable = nodes - maxUnavailable`.
+/// `minAvailable = replicas x nodes - maxUnavailable` (the workers of every group, less the
+/// workers one group may have off the serving path).
 pub fn pdb(md: &MoEDeployment, spec: &ValidSpec) -> Result<PodDisruptionBudget, BuildError> {
-    let min_available = spec
-        .nodes
+    let min_available = (spec.replicas * spec.nodes)
         .saturating_sub(spec.max_unavailable.clamp(1, spec.nodes.max(1)));
     let min_available = i32::try_from(min_available).unwrap_or(i32::MAX);
     Ok(PodDisruptionBudget {
@@ -1293,6 +1425,72 @@ worker:
             c.termination_message_policy.as_deref(),
             Some("FallbackToLogsOnError")
         );
+    }
+
+    /// Group 0 is the deployment as it was before groups: the same names, DNS and pod spec hash
+    /// (so an upgrade restarts nothing); the other groups have their own names, DNS subdomain,
+    /// rendezvous and Service, and the deployment's Service selects every group.
+    #[test]
+    fn groups_have_their_own_names_and_rendezvous_and_group_0_is_unchanged() {
+        let mut md = deployment();
+        md.spec.data_plane.transport = crate::api::Transport::Tcp;
+        let plan = plan(&md);
+        let one = build(&md, &valid(&md), &plan, "tok").unwrap();
+        let mut md3 = md.clone();
+        md3.spec.replicas = 3;
+        md3.spec.rollout.max_surge = 1;
+        let three = build(&md3, &valid(&md3), &plan, "tok").unwrap();
+        assert_eq!(three.pods.len(), 8, "3 groups + 1 surge group of 2");
+        assert_eq!(three.group_services.len(), 4);
+        for rank in 0..2 {
+            let (a, b) = (&one.pods[rank], &three.pods[rank]);
+            assert_eq!(a.spec, b.spec, "group 0's pod spec does not change");
+            assert_eq!(
+                a.annotations()[ANNOTATION_SPEC_HASH],
+                b.annotations()[ANNOTATION_SPEC_HASH]
+            );
+            assert_eq!(b.labels()[LABEL_GROUP], "0");
+        }
+        let g2 = three.pod(2, 1).unwrap();
+        assert_eq!(g2.name_any(), "demo-g2-worker-1");
+        assert_eq!(g2.labels()[LABEL_GROUP], "2");
+        assert_eq!(g2.labels()[LABEL_NODE_RANK], "1");
+        let ps = g2.spec.as_ref().unwrap();
+        assert_eq!(ps.hostname.as_deref(), Some("demo-g2-worker-1"));
+        assert_eq!(ps.subdomain.as_deref(), Some("demo-g2-workers"));
+        assert_eq!(
+            env_of(g2, "MOE_EP_RENDEZVOUS").as_deref(),
+            Some("demo-g2-worker-0.demo-g2-workers.ml.svc:9403")
+        );
+        assert_ne!(
+            g2.annotations()[ANNOTATION_SPEC_HASH],
+            three.pods[1].annotations()[ANNOTATION_SPEC_HASH]
+        );
+        assert!(three.pod(4, 0).is_none() && three.pod(0, 2).is_none());
+        // The Services: one for every worker, one per group, told apart by labels.
+        let all = &three.service;
+        assert_eq!(all.name_any(), "demo-workers");
+        assert_eq!(all.labels()[LABEL_SERVICE_SCOPE], "deployment");
+        assert!(!all
+            .spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .as_ref()
+            .unwrap()
+            .contains_key(LABEL_GROUP));
+        for (g, s) in three.group_services.iter().enumerate() {
+            assert_eq!(s.name_any(), format!("demo-g{g}-workers"));
+            assert_eq!(s.labels()[LABEL_SERVICE_SCOPE], "group");
+            assert_eq!(s.labels()[LABEL_GROUP], g.to_string());
+            assert_eq!(
+                s.spec.as_ref().unwrap().selector.as_ref().unwrap()[LABEL_GROUP],
+                g.to_string()
+            );
+        }
+        // The disruption budget counts every serving group's workers.
+        let pdb = three.pdb.spec.unwrap();
+        assert_eq!(pdb.min_available, Some(IntOrString::Int(5)));
     }
 
     #[test]
@@ -2036,7 +2234,7 @@ securityContext:
         md.spec.scheduling.queue_name = Some("gpu-queue".into());
         let v = valid(&md);
         let d = build(&md, &v, &plan(&md), "t").unwrap();
-        assert!(d.pod_group.is_none());
+        assert!(d.pod_groups.is_empty());
         for p in &d.pods {
             let l = p.metadata.labels.as_ref().unwrap();
             assert_eq!(l[KUEUE_POD_GROUP_NAME], "demo-workers");
@@ -2054,7 +2252,7 @@ securityContext:
         };
         let v = valid(&md);
         let d = build(&md, &v, &plan(&md), "t").unwrap();
-        let pg = d.pod_group.as_ref().unwrap();
+        let pg = &d.pod_groups[0];
         assert_eq!(pg.metadata.name.as_deref(), Some("demo-workers"));
         assert_eq!(pg.metadata.namespace.as_deref(), Some("ml"));
         assert_eq!(
@@ -2087,7 +2285,7 @@ securityContext:
                 ..Default::default()
             };
             let d = build(&md, &valid(&md), &plan(&md), "t").unwrap();
-            assert!(d.pod_group.is_none());
+            assert!(d.pod_groups.is_empty());
             let l = d.pods[0].metadata.labels.as_ref().unwrap();
             assert!(!l.keys().any(|k| k.contains("x-k8s.io")), "{l:?}");
         }

@@ -9,16 +9,17 @@ use k8s_openapi::api::core::v1::{ConfigMap, ConfigMapKeySelector};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
-use super::build::{self, Desired, ANNOTATION_SPEC_HASH};
+use super::build::{self, Desired, ANNOTATION_SPEC_HASH, LABEL_GROUP};
 use super::fetch::Fetched;
 use super::gang::{self, Guard, Placement};
+use super::groups::{next_groups, GroupsGoal, GroupsStep, Role};
 use super::initial_load::initial_load_window;
 use super::observe::Observed;
 use super::ranks::{self, RankFailure};
 use super::reconcile::Error;
 use super::replan::{self, Current, Verdict};
-use super::rollout::{next_step, RolloutGoal, Step, WorkerState};
-use super::status::{plan_status, set_condition, workers_status};
+use super::rollout::{RolloutGoal, Step, WorkerState};
+use super::status::{groups_status, plan_status, set_condition, workers_status};
 use super::weights;
 use crate::api::pod_policy::{check_pod, PodPolicy};
 use crate::api::validate::{FieldError, LoadSource, ValidSpec};
@@ -79,18 +80,39 @@ pub enum DeleteCause {
     GangRelease,
 }
 
-/// The rollout to carry out: the objects to apply, then the step's deletes, creates and pushes.
+/// The rollout to carry out: the objects to apply, then each group's deletes, creates and pushes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rollout {
     pub desired: Desired,
     pub plan: ExpertPlan,
-    pub step: Step,
+    /// The step of every group that has pods or should (`groups::next_groups`).
+    pub steps: GroupsStep,
+    /// Worker pods of the serving groups (`replicas x nodes`), for the rollout gauge.
+    pub desired_workers: u32,
+    /// Worker pods made before groups existed, to be labelled group 0 (so that group 0's
+    /// Service selects them); the label is not part of the pod spec, so they stay.
+    pub relabel: Vec<String>,
     pub cause: DeleteCause,
-    /// The rank failure the step restarts the worker group for (its deletes are every pod).
+    /// The rank failure the step restarts a worker group for (its deletes are every pod of the
+    /// group of the failed rank).
     pub group_restart: Option<RankFailure>,
     /// The admin token the pushes carry, and the port they go to.
     pub token: String,
     pub admin_port: u16,
+}
+
+#[cfg(test)]
+impl Rollout {
+    /// Group 0's step (a default one, done when the whole rollout is, when group 0 has none).
+    pub(crate) fn step0(&self) -> Step {
+        self.steps
+            .group(0)
+            .map(|s| s.step.clone())
+            .unwrap_or_else(|| Step {
+                done: self.steps.done,
+                ..Default::default()
+            })
+    }
 }
 
 /// What one reconcile does.
@@ -357,17 +379,9 @@ fn suspend(
         .iter()
         .filter_map(|p| WorkerState::from_pod(p, None))
         .collect();
-    let live: Vec<u32> = {
-        let mut r: Vec<u32> = workers
-            .iter()
-            .filter(|w| !w.terminating)
-            .map(|w| w.rank)
-            .collect();
-        r.sort_unstable();
-        r.dedup();
-        r
-    };
+    let live = workers.iter().filter(|w| !w.terminating).count();
     let left = workers.len();
+    let steps = GroupsStep::remove_all(&workers);
     let message = if left == 0 {
         format!("spec.suspend: no workers; plan {} kept", plan.short_hash())
     } else {
@@ -385,7 +399,7 @@ fn suspend(
             reason::SUSPENDED,
             format!(
                 "spec.suspend is true: deleting {} worker pod(s); plan {} is kept for the resume",
-                live.len(),
+                live,
                 plan.short_hash()
             ),
         ));
@@ -434,19 +448,17 @@ fn suspend(
         on_current_plan: 0,
         summary: format!("{ready}/0"),
     });
+    groups_status(md, &mut status, &steps, spec.replicas);
     status.observed_generation = gen;
-    let step = Step {
-        delete: live,
-        done: left == 0,
-        ..Default::default()
-    };
     Decision {
         events,
         status: (status != fetched.status).then_some(status),
         rollout: Some(Rollout {
             desired,
             plan: plan.clone(),
-            step,
+            steps,
+            desired_workers: 0,
+            relabel: Vec::new(),
             cause: DeleteCause::Suspend,
             group_restart: None,
             token: fetched.token.clone(),
@@ -709,25 +721,39 @@ fn replan(
     Some((d.verdict(), Some(candidate)))
 }
 
-/// The rank failure to restart the worker group for now: the newest one the pods show, when the
-/// group has not been restarted for it yet (`status.rankFailure`). Records it and announces it.
+/// The rank failure to restart a worker group for now: the newest one the pods show, when it has
+/// not been restarted for yet (`status.rankFailure`). Records it and announces it; returns it
+/// with the group of the pod it failed in.
 fn rank_failure(
     inp: &Inputs<'_>,
     status: &mut MoEDeploymentStatus,
     events: &mut Vec<Note>,
-    pods: usize,
-) -> Option<RankFailure> {
+    workers: &[(String, WorkerState)],
+) -> Option<(u32, RankFailure)> {
     let f = ranks::newest_failure(&inp.fetched.pods)
         .filter(|f| f.is_new(status.rank_failure.as_ref()))?;
+    let group = workers
+        .iter()
+        .find(|(name, _)| *name == f.pod)
+        .map(|(_, w)| w.group)
+        .unwrap_or(0);
+    let pods = workers
+        .iter()
+        .filter(|(_, w)| w.group == group && !w.terminating)
+        .count();
+    let which = match group {
+        0 if inp.spec.replicas <= 1 => "the worker group".to_string(),
+        g => format!("worker group {g}"),
+    };
     events.push(Note::warning(
         reason::RANK_FAILED,
         format!(
-            "EP rank {} failed in pod {} (container {}): {}; restarting the worker group ({pods} pod(s) deleted, then recreated)",
+            "EP rank {} failed in pod {} (container {}): {}; restarting {which} ({pods} pod(s) deleted, then recreated)",
             f.rank, f.pod, f.container, f.message
         ),
     ));
     status.rank_failure = Some(f.record(inp.now));
-    Some(f)
+    Some((group, f))
 }
 
 /// The Degraded message of the recorded rank failure.
@@ -752,6 +778,14 @@ fn is_degraded_for(status: &MoEDeploymentStatus, why: &str) -> bool {
         .any(|c| c.type_ == condition::DEGRADED && c.status == "True" && c.reason == why)
 }
 
+/// The EP group of a worker pod (`moe.craft.dev/group`; 0 without it).
+fn pod_group_index(p: &k8s_openapi::api::core::v1::Pod) -> u32 {
+    p.labels()
+        .get(LABEL_GROUP)
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The rollout's next step on the cluster's state, and the status that reports it.
 fn roll(
     inp: &Inputs<'_>,
@@ -764,19 +798,24 @@ fn roll(
     let gen = md.metadata.generation;
     // Readiness is the pod's Ready condition (the kubelet probes `/readyz`); a scrape that fails
     // (a changed metrics port, a network blip) says nothing about serving.
-    let workers: Vec<WorkerState> = fetched
+    let named: Vec<(String, WorkerState)> = fetched
         .pods
         .iter()
         .filter_map(|p| {
             let s = inp.observed.scraped.get(&p.name_any());
             WorkerState::from_pod(p, s.and_then(|s| s.plan_hash.as_deref()))
+                .map(|w| (p.name_any(), w))
         })
         .collect();
-    let goal = RolloutGoal {
+    let workers: Vec<WorkerState> = named.iter().map(|(_, w)| w.clone()).collect();
+    let nodes = spec.nodes;
+    let pod_goal = |group: u32| RolloutGoal {
         plan_hash: plan.hash.clone(),
         spec_hashes: desired
             .pods
             .iter()
+            .skip((group * nodes) as usize)
+            .take(nodes as usize)
             .map(|p| {
                 p.annotations()
                     .get(ANNOTATION_SPEC_HASH)
@@ -790,106 +829,161 @@ fn roll(
         refusal_grace_s: PUSH_REFUSAL_GRACE.as_secs() as i64,
         now_s: inp.now_s as i64,
     };
-    let nodes = goal.nodes();
-    // A failed rank restarts the whole group instead of this step (docs/data-plane.md).
-    let live = workers.iter().filter(|w| !w.terminating).count();
-    let group_restart = rank_failure(inp, &mut status, &mut events, live);
-    let mut step = match &group_restart {
-        Some(_) => ranks::restart_step(&workers, nodes),
-        None => next_step(&goal, &workers),
+    let goal = GroupsGoal {
+        replicas: spec.replicas,
+        max_unavailable_groups: spec.max_unavailable_groups,
+        max_surge: spec.max_surge,
+        pods: (0..spec.replicas + spec.max_surge).map(pod_goal).collect(),
     };
-    // The gang guard: a group not scheduled whole in time is released (every pod deleted), and
-    // nothing is created while it backs off.
-    let mut cause = DeleteCause::Replace;
-    let mut unschedulable: Option<String> = None;
-    if spec.gang.gang == Gang::Guard && group_restart.is_none() {
-        let placements: Vec<Placement> = fetched
-            .pods
-            .iter()
-            .filter_map(Placement::from_pod)
-            .collect();
-        let guard = Guard {
-            nodes,
-            gpus_per_node: spec.gpus_per_node,
-            timeout_s: spec.gang.timeout.as_secs() as i64,
-            now_s: inp.now_s as i64,
-            released_at_s: status.gang.as_ref().map(|g| g.released_at.0.as_second()),
-        };
-        match guard.check(&placements) {
-            // A new attempt after a release stays Unschedulable until the group is whole.
-            gang::Verdict::Whole | gang::Verdict::Waiting => {
-                let placed = placements
-                    .iter()
-                    .filter(|p| !p.terminating && p.placed && p.rank < nodes)
-                    .count();
-                if placed as u32 >= nodes {
-                    status.gang = None;
-                } else if let Some(g) = &status.gang {
-                    unschedulable = Some(format!("{}; trying again", g.message));
-                }
-            }
-            gang::Verdict::Release { ranks, message } => {
-                let unscheduled = placements
-                    .iter()
-                    .filter(|p| !p.terminating && !p.placed && p.rank < nodes)
-                    .count() as i32;
-                events.push(Note::warning(reason::UNSCHEDULABLE, message.clone()));
-                status.gang = Some(GangStatus {
-                    released_at: inp.now.clone(),
-                    unscheduled_pods: unscheduled,
-                    missing_gpus: i64::from(unscheduled) * i64::from(spec.gpus_per_node),
-                    message: message.clone(),
-                });
-                step = Step {
-                    delete: ranks,
-                    ..Default::default()
-                };
-                cause = DeleteCause::GangRelease;
-                unschedulable = Some(message);
-            }
-            gang::Verdict::Unschedulable { message } => {
-                if !is_degraded_for(&status, reason::UNSCHEDULABLE) {
-                    events.push(Note::warning(reason::UNSCHEDULABLE, message.clone()));
-                }
-                unschedulable = Some(message);
-            }
-            gang::Verdict::BackingOff { message, .. } => {
-                step.create.clear();
-                step.done = false;
-                let last = status
-                    .gang
-                    .as_ref()
-                    .map(|g| g.message.clone())
-                    .unwrap_or_default();
-                unschedulable = Some(format!("{last}; {message}"));
-            }
+    let mut steps = next_groups(&goal, &workers);
+    // A failed rank restarts its whole group instead of the group's step (docs/data-plane.md);
+    // a group already being removed just goes.
+    let group_restart = rank_failure(inp, &mut status, &mut events, &named);
+    if let Some((g, _)) = &group_restart {
+        if let Some(s) = steps.group_mut(*g).filter(|s| s.role != Role::Removed) {
+            let of: Vec<WorkerState> = workers.iter().filter(|w| w.group == *g).cloned().collect();
+            s.step = ranks::restart_step(&of, nodes);
         }
     }
-    status.workers = Some(workers_status(nodes, &workers, &step));
+    let restarted = group_restart.as_ref().map(|(g, _)| *g);
+    let group_restart = group_restart.map(|(_, f)| f);
+    // The gang guard, group by group: a group not scheduled whole in time is released (every
+    // pod deleted), and nothing is created while the guard backs off. Groups that serve are
+    // whole and left alone.
+    let mut cause = DeleteCause::Replace;
+    let mut unschedulable: Option<String> = None;
+    if spec.gang.gang == Gang::Guard {
+        let mut all_placed = true;
+        for s in steps
+            .groups
+            .iter_mut()
+            .filter(|s| s.role != Role::Removed && !s.ready && Some(s.group) != restarted)
+        {
+            let placements: Vec<Placement> = fetched
+                .pods
+                .iter()
+                .filter(|p| pod_group_index(p) == s.group)
+                .filter_map(Placement::from_pod)
+                .collect();
+            let guard = Guard {
+                nodes,
+                gpus_per_node: spec.gpus_per_node,
+                timeout_s: spec.gang.timeout.as_secs() as i64,
+                now_s: inp.now_s as i64,
+                released_at_s: status.gang.as_ref().map(|g| g.released_at.0.as_second()),
+            };
+            let step = &mut s.step;
+            match guard.check(&placements) {
+                // A new attempt after a release stays Unschedulable until the group is whole.
+                gang::Verdict::Whole | gang::Verdict::Waiting => {
+                    let placed = placements
+                        .iter()
+                        .filter(|p| !p.terminating && p.placed && p.rank < nodes)
+                        .count();
+                    if (placed as u32) < nodes {
+                        all_placed = false;
+                        if let Some(g) = &status.gang {
+                            unschedulable.get_or_insert(format!("{}; trying again", g.message));
+                        }
+                    }
+                }
+                gang::Verdict::Release { ranks, message } => {
+                    all_placed = false;
+                    let unscheduled = placements
+                        .iter()
+                        .filter(|p| !p.terminating && !p.placed && p.rank < nodes)
+                        .count() as i32;
+                    let message = match s.group {
+                        0 if spec.replicas <= 1 => message,
+                        g => format!("group {g}: {message}"),
+                    };
+                    events.push(Note::warning(reason::UNSCHEDULABLE, message.clone()));
+                    status.gang = Some(GangStatus {
+                        released_at: inp.now.clone(),
+                        unscheduled_pods: unscheduled,
+                        missing_gpus: i64::from(unscheduled) * i64::from(spec.gpus_per_node),
+                        message: message.clone(),
+                    });
+                    *step = Step {
+                        delete: ranks,
+                        ..Default::default()
+                    };
+                    cause = DeleteCause::GangRelease;
+                    unschedulable = Some(message);
+                }
+                gang::Verdict::Unschedulable { message } => {
+                    all_placed = false;
+                    if !is_degraded_for(&status, reason::UNSCHEDULABLE) && unschedulable.is_none() {
+                        events.push(Note::warning(reason::UNSCHEDULABLE, message.clone()));
+                    }
+                    unschedulable.get_or_insert(message);
+                }
+                gang::Verdict::BackingOff { message, .. } => {
+                    all_placed = false;
+                    step.create.clear();
+                    step.done = false;
+                    let last = status
+                        .gang
+                        .as_ref()
+                        .map(|g| g.message.clone())
+                        .unwrap_or_default();
+                    unschedulable.get_or_insert(format!("{last}; {message}"));
+                }
+            }
+        }
+        if all_placed {
+            status.gang = None;
+        }
+    }
+    // A restart or a release may have replaced a group's step.
+    steps.done &= steps.groups.iter().all(|s| s.step.done);
+    let desired_workers = spec.replicas * nodes;
+    let relabel: Vec<String> = fetched
+        .pods
+        .iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none() && !p.labels().contains_key(LABEL_GROUP)
+        })
+        .map(|p| p.name_any())
+        .collect();
+    status.workers = Some(workers_status(
+        nodes,
+        spec.replicas,
+        &workers,
+        steps.updated(),
+    ));
+    groups_status(md, &mut status, &steps, spec.replicas);
     status.rollout = Some(RolloutStatus {
         target_hash: plan.hash.clone(),
-        updated: step.updated as i32,
-        total: nodes as i32,
+        updated: steps.updated() as i32,
+        total: desired_workers as i32,
     });
     let mut message = format!(
         "{}/{} workers ready on plan {}",
-        step.updated,
-        nodes,
+        steps.updated(),
+        desired_workers,
         plan.short_hash()
     );
-    if !step.waiting.is_empty() {
-        message.push_str(&format!("; waiting for: {}", step.waiting_summary(8)));
+    if spec.replicas != 1 || steps.groups.len() > 1 {
+        message.push_str(&format!(
+            ", {}/{} EP groups ready",
+            steps.ready_groups, spec.replicas
+        ));
+    }
+    let waiting = steps.waiting_summary(8);
+    if !waiting.is_empty() && !steps.done {
+        message.push_str(&format!("; waiting for: {waiting}"));
     }
     // Degraded for a failed rank from its restart until the group is back: the operator is not
     // holding the deployment back (it restarts the group), but it cannot serve meanwhile.
-    let rank_failed = !step.done
+    let rank_failed = !steps.done
         && (group_restart.is_some()
             || status.conditions.iter().any(|c| {
                 c.type_ == condition::DEGRADED
                     && c.status == "True"
                     && c.reason == reason::RANK_FAILED
             }));
-    let (ready_reason, progress_reason) = if step.done {
+    let (ready_reason, progress_reason) = if steps.done {
         (reason::WORKERS_READY, reason::ROLLOUT_COMPLETE)
     } else if rank_failed {
         (reason::RANK_FAILED, reason::ROLLING_OUT)
@@ -900,7 +994,7 @@ fn roll(
     // A pod that cannot fetch its checkpoint (model.checkpoint.s3) never becomes ready; say why.
     let fetch_failure = weights::fetch_failures(&fetched.pods).into_iter().next();
     let (ready_reason, message) = match &fetch_failure {
-        Some(f) if !step.done && !rank_failed => (
+        Some(f) if !steps.done && !rank_failed => (
             reason::WEIGHTS_FETCH_FAILED,
             format!("{message}; {}", f.condition_message()),
         ),
@@ -909,7 +1003,7 @@ fn roll(
     let cs = &mut status.conditions;
     let degraded = condition::DEGRADED;
     let (ready_reason, message) = match &unschedulable {
-        Some(m) if !step.done => (reason::UNSCHEDULABLE, m.clone()),
+        Some(m) if !steps.done => (reason::UNSCHEDULABLE, m.clone()),
         _ => (ready_reason, message),
     };
     // The load source as the spec configures it does not work (credentials, CA): Degraded with
@@ -965,13 +1059,13 @@ fn roll(
     set_condition(
         cs,
         condition::READY,
-        step.done,
+        steps.done,
         ready_reason,
         &message,
         gen,
         inp.now,
     );
-    let progressing = !step.done;
+    let progressing = !steps.done;
     set_condition(
         cs,
         condition::PROGRESSING,
@@ -982,7 +1076,7 @@ fn roll(
         inp.now,
     );
     status.observed_generation = gen;
-    let requeue = if step.done {
+    let requeue = if steps.done {
         spec.interval
     } else {
         BUSY_REQUEUE.min(spec.interval)
@@ -994,7 +1088,9 @@ fn roll(
         rollout: Some(Rollout {
             desired,
             plan,
-            step,
+            steps,
+            desired_workers,
+            relabel,
             cause,
             group_restart,
             token: fetched.token.clone(),

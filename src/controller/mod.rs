@@ -8,6 +8,7 @@ pub mod build;
 pub mod decide;
 pub mod fetch;
 pub mod gang;
+pub mod groups;
 pub mod initial_load;
 pub mod leader;
 pub mod load;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Client, ResourceExt};
 
@@ -21,6 +22,8 @@ use crate::worker::wire::{WorkerClient, WorkerSample};
 
 /// Timeout of one worker or Prometheus request.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Workers of one deployment scraped at once.
+const SCRAPE_CONCURRENCY: usize = 16;
 
 /// Where a load reading came from (the `source` label of `moe_operator_scrape_failures_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,14 +136,26 @@ pub async fn observe(
     let mut obs = Observed::default();
     // Engine pods serve the engine's metrics, not moe-worker's: their plan is the one they were
     // started on (the pod's annotation), their load comes from Prometheus.
-    for p in pods
+    // Scraped concurrently (at most SCRAPE_CONCURRENCY at once, answers kept in pod order): with
+    // several EP groups a deployment has hundreds of workers, and one after the other a reconcile
+    // would take their sum.
+    let targets: Vec<(String, String)> = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none() && spec.engine.is_none())
-    {
-        let Some(ip) = pod_ip(p) else { continue };
-        match workers.scrape(&ip, spec.ports.metrics, HTTP_TIMEOUT).await {
+        .filter_map(|p| Some((p.name_any(), pod_ip(p)?)))
+        .collect();
+    let answers: Vec<_> = futures::stream::iter(targets)
+        .map(|(name, ip)| async move {
+            let r = workers.scrape(&ip, spec.ports.metrics, HTTP_TIMEOUT).await;
+            (name, r)
+        })
+        .buffered(SCRAPE_CONCURRENCY)
+        .collect()
+        .await;
+    for (name, r) in answers {
+        match r {
             Ok(s) => {
-                obs.scraped.insert(p.name_any(), s);
+                obs.scraped.insert(name, s);
             }
             Err(e) => obs.failures.push(MetricsFailure {
                 source: Source::Workers,

@@ -288,6 +288,7 @@ mod tests {
     #[test]
     fn a_restart_deletes_every_pod_not_already_going() {
         let w = |rank, terminating| WorkerState {
+            group: 0,
             rank,
             terminating,
             ready: true,

@@ -29,7 +29,7 @@
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::build::{ANNOTATION_PLAN_HASH, ANNOTATION_SPEC_HASH, LABEL_NODE_RANK};
+use super::build::{ANNOTATION_PLAN_HASH, ANNOTATION_SPEC_HASH, LABEL_GROUP, LABEL_NODE_RANK};
 use crate::api::RolloutStrategy;
 
 /// Annotation written on a worker pod just before its plan is pushed in place.
@@ -44,6 +44,8 @@ pub const ANNOTATION_PUSH_REJECTED_SINCE: &str = "moe.craft.dev/push-rejected-si
 /// What the cluster shows of one worker pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerState {
+    /// The EP group (`moe.craft.dev/group`; 0 when the pod predates groups).
+    pub group: u32,
     pub rank: u32,
     /// The pod has a deletion timestamp.
     pub terminating: bool,
@@ -71,6 +73,10 @@ impl WorkerState {
     pub fn from_pod(pod: &Pod, scraped_plan_hash: Option<&str>) -> Option<Self> {
         let labels = pod.metadata.labels.as_ref()?;
         let rank = labels.get(LABEL_NODE_RANK)?.parse().ok()?;
+        let group = match labels.get(LABEL_GROUP) {
+            Some(g) => g.parse().ok()?,
+            None => 0,
+        };
         let ann = |k: &str| {
             pod.metadata
                 .annotations
@@ -84,6 +90,7 @@ impl WorkerState {
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         Some(WorkerState {
+            group,
             rank,
             terminating: pod.metadata.deletion_timestamp.is_some(),
             ready,
@@ -221,6 +228,34 @@ fn unavailable(goal: &RolloutGoal, pods: &[&WorkerState]) -> bool {
     }
 }
 
+/// Whether a group's workers all serve: every desired rank has exactly one pod, Ready, not
+/// terminating, with no push in flight.
+pub fn group_serving(goal: &RolloutGoal, workers: &[WorkerState]) -> bool {
+    classify(goal, workers)
+        .pods
+        .iter()
+        .all(|pods| !unavailable(goal, pods))
+}
+
+/// Whether a live worker of a desired rank must be replaced: its spec changed, or the strategy is
+/// Recreate and its plan is old.
+pub fn needs_replacement(goal: &RolloutGoal, workers: &[WorkerState]) -> bool {
+    workers.iter().any(|w| {
+        !w.terminating
+            && w.rank < goal.nodes()
+            && (!spec_current(goal, w)
+                || (goal.strategy == RolloutStrategy::Recreate && !plan_current(goal, w)))
+    })
+}
+
+/// Whether a live worker of a desired rank is outdated (its spec or its plan): what a surge
+/// group stands in for while its group is updated.
+pub fn outdated(goal: &RolloutGoal, workers: &[WorkerState]) -> bool {
+    workers.iter().any(|w| {
+        !w.terminating && w.rank < goal.nodes() && !(spec_current(goal, w) && plan_current(goal, w))
+    })
+}
+
 /// Decide the next step of the rollout from cluster state alone.
 pub fn next_step(goal: &RolloutGoal, workers: &[WorkerState]) -> Step {
     let r = classify(goal, workers);
@@ -351,6 +386,7 @@ mod tests {
 
     fn worker(rank: u32, plan: &str) -> WorkerState {
         WorkerState {
+            group: 0,
             rank,
             terminating: false,
             ready: true,
@@ -580,6 +616,7 @@ mod tests {
             }
             for &rank in &s.create {
                 self.workers.push(WorkerState {
+                    group: 0,
                     rank,
                     terminating: false,
                     ready: false,
@@ -652,6 +689,7 @@ mod tests {
             .prop_map(
                 |(rank, ready, plan_hash, spec_ok, target_plan_hash, terminating, rejected)| {
                     WorkerState {
+                        group: 0,
                         rank,
                         terminating,
                         ready,

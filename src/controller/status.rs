@@ -3,8 +3,10 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use super::rollout::{Step, WorkerState};
-use crate::api::{PlanStatus, WorkersStatus};
+use super::build::selector_labels;
+use super::groups::GroupsStep;
+use super::rollout::WorkerState;
+use crate::api::{MoEDeployment, MoEDeploymentStatus, PlanStatus, WorkersStatus};
 use crate::plan::ExpertPlan;
 
 /// Set a condition of `kind`, keeping `lastTransitionTime` when the status does not change.
@@ -71,19 +73,44 @@ pub fn plan_status(
     }
 }
 
-/// The `status.workers` block from the observed workers and the rollout step.
-pub fn workers_status(desired: u32, workers: &[WorkerState], step: &Step) -> WorkersStatus {
+/// The `status.workers` block from the observed workers of the serving groups (`replicas`
+/// groups of `nodes` ranks) and how many of them are ready on the desired spec and plan.
+pub fn workers_status(
+    nodes: u32,
+    replicas: u32,
+    workers: &[WorkerState],
+    updated: u32,
+) -> WorkersStatus {
     let ready = workers
         .iter()
-        .filter(|w| w.rank < desired && w.ready && !w.terminating)
+        .filter(|w| w.group < replicas && w.rank < nodes && w.ready && !w.terminating)
         .count() as i32;
-    let desired = desired as i32;
+    let desired = (nodes * replicas) as i32;
     WorkersStatus {
         desired,
         ready,
-        on_current_plan: step.updated as i32,
+        on_current_plan: updated as i32,
         summary: format!("{ready}/{desired}"),
     }
+}
+
+/// The scale subresource's view: live and ready groups, and the label selector of the workers.
+pub fn groups_status(
+    md: &MoEDeployment,
+    status: &mut MoEDeploymentStatus,
+    steps: &GroupsStep,
+    replicas: u32,
+) {
+    status.replicas = Some(steps.live_groups as i32);
+    status.ready_groups = Some(steps.ready_groups as i32);
+    status.groups_summary = Some(format!("{}/{replicas}", steps.ready_groups));
+    status.selector = Some(
+        selector_labels(md)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
 }
 
 #[cfg(test)]
@@ -154,6 +181,7 @@ mod tests {
     #[test]
     fn workers_summary_counts_ready_desired_ranks() {
         let w = |rank, ready| WorkerState {
+            group: 0,
             rank,
             terminating: false,
             ready,
@@ -165,14 +193,7 @@ mod tests {
             push_rejected_since_s: None,
         };
         let ws = [w(0, true), w(1, false), w(5, true)];
-        let s = workers_status(
-            2,
-            &ws,
-            &Step {
-                updated: 1,
-                ..Default::default()
-            },
-        );
+        let s = workers_status(2, 1, &ws, 1);
         assert_eq!(
             (s.desired, s.ready, s.on_current_plan, s.summary.as_str()),
             (2, 1, 1, "1/2")

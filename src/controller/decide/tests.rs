@@ -168,8 +168,8 @@ fn first_reconcile_plans_placement_and_creates_every_worker() {
     assert_eq!(verdicts(&d), vec![("applied", reason::INITIAL_PLAN)]);
     let r = d.rollout.as_ref().unwrap();
     assert_eq!(r.plan.algorithm, Algorithm::Placement);
-    assert_eq!(r.step.create, vec![0, 1]);
-    assert!(r.step.delete.is_empty() && r.step.push.is_empty());
+    assert_eq!(r.step0().create, vec![0, 1]);
+    assert!(r.step0().delete.is_empty() && r.step0().push.is_empty());
     assert_eq!(r.desired.pods.len(), 2);
     let s = d.status.as_ref().unwrap();
     assert_eq!(s.plan.as_ref().unwrap().hash, r.plan.hash);
@@ -211,7 +211,7 @@ fn workers_ready_on_the_plan_make_it_ready_and_then_nothing_changes() {
     );
     assert!(d.events.is_empty(), "{:?}", d.events);
     let r = d.rollout.as_ref().unwrap();
-    assert!(r.step.done && r.step.create.is_empty() && r.step.push.is_empty());
+    assert!(r.step0().done && r.step0().create.is_empty() && r.step0().push.is_empty());
     let s = d.status.clone().unwrap();
     assert_eq!(cond(&s, condition::READY), ("True", reason::WORKERS_READY));
     assert_eq!(
@@ -283,8 +283,8 @@ fn a_better_plan_rolls_in_place_one_worker_at_a_time_after_the_cooldown() {
     let r = d.rollout.as_ref().unwrap();
     assert_ne!(r.plan.hash, plan.hash);
     assert_eq!(r.plan.algorithm, Algorithm::Craft);
-    assert_eq!(r.step.push, vec![0]);
-    assert!(r.step.delete.is_empty());
+    assert_eq!(r.step0().push, vec![0]);
+    assert!(r.step0().delete.is_empty());
     let s = d.status.as_ref().unwrap();
     let ps = s.plan.as_ref().unwrap();
     assert_eq!(ps.hash, r.plan.hash);
@@ -332,7 +332,7 @@ fn recreate_replaces_at_most_max_unavailable_workers() {
         ..Default::default()
     };
     let d = run(&md, &fetched(first.status.unwrap(), Some(plan), pods), &obs);
-    let step = &d.rollout.unwrap().step;
+    let step = &d.rollout.unwrap().step0();
     assert_eq!(step.delete.len(), 1, "{step:?}");
     assert!(step.push.is_empty());
 }
@@ -582,7 +582,7 @@ fn a_load_source_the_spec_misconfigures_degrades_without_stopping_the_workers() 
         .rollout
         .as_ref()
         .expect("not held: the workers keep serving");
-    assert!(r.step.done && r.step.delete.is_empty() && r.step.create.is_empty());
+    assert!(r.step0().done && r.step0().delete.is_empty() && r.step0().create.is_empty());
     let s = d.status.clone().unwrap();
     assert_eq!(
         cond(&s, condition::DEGRADED),
@@ -654,7 +654,7 @@ fn stored_plans_that_no_longer_fit_the_spec_are_replaced() {
     let r = d.rollout.unwrap();
     assert_ne!(r.plan.hash, old.hash);
     assert_eq!(r.plan.gpus, 8);
-    assert_eq!(r.step.create, vec![0, 1, 2, 3]);
+    assert_eq!(r.step0().create, vec![0, 1, 2, 3]);
 }
 
 #[test]
@@ -811,8 +811,8 @@ fn a_failed_rank_restarts_the_worker_group_once_per_failure() {
         let Some((rank, pod, message)) = restart else {
             assert!(rank_events.is_empty(), "{name}: {:?}", d.events);
             assert_eq!(r.group_restart, None, "{name}");
-            assert!(r.step.delete.is_empty(), "{name}: {:?}", r.step);
-            assert!(r.step.done, "{name}: the workers are ready on the plan");
+            assert!(r.step0().delete.is_empty(), "{name}: {:?}", r.steps);
+            assert!(r.step0().done, "{name}: the workers are ready on the plan");
             let s = d.status.as_ref().unwrap_or(status);
             assert_eq!(s.rank_failure, status.rank_failure, "{name}: record kept");
             continue;
@@ -829,8 +829,11 @@ fn a_failed_rank_restarts_the_worker_group_once_per_failure() {
             Some(rank),
             "{name}"
         );
-        assert_eq!(r.step.delete, vec![0, 1], "{name}");
-        assert!(r.step.create.is_empty() && r.step.push.is_empty(), "{name}");
+        assert_eq!(r.step0().delete, vec![0, 1], "{name}");
+        assert!(
+            r.step0().create.is_empty() && r.step0().push.is_empty(),
+            "{name}"
+        );
         assert_eq!(d.requeue, BUSY_REQUEUE, "{name}");
         let s = d.status.as_ref().unwrap();
         let rec = s.rank_failure.as_ref().unwrap();
@@ -898,7 +901,9 @@ fn a_restarted_group_is_degraded_until_every_worker_is_back() {
     );
     assert!(d.events.is_empty(), "{:?}", d.events);
     let r = d.rollout.as_ref().unwrap();
-    assert!(r.group_restart.is_none() && r.step.delete.is_empty() && r.step.create.is_empty());
+    assert!(
+        r.group_restart.is_none() && r.step0().delete.is_empty() && r.step0().create.is_empty()
+    );
     let s = d.status.as_ref().unwrap_or(&restarted);
     assert_eq!(cond(s, condition::DEGRADED), ("True", reason::RANK_FAILED));
     assert_eq!(cond(s, condition::READY).0, "False");
@@ -910,7 +915,7 @@ fn a_restarted_group_is_degraded_until_every_worker_is_back() {
         &PodPolicy::default(),
         NOW + 40,
     );
-    assert_eq!(d.rollout.as_ref().unwrap().step.create, vec![0, 1]);
+    assert_eq!(d.rollout.as_ref().unwrap().step0().create, vec![0, 1]);
     let s = d.status.unwrap_or_else(|| s.clone());
     assert_eq!(cond(&s, condition::DEGRADED), ("True", reason::RANK_FAILED));
     // Every worker ready on the plan: no longer Degraded, Ready, the record kept.
@@ -985,8 +990,8 @@ fn suspend_deletes_every_worker_at_once_keeps_the_plan_and_resumes_on_it() {
     let r = d.rollout.as_ref().unwrap();
     assert_eq!(r.plan.hash, plan.hash, "no re-plan while suspended");
     assert_eq!(r.cause, DeleteCause::Suspend);
-    assert_eq!(r.step.delete, vec![0, 1], "every worker in one step");
-    assert!(r.step.create.is_empty() && r.step.push.is_empty() && r.group_restart.is_none());
+    assert_eq!(r.step0().delete, vec![0, 1], "every worker in one step");
+    assert!(r.step0().create.is_empty() && r.step0().push.is_empty() && r.group_restart.is_none());
     let s = d.status.clone().unwrap();
     assert_eq!(cond(&s, condition::SUSPENDED), ("True", reason::SUSPENDED));
     assert_eq!(cond(&s, condition::READY), ("False", reason::SUSPENDED));
@@ -1019,7 +1024,9 @@ fn suspend_deletes_every_worker_at_once_keeps_the_plan_and_resumes_on_it() {
     );
     assert!(d2.events.is_empty(), "{:?}", d2.events);
     let r2 = d2.rollout.as_ref().unwrap();
-    assert!(r2.step.delete.is_empty() && r2.step.create.is_empty() && r2.group_restart.is_none());
+    assert!(
+        r2.step0().delete.is_empty() && r2.step0().create.is_empty() && r2.group_restart.is_none()
+    );
     // All gone: done, nothing to do, the plan still stored.
     let s2 = d2.status.clone().unwrap_or(s);
     let d3 = run_with(
@@ -1030,7 +1037,7 @@ fn suspend_deletes_every_worker_at_once_keeps_the_plan_and_resumes_on_it() {
         later + 30,
     );
     let r3 = d3.rollout.as_ref().unwrap();
-    assert!(r3.step.done && r3.step.create.is_empty());
+    assert!(r3.step0().done && r3.step0().create.is_empty());
     assert_eq!(
         r3.desired.plan_config_map.data.as_ref().unwrap()[build::HASH_KEY],
         plan.hash
@@ -1056,7 +1063,7 @@ fn suspend_deletes_every_worker_at_once_keeps_the_plan_and_resumes_on_it() {
     assert_eq!(reasons(&d4), vec![reason::RESUMED]);
     let r4 = d4.rollout.as_ref().unwrap();
     assert_eq!(r4.plan.hash, plan.hash, "resumed on the plan it had");
-    assert_eq!(r4.step.create, vec![0, 1]);
+    assert_eq!(r4.step0().create, vec![0, 1]);
     assert_eq!(
         r4.desired.pods,
         first.rollout.as_ref().unwrap().desired.pods,
@@ -1118,7 +1125,7 @@ fn the_gang_guard_releases_a_partly_scheduled_group_and_backs_off() {
         &fetched(status.clone(), Some(plan.clone()), pods.clone()),
         &fresh(),
     );
-    assert!(d.rollout.as_ref().unwrap().step.delete.is_empty());
+    assert!(d.rollout.as_ref().unwrap().step0().delete.is_empty());
     assert_eq!(
         cond(d.status.as_ref().unwrap_or(&status), condition::DEGRADED).0,
         "False"
@@ -1136,10 +1143,10 @@ fn the_gang_guard_releases_a_partly_scheduled_group_and_backs_off() {
     assert!(m.starts_with("1 of 2 worker pods not scheduled within 60s: 2 nvidia.com/gpu missing (1 unscheduled pod(s) x 2 requested each); the scheduler says: 0/1 nodes"), "{m}");
     let r = d.rollout.as_ref().unwrap();
     assert_eq!(
-        (r.step.delete.clone(), r.cause),
+        (r.step0().delete.clone(), r.cause),
         (vec![0, 1], DeleteCause::GangRelease)
     );
-    assert!(r.step.create.is_empty());
+    assert!(r.step0().create.is_empty());
     let s = d.status.clone().unwrap();
     assert_eq!(
         cond(&s, condition::DEGRADED),
@@ -1159,9 +1166,9 @@ fn the_gang_guard_releases_a_partly_scheduled_group_and_backs_off() {
     );
     let r = d.rollout.as_ref().unwrap();
     assert!(
-        r.step.create.is_empty() && !r.step.done && d.events.is_empty(),
+        r.step0().create.is_empty() && !r.step0().done && d.events.is_empty(),
         "{:?}",
-        r.step
+        r.step0()
     );
     let s = d.status.clone().unwrap_or(s);
     assert_eq!(
@@ -1176,7 +1183,7 @@ fn the_gang_guard_releases_a_partly_scheduled_group_and_backs_off() {
         &PodPolicy::default(),
         NOW + 92,
     );
-    assert_eq!(d.rollout.as_ref().unwrap().step.create, vec![0, 1]);
+    assert_eq!(d.rollout.as_ref().unwrap().step0().create, vec![0, 1]);
     let s = d.status.clone().unwrap_or(s);
     assert_eq!(
         cond(&s, condition::DEGRADED),
@@ -1280,4 +1287,173 @@ fn a_plan_that_cannot_be_stored_is_neither_announced_nor_put_in_status() {
         msg.contains("the layout is") && msg.contains("bytes"),
         "{msg}"
     );
+}
+
+/// Scaling 1 -> 3 creates two whole groups on the plan in force and leaves group 0 alone (its
+/// old pods, without the group label, are only labelled); 3 -> 2 deletes group 2's pods and
+/// nothing else; the status reports the groups and the selector the scale subresource reads.
+#[test]
+fn scaling_adds_and_removes_whole_groups_and_touches_no_other() {
+    let md = deployment("{}");
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let (mut pods, scraped) = running(&first, &plan.hash);
+    // Pods made before groups existed carry no group label.
+    for p in pods.iter_mut() {
+        p.metadata.labels.as_mut().unwrap().remove(LABEL_GROUP);
+    }
+    let obs = Observed {
+        scraped,
+        fresh: true,
+        ..Default::default()
+    };
+    let status = first.status.clone().unwrap();
+    let md3 = deployment("{replicas: 3}");
+    let d = run(
+        &md3,
+        &fetched(status.clone(), Some(plan.clone()), pods.clone()),
+        &obs,
+    );
+    let r = d.rollout.as_ref().unwrap();
+    assert_eq!(r.plan.hash, plan.hash, "scaling does not re-plan");
+    assert_eq!(r.relabel, vec!["demo-worker-0", "demo-worker-1"]);
+    let g0 = &r.steps.group(0).unwrap().step;
+    assert!(
+        g0.done && g0.delete.is_empty() && g0.push.is_empty(),
+        "{g0:?}"
+    );
+    for g in [1, 2] {
+        let s = &r.steps.group(g).unwrap().step;
+        assert_eq!(s.create, vec![0, 1], "group {g}");
+        for rank in 0..2 {
+            let p = r.desired.pod(g, rank).unwrap();
+            assert_eq!(p.annotations()[build::ANNOTATION_PLAN_HASH], plan.hash);
+        }
+    }
+    let s = d.status.as_ref().unwrap();
+    assert_eq!((s.replicas, s.ready_groups), (Some(1), Some(1)));
+    assert_eq!(s.groups_summary.as_deref(), Some("1/3"));
+    assert_eq!(
+        s.selector.as_deref(),
+        Some("app.kubernetes.io/instance=demo,app.kubernetes.io/name=moe-worker,moe.craft.dev/deployment=demo")
+    );
+    assert_eq!(cond(s, condition::READY), ("False", reason::ROLLING_OUT));
+    assert_eq!(s.workers.as_ref().unwrap().summary, "2/6");
+
+    // All three groups serve; then 3 -> 2.
+    let d3 = run(
+        &md3,
+        &fetched(Default::default(), Some(plan.clone()), vec![]),
+        &fresh(),
+    );
+    let (pods3, scraped3) = running(&d3, &plan.hash);
+    let obs3 = Observed {
+        scraped: scraped3,
+        fresh: true,
+        ..Default::default()
+    };
+    let d = run(
+        &md3,
+        &fetched(Default::default(), Some(plan.clone()), pods3.clone()),
+        &obs3,
+    );
+    assert!(d.rollout.as_ref().unwrap().steps.done);
+    let s = d.status.as_ref().unwrap();
+    assert_eq!((s.replicas, s.ready_groups), (Some(3), Some(3)));
+    assert_eq!(cond(s, condition::READY), ("True", reason::WORKERS_READY));
+    let md2 = deployment("{replicas: 2}");
+    let d = run(
+        &md2,
+        &fetched(s.clone(), Some(plan.clone()), pods3.clone()),
+        &obs3,
+    );
+    let r = d.rollout.as_ref().unwrap();
+    let g2 = r.steps.group(2).unwrap();
+    assert_eq!(
+        (g2.role, g2.step.delete.clone()),
+        (Role::Removed, vec![0, 1])
+    );
+    for g in [0, 1] {
+        let s = &r.steps.group(g).unwrap().step;
+        assert!(s.done && s.delete.is_empty(), "group {g}: {s:?}");
+    }
+    assert!(!r.steps.done);
+}
+
+/// `replicas: 0` is a size: every group removed, then Ready (nothing to serve is what was asked),
+/// no Suspended condition; `suspend` is a pause: Ready=False, Suspended, and `replicas` kept for
+/// the resume.
+#[test]
+fn zero_replicas_is_a_size_and_suspend_a_pause() {
+    let md = deployment("{replicas: 2}");
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let (pods, scraped) = running(&first, &plan.hash);
+    assert_eq!(pods.len(), 4);
+    let obs = Observed {
+        scraped,
+        fresh: true,
+        ..Default::default()
+    };
+    for (extra, suspended) in [
+        ("{replicas: 0}", false),
+        ("{replicas: 2, suspend: true}", true),
+    ] {
+        let md = deployment(extra);
+        let d = run(
+            &md,
+            &fetched(Default::default(), Some(plan.clone()), pods.clone()),
+            &obs,
+        );
+        let r = d.rollout.as_ref().unwrap();
+        let deleted: usize = r.steps.groups.iter().map(|s| s.step.delete.len()).sum();
+        assert_eq!(deleted, 4, "{extra}: every worker of both groups");
+        assert!(r
+            .steps
+            .groups
+            .iter()
+            .all(|s| s.role == Role::Removed && s.step.create.is_empty()));
+        let gone = run(
+            &md,
+            &fetched(Default::default(), Some(plan.clone()), vec![]),
+            &fresh(),
+        );
+        let s = gone.status.as_ref().unwrap();
+        assert_eq!(s.replicas, Some(0), "{extra}");
+        assert_eq!(s.workers.as_ref().unwrap().summary, "0/0", "{extra}");
+        if suspended {
+            assert_eq!(cond(s, condition::READY), ("False", reason::SUSPENDED));
+            assert_eq!(cond(s, condition::SUSPENDED), ("True", reason::SUSPENDED));
+            assert_eq!(s.groups_summary.as_deref(), Some("0/2"));
+        } else {
+            assert_eq!(cond(s, condition::READY), ("True", reason::WORKERS_READY));
+            assert!(s.conditions.iter().all(|c| c.type_ != condition::SUSPENDED));
+            assert_eq!(s.groups_summary.as_deref(), Some("0/0"));
+        }
+    }
+}
+
+/// A failed rank restarts its own group only.
+#[test]
+fn a_failed_rank_restarts_only_its_group() {
+    let md = deployment("{replicas: 2}");
+    let first = run(&md, &fetched(Default::default(), None, vec![]), &fresh());
+    let plan = first.rollout.as_ref().unwrap().plan.clone();
+    let (mut pods, scraped) = running(&first, &plan.hash);
+    let obs = Observed {
+        scraped,
+        fresh: true,
+        ..Default::default()
+    };
+    pods[3] = with_failure(&pods[3], "ep rank 3: peer 2 closed the mesh", 1_000);
+    let d = run(&md, &fetched(Default::default(), Some(plan), pods), &obs);
+    let r = d.rollout.as_ref().unwrap();
+    assert!(r.group_restart.is_some());
+    assert_eq!(r.steps.group(1).unwrap().step.delete, vec![0, 1]);
+    let g0 = &r.steps.group(0).unwrap().step;
+    assert!(g0.delete.is_empty() && g0.done, "{g0:?}");
+    assert!(d
+        .events
+        .iter()
+        .any(|e| e.message.contains("restarting worker group 1")));
 }
