@@ -179,7 +179,10 @@ pub(super) fn row_groups(counts: &[usize], k: usize) -> (Vec<u32>, usize) {
     (grp, base.max(1))
 }
 
-/// Rows in cuBLASLt's FP8 granularity: each expert's count rounded up to a multiple of 4.
+/// Row granularity of the FP8 GEMMs: every multiple of 8 measured has an algorithm.
+pub(super) const ROW_QUANTUM: usize = 8;
+
+/// Rows in cuBLASLt's FP8 granularity: each expert's count rounded up to [`ROW_QUANTUM`].
 pub(super) struct PaddedRows {
     pub padded: Vec<usize>,
     /// Per padded row, the batch row it copies (an expert's last row fills its padding).
@@ -196,7 +199,7 @@ pub(super) fn padded_rows(counts: &[usize]) -> PaddedRows {
     };
     let (mut off, mut poff) = (0usize, 0usize);
     for &c in counts {
-        let c4 = c.next_multiple_of(4);
+        let c4 = c.next_multiple_of(ROW_QUANTUM);
         r.padded.push(c4);
         for j in 0..c4 {
             r.idx_in.push((off + j.min(c.saturating_sub(1))) as u32);
@@ -386,10 +389,10 @@ impl Fp8State {
 }
 
 impl CudaExperts {
-    /// The FP8 FFN of a prepared batch. cuBLASLt's block-scaled GEMMs take only row counts that
-    /// are multiples of 4 (`benches/gpu/fp8_scale_probe.cu` on the H200: 1, 2, 3, 5, 13, 17 and 33
-    /// rows have no algorithm; 8, 16, 24, 100 and 1000 do), so each expert's rows are padded to a
-    /// multiple of 4 by repeating its last row: gather into padded rows, quantize, GEMM 1 per
+    /// The FP8 FFN of a prepared batch. cuBLASLt's block-scaled GEMMs do not take every row count
+    /// (`benches/gpu/fp8_scale_probe.cu` on the H200: 1, 2, 3, 5, 13, 17 and 33 rows have no
+    /// algorithm; 8, 16, 24, 32, 64, 100, 128 and 1000 do; and 4 rows gave a wrong result), so
+    /// each expert's rows are padded to a multiple of [`ROW_QUANTUM`] by repeating its last row: gather into padded rows, quantize, GEMM 1 per
     /// expert, the activation kernel, quantize, GEMM 2 per expert, gather the real rows back to
     /// the output. Asynchronous, like the bf16 path.
     pub(super) fn run_fp8(&self, p: &Prepared, sc: &Scratch) -> Result<(), ComputeError> {
@@ -557,12 +560,16 @@ mod tests {
     }
 
     #[test]
-    fn rows_pad_to_multiples_of_four_by_repeating_the_last() {
-        let p = padded_rows(&[1, 4, 6]);
-        assert_eq!(p.padded, [4, 4, 8]);
-        assert_eq!(&p.idx_in[..4], &[0, 0, 0, 0]);
-        assert_eq!(&p.idx_in[4..8], &[1, 2, 3, 4]);
-        assert_eq!(&p.idx_in[8..], &[5, 6, 7, 8, 9, 10, 10, 10]);
-        assert_eq!(p.idx_out, [0, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
+    fn rows_pad_to_multiples_of_eight_by_repeating_the_last() {
+        let p = padded_rows(&[1, 8, 10]);
+        assert_eq!(p.padded, [8, 8, 16]);
+        assert_eq!(&p.idx_in[..8], &[0; 8]);
+        assert_eq!(&p.idx_in[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&p.idx_in[16..26], &[9, 10, 11, 12, 13, 14, 15, 16, 17, 18]);
+        assert_eq!(&p.idx_in[26..], &[18; 6]);
+        let mut out = vec![0u32];
+        out.extend(8..16);
+        out.extend(16..26);
+        assert_eq!(p.idx_out, out);
     }
 }
