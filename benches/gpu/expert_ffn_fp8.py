@@ -17,6 +17,7 @@ Accuracy: each side against the f64 FFN on its own dequantized weights, sampled 
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -95,7 +96,9 @@ def main():
     h, i, e = map(int, a.shape.split(":"))
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     cmd = [a.binary, "--iters", str(a.iters), "--configs", f"{a.shape}:fp8,{a.shape}", "--tpe", a.tpe]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    # FP8 compute is opt-in in the worker (docs/kernels.md).
+    env = dict(os.environ, MOE_FP8_COMPUTE="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     ours = []
     for line in proc.stdout:
         if line.startswith("{"):

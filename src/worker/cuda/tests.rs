@@ -570,6 +570,7 @@ fn cuda_fp8_experts_stay_fp8_and_match_the_references() {
     let ck = Arc::new(Checkpoint::open(dir.path()).unwrap());
     let keys: Vec<ExpertKey> = (0..6).map(|e| (1, e)).collect();
     let set = CudaLoader::new(dev.clone(), ck.clone() as Arc<dyn WeightSource>)
+        .with_fp8(true)
         .load_set(&keys, &[])
         .unwrap();
     assert!(
