@@ -32,6 +32,24 @@ fn chart_crd_is_the_same_file() {
         repo(chart) == repo(CRD_FILE),
         "{chart} differs from {CRD_FILE}: {REGENERATE}"
     );
+    // Helm installs every file of crds/: a second copy under another name (once written by a
+    // regeneration that copied to the directory) would install whichever it read last.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/moe-operator/crds");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("the chart's crds/")
+        .map(|e| {
+            e.expect("an entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["moedeployments.moe.craft.dev.yaml"],
+        "charts/moe-operator/crds/ must hold exactly the one CRD file: {REGENERATE}"
+    );
 }
 
 fn schema() -> Value {
