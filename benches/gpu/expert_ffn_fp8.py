@@ -24,24 +24,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from expert_ffn import time_ms  # the same timing as the bf16 table
+
 FP8 = torch.float8_e4m3fn
-
-
-def time_ms(fn, iters):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    per = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        b.record()
-        b.synchronize()
-        per.append(a.elapsed_time(b) / iters)
-    per.sort()
-    return per[2]
 
 
 def quant_rows(t):

@@ -559,6 +559,29 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// `act = bf16(silu(gate) * up * w)` for `rows` rows of `y = [gate | up]` (`2 * inter` bf16
+    /// each) and their router weights `w` (f32), into `act` (`inter` bf16 each). Asynchronous.
+    fn silu_mul_scale(
+        &self,
+        y: u64,
+        w: u64,
+        act: u64,
+        rows: usize,
+        inter: i32,
+    ) -> Result<(), ComputeError> {
+        let threads = ((inter as u32 / 8).clamp(32, 256)).div_ceil(32) * 32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&self.silu);
+        launch.arg(&y).arg(&w).arg(&act).arg(&inter);
+        // SAFETY: the caller sized y for rows x 2 x inter, act for rows x inter, w for rows.
+        unsafe { launch.launch(cfg) }.map_err(dev_err("silu_mul_scale launch"))?;
+        Ok(())
+    }
+
     /// `out[t] = sum over j < k of src[pos[t * k + j]]` for `tokens` rows of `h` bf16.
     pub fn combine_rows(
         &self,
@@ -959,16 +982,7 @@ impl CudaExperts {
                 )
             })?,
         }
-        let threads = ((i as u32 / 8).clamp(32, 256)).div_ceil(32) * 32;
-        let cfg = LaunchConfig {
-            grid_dim: (p.total_rows as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut launch = st.launch_builder(&dev.silu);
-        launch.arg(&py).arg(&pw).arg(&pa).arg(&i);
-        // SAFETY: y holds total_rows x 2I, act total_rows x I, w total_rows entries.
-        unsafe { launch.launch(cfg) }.map_err(dev_err("silu_mul_scale launch"))?;
+        dev.silu_mul_scale(py, pw, pa, p.total_rows, i)?;
         match mode {
             GemmMode::Grouped => {
                 // SAFETY: as above.

@@ -491,17 +491,7 @@ impl CudaExperts {
             off += c;
         }
         self.on_all_streams(f, &jobs1)?;
-        let inter = i as i32;
-        let threads = ((i as u32 / 8).clamp(32, 256)).div_ceil(32) * 32;
-        let cfg = LaunchConfig {
-            grid_dim: (prows as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut launch = st.launch_builder(&dev.silu);
-        launch.arg(&pyp).arg(&pwp).arg(&pap).arg(&inter);
-        // SAFETY: ypad holds prows x 2I, apad prows x I, wpad prows entries.
-        unsafe { launch.launch(cfg) }.map_err(dev_err("silu_mul_scale launch"))?;
+        dev.silu_mul_scale(pyp, pwp, pap, prows, i as i32)?;
         quant(pap, paq, pas, pu(&fs.grp_a), i)?;
         self.on_all_streams(f, &jobs2)?;
         dev.gather_rows(pop, pu(&fs.idx_out), pout, p.total_rows, h)
